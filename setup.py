@@ -1,0 +1,33 @@
+"""TTE-Flash: reasoning-aware multimodal embeddings with latent think tokens and fused Triton attention."""
+from setuptools import setup
+
+setup(
+    name="tte-flash",
+    version="0.1.0",
+    description="Reasoning-aware multimodal embeddings: Qwen2-VL + latent think tokens + Triton TTE attention",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["tte_flash", "tte_flash.kernels"],
+    # kernels/ at the top level of the repo installs as tte_flash.kernels (never a top-level `kernels`,
+    # which is the name of the Hugging Face `kernels` package that transformers probes for).
+    package_dir={"tte_flash": "tte_flash", "tte_flash.kernels": "kernels"},
+    package_data={"tte_flash": ["presets/*.json"]},
+    install_requires=[
+        "torch>=2.5",
+        "transformers>=5.0,<6",
+        "triton>=3.2",
+        "safetensors",
+        "einops",
+        "pillow",
+        "numpy",
+        "tqdm",
+        "huggingface_hub",
+    ],
+    extras_require={
+        "dev": ["pytest", "hypothesis"],
+        "flash": ["flash-attn"],
+        "video": ["av"],
+    },
+    entry_points={"console_scripts": []},
+)
