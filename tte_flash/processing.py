@@ -1,0 +1,326 @@
+"""From user inputs to packed TTE batches.
+
+``TTEProcessor`` turns each input (a str, a PIL image, an image or video path, or a dict with any of
+``text``, ``image``, ``video``, ``instruction``) into a query record: token ids with Qwen2-VL vision
+placeholders, the vision tensors, and M-RoPE positions. :func:`collate` lays records out as
+``[query][think x K][<emb>][cot]`` (DESIGN.md §3-§4) in a packed batch (one row, padding-free) or a
+padded batch, with the per-token ``seq_ids``/``token_types`` the attention needs.
+
+Choices: a plain string is text unless it has no whitespace and ends in an image or video file
+extension, then it is a path. Text is laid out as ``instruction\\n`` + vision + text; MMEB's
+``<|image_1|>`` placeholder, when present, marks where the image goes instead.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from .mask import COT, EMB, QUERY, THINK
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v")
+INPUT_KEYS = {"text", "image", "video", "instruction"}
+IMAGE_PLACEHOLDER = "<|image_1|>"
+TEXT, IMAGE, VIDEO = 0, 1, 2  # Qwen2-VL's mm_token_type_ids
+
+
+def make_image_processor(min_pixels: int, max_pixels: int):
+    """Qwen2-VL's PIL image processor (no torchvision needed) with the given pixel budget."""
+    try:
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil as cls
+    except ImportError:  # older transformers 5.x
+        from transformers import Qwen2VLImageProcessor as cls
+    return cls(min_pixels=min_pixels, max_pixels=max_pixels)
+
+
+def load_image(image) -> Image.Image:
+    """A PIL RGB image from a PIL image or a path; clear errors naming the path."""
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if not isinstance(image, (str, os.PathLike)):
+        raise ValueError(f"image must be a PIL image or a path, got {type(image).__name__}")
+    path = Path(image)
+    if not path.is_file():
+        raise FileNotFoundError(f"image not found: {path}")
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except Exception as err:  # PIL raises several types for corrupt files
+        raise ValueError(f"cannot read image {path}: {err}") from None
+
+
+def load_video_frames(video, max_frames: int) -> list[Image.Image]:
+    """Frames of a video (a file read with PyAV, a folder of images, or a list of images), sampled
+    uniformly to at most ``max_frames`` and padded to an even count."""
+    if isinstance(video, (list, tuple)):
+        frames = [load_image(f) for f in video]
+    else:
+        path = Path(video)
+        if not path.exists():
+            raise FileNotFoundError(f"video not found: {path}")
+        if path.is_dir():
+            files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+            frames = [load_image(p) for p in files]
+        else:
+            frames = _decode_video_file(path)
+    if not frames:
+        raise ValueError(f"video {video!r} has no frames")
+    if len(frames) > max_frames:
+        step = len(frames) / max_frames
+        frames = [frames[int(i * step)] for i in range(max_frames)]
+    if len(frames) % 2:
+        frames.append(frames[-1])
+    size = frames[0].size
+    return [f if f.size == size else f.resize(size) for f in frames]
+
+
+def _decode_video_file(path: Path) -> list[Image.Image]:
+    try:
+        import av
+    except ImportError:
+        raise ImportError(f"reading {path} needs PyAV: pip install 'tte-flash[video]' (or pass a folder of "
+                          "frames)") from None
+    try:
+        with av.open(str(path)) as container:
+            return [frame.to_image().convert("RGB") for frame in container.decode(video=0)]
+    except Exception as err:
+        raise ValueError(f"cannot read video {path}: {err}") from None
+
+
+def normalize_input(item, index: int = 0) -> dict:
+    """One user input as a dict with keys among ``text``, ``image``, ``video``, ``instruction``."""
+    if isinstance(item, Image.Image):
+        return {"image": item}
+    if isinstance(item, os.PathLike):
+        item = os.fspath(item)
+    if isinstance(item, str):
+        lowered = item.lower()
+        if item and not any(c.isspace() for c in item):
+            if lowered.endswith(IMAGE_EXTENSIONS):
+                return {"image": item}
+            if lowered.endswith(VIDEO_EXTENSIONS):
+                return {"video": item}
+        item = {"text": item}
+    if not isinstance(item, dict):
+        raise ValueError(f"input {index}: expected a str, a PIL image, a path or a dict, got {type(item).__name__}")
+    unknown = set(item) - INPUT_KEYS
+    if unknown:
+        raise ValueError(f"input {index}: unknown keys {sorted(unknown)}; allowed: {sorted(INPUT_KEYS)}")
+    text = item.get("text")
+    if text is not None and not isinstance(text, str):
+        raise ValueError(f"input {index}: text must be a str, got {type(text).__name__}")
+    if not (text or "").strip() and item.get("image") is None and item.get("video") is None:
+        raise ValueError(f"input {index}: empty input (no text, image or video)")
+    return item
+
+
+@dataclass
+class QueryRecord:
+    """One tokenised query (or document) before think/emb/cot tokens are appended."""
+    input_ids: torch.Tensor  # (Lq,) long
+    mm_types: torch.Tensor  # (Lq,) long: 0 text, 1 image, 2 video
+    pixel_values: torch.Tensor | None = None  # (n_patches, C*2*14*14)
+    image_grid_thw: torch.Tensor | None = None  # (n_images, 3)
+    pixel_values_videos: torch.Tensor | None = None
+    video_grid_thw: torch.Tensor | None = None
+    positions: torch.Tensor | None = None  # (3, Lq) M-RoPE positions
+    next_position: int = 0  # first text position after the query
+
+
+def rope_index(mm_types: torch.Tensor, image_grid_thw, video_grid_thw, spatial_merge_size: int):
+    """Qwen2-VL M-RoPE positions for one sample: (3, L) and the next text position.
+
+    Text runs count up on all three axes; a vision block of grid (t, h, w) takes temporal, height and
+    width indices offset by the current position, and the text after it resumes at
+    ``start + max(t, h/merge, w/merge)`` (Qwen2-VL's ``get_rope_index``).
+    """
+    grids = {IMAGE: iter(image_grid_thw if image_grid_thw is not None else []),
+             VIDEO: iter(video_grid_thw if video_grid_thw is not None else [])}
+    types = mm_types.tolist()
+    chunks, pos, start = [], 0, 0
+    while start < len(types):
+        kind, end = types[start], start
+        while end < len(types) and types[end] == kind:
+            end += 1
+        if kind == TEXT:
+            chunks.append(torch.arange(pos, pos + end - start).expand(3, -1))
+            pos += end - start
+            start = end
+            continue
+        t, h, w = (int(x) for x in next(grids[kind]))
+        h, w = h // spatial_merge_size, w // spatial_merge_size
+        grid = torch.stack(torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij"))
+        chunks.append(grid.reshape(3, -1) + pos)
+        start += t * h * w
+        pos += max(t, h, w)
+    positions = torch.cat(chunks, dim=1) if chunks else torch.zeros(3, 0, dtype=torch.long)
+    return positions, pos
+
+
+class TTEProcessor:
+    """Tokeniser + image processor + layout rules of one TTE-Flash checkpoint."""
+
+    def __init__(self, tokenizer, image_processor, config):
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.config = config
+        self.spatial_merge_size = config.vision_config.spatial_merge_size
+        self.think_token_ids = list(config.think_token_ids)
+        self.emb_token_id = config.emb_token_id
+        convert = tokenizer.convert_tokens_to_ids
+        self.vision_start_id, self.vision_end_id = convert("<|vision_start|>"), convert("<|vision_end|>")
+
+    def __call__(self, item, index: int = 0) -> QueryRecord:
+        """Tokenise one input into a :class:`QueryRecord` with positions."""
+        item = normalize_input(item, index)
+        pieces, record = [], QueryRecord(input_ids=None, mm_types=None)
+        if item.get("instruction"):
+            pieces.append(self._text(item["instruction"].rstrip("\n") + "\n"))
+        text = item.get("text") or ""
+        vision = []
+        if item.get("image") is not None:
+            vision.append(self._image_block(load_image(item["image"]), record))
+        if item.get("video") is not None:
+            vision.append(self._video_block(item["video"], record))
+        if IMAGE_PLACEHOLDER in text and vision:
+            before, after = text.split(IMAGE_PLACEHOLDER, 1)
+            pieces += [self._text(before), *vision, self._text(after.replace(IMAGE_PLACEHOLDER, ""))]
+        else:
+            pieces += [*vision, self._text(text.replace(IMAGE_PLACEHOLDER, ""))]
+        record.input_ids = torch.cat([p[0] for p in pieces])
+        record.mm_types = torch.cat([p[1] for p in pieces])
+        if record.input_ids.numel() == 0:
+            raise ValueError(f"input {index}: tokenises to no tokens")
+        record.positions, record.next_position = rope_index(record.mm_types, record.image_grid_thw,
+                                                            record.video_grid_thw, self.spatial_merge_size)
+        return record
+
+    def _text(self, text: str):
+        ids = torch.tensor(self.tokenizer(text, add_special_tokens=False).input_ids, dtype=torch.long)
+        return ids, torch.full_like(ids, TEXT)
+
+    def _vision_tokens(self, n_tokens: int, token_id: int, kind: int):
+        ids = torch.tensor([self.vision_start_id] + [token_id] * n_tokens + [self.vision_end_id])
+        types = torch.full_like(ids, TEXT)
+        types[1:-1] = kind
+        return ids, types
+
+    def _image_block(self, image: Image.Image, record: QueryRecord):
+        out = self.image_processor(images=[image], return_tensors="pt")
+        record.pixel_values, record.image_grid_thw = out["pixel_values"], out["image_grid_thw"]
+        n_tokens = int(record.image_grid_thw.prod()) // self.spatial_merge_size**2
+        return self._vision_tokens(n_tokens, self.config.image_token_id, IMAGE)
+
+    def _video_block(self, video, record: QueryRecord):
+        frames = load_video_frames(video, self.config.video_max_frames)
+        out = self.image_processor(images=frames, return_tensors="pt")
+        grid = out["image_grid_thw"][0]  # each frame: (1, h, w); all frames share one size
+        tps = self.image_processor.temporal_patch_size
+        per_frame = out["pixel_values"].view(len(frames), int(grid.prod()), -1, tps, self._patch_area())
+        # The image processor repeats each frame tps times along time; take one copy per frame and
+        # group consecutive frames into temporal patches: (T/tps, N, C, tps, p*p).
+        single = per_frame[:, :, :, 0]  # (T, N, C, p*p)
+        grouped = single.view(len(frames) // tps, tps, *single.shape[1:]).permute(0, 2, 3, 1, 4)
+        record.pixel_values_videos = grouped.reshape(-1, per_frame.shape[2] * tps * self._patch_area())
+        record.video_grid_thw = torch.tensor([[len(frames) // tps, int(grid[1]), int(grid[2])]])
+        n_tokens = int(record.video_grid_thw.prod()) // self.spatial_merge_size**2
+        return self._vision_tokens(n_tokens, self.config.video_token_id, VIDEO)
+
+    def _patch_area(self) -> int:
+        return self.image_processor.patch_size**2
+
+    def tokenize_cot(self, text: str) -> list[int]:
+        """Token ids of a reasoning trace, ending with the tokenizer's EOS."""
+        return self.tokenizer(text, add_special_tokens=False).input_ids + [self.tokenizer.eos_token_id]
+
+
+@dataclass
+class TTEBatch:
+    """A collated batch: tensors the model's forward takes, plus where to read outputs."""
+    input_ids: torch.Tensor  # (B, L)
+    position_ids: torch.Tensor  # (3, B, L)
+    seq_ids: torch.Tensor  # (B, L) int32, non-decreasing row after row
+    token_types: torch.Tensor  # (B, L) uint8
+    emb_index: torch.Tensor  # (N,) flat index into B*L of each sample's <emb>
+    cot_pred_index: torch.Tensor  # (M,) flat index of the token whose logits predict each COT token
+    cot_targets: torch.Tensor  # (M,) the COT token ids
+    pixel_values: torch.Tensor | None = None
+    image_grid_thw: torch.Tensor | None = None
+    pixel_values_videos: torch.Tensor | None = None
+    video_grid_thw: torch.Tensor | None = None
+    extras: dict = field(default_factory=dict)
+
+    def to(self, device, dtype=None):
+        """Move tensors to ``device`` (pixel values also to the vision ``dtype``)."""
+        for name, value in vars(self).items():
+            if isinstance(value, torch.Tensor):
+                cast = dtype if name.startswith("pixel_values") and dtype is not None else None
+                setattr(self, name, value.to(device=device, dtype=cast))
+        return self
+
+
+def sample_layout(record: QueryRecord, think_ids: list[int], emb_id: int, cot_ids: list[int] | None):
+    """ids, types, positions (3, n) of one sample laid out as [query][think][emb][cot]."""
+    k, m, p = len(think_ids), len(cot_ids or []), record.next_position
+    ids = torch.cat([record.input_ids, torch.tensor(think_ids + [emb_id] + list(cot_ids or []), dtype=torch.long)])
+    types = torch.cat([torch.full((record.input_ids.numel(),), QUERY), torch.full((k,), THINK),
+                       torch.tensor([EMB]), torch.full((m,), COT)])
+    appended = torch.cat([torch.arange(p, p + k), torch.tensor([p + k]), torch.arange(p + k, p + k + m)])
+    positions = torch.cat([record.positions, appended.expand(3, -1)], dim=1)
+    return ids, types, positions
+
+
+def collate(records: list[QueryRecord], think_ids: list[int], emb_id: int, *, think_tokens,
+            cot_ids: list | None = None, packed: bool = True, pad_id: int = 0) -> TTEBatch:
+    """Lay out ``records`` as [query][think][emb][cot] samples in one packed row or a padded batch.
+
+    ``think_tokens`` is an int or one int per record; ``cot_ids`` is None or one list (or None) per record.
+    COT_1 is predicted from the last think token (the last query token when K=0), COT_j from COT_{j-1}.
+    """
+    n = len(records)
+    ks = [think_tokens] * n if isinstance(think_tokens, int) else list(think_tokens)
+    cots = cot_ids if cot_ids is not None else [None] * n
+    samples = [sample_layout(r, think_ids[:k], emb_id, c) for r, k, c in zip(records, ks, cots)]
+    lengths = [s[0].numel() for s in samples]
+    if packed:
+        rows, width = [list(range(n))], sum(lengths)
+    else:
+        rows, width = [[i] for i in range(n)], max(lengths)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    positions = torch.zeros(3, len(rows), width, dtype=torch.long)
+    seq_ids = torch.zeros(len(rows), width, dtype=torch.int32)
+    types = torch.zeros(len(rows), width, dtype=torch.uint8)
+    emb_index, cot_pred, cot_tgt = [], [], []
+    next_seq = 0
+    for r, members in enumerate(rows):
+        offset = 0
+        for i in members:
+            ids, tt, pos = samples[i]
+            sl = slice(offset, offset + ids.numel())
+            input_ids[r, sl], types[r, sl], positions[:, r, sl] = ids, tt.to(torch.uint8), pos
+            seq_ids[r, sl] = next_seq
+            next_seq += 1
+            base = r * width + offset
+            emb_pos = base + int((tt == EMB).nonzero())
+            emb_index.append(emb_pos)
+            m = len(cots[i] or [])
+            if m:
+                first_cot = emb_pos + 1
+                cot_pred += [emb_pos - 1] + list(range(first_cot, first_cot + m - 1))
+                cot_tgt += list(cots[i])
+            offset += ids.numel()
+        if offset < width:  # padding is a sample of its own so rows never see it
+            seq_ids[r, offset:] = next_seq
+            next_seq += 1
+    vision = {}
+    for name in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
+        parts = [getattr(r, name) for r in records if getattr(r, name) is not None]
+        vision[name] = torch.cat(parts) if parts else None
+    return TTEBatch(input_ids=input_ids, position_ids=positions, seq_ids=seq_ids, token_types=types,
+                    emb_index=torch.tensor(emb_index, dtype=torch.long),
+                    cot_pred_index=torch.tensor(cot_pred, dtype=torch.long),
+                    cot_targets=torch.tensor(cot_tgt, dtype=torch.long), **vision)
