@@ -49,8 +49,9 @@ class TTEFlashConfig(Qwen2VLConfig):
     # Frames sampled per video (even, as Qwen2-VL packs frames in pairs).
     video_max_frames: int = 8
 
-    def validate_tte(self) -> None:
-        """Raise ``ValueError`` for inconsistent think-token settings."""
+    def check_tte_fields(self) -> None:
+        """Raise ``ValueError`` for inconsistent think-token settings (called when a model is built; not
+        named ``validate_*``, which strict dataclasses would run, wrapped in a non-ValueError)."""
         if self.max_think_tokens < 0:
             raise ValueError(f"max_think_tokens must be >= 0, got {self.max_think_tokens}")
         if not 0 <= self.default_think_tokens <= self.max_think_tokens:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,7 +54,7 @@ class TTEFlashModel(Qwen2VLForConditionalGeneration):
     config_class = TTEFlashConfig
 
     def __init__(self, config: TTEFlashConfig):
-        config.validate_tte()
+        config.check_tte_fields()
         super().__init__(config)
         self._use_tte_attention()
         self.processor: TTEProcessor | None = None
@@ -79,6 +80,7 @@ class TTEFlashModel(Qwen2VLForConditionalGeneration):
         spec.update(overrides)
         tokenizer = build_byte_tokenizer()
         think_ids, emb_id = add_tte_tokens(tokenizer, spec.get("max_think_tokens", 32))
+        spec.setdefault("default_think_tokens", min(16, spec.get("max_think_tokens", 32)))
         text = spec.pop("text_config")
         text.setdefault("vocab_size", 64 * -(-len(tokenizer) // 64))
         text.update(bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
@@ -110,9 +112,9 @@ class TTEFlashModel(Qwen2VLForConditionalGeneration):
         original_vocab = len(tokenizer)
         think_ids, emb_id = add_tte_tokens(tokenizer, max_think_tokens)
         config_dict = {k: v for k, v in config_dict.items() if k not in ("model_type", "architectures")}
+        tte_fields.setdefault("default_think_tokens", min(16, max_think_tokens))
         config = TTEFlashConfig(**config_dict, max_think_tokens=max_think_tokens, think_token_ids=think_ids,
                                 emb_token_id=emb_id, **tte_fields)
-        config.default_think_tokens = min(config.default_think_tokens, max_think_tokens)
         model = super().from_pretrained(path, config=config, **kwargs)
         if len(tokenizer) > model.get_input_embeddings().num_embeddings:
             model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
@@ -391,7 +393,10 @@ def _as_dict(item) -> dict:
 
 
 def _progress(flag: bool | None, n_batches: int) -> bool:
-    return flag if flag is not None else n_batches > 1 and os.environ.get("TQDM_DISABLE") != "1"
+    """sentence-transformers' habit: no bar unless asked for, or the package logs at INFO or below."""
+    if flag is not None:
+        return flag
+    return n_batches > 1 and logging.getLogger("tte_flash").getEffectiveLevel() <= logging.INFO
 
 
 def _check_exists(path: str) -> None:

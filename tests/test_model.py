@@ -1,0 +1,236 @@
+"""TTEFlashModel against plain transformers Qwen2-VL and against itself across batchings."""
+import numpy as np
+import pytest
+import torch
+from conftest import random_image
+from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+from tte_flash import TTEFlashConfig, TTEFlashModel
+from tte_flash.mask import COT, EMB, THINK
+from tte_flash.processing import collate
+
+
+def plain_inputs(model, item, think_tokens, tail=None):
+    """input_ids/vision kwargs of `[query][think][emb]` (or `[query][think] + tail` when given)
+    for a plain transformers Qwen2-VL forward, with its own position computation."""
+    record = model.processor(item)
+    tail = model.processor.think_token_ids[:think_tokens] + (
+        [model.processor.emb_token_id] if tail is None else list(tail))
+    ids = torch.cat([record.input_ids, torch.tensor(tail, dtype=torch.long)])[None]
+    kwargs = {"input_ids": ids, "mm_token_type_ids": torch.cat([record.mm_types, torch.zeros(len(tail))]).long()[None]}
+    for name in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
+        if getattr(record, name) is not None:
+            kwargs[name] = getattr(record, name)
+    return kwargs
+
+
+@pytest.fixture(scope="module")
+def plain_model(tiny_model, tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt")
+    tiny_model.save_pretrained(path)
+    return Qwen2VLForConditionalGeneration.from_pretrained(path, attn_implementation="sdpa").eval()
+
+
+@pytest.mark.parametrize("think_tokens", [0, 1, 16, 32])
+@pytest.mark.parametrize("with_image", [False, True])
+def test_export_equivalence_plain_transformers(tiny_model, plain_model, rng, think_tokens, with_image):
+    item = {"text": "Which vehicle is second-closest to the camera?", "instruction": "Find the answer."}
+    if with_image:
+        item["image"] = random_image(rng)
+    ours = tiny_model.encode_query(item, think_tokens=think_tokens, normalize_embeddings=False)
+    with torch.no_grad():
+        out = plain_model(**plain_inputs(tiny_model, item, think_tokens), output_hidden_states=True)
+    np.testing.assert_allclose(ours, out.hidden_states[-1][0, -1].numpy(), atol=1e-5, rtol=1e-5)
+
+
+def test_k0_text_model_equals_transformers_sdpa_at_every_token(tiny_model, plain_model, rng):
+    """K=0, no COT: the package's attention reproduces transformers' own Qwen2-VL (sdpa) everywhere."""
+    item = {"text": "a query of some length", "image": random_image(rng)}
+    record = tiny_model.processor(item)
+    batch = collate([record], tiny_model.processor.think_token_ids, tiny_model.processor.emb_token_id, think_tokens=0)
+    with torch.no_grad():
+        ours = tiny_model._last_hidden(batch)
+        theirs = plain_model(**plain_inputs(tiny_model, item, 0), output_hidden_states=True).hidden_states[-1][0]
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_bidirectional_think_changes_embedding_and_is_not_plain_causal(fresh_tiny, rng):
+    causal, bidir = fresh_tiny(), fresh_tiny(think_bidirectional=True)
+    bidir.load_state_dict(causal.state_dict())
+    item = {"text": "q", "image": random_image(rng)}
+    a, b = causal.encode_query(item, think_tokens=4), bidir.encode_query(item, think_tokens=4)
+    assert np.abs(a - b).max() > 1e-4
+    # with K<=1 the two masks coincide
+    np.testing.assert_allclose(causal.encode_query(item, think_tokens=1), bidir.encode_query(item, think_tokens=1),
+                               atol=1e-6)
+
+
+def test_batch_invariance_alone_padded_packed(tiny_model, rng):
+    items = [{"text": "Which vehicle is second-closest?", "image": random_image(rng)}, "a plain text query",
+             random_image(rng), {"instruction": "Retrieve the caption.", "image": random_image(rng), "text": "x"},
+             "y", "a somewhat longer plain text query with many more bytes in it than the others"]
+    for k in (0, 3, 16):
+        alone = np.stack([tiny_model.encode_query(x, think_tokens=k) for x in items])
+        packed = tiny_model.encode_query(items, think_tokens=k, batch_size=4)
+        padded = tiny_model.encode_query(items, think_tokens=k, batch_size=3, packed=False)
+        np.testing.assert_allclose(packed, alone, atol=1e-5)
+        np.testing.assert_allclose(padded, alone, atol=1e-5)
+
+
+def test_encode_outputs_follow_sentence_transformers_habits(tiny_model):
+    single = tiny_model.encode_document("a red car")
+    assert single.shape == (64,) and single.dtype == np.float32
+    many = tiny_model.encode_document(["a red car", "a blue bus"], convert_to_tensor=True)
+    assert isinstance(many, torch.Tensor) and many.shape == (2, 64)
+    torch.testing.assert_close(many.norm(dim=-1), torch.ones(2))
+    raw = tiny_model.encode_document(["a red car"], normalize_embeddings=False)
+    truncated = tiny_model.encode_document(["a red car"], truncate_dim=16)
+    np.testing.assert_allclose(truncated[0], raw[0, :16] / np.linalg.norm(raw[0, :16]), atol=1e-6)
+    scores = tiny_model.similarity(tiny_model.encode_query(["q1", "q2", "q3"]), many)
+    assert scores.shape == (3, 2) and scores.dtype == torch.float32
+    np.testing.assert_allclose(tiny_model.similarity(single, single).numpy(), [[1.0]], atol=1e-6)
+
+
+def test_appended_positions_match_qwen2vl_rope_index(tiny_model, rng):
+    """[query][think][emb] positions equal Qwen2-VL's own get_rope_index on the same tokens."""
+    item = {"text": "what is here", "image": random_image(rng, 100, 60), "instruction": "Look."}
+    k = 5
+    batch = collate([tiny_model.processor(item)], tiny_model.processor.think_token_ids,
+                    tiny_model.processor.emb_token_id, think_tokens=k)
+    kwargs = plain_inputs(tiny_model, item, k)
+    theirs, _ = tiny_model.model.get_rope_index(kwargs["input_ids"], mm_token_type_ids=kwargs["mm_token_type_ids"],
+                                                image_grid_thw=kwargs["image_grid_thw"])
+    torch.testing.assert_close(batch.position_ids, theirs)
+
+
+def test_cot_positions_and_emb_share_position(tiny_model):
+    record = tiny_model.processor("text query")
+    p = record.next_position
+    batch = collate([record], tiny_model.processor.think_token_ids, tiny_model.processor.emb_token_id,
+                    think_tokens=3, cot_ids=[[10, 11, 12]])
+    types, pos = batch.token_types[0], batch.position_ids[0, 0]
+    assert pos[types == THINK].tolist() == [p, p + 1, p + 2]
+    assert pos[types == EMB].tolist() == [p + 3]
+    assert pos[types == COT].tolist() == [p + 3, p + 4, p + 5]
+    emb = int((types == EMB).nonzero())
+    assert batch.cot_pred_index.tolist() == [emb - 1, emb + 1, emb + 2]  # COT_1 from THINK_K, then COT_{j-1}
+
+
+@pytest.mark.parametrize("think_tokens", [0, 4])
+def test_cot_loss_equals_plain_causal_lm_on_query_think_cot(tiny_model, plain_model, rng, think_tokens):
+    """With causal think tokens and cot_sees_query, the COT branch is exactly a causal LM on
+    [query][think][cot] (EMB invisible to COT): its NLL must equal plain transformers' loss."""
+    item = {"text": "reason about this", "image": random_image(rng)}
+    cot = tiny_model.processor.tokenize_cot("first this, then that")
+    batch = collate([tiny_model.processor(item), tiny_model.processor("another one")],
+                    tiny_model.processor.think_token_ids, tiny_model.processor.emb_token_id,
+                    think_tokens=think_tokens, cot_ids=[cot, None])
+    with torch.no_grad():
+        ours = tiny_model.tte_forward(batch).cot_loss
+        kwargs = plain_inputs(tiny_model, item, think_tokens, tail=cot)
+        logits = plain_model(**kwargs).logits[0, -len(cot) - 1:-1]
+    torch.testing.assert_close(ours, torch.nn.functional.cross_entropy(logits, torch.tensor(cot)))
+
+
+def test_generate_cot_equals_transformers_greedy_generate(tiny_model, plain_model, rng):
+    item = {"text": "why", "image": random_image(rng)}
+    k, n = 3, 6
+    ours = tiny_model._decode_from_think([tiny_model.processor(item)], k, n)[0]
+    kwargs = plain_inputs(tiny_model, item, k, tail=[])  # [query][think] without <emb>
+    eos = tiny_model.processor.tokenizer.eos_token_id
+    with torch.no_grad():
+        out = plain_model.generate(**kwargs, max_new_tokens=n, do_sample=False, eos_token_id=eos, pad_token_id=eos)
+    theirs = out[0, kwargs["input_ids"].shape[1]:].tolist()
+    theirs = theirs[:theirs.index(eos)] if eos in theirs else theirs
+    assert ours == theirs
+
+
+def test_generate_cot_and_explicit_cot_run(tiny_model, rng):
+    items = [{"text": "Which vehicle is second-closest?", "image": random_image(rng)}, "plain"]
+    texts = tiny_model.generate_cot(items, think_tokens=4, max_new_tokens=4)
+    assert isinstance(texts, list) and len(texts) == 2 and all(isinstance(t, str) for t in texts)
+    explicit = tiny_model.encode_query(items, mode="explicit-cot", max_cot_tokens=5)
+    latent = tiny_model.encode_query(items, think_tokens=0)
+    assert explicit.shape == (2, 64)
+    assert np.isfinite(explicit).all()
+    assert np.abs(explicit - latent).max() > 0  # the trace changed the embedding input
+
+
+def test_explicit_cot_embeds_query_plus_generated_trace(tiny_model, rng):
+    item = {"text": "why", "image": random_image(rng)}
+    record = tiny_model.processor(item)
+    trace = tiny_model._generate_trace_ids([record], 5, 1, False)[0]
+    from tte_flash.modeling import _append_text
+    batch = collate([_append_text(record, trace)], tiny_model.processor.think_token_ids,
+                    tiny_model.processor.emb_token_id, think_tokens=0)
+    with torch.no_grad():
+        expected = torch.nn.functional.normalize(tiny_model.tte_forward(batch).embeddings, dim=-1)[0].numpy()
+    np.testing.assert_allclose(tiny_model.encode_query(item, mode="explicit-cot", max_cot_tokens=5), expected,
+                               atol=1e-6)
+
+
+def test_save_load_round_trip_bit_identical(tiny_model, tmp_path, rng):
+    tiny_model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file() and not list(tmp_path.glob("*.bin"))
+    loaded = TTEFlashModel.from_pretrained(tmp_path)
+    for (name, a), (_, b) in zip(tiny_model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    tte_fields = [f for f in TTEFlashConfig.__dataclass_fields__ if f not in Qwen2VLConfig.__dataclass_fields__]
+    assert tte_fields and all(getattr(loaded.config, f) == getattr(tiny_model.config, f) for f in tte_fields)
+    assert loaded.config.text_config.to_diff_dict() | {"dtype": None} == \
+        tiny_model.config.text_config.to_diff_dict() | {"dtype": None}
+    item = {"text": "q", "image": random_image(rng)}
+    assert np.array_equal(loaded.encode_query(item, think_tokens=9), tiny_model.encode_query(item, think_tokens=9))
+    from transformers import AutoModel
+    auto = AutoModel.from_pretrained(tmp_path)
+    assert isinstance(auto, TTEFlashModel)
+
+
+def test_from_backbone_on_tiny_saved_qwen2vl(tiny_model, tmp_path, rng):
+    from tte_flash.tokenization import build_byte_tokenizer
+    config = tiny_model.config.to_dict()
+    for key in ("model_type", "architectures", "max_think_tokens", "default_think_tokens", "think_token_ids",
+                "emb_token_id", "think_bidirectional", "cot_sees_query", "embedding_layer", "normalize_embeddings",
+                "contrastive_temperature", "attn_backend", "image_min_pixels", "image_max_pixels", "video_max_frames"):
+        config.pop(key, None)
+    qcfg = Qwen2VLConfig(**config)
+    qcfg.text_config.vocab_size = 263  # exactly the tokenizer: new tokens force a resize
+    torch.manual_seed(3)
+    backbone = Qwen2VLForConditionalGeneration(qcfg).eval()
+    backbone.save_pretrained(tmp_path)
+    build_byte_tokenizer().save_pretrained(tmp_path)
+
+    model = TTEFlashModel.from_backbone(tmp_path, max_think_tokens=8, image_max_pixels=50176)
+    assert model.config.max_think_tokens == 8 and len(model.config.think_token_ids) == 8
+    assert model.get_input_embeddings().num_embeddings >= len(model.processor.tokenizer) == 263 + 9
+    torch.testing.assert_close(model.model.language_model.layers[0].self_attn.q_proj.weight,
+                               backbone.model.language_model.layers[0].self_attn.q_proj.weight)
+    new_rows = model.get_input_embeddings().weight[model.config.think_token_ids]
+    assert torch.isfinite(new_rows).all() and new_rows.std(0).mean() > 0  # distinct, finite rows
+    item = {"text": "hello", "image": random_image(rng)}
+    emb = model.encode_query(item, think_tokens=8)
+    assert emb.shape == (64,) and np.isfinite(emb).all()
+    # query tokens are unchanged: the backbone's hidden state at the last query token is reproduced
+    record = model.processor(item)
+    batch = collate([record], model.processor.think_token_ids, model.processor.emb_token_id, think_tokens=0)
+    with torch.no_grad():
+        ours = model._last_hidden(batch)[record.input_ids.numel() - 1]
+        kwargs = plain_inputs(model, item, 0, tail=[])
+        theirs = backbone(**kwargs, output_hidden_states=True).hidden_states[-1][0, -1]
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_embedding_layer_reads_an_earlier_layer(fresh_tiny, rng):
+    last, early = fresh_tiny(), fresh_tiny(embedding_layer=-2)
+    early.load_state_dict(last.state_dict())
+    item = {"text": "q", "image": random_image(rng)}
+    record = last.processor(item)
+    batch = collate([record], last.processor.think_token_ids, last.processor.emb_token_id, think_tokens=2)
+    with torch.no_grad():
+        hidden = last.model.language_model(
+            inputs_embeds=last._embed_with_vision(batch), position_ids=batch.position_ids,
+            attention_mask={"full_attention": __import__("tte_flash.attention").attention.TTELayout(
+                batch.seq_ids, batch.token_types)}, output_hidden_states=True).hidden_states
+        expected = last.model.language_model.norm(hidden[-2][0, -1])
+    np.testing.assert_allclose(early.encode_query(item, think_tokens=2, normalize_embeddings=False), expected.numpy(),
+                               atol=1e-5)
