@@ -29,5 +29,5 @@ setup(
         "flash": ["flash-attn"],
         "video": ["av"],
     },
-    entry_points={"console_scripts": []},
+    entry_points={"console_scripts": ["tte-flash = tte_flash.cli:main"]},
 )

@@ -1,0 +1,140 @@
+"""Input handling: every accepted input form, video, and clear errors for bad input."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import random_image
+
+from tte_flash import TTEFlashModel
+from tte_flash.processing import IMAGE, VIDEO, normalize_input
+
+
+def test_input_forms_agree(tiny_model, rng, tmp_path):
+    image = random_image(rng)
+    path = tmp_path / "photo.png"
+    image.save(path)
+    from_pil = tiny_model.encode_document(image)
+    np.testing.assert_allclose(tiny_model.encode_document(str(path)), from_pil, atol=1e-6)
+    np.testing.assert_allclose(tiny_model.encode_document(path), from_pil, atol=1e-6)
+    np.testing.assert_allclose(tiny_model.encode_document({"image": str(path)}), from_pil, atol=1e-6)
+    # a sentence that happens to end in ".png" is text, not a path
+    assert normalize_input("the file is named photo.png") == {"text": "the file is named photo.png"}
+
+
+def test_instruction_and_image_placeholder_layout(tiny_model, rng):
+    image = random_image(rng)
+    record = tiny_model.processor({"instruction": "Find it", "text": "left <|image_1|> right", "image": image})
+    text = tiny_model.processor.tokenizer.decode(record.input_ids)
+    assert text.startswith("Find it\nleft <|vision_start|><|image_pad|>")
+    assert text.endswith("<|vision_end|> right")
+    assert (record.mm_types == IMAGE).sum() == int(record.image_grid_thw.prod()) // 4
+    # without a placeholder the image goes first, after the instruction
+    first = tiny_model.processor({"text": "caption", "image": image})
+    assert tiny_model.processor.tokenizer.decode(first.input_ids).startswith("<|vision_start|>")
+
+
+def test_video_from_frame_folder_and_frame_list(tiny_model, rng, tmp_path):
+    frames = [random_image(rng, 56, 84) for _ in range(5)]
+    for i, frame in enumerate(frames):
+        frame.save(tmp_path / f"frame_{i:03d}.png")
+    from_dir = tiny_model.encode_document({"video": str(tmp_path)})
+    from_list = tiny_model.encode_document({"video": frames})
+    np.testing.assert_allclose(from_dir, from_list, atol=1e-6)
+    record = tiny_model.processor({"video": frames, "text": "what happens"})
+    t, h, w = record.video_grid_thw[0].tolist()
+    assert t == 3  # 5 frames padded to 6, two frames per temporal patch
+    assert (record.mm_types == VIDEO).sum() == t * h * w // 4
+    # positions: video tokens take (t, h, w) grid indices, text resumes after max(t, h/2, w/2)
+    video_pos = record.positions[:, record.mm_types == VIDEO]
+    assert video_pos[0].max() - video_pos[0].min() == t - 1
+    assert record.next_position == max(t, h // 2, w // 2) + (record.mm_types == 0).sum()  # text: 1 pos each
+
+
+def test_video_of_a_still_frame_equals_image_pixels(tiny_model, rng):
+    """Qwen2-VL treats an image as two identical frames: a 2-frame still video has the same patches."""
+    frame = random_image(rng, 56, 84)
+    video = tiny_model.processor({"video": [frame, frame]})
+    image = tiny_model.processor({"image": frame})
+    torch.testing.assert_close(video.pixel_values_videos, image.pixel_values)
+    assert video.video_grid_thw.tolist() == image.image_grid_thw.tolist()
+
+
+def test_missing_image_names_the_path(tiny_model, tmp_path):
+    missing = tmp_path / "nope.jpg"
+    with pytest.raises(FileNotFoundError, match="nope.jpg"):
+        tiny_model.encode_query(str(missing))
+    with pytest.raises(FileNotFoundError, match="nope.jpg"):
+        tiny_model.encode_query({"text": "q", "image": missing})
+
+
+def test_unreadable_image_names_the_path(tiny_model, tmp_path):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not an image at all")
+    with pytest.raises(ValueError, match="broken.png"):
+        tiny_model.encode_document({"image": str(bad)})
+
+
+def test_missing_video_names_the_path(tiny_model, tmp_path):
+    with pytest.raises(FileNotFoundError, match="clip.mp4"):
+        tiny_model.encode_document(str(tmp_path / "clip.mp4"))
+
+
+@pytest.mark.parametrize("bad", ["", "   ", {"text": ""}, {"instruction": "only an instruction"}])
+def test_empty_input_is_rejected(tiny_model, bad):
+    with pytest.raises(ValueError, match="empty input"):
+        tiny_model.encode_query(["ok", bad])
+
+
+def test_unknown_keys_and_types_are_rejected(tiny_model):
+    with pytest.raises(ValueError, match="unknown keys"):
+        tiny_model.encode_query({"txt": "typo"})
+    with pytest.raises(ValueError, match="expected a str"):
+        tiny_model.encode_query([3.14])
+
+
+@pytest.mark.parametrize("think_tokens", [33, -1, 2.5, True])
+def test_think_tokens_out_of_range(tiny_model, think_tokens):
+    with pytest.raises(ValueError, match="think_tokens"):
+        tiny_model.encode_query("q", think_tokens=think_tokens)
+    with pytest.raises(ValueError, match="think_tokens"):
+        tiny_model.generate_cot("q", think_tokens=think_tokens)
+
+
+def test_unknown_preset_and_mode(tiny_model):
+    with pytest.raises(ValueError, match="unknown preset 'huge'.*tiny"):
+        TTEFlashModel.from_preset("huge")
+    with pytest.raises(ValueError, match="unknown mode"):
+        tiny_model.encode_query("q", mode="fast")
+
+
+def test_bad_config_values(fresh_tiny):
+    with pytest.raises(ValueError, match="default_think_tokens"):
+        fresh_tiny(max_think_tokens=4, default_think_tokens=8)
+    with pytest.raises(ValueError, match="embedding_layer"):
+        fresh_tiny(embedding_layer=-5)
+
+
+def test_checkpoint_of_another_model_type(tiny_model, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(ValueError, match="'bert' checkpoint, not a TTE-Flash"):
+        TTEFlashModel.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="needs a Qwen2-VL"):
+        TTEFlashModel.from_backbone(tmp_path)
+    qwen_dir = tmp_path / "qwen"
+    qwen_dir.mkdir()
+    (qwen_dir / "config.json").write_text(json.dumps({"model_type": "qwen2_vl"}))
+    with pytest.raises(ValueError, match="from_backbone"):
+        TTEFlashModel.from_pretrained(qwen_dir)
+
+
+def test_missing_checkpoint_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        TTEFlashModel.from_pretrained(tmp_path / "does" / "not" / "exist")
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        TTEFlashModel.from_backbone("./missing-dir")
+
+
+def test_similarity_rejects_mismatched_sizes(tiny_model):
+    with pytest.raises(ValueError, match="embedding sizes differ"):
+        tiny_model.similarity(np.zeros((2, 64)), np.zeros((3, 32)))
