@@ -162,6 +162,16 @@ class TTEFlashModel(Qwen2VLForConditionalGeneration):
 
     # ------------------------------------------------------------------ forward
 
+    def forward(self, *args, tte_batch=None, **kwargs):
+        """Qwen2-VL's forward, or :meth:`tte_forward` (with COT logits) when ``tte_batch`` is given.
+
+        Training calls ``model(tte_batch=...)`` so that DDP/FSDP/DeepSpeed wrappers see a forward call.
+        """
+        if tte_batch is not None:
+            return self.tte_forward(tte_batch, return_cot_logits=True)
+        return super().forward(*args, **kwargs)
+
+
     def tte_forward(self, batch, *, return_cot_logits: bool = False) -> TTEOutput:
         """One pass over a collated batch (``tte_flash.processing.collate``) under the TTE mask.
 
@@ -406,6 +416,11 @@ def _check_exists(path: str) -> None:
         raise FileNotFoundError(f"checkpoint not found: {path} (not a directory, and not a Hub id 'org/name')")
 
 
+_parent_signature = inspect.signature(Qwen2VLForConditionalGeneration.forward)
+TTEFlashModel.forward.__signature__ = _parent_signature.replace(parameters=[
+    *(p for p in _parent_signature.parameters.values() if p.kind != p.VAR_KEYWORD),
+    inspect.Parameter("tte_batch", inspect.Parameter.KEYWORD_ONLY, default=None),
+    *(p for p in _parent_signature.parameters.values() if p.kind == p.VAR_KEYWORD)])
 AutoModel.register(TTEFlashConfig, TTEFlashModel)
 try:  # legacy Qwen2-VL key names (model.layers.*, visual.*) load into this class as into Qwen2-VL's
     from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping

@@ -1,0 +1,135 @@
+"""The training objective: InfoNCE and COT NLL by hand, gradient cache == plain step, DDP == one process."""
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import random_image
+
+from tte_flash.collator import TrainCollator, content_key
+from tte_flash.losses import info_nce
+from tte_flash.objective import Objective
+
+
+def test_info_nce_matches_hand_computation_with_duplicates_and_hard_negatives():
+    gen = torch.Generator().manual_seed(0)
+    q, t = torch.randn(3, 8, generator=gen), torch.randn(5, 8, generator=gen)
+    positive = torch.tensor([0, 2, 3])
+    keys = torch.tensor([7, 1, 7, 9, 4])  # target 2 duplicates target 0
+    loss, stats = info_nce(q, t, positive, keys, temperature=0.1)
+    qn, tn = F.normalize(q, dim=-1), F.normalize(t, dim=-1)
+    logits = qn @ tn.T / 0.1
+    expected = []
+    for i, p in enumerate(positive.tolist()):
+        allowed = [j for j in range(5) if j == p or keys[j] != keys[p]]
+        expected.append(-(logits[i, p] - torch.logsumexp(logits[i, allowed], 0)))
+    torch.testing.assert_close(loss, torch.stack(expected).mean())
+    torch.testing.assert_close(stats["contrastive_loss"], loss)
+
+
+def examples(rng, n=6, with_images=True):
+    out = []
+    for i in range(n):
+        query = {"text": f"question {i} " + "x" * int(rng.integers(1, 20))}
+        if with_images and i % 2 == 0:
+            query["image"] = random_image(rng, 56, 84)
+        out.append({"query": query, "positive": {"text": f"answer {i % 4}"},
+                    "negatives": [{"text": f"wrong {i}"}] if i % 3 == 0 else [],
+                    "cot": f"step one for {i}; then step two" if i % 4 != 1 else None})
+    return out
+
+
+def collator_for(model, **kwargs):
+    return TrainCollator(model.processor, think_budgets=(4,), **kwargs)
+
+
+def test_content_key_is_stable_and_distinguishes_content(rng):
+    image = random_image(rng)
+    assert content_key({"text": "a"}) == content_key({"text": "a"})
+    assert content_key({"text": "a"}) != content_key({"text": "b"})
+    assert content_key({"image": image}) == content_key({"image": image.copy()})
+
+
+def grads(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_grad_cache_equals_plain_step(fresh_tiny, rng, packed):
+    model = fresh_tiny().train()
+    train_batch = collator_for(model, packed=packed)(examples(rng))["train_batch"]
+    objective = Objective(temperature=0.05, cot_weight=0.7)
+    loss, stats = objective.loss(model, train_batch)
+    loss.backward()
+    plain = grads(model)
+    model.zero_grad()
+    cached_loss, cached_stats = objective.grad_cache_backward(model, train_batch, chunk_size=4)
+    cached = grads(model)
+    torch.testing.assert_close(cached_loss, loss.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cached_stats["cot_loss"], stats["cot_loss"], atol=1e-5, rtol=1e-5)
+    assert plain.keys() == cached.keys() and len(plain) > 10
+    for name in plain:
+        torch.testing.assert_close(cached[name], plain[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_cot_loss_is_mean_nll_over_rows_with_a_trace(fresh_tiny, rng):
+    model = fresh_tiny()
+    train_batch = collator_for(model)(examples(rng))["train_batch"]
+    _, stats = Objective(cot_weight=1.0).loss(model, train_batch)
+    assert sum(c is None for c in train_batch.cots) == 2  # rows 1 and 5 have no trace: contrastive only
+    batch, *_ = train_batch.pack()
+    with torch.no_grad():
+        expected = model.tte_forward(batch).cot_loss
+    torch.testing.assert_close(stats["cot_loss"], expected)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world_size, port, out_dir, grad_cache):
+    import torch.distributed as dist
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    torch.set_num_threads(1)
+    from tte_flash import TTEFlashModel
+    torch.manual_seed(1)
+    model = TTEFlashModel.from_preset("tiny").train()
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    data = examples(np.random.default_rng(0), n=8)
+    local = data[rank * 4:(rank + 1) * 4]
+    train_batch = collator_for(model)(local)["train_batch"]
+    objective = Objective(temperature=0.05, cot_weight=0.5)
+    if grad_cache:
+        loss, _ = objective.grad_cache_backward(ddp, train_batch, chunk_size=2, no_sync=ddp.no_sync)
+    else:
+        loss, _ = objective.loss(ddp, train_batch)
+        loss.backward()
+    loss = loss.detach().clone()
+    dist.all_reduce(loss)
+    if rank == 0:
+        torch.save({"loss": loss / world_size, "grads": grads(model)}, os.path.join(out_dir, "ddp.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("grad_cache", [False, True])
+def test_two_process_ddp_equals_single_process(tmp_path, grad_cache):
+    """A real 2-process gloo DDP run: averaged loss and gradients equal one process on the global batch."""
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path), grad_cache), nprocs=2)
+    ddp = torch.load(tmp_path / "ddp.pt")
+    from tte_flash import TTEFlashModel
+    torch.manual_seed(1)
+    model = TTEFlashModel.from_preset("tiny").train()
+    train_batch = collator_for(model)(examples(np.random.default_rng(0), n=8))["train_batch"]
+    loss, _ = Objective(temperature=0.05, cot_weight=0.5).loss(model, train_batch)
+    loss.backward()
+    single = grads(model)
+    torch.testing.assert_close(ddp["loss"], loss.detach(), atol=1e-5, rtol=1e-5)
+    assert ddp["grads"].keys() == single.keys()
+    for name in single:
+        torch.testing.assert_close(ddp["grads"][name], single[name], atol=1e-5, rtol=1e-4, msg=name)

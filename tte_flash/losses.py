@@ -1,0 +1,95 @@
+"""Training losses (DESIGN.md §5): InfoNCE over ranks and the COT token NLL.
+
+``L = L_contrastive + cot_weight * L_cot``. Both are written so that a data-parallel run on W ranks,
+with gradients averaged by DDP, gives the loss and gradients of one process on the global batch:
+
+* InfoNCE: targets (and their duplicate keys) are all-gathered *with gradients* (the all-gather's
+  backward returns each rank its targets' gradient); each rank scores its own queries against every
+  target and the loss is the mean over all global queries, scaled so that DDP's average is that mean.
+* COT: summed NLL over local COT tokens divided by the global token count, times W for the same reason.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size); (0, 1) outside torch.distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather_with_grad(local: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``local`` (n_r, ...) from every rank in rank order; gradients flow back to owners.
+
+    Ranks may hold different n_r. Outside torch.distributed it returns ``local``.
+    """
+    rank, size = world()
+    if size == 1:
+        return local
+    sizes = [torch.zeros(1, dtype=torch.long, device=local.device) for _ in range(size)]
+    dist.all_gather(sizes, torch.tensor([local.shape[0]], device=local.device))
+    sizes = [int(s) for s in sizes]
+    padded = torch.zeros(max(sizes), *local.shape[1:], dtype=local.dtype, device=local.device)
+    padded = torch.cat([local, padded[local.shape[0]:]]) if local.shape[0] < max(sizes) else local
+    gathered = torch.distributed.nn.functional.all_gather(padded)
+    parts = [g[:n] for g, n in zip(gathered, sizes)]
+    parts[rank] = local  # the local slice keeps its own autograd path
+    return torch.cat(parts)
+
+
+def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
+    """Sum of a (non-differentiable) tensor over ranks."""
+    if world()[1] > 1:
+        value = value.clone()
+        dist.all_reduce(value)
+    return value
+
+
+def info_nce(queries: torch.Tensor, targets: torch.Tensor, positive_index: torch.Tensor,
+             target_keys: torch.Tensor | None, temperature: float) -> tuple[torch.Tensor, dict]:
+    """InfoNCE of local ``queries`` (n, d) against ``targets`` (m, d) gathered over all ranks.
+
+    ``positive_index[i]`` is query i's positive among the *local* targets; ``target_keys`` (m,) are
+    content hashes: a target equal to query i's positive is not counted as its negative (false
+    negatives from duplicates). Hard negatives are simply extra targets. Returns the loss, scaled
+    for DDP's gradient averaging, and logging stats (unscaled mean loss, in-batch accuracy).
+    """
+    rank, size = world()
+    q = F.normalize(queries.float(), dim=-1)
+    t = F.normalize(targets.float(), dim=-1)
+    offsets = gather_with_grad(torch.tensor([t.shape[0]], device=t.device))
+    all_t = gather_with_grad(t)  # (M, d)
+    start = int(offsets[:rank].sum())
+    labels = positive_index.to(q.device) + start
+    logits = q @ all_t.T / temperature  # (n, M)
+    if target_keys is not None:
+        all_keys = gather_with_grad(target_keys.to(q.device))
+        duplicate = all_keys[None, :] == all_keys[labels][:, None]
+        duplicate[torch.arange(len(labels), device=q.device), labels] = False
+        logits = logits.masked_fill(duplicate, float("-inf"))
+    n_global = all_reduce_sum(torch.tensor(float(q.shape[0]), device=q.device))
+    loss_sum = F.cross_entropy(logits, labels, reduction="sum")
+    accuracy = (logits.argmax(-1) == labels).float().mean().detach()
+    return loss_sum * size / n_global, {"contrastive_loss": (loss_sum / q.shape[0]).detach(),
+                                        "contrastive_accuracy": accuracy}
+
+
+def cot_nll(logits: torch.Tensor, targets: torch.Tensor, n_global: torch.Tensor | None = None):
+    """Mean token NLL over the global batch's COT tokens, scaled for DDP's gradient averaging.
+
+    ``n_global``: the global COT token count when ``logits`` cover only part of the batch (a chunk).
+    """
+    size = world()[1]
+    if n_global is None:
+        n_global = all_reduce_sum(torch.tensor(float(targets.numel()), device=logits.device))
+    if targets.numel() == 0:
+        zero = logits.sum() * 0.0
+        return zero, {}
+    nll_sum = F.cross_entropy(logits.float(), targets, reduction="sum")
+    accuracy = (logits.argmax(-1) == targets).float().mean().detach()
+    return nll_sum * size / n_global.clamp(min=1), {"cot_loss": (nll_sum / targets.numel()).detach(),
+                                                    "cot_accuracy": accuracy}

@@ -1,0 +1,81 @@
+"""The training objective on a :class:`~tte_flash.collator.TrainBatch`, plain or with a gradient cache.
+
+``L = InfoNCE(query <emb>, target <emb>) + cot_weight * COT NLL`` (DESIGN.md §5), from one packed
+forward over queries and targets. :func:`grad_cache_backward` computes the same gradients for a
+batch too large to hold activations for: embed every chunk without graphs, take the contrastive
+gradient w.r.t. the embeddings, then recompute each chunk with graphs and backpropagate those
+cached gradients (plus the chunk's COT NLL), as in GradCache (Gao et al., 2021). Recomputation
+assumes a deterministic forward (no dropout; Qwen2-VL's attention dropout is 0).
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from .losses import all_reduce_sum, cot_nll, info_nce
+
+
+@dataclass
+class Objective:
+    temperature: float = 0.02
+    cot_weight: float = 1.0
+    mask_duplicate_targets: bool = True
+
+    def loss(self, model, train_batch) -> tuple[torch.Tensor, dict]:
+        """Loss (scaled for DDP averaging) and logging stats of one plain step."""
+        batch, positive, keys, n_queries = train_batch.pack()
+        out = model(tte_batch=batch)
+        contrastive, stats = info_nce(out.embeddings[:n_queries], out.embeddings[n_queries:], positive,
+                                      keys if self.mask_duplicate_targets else None, self.temperature)
+        if self.cot_weight <= 0:
+            return contrastive, stats
+        cot, cot_stats = self._cot(out, batch)
+        return contrastive + self.cot_weight * cot, {**stats, **cot_stats}
+
+    def _cot(self, out, batch, n_global=None):
+        logits = out.cot_logits if out.cot_logits is not None else out.embeddings.new_zeros(0, 1)
+        return cot_nll(logits, batch.cot_targets.to(logits.device), n_global=n_global)
+
+    def grad_cache_backward(self, model, train_batch, chunk_size: int, backward=None, no_sync=None, scale=1.0):
+        """Accumulate the gradients of :meth:`loss` into ``model`` chunk by chunk; return (loss, stats).
+
+        ``backward(tensor)`` runs a backward pass (default ``tensor.backward()``; the Trainer passes
+        ``accelerator.backward``); ``no_sync()`` is a context for all chunks but the last (DDP).
+        ``scale`` multiplies what is backpropagated (gradient accumulation).
+        """
+        backward = backward or (lambda tensor: tensor.backward())
+        chunks = [range(i, min(i + chunk_size, len(train_batch))) for i in range(0, len(train_batch), chunk_size)]
+        packs = [train_batch.pack(c) for c in chunks]
+        with torch.no_grad():
+            reps = [model(tte_batch=batch).embeddings for batch, *_ in packs]
+        queries = torch.cat([r[:n] for r, (*_, n) in zip(reps, packs)]).detach().requires_grad_()
+        targets = torch.cat([r[n:] for r, (*_, n) in zip(reps, packs)]).detach().requires_grad_()
+        target_counts = [r.shape[0] - n for r, (*_, n) in zip(reps, packs)]
+        offsets = [sum(target_counts[:i]) for i in range(len(packs))]
+        positive = torch.cat([p + o for (_, p, _, _), o in zip(packs, offsets)])
+        keys = torch.cat([k for _, _, k, _ in packs])
+        contrastive, stats = info_nce(queries, targets, positive, keys if self.mask_duplicate_targets else None,
+                                      self.temperature)
+        contrastive.backward()  # d loss / d embeddings, cached
+        device = queries.device
+        cot_global = all_reduce_sum(torch.tensor(float(sum(b.cot_targets.numel() for b, *_ in packs)), device=device))
+        cot_total = torch.zeros((), device=device)
+        q_at = t_at = 0
+        for i, (batch, _, _, n) in enumerate(packs):
+            last = i == len(packs) - 1
+            with contextlib.nullcontext() if last or no_sync is None else no_sync():
+                out = model(tte_batch=batch)
+                n_t = out.embeddings.shape[0] - n
+                surrogate = (out.embeddings[:n].float() * queries.grad[q_at:q_at + n]).sum() \
+                    + (out.embeddings[n:].float() * targets.grad[t_at:t_at + n_t]).sum()
+                if self.cot_weight > 0:
+                    cot, _ = self._cot(out, batch, n_global=cot_global)
+                    surrogate = surrogate + self.cot_weight * cot
+                    cot_total = cot_total + cot.detach()
+                backward(surrogate * scale)
+            q_at, t_at = q_at + n, t_at + n_t
+        if self.cot_weight > 0 and float(cot_global) > 0:
+            stats["cot_loss"] = cot_total
+        return contrastive.detach() + self.cot_weight * cot_total, stats
