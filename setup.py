@@ -1,6 +1,8 @@
 """TTE-Flash: reasoning-aware multimodal embeddings with latent think tokens and fused Triton attention."""
 from setuptools import setup
 
+TRAIN = ["accelerate>=1.0", "peft>=0.15", "pyyaml", "pyarrow"]
+
 setup(
     name="tte-flash",
     version="0.1.0",
@@ -25,7 +27,12 @@ setup(
         "huggingface_hub",
     ],
     extras_require={
-        "dev": ["pytest", "hypothesis"],
+        # training/ (Trainer, LoRA, YAML recipes, Parquet data)
+        "train": TRAIN,
+        # benchmarks/ plots
+        "benchmarks": ["matplotlib"],
+        # tests: everything the test suite exercises
+        "dev": ["pytest", "hypothesis", *TRAIN, "matplotlib"],
         "flash": ["flash-attn"],
         "video": ["av"],
     },

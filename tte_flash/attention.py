@@ -41,6 +41,10 @@ class TTELayout:
     think_bidirectional: bool = False
     cot_sees_query: bool = True
     backend: str = "reference"
+    # Explain only: when set, the reference path appends each layer's attention probabilities of the
+    # rows in ``record_rows`` (flat indices into B*L) to this list, as (rows, Hq, B*L) tensors.
+    record_attention: list | None = None
+    record_rows: torch.Tensor | None = None
 
 
 def resolve_backend(requested: str | None, device: torch.device) -> str:
@@ -84,10 +88,25 @@ def _tte_attention_forward(module, query, key, value, attention_mask, scaling=No
         return out.view(batch, length, heads, head_dim), None
     mask = dense_mask(layout.seq_ids, layout.token_types, think_bidirectional=layout.think_bidirectional,
                       cot_sees_query=layout.cot_sees_query)[:, None]  # (B, 1, L, L)
+    if layout.record_attention is not None:
+        layout.record_attention.append(_attention_probs(query, key, mask, scaling, layout.record_rows))
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,
                                          dropout_p=dropout if module.training else 0.0,
                                          enable_gqa=query.shape[1] != key.shape[1])  # (B, H, L, D)
     return out.transpose(1, 2), None
+
+
+def _attention_probs(query, key, mask, scaling, rows):
+    """Softmax probabilities of the flat query ``rows`` over all keys: (rows, Hq, B*L), zero across rows."""
+    batch, heads, length, head_dim = query.shape
+    key = key.repeat_interleave(heads // key.shape[1], dim=1)  # (B, Hq, L, D)
+    b, i = rows // length, rows % length
+    scores = torch.einsum("rhd,rhld->rhl", query[b, :, i].float(), key[b].float()) * (scaling or head_dim**-0.5)
+    probs = scores.masked_fill(~mask[b, 0, i][:, None, :], float("-inf")).softmax(-1)  # (rows, Hq, L)
+    full = probs.new_zeros(len(rows), heads, batch * length)
+    for r in range(len(rows)):
+        full[r, :, b[r] * length:(b[r] + 1) * length] = probs[r]
+    return full
 
 
 AttentionInterface.register(ATTN_NAME, _tte_attention_forward)

@@ -178,16 +178,8 @@ class TTEFlashModel(Qwen2VLForConditionalGeneration):
         Returns the ``<emb>`` hidden states of every sample (from ``config.embedding_layer``) and,
         when the batch has COT tokens, their mean NLL predicted by the LM head (COT_1 from THINK_K).
         """
-        device = self.get_input_embeddings().weight.device
-        batch = batch.to(device, dtype=self.model.visual.dtype)
-        inputs_embeds = self._embed_with_vision(batch)  # (B, L, H)
-        layout = TTELayout(batch.seq_ids, batch.token_types, think_bidirectional=self.config.think_bidirectional,
-                           cot_sees_query=self.config.cot_sees_query,
-                           backend=resolve_backend(self.config.attn_backend, device))
         layer = self.config.embedding_layer
-        out = self.model.language_model(inputs_embeds=inputs_embeds, position_ids=batch.position_ids,
-                                        attention_mask={"full_attention": layout, "sliding_attention": layout},
-                                        use_cache=False, output_hidden_states=layer != -1)
+        out = self._text_forward(batch, output_hidden_states=layer != -1)
         final = out.last_hidden_state.flatten(0, 1)  # (B*L, H)
         emb_states = final if layer == -1 else self.model.language_model.norm(out.hidden_states[layer].flatten(0, 1))
         result = TTEOutput(embeddings=emb_states[batch.emb_index])
@@ -319,6 +311,12 @@ class TTEFlashModel(Qwen2VLForConditionalGeneration):
             texts += [self.processor.tokenizer.decode(t, skip_special_tokens=True) for t in ids]
         return texts[0] if single else texts
 
+    def explain(self, query, *, think_tokens: int | None = None, **kwargs):
+        """Per think token, the top vocabulary tokens its hidden state decodes to (LM head), the CoT
+        :meth:`generate_cot` decodes, and attention heatmaps to the image. See ``tte_flash.explain``."""
+        from .explain import explain
+        return explain(self, query, think_tokens=think_tokens, **kwargs)
+
     def _decode_from_think(self, records, think_tokens, max_new_tokens) -> list[list[int]]:
         eos = self.processor.tokenizer.eos_token_id
         generated = [[] for _ in records]
@@ -341,15 +339,20 @@ class TTEFlashModel(Qwen2VLForConditionalGeneration):
 
     def _last_hidden(self, batch) -> torch.Tensor:
         """Final hidden states (B*L, H) of a collated batch under the TTE mask."""
+        return self._text_forward(batch).last_hidden_state.flatten(0, 1)
+
+    def _text_forward(self, batch, output_hidden_states=False, **layout_fields):
+        """The text model over a collated batch (moved to the model's device) under the TTE mask."""
         device = self.get_input_embeddings().weight.device
-        batch = batch.to(device, dtype=self.model.visual.dtype)
+        batch.to(device, dtype=self.model.visual.dtype)
         layout = TTELayout(batch.seq_ids, batch.token_types, think_bidirectional=self.config.think_bidirectional,
                            cot_sees_query=self.config.cot_sees_query,
                            backend=resolve_backend(self.config.attn_backend, device))
-        out = self.model.language_model(inputs_embeds=self._embed_with_vision(batch), position_ids=batch.position_ids,
-                                        attention_mask={"full_attention": layout, "sliding_attention": layout},
-                                        use_cache=False)
-        return out.last_hidden_state.flatten(0, 1)
+        for name, value in layout_fields.items():
+            setattr(layout, name, value)
+        return self.model.language_model(inputs_embeds=self._embed_with_vision(batch), position_ids=batch.position_ids,
+                                         attention_mask={"full_attention": layout, "sliding_attention": layout},
+                                         use_cache=False, output_hidden_states=output_hidden_states)
 
     def _generate_trace_ids(self, records, max_new_tokens, batch_size, show_progress_bar) -> list[list[int]]:
         """Explicit CoT: greedy generation from each query with the KV cache (transformers ``generate``)."""
