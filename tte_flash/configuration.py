@@ -46,6 +46,10 @@ class TTEFlashConfig(Qwen2VLConfig):
     # Pixel budget per image for the image processor (Qwen2-VL's min_pixels / max_pixels).
     image_min_pixels: int = 56 * 56
     image_max_pixels: int = 28 * 28 * 1280
+    # Adaptive budget (think_tokens="auto"): {task: K} learned on validation data, and a linear
+    # predictor {"budgets", "weight", "bias"} from the query's K=0 state (see tte_flash.budget).
+    think_budget_table: dict | None = None
+    think_budget_predictor: dict | None = None
     # Frames sampled per video (even, as Qwen2-VL packs frames in pairs).
     video_max_frames: int = 8
 

@@ -210,15 +210,52 @@ class TTEFlashModel(Qwen2VLForConditionalGeneration):
 
     # ------------------------------------------------------------------ encoding API
 
-    def encode_query(self, inputs, *, think_tokens: int | None = None, **kwargs):
+    def encode_query(self, inputs, *, think_tokens: int | str | None = None, task: str | None = None, **kwargs):
         """Embed queries with ``think_tokens`` latent think tokens (default ``config.default_think_tokens``).
 
+        ``think_tokens="auto"`` picks K per input: from ``config.think_budget_table[task]`` when the
+        task is in it, else from the K=0-state predictor (``tte_flash.budget``).
         ``mode="explicit-cot"`` generates a reasoning trace (``max_cot_tokens``) with the LM head first
         and embeds query + trace (think tokens default to 0 there). See :meth:`encode` for the rest.
         """
         if think_tokens is None:
             think_tokens = 0 if kwargs.get("mode") == "explicit-cot" else self.config.default_think_tokens
+        if think_tokens == "auto":
+            return self._encode_auto(inputs, task, **kwargs)
         return self.encode(inputs, think_tokens=think_tokens, **kwargs)
+
+    def _encode_auto(self, inputs, task, **kwargs):
+        from .budget import predict_budgets
+        table, predictor = self.config.think_budget_table or {}, self.config.think_budget_predictor
+        if task is not None and task in table:
+            return self.encode(inputs, think_tokens=int(table[task]), **kwargs)
+        if predictor is None:
+            raise ValueError("think_tokens='auto' needs a budget table entry for this task "
+                             f"(task={task!r}, table has {sorted(table)}) or a budget predictor: "
+                             "see tte_flash.budget and model.set_think_budget_policy")
+        single = isinstance(inputs, (str, dict, Image.Image, os.PathLike))
+        items = [inputs] if single else list(inputs)
+        opts = {k: v for k, v in kwargs.items() if k not in ("convert_to_numpy", "convert_to_tensor")}
+        k0 = self.encode(items, think_tokens=0, convert_to_tensor=True, **{**opts, "normalize_embeddings": False,
+                                                                           "truncate_dim": None})
+        budgets = predict_budgets(predictor, k0)
+        out = None
+        for k in sorted(set(budgets)):
+            idx = [i for i, b in enumerate(budgets) if b == k]
+            part = self.encode([items[i] for i in idx], think_tokens=k, convert_to_tensor=True, **opts)
+            out = part.new_empty(len(items), part.shape[1]) if out is None else out
+            out[idx] = part
+        out = out[0] if single else out
+        return out if kwargs.get("convert_to_tensor") or kwargs.get("convert_to_numpy") is False else out.numpy()
+
+    def set_think_budget_policy(self, table: dict | None = None, predictor: dict | None = None):
+        """Store a per-task budget table and/or a K=0-state predictor (saved with the checkpoint)."""
+        for budgets in ([*(table or {}).values()] + list((predictor or {}).get("budgets", []))):
+            self._check_think_tokens(int(budgets))
+        if table is not None:
+            self.config.think_budget_table = {str(k): int(v) for k, v in table.items()}
+        if predictor is not None:
+            self.config.think_budget_predictor = predictor
 
     def encode_document(self, inputs, *, think_tokens: int = 0, **kwargs):
         """Embed documents/targets (no think tokens by default). See :meth:`encode`."""
