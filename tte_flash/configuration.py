@@ -50,6 +50,8 @@ class TTEFlashConfig(Qwen2VLConfig):
     # predictor {"budgets", "weight", "bias"} from the query's K=0 state (see tte_flash.budget).
     think_budget_table: dict | None = None
     think_budget_predictor: dict | None = None
+    # The backbone this model was built from (from_backbone), for the model card's base_model.
+    backbone_name_or_path: str | None = None
     # Frames sampled per video (even, as Qwen2-VL packs frames in pairs).
     video_max_frames: int = 8
 

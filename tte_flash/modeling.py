@@ -113,6 +113,7 @@ class TTEFlashModel(Qwen2VLForConditionalGeneration):
         think_ids, emb_id = add_tte_tokens(tokenizer, max_think_tokens)
         config_dict = {k: v for k, v in config_dict.items() if k not in ("model_type", "architectures")}
         tte_fields.setdefault("default_think_tokens", min(16, max_think_tokens))
+        tte_fields.setdefault("backbone_name_or_path", path)
         config = TTEFlashConfig(**config_dict, max_think_tokens=max_think_tokens, think_token_ids=think_ids,
                                 emb_token_id=emb_id, **tte_fields)
         model = super().from_pretrained(path, config=config, **kwargs)
@@ -150,12 +151,37 @@ class TTEFlashModel(Qwen2VLForConditionalGeneration):
         model.processor = TTEProcessor(tokenizer, model._image_processor(), model.config)
         return model
 
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        """Save weights (safetensors), config, tokenizer and image processor to ``save_directory``."""
+    def save_pretrained(self, save_directory, *args, model_card: bool = True, **kwargs):
+        """Save weights (safetensors), config, tokenizer, image processor and a model card (README.md,
+        from the config and any result files in the directory; see ``tte_flash.card``)."""
         super().save_pretrained(save_directory, *args, **kwargs)
         if self.processor is not None:
             self.processor.tokenizer.save_pretrained(save_directory)
             self.processor.image_processor.save_pretrained(save_directory)
+        if model_card and kwargs.get("is_main_process", True):
+            from .card import write_model_card
+            write_model_card(save_directory, self.config)
+
+    def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | None = None,
+                    commit_message: str = "Upload TTE-Flash model", results_dir=None, **kwargs):
+        """Save (weights, processor, model card) and upload to the Hub. transformers' own push_to_hub
+        would replace the generated card with a generic one, hence this override.
+        ``results_dir``: a run directory whose result files (``tte_flash.card.RESULT_FILES``) go into the card."""
+        import shutil
+        import tempfile
+
+        from huggingface_hub import HfApi
+
+        from .card import RESULT_FILES, write_model_card
+        api = HfApi(token=token)
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory() as tmp:
+            for name in RESULT_FILES.values():
+                if results_dir is not None and (Path(results_dir) / name).is_file():
+                    shutil.copy(Path(results_dir) / name, Path(tmp) / name)
+            self.save_pretrained(tmp, model_card=False)
+            write_model_card(tmp, self.config, model_id=repo_id, force=True)
+            return api.upload_folder(repo_id=repo_id, folder_path=tmp, commit_message=commit_message, **kwargs)
 
     def _image_processor(self):
         return make_image_processor(self.config.image_min_pixels, self.config.image_max_pixels)

@@ -1,0 +1,80 @@
+"""Model cards: metadata parses with huggingface_hub, the snippet runs, push_to_hub uploads the card."""
+import json
+import re
+
+import numpy as np
+from huggingface_hub import ModelCard
+
+from tte_flash import TTEFlashModel
+from tte_flash.card import CARD_MARKER, write_model_card
+
+EVAL = {"runs": [{"dataset": "synthetic-grid", "mode": "latent", "think_tokens": 16,
+                  "metrics": {"hit@1": 0.41, "ndcg@5": 0.62}, "shortcut_best": {"hit@1": 0.14}},
+                 {"dataset": "synthetic-grid", "mode": "latent", "think_tokens": 0,
+                  "metrics": {"hit@1": 0.30, "ndcg@5": 0.55}}]}
+
+
+def test_card_metadata_and_model_index(tiny_model, tmp_path):
+    (tmp_path / "eval_results.json").write_text(json.dumps(EVAL))
+    tiny_model.save_pretrained(tmp_path)
+    card = ModelCard.load(tmp_path / "README.md")
+    data = card.data.to_dict()
+    assert data["library_name"] == "tte-flash" and data["pipeline_tag"] == "feature-extraction"
+    assert {"tte-flash", "multimodal-embedding"} <= set(data["tags"]) and data["license"] == "apache-2.0"
+    results = card.data.eval_results
+    assert len(results) == 4 and {r.metric_type for r in results} == {"hit@1", "ndcg@5"}
+    assert any(r.metric_value == 0.41 for r in results)
+    assert "| synthetic-grid | latent | 16 | hit@1 | 0.4100 | 0.1400 |" in card.text
+    assert CARD_MARKER in card.content
+
+
+def test_document_retrieval_card_and_base_model(tiny_model, tmp_path):
+    tiny_model.config.backbone_name_or_path = "Qwen/Qwen2-VL-2B-Instruct"
+    try:
+        path = write_model_card(tmp_path, tiny_model.config, eval_results={"runs": [
+            {"dataset": "vidore", "metrics": {"ndcg@5": 0.5}, "think_tokens": 16}]})
+    finally:
+        tiny_model.config.backbone_name_or_path = None
+    data = ModelCard.load(path).data.to_dict()
+    assert data["pipeline_tag"] == "visual-document-retrieval"
+    assert data["base_model"] == "Qwen/Qwen2-VL-2B-Instruct"
+
+
+def test_saved_model_reloads_from_the_cards_own_snippet(tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path)
+    text = (tmp_path / "README.md").read_text()
+    snippet = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    namespace = {}
+    exec(compile(snippet, "README.md", "exec"), namespace)  # noqa: S102 - the card's own snippet
+    assert isinstance(namespace["model"], TTEFlashModel)
+    np.testing.assert_array_equal(namespace["d"], tiny_model.encode_document(["a red car", "a bus"]))
+
+
+def test_user_written_readme_is_kept(tiny_model, tmp_path):
+    (tmp_path / "README.md").write_text("# my own card\n")
+    tiny_model.save_pretrained(tmp_path)
+    assert (tmp_path / "README.md").read_text() == "# my own card\n"
+
+
+def test_push_to_hub_uploads_generated_card(tiny_model, tmp_path, monkeypatch):
+    uploaded = {}
+
+    class FakeApi:
+        def __init__(self, token=None):
+            pass
+
+        def create_repo(self, repo_id, private=None, exist_ok=False):
+            return type("Repo", (), {"repo_id": repo_id})()
+
+        def upload_folder(self, repo_id, folder_path, commit_message, **kwargs):
+            from pathlib import Path
+            uploaded.update({p.name: p.read_bytes() for p in Path(folder_path).iterdir()})
+            return "ok"
+
+    monkeypatch.setattr("huggingface_hub.HfApi", FakeApi)
+    (tmp_path / "eval_results.json").write_text(json.dumps(EVAL))
+    assert tiny_model.push_to_hub("me/tte-tiny", results_dir=tmp_path) == "ok"
+    assert {"model.safetensors", "config.json", "README.md", "eval_results.json"} <= set(uploaded)
+    assert not any(name.endswith((".bin", ".pkl", ".pt")) for name in uploaded)
+    card = uploaded["README.md"].decode()
+    assert 'from_pretrained("me/tte-tiny")' in card and "hit@1" in card
