@@ -1,15 +1,21 @@
 """The ``tte-flash`` command (also ``python -m tte_flash``).
 
-``tte-flash quickstart``: on the embedded ``tiny`` preset (random weights, offline, CPU), embed
-text+image queries with 16 think tokens, rank documents with ``similarity``, save and reload the
-model, check the reloaded model gives the same vectors, and decode what the think tokens say.
+* ``quickstart``: on the embedded ``tiny`` preset (random weights, offline, CPU), embed text+image
+  queries with 16 think tokens, rank documents, save and reload, decode what the think tokens say.
+* ``encode``: embed texts / image paths / a JSONL of input dicts into a ``.npy`` file.
+* ``explain``: per think token, the vocabulary it decodes to, the decoded CoT, attention heatmaps.
+* ``evaluate``: MMEB-style Hit@1 / NDCG@5 (``python -m tte_flash.evaluate``).
+* ``card``: regenerate a run's model card (README.md) from its saved config and result files.
+* ``demo``: train the tiny model on synthetic reasoning data, evaluate, explain (``tte_flash.demo``).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -57,6 +63,80 @@ def quickstart(args) -> int:
     return 0 if same else 1
 
 
+def load_model(name: str):
+    from tte_flash import TTEFlashModel
+    from tte_flash.modeling import available_presets
+    return TTEFlashModel.from_preset(name) if name in available_presets() else TTEFlashModel.from_pretrained(name)
+
+
+def read_inputs(values: list[str], input_file: str | None) -> list:
+    items = list(values)
+    if input_file:
+        with open(input_file, encoding="utf-8") as handle:
+            for number, line in enumerate(handle, 1):
+                if line.strip():
+                    try:
+                        items.append(json.loads(line))
+                    except json.JSONDecodeError as err:
+                        raise ValueError(f"{input_file}:{number}: not JSON ({err.msg})") from None
+    if not items:
+        raise ValueError("nothing to encode: pass texts / image paths, or --input_file FILE.jsonl")
+    return items
+
+
+def encode(args) -> int:
+    model = load_model(args.model)
+    items = read_inputs(args.inputs, args.input_file)
+    role = model.encode_query if args.role == "query" else model.encode_document
+    kwargs = {"think_tokens": args.think_tokens} if args.think_tokens is not None else {}
+    vectors = role(items, batch_size=args.batch_size, show_progress_bar=True, **kwargs)
+    np.save(args.output, vectors)
+    print(f"wrote {vectors.shape[0]} x {vectors.shape[1]} {args.role} embeddings to {args.output}")
+    return 0
+
+
+def explain_command(args) -> int:
+    model = load_model(args.model)
+    item = {"text": args.text} if args.text else {}
+    if args.image:
+        item["image"] = args.image
+    result = model.explain(item, think_tokens=args.think_tokens, top_k=args.top_k, heatmap_dir=args.heatmap_dir,
+                           max_new_tokens=args.max_new_tokens)
+    for i, reading in enumerate(result.top_tokens):
+        print(f"think {i:2d}: " + "  ".join(f"{tok!r} {p:.3f}" for tok, p in reading))
+    print("<emb>   : " + "  ".join(f"{tok!r} {p:.3f}" for tok, p in result.emb_top_tokens))
+    print(f"decoded CoT: {result.cot!r}")
+    for path in result.heatmaps:
+        print(f"heatmap: {path}")
+    return 0
+
+
+def card_command(args) -> int:
+    from transformers import PreTrainedConfig
+
+    from tte_flash import TTEFlashConfig
+    from tte_flash.card import write_model_card
+    if not (Path(args.run_dir) / "config.json").is_file():
+        raise FileNotFoundError(f"no config.json in {args.run_dir}: not a saved model directory")
+    config_dict, _ = PreTrainedConfig.get_config_dict(args.run_dir)
+    if config_dict.get("model_type") != "tte_flash":
+        raise ValueError(f"{args.run_dir} holds a {config_dict.get('model_type')!r} model, not TTE-Flash")
+    config = TTEFlashConfig.from_pretrained(args.run_dir)
+    path = write_model_card(args.run_dir, config, model_id=args.model_id, force=True)
+    print(f"wrote {path}")
+    return 0
+
+
+def evaluate_command(args) -> int:
+    from tte_flash.evaluate import main as evaluate_main
+    return evaluate_main(args.rest)
+
+
+def demo_command(args) -> int:
+    from tte_flash.demo import main as demo_main
+    return demo_main(args.rest)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="tte-flash", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -65,8 +145,44 @@ def main(argv=None) -> int:
     qs.add_argument("--think-tokens", "--think_tokens", type=int, default=16)
     qs.add_argument("--output-dir", "--output_dir", default=None, help="keep the saved model here")
     qs.set_defaults(func=quickstart)
+
+    enc = commands.add_parser("encode", help="embed inputs into a .npy file")
+    enc.add_argument("inputs", nargs="*", help="texts or image/video paths")
+    enc.add_argument("--input_file", "--input-file", help="JSONL: one input per line (a string or a dict with "
+                                                           "text/image/video/instruction)")
+    enc.add_argument("--model", default="tiny", help="a checkpoint directory, Hub id or preset")
+    enc.add_argument("--role", choices=("query", "document"), default="query")
+    enc.add_argument("--think_tokens", "--think-tokens", type=int, default=None)
+    enc.add_argument("--batch_size", "--batch-size", type=int, default=32)
+    enc.add_argument("--output", default="embeddings.npy")
+    enc.set_defaults(func=encode)
+
+    exp = commands.add_parser("explain", help="what the think tokens decode to, and where they look")
+    exp.add_argument("--model", default="tiny")
+    exp.add_argument("--text", default="")
+    exp.add_argument("--image", default=None)
+    exp.add_argument("--think_tokens", "--think-tokens", type=int, default=None)
+    exp.add_argument("--top_k", "--top-k", type=int, default=5)
+    exp.add_argument("--max_new_tokens", "--max-new-tokens", type=int, default=64)
+    exp.add_argument("--heatmap_dir", "--heatmap-dir", default=None, help="write attention heatmaps (PNG) here")
+    exp.set_defaults(func=explain_command)
+
+    card = commands.add_parser("card", help="regenerate a run's model card from its config and results")
+    card.add_argument("run_dir")
+    card.add_argument("--model_id", "--model-id", default=None, help="Hub id to show in the usage snippet")
+    card.set_defaults(func=card_command)
+
+    for name, func, text in (("evaluate", evaluate_command, "Hit@1 / NDCG@5 on MMEB-eval rows"),
+                             ("demo", demo_command, "train, evaluate and explain the tiny model on synthetic data")):
+        sub = commands.add_parser(name, help=text, add_help=False)
+        sub.add_argument("rest", nargs=argparse.REMAINDER)
+        sub.set_defaults(func=func)
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, ImportError) as err:  # clear message, no stack trace
+        print(f"tte-flash {args.command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
