@@ -1,0 +1,217 @@
+"""Joint CoT-reconstruction + contrastive training of a TTE-Flash model (DESIGN.md §5).
+
+The machinery behind ``training/train.py`` (and ``tte-flash demo``): argument dataclasses, the
+dataset, the ``Trainer`` subclass and ``main``.
+
+    python training/train.py --model tiny --train_data data/train.jsonl --image_root data \\
+        --output_dir runs/tiny --think_tokens 16 --cot_weight 1.0 --max_steps 500 \\
+        --per_device_train_batch_size 32 --learning_rate 1e-3
+    python training/train.py training/configs/tiny.yaml [--overrides ...]     # a recipe
+    torchrun --nproc_per_node 8 training/train.py training/configs/qwen2-vl-2b.yaml ...
+
+Arguments are Hugging Face dataclasses (``--output_dir`` and ``--output-dir`` both work); a YAML file
+as the first argument (or ``--config FILE``) sets defaults that command-line flags override.
+A ``transformers.Trainer`` subclass runs the loop, so DDP/FSDP/DeepSpeed (torchrun / accelerate
+launch), checkpoints, ``--resume_from_checkpoint``, logging and progress bars come with it.
+Each step is one packed forward over queries ``[query][think][emb][cot]`` and their targets.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+from transformers import HfArgumentParser, Trainer, TrainingArguments
+
+from .collator import TrainCollator
+from .data import TRAIN_COLUMNS, load_rows, train_example
+from .modeling import TTEFlashModel, available_presets
+from .objective import Objective
+
+logger = logging.getLogger("tte_flash.train")
+
+
+@dataclass
+class ModelArguments:
+    model: str = field(default="tiny", metadata={"help": "a preset (tiny, qwen2-vl-2b), a TTE-Flash checkpoint "
+                                                         "or a Qwen2-VL backbone directory"})
+    max_think_tokens: int = field(default=32, metadata={"help": "think tokens to add (presets and backbones only)"})
+    think_bidirectional: bool = field(default=False, metadata={"help": "think tokens attend both ways"})
+    cot_sees_query: bool = field(default=True, metadata={"help": "COT tokens attend to the query"})
+    embedding_layer: int = field(default=-1, metadata={"help": "-1 final layer, -k k-th layer from the end"})
+    attn_backend: str | None = field(default=None, metadata={"help": "reference | triton (default: by device)"})
+    freeze_vision: bool = field(default=False, metadata={"help": "do not train the vision tower"})
+    lora: bool = field(default=False, metadata={"help": "train LoRA adapters (peft) + the new token rows"})
+    lora_r: int = 16
+    lora_alpha: int = 64
+    lora_dropout: float = 0.05
+
+
+@dataclass
+class DataArguments:
+    train_data: list[str] = field(default_factory=list, metadata={"help": "JSONL/Parquet files, MMEB-train columns"})
+    image_root: str | None = field(default=None, metadata={"help": "root that image paths are relative to"})
+    think_tokens: list[int] = field(default_factory=lambda: [16],
+                                    metadata={"help": "think budgets; one is sampled per batch"})
+    cot_weight: float = field(default=1.0, metadata={"help": "weight of the COT NLL; 0 disables the COT branch"})
+    max_cot_tokens: int = field(default=256, metadata={"help": "traces are truncated to this many tokens"})
+    hard_negatives: bool = field(default=True, metadata={"help": "use neg_text/neg_image_path as extra targets"})
+    mask_duplicate_targets: bool = field(default=True, metadata={"help": "equal targets are not negatives"})
+    temperature: float | None = field(default=None, metadata={"help": "InfoNCE temperature (default: config's)"})
+    grad_cache: bool = field(default=False, metadata={"help": "gradient-cache mode: large contrastive batches "
+                                                              "in chunks on one device"})
+    grad_cache_chunk_size: int = field(default=8, metadata={"help": "examples per chunk in grad-cache mode"})
+    packed: bool | None = field(default=None, metadata={"help": "padding-free packing (default: on for triton)"})
+
+
+class RowDataset(torch.utils.data.Dataset):
+    def __init__(self, paths, image_root):
+        if not paths:
+            raise ValueError("no training data: pass --train_data FILE [FILE ...] (JSONL or Parquet)")
+        self.rows = [row for path in paths for row in load_rows(path, TRAIN_COLUMNS)]
+        self.image_root = image_root
+        train_example(self.rows[0], image_root)  # fail early on a bad first row / missing image root
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, index):
+        return train_example(self.rows[index], self.image_root)
+
+
+class TTETrainer(Trainer):
+    """Trainer whose loss is InfoNCE + cot_weight * COT NLL on one packed forward per batch."""
+
+    def __init__(self, *args, objective: Objective, grad_cache_chunk_size: int | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.objective, self.grad_cache_chunk_size = objective, grad_cache_chunk_size
+        self.model_accepts_loss_kwargs = False  # our loss is a per-batch mean: Trainer scales it for GA
+        self._tte_logs: dict[str, list[float]] = {}
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, stats = self.objective.loss(model, inputs["train_batch"])
+        self._record(stats)
+        return (loss, stats) if return_outputs else loss
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if not self.grad_cache_chunk_size:
+            return super().training_step(model, inputs, num_items_in_batch)
+        model.train()
+        scale = 1.0 / getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+        with self.compute_loss_context_manager():
+            loss, stats = self.objective.grad_cache_backward(
+                model, inputs["train_batch"], self.grad_cache_chunk_size, backward=self.accelerator.backward,
+                no_sync=lambda: self.accelerator.no_sync(model), scale=scale)
+        self._record(stats)
+        return loss * scale
+
+    # -- logging ------------------------------------------------------------------------------
+    def _record(self, stats):
+        for name, value in stats.items():
+            self._tte_logs.setdefault(name, []).append(float(value))
+
+    def log(self, logs, *args, **kwargs):
+        for name, values in self._tte_logs.items():
+            if values:
+                logs[name] = round(sum(values) / len(values), 4)
+        self._tte_logs = {}
+        super().log(logs, *args, **kwargs)
+
+
+def build_model(args: ModelArguments) -> TTEFlashModel:
+    tte = {"think_bidirectional": args.think_bidirectional, "cot_sees_query": args.cot_sees_query,
+           "embedding_layer": args.embedding_layer, "attn_backend": args.attn_backend}
+    if args.model in available_presets():
+        return TTEFlashModel.from_preset(args.model, max_think_tokens=args.max_think_tokens, **tte)
+    config_path = Path(args.model) / "config.json"
+    if config_path.is_file() and json.loads(config_path.read_text()).get("model_type") == "qwen2_vl":
+        return TTEFlashModel.from_backbone(args.model, max_think_tokens=args.max_think_tokens, **tte)
+    model = TTEFlashModel.from_pretrained(args.model)
+    for name, value in tte.items():  # a checkpoint keeps its own settings unless asked otherwise
+        setattr(model.config, name, value)
+    model.config.check_tte_fields()
+    return model
+
+
+def apply_lora(model, args: ModelArguments):
+    from peft import LoraConfig, get_peft_model
+    targets = r".*language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
+    new_tokens = list(model.config.think_token_ids) + [model.config.emb_token_id]
+    config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                        target_modules=targets, trainable_token_indices={"embed_tokens": new_tokens})
+    return get_peft_model(model, config)
+
+
+def parse_args(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+    config_file = None
+    if argv and argv[0].endswith((".yaml", ".yml")):
+        config_file = argv.pop(0)
+    elif "--config" in argv:
+        i = argv.index("--config")
+        config_file = argv[i + 1]
+        del argv[i:i + 2]
+    defaults = {"report_to": "none", "remove_unused_columns": False, "logging_steps": 10, "save_strategy": "steps",
+                "save_steps": 500, "dataloader_num_workers": 0, "output_dir": "runs/tte-flash"}
+    if config_file:
+        if not Path(config_file).is_file():
+            raise FileNotFoundError(f"config file not found: {config_file}")
+        defaults.update(yaml.safe_load(Path(config_file).read_text()) or {})
+    known = {f for dc in (ModelArguments, DataArguments, TrainingArguments) for f in dc.__dataclass_fields__}
+    unknown = sorted(set(defaults) - known)
+    if unknown:
+        raise ValueError(f"unknown keys in {config_file}: {unknown}")
+    parser.set_defaults(**defaults)
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    training_args.remove_unused_columns = False
+    return model_args, data_args, training_args
+
+
+def main(argv=None):
+    model_args, data_args, training_args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO if training_args.process_index == 0 else logging.WARNING,
+                        format="%(asctime)s %(name)s: %(message)s")
+    torch.manual_seed(training_args.seed)
+    model = build_model(model_args)
+    if model_args.freeze_vision:
+        model.model.visual.requires_grad_(False)
+    processor = model.processor
+    temperature = data_args.temperature or model.config.contrastive_temperature
+    model.config.contrastive_temperature = temperature
+    device_type = "cuda" if torch.cuda.is_available() and not training_args.use_cpu else "cpu"
+    from .attention import resolve_backend
+    packed = data_args.packed if data_args.packed is not None else \
+        resolve_backend(model.config.attn_backend, torch.device(device_type)) == "triton"
+    collator = TrainCollator(processor, think_budgets=data_args.think_tokens, use_cot=data_args.cot_weight > 0,
+                             max_cot_tokens=data_args.max_cot_tokens, hard_negatives=data_args.hard_negatives,
+                             packed=packed, seed=training_args.seed)
+    dataset = RowDataset(data_args.train_data, data_args.image_root)
+    if model_args.lora:
+        model = apply_lora(model, model_args)
+    objective = Objective(temperature=temperature, cot_weight=data_args.cot_weight,
+                          mask_duplicate_targets=data_args.mask_duplicate_targets)
+    trainer = TTETrainer(model=model, args=training_args, train_dataset=dataset, data_collator=collator,
+                         objective=objective,
+                         grad_cache_chunk_size=data_args.grad_cache_chunk_size if data_args.grad_cache else None)
+    logger.info("training %s on %d rows; think budgets %s; cot_weight %s; %s batches; grad_cache=%s",
+                model_args.model, len(dataset), data_args.think_tokens, data_args.cot_weight,
+                "packed" if packed else "padded", data_args.grad_cache)
+    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    final = trainer.model
+    if model_args.lora:
+        final = final.merge_and_unload()
+    if trainer.is_world_process_zero():
+        final.save_pretrained(training_args.output_dir)
+        summary = {"model": model_args.model, "think_budgets": data_args.think_tokens,
+                   "cot_weight": data_args.cot_weight, "train_rows": len(dataset), **result.metrics,
+                   "log_history": trainer.state.log_history}
+        Path(training_args.output_dir, "train_summary.json").write_text(json.dumps(summary, indent=2))
+        logger.info("saved the trained model to %s", training_args.output_dir)
+    return trainer
+
