@@ -1,0 +1,281 @@
+"""Tests of the fused Triton TTE attention kernel (``tte_flash.kernels.tte_attention``).
+
+Without CUDA the kernels run under the Triton interpreter: ``TRITON_INTERPRET=1`` is set below,
+before ``tte_flash.kernels`` is imported, because Triton reads it when the kernels are decorated.
+(Run this file alone, or make sure nothing imports ``tte_flash.kernels`` earlier in the session.)
+The oracle is an explicit float64 softmax on :func:`tte_flash.mask.dense_mask`, independent of the
+kernel's bound arrays and tile classification. Sizes are small (T <= ~100, D 16/32) to stay fast.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import importlib  # noqa: E402
+import importlib.util  # noqa: E402
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+from tte_flash.attention import reference_attention  # noqa: E402
+from tte_flash.kernels import tte_attention  # noqa: E402
+from tte_flash.mask import COT, EMB, QUERY, THINK, dense_mask  # noqa: E402
+
+# the module (its name is shadowed by the function in tte_flash.kernels): internal launchers and bounds
+kernel_module = importlib.import_module("tte_flash.kernels.tte_attention")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# (dtype, atol, rtol) for the output and the three gradients against the float64 oracle
+TOLERANCES = {torch.float32: (2e-4, 2e-4), torch.bfloat16: (3e-2, 3e-2), torch.float64: (1e-9, 1e-9)}
+
+
+def build_layout(samples):
+    """seq_ids (int32) and token_types (uint8) for samples given as (query, think, emb, cot) lengths."""
+    seq_ids, token_types = [], []
+    for sample, lengths in enumerate(samples):
+        for token_type, count in zip((QUERY, THINK, EMB, COT), lengths):
+            seq_ids += [sample] * count
+            token_types += [token_type] * count
+    return (torch.tensor(seq_ids, dtype=torch.int32, device=DEVICE),
+            torch.tensor(token_types, dtype=torch.uint8, device=DEVICE))
+
+
+def oracle_attention(q, k, v, seq_ids, token_types, *, think_bidirectional, cot_sees_query, scale=None):
+    """Explicit float64 softmax attention on the dense mask: (T, Hq, D)."""
+    q, k, v = q.double(), k.double(), v.double()
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)  # (T, Hq, D)
+    mask = dense_mask(seq_ids, token_types, think_bidirectional=think_bidirectional,
+                      cot_sees_query=cot_sees_query)  # (T, T)
+    scores = torch.einsum("ihd,jhd->hij", q, k) * (scale or q.shape[-1] ** -0.5)
+    probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)  # (Hq, T, T)
+    return torch.einsum("hij,jhd->ihd", probs, v)
+
+
+def random_qkv(tokens, q_heads, kv_heads, head_dim, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(tokens, heads, head_dim, generator=gen).to(DEVICE, dtype).requires_grad_()
+            for heads in (q_heads, kv_heads, kv_heads)]
+
+
+def assert_matches_oracle(samples, q_heads, kv_heads, head_dim, dtype, *, think_bidirectional, cot_sees_query,
+                          seed=0, attention=tte_attention):
+    seq_ids, token_types = build_layout(samples)
+    q, k, v = random_qkv(len(seq_ids), q_heads, kv_heads, head_dim, dtype, seed)
+    options = dict(think_bidirectional=think_bidirectional, cot_sees_query=cot_sees_query)
+    out = attention(q, k, v, seq_ids, token_types, **options)
+    expected = oracle_attention(q, k, v, seq_ids, token_types, **options)
+    d_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1)).to(DEVICE)
+    grads = torch.autograd.grad(out, (q, k, v), d_out.to(dtype))
+    expected_grads = torch.autograd.grad(expected, (q, k, v), d_out.double())
+    atol, rtol = TOLERANCES[dtype]
+    assert out.dtype == dtype and out.shape == q.shape
+    for name, got, want in zip(("out", "dq", "dk", "dv"), (out, *grads), (expected, *expected_grads)):
+        torch.testing.assert_close(got.double(), want.double(), atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
+
+
+@st.composite
+def packings(draw, max_samples=6):
+    """1-6 samples of (query, think, emb, cot) lengths, ~100 tokens at most."""
+    samples = []
+    for _ in range(draw(st.integers(1, max_samples))):
+        lengths = (draw(st.integers(0, 20)), draw(st.sampled_from([0, 0, 1, 3, 7, 16])), draw(st.integers(0, 1)),
+                   draw(st.sampled_from([0, 0, 1, 5, 12, 19])))
+        samples.append(lengths if sum(lengths) else (1, 0, 0, 0))
+    return samples
+
+
+@pytest.mark.slow
+@settings(max_examples=15, deadline=None)
+@given(samples=packings(), heads=st.sampled_from([(1, 1), (2, 2), (2, 1), (4, 2), (6, 1)]),
+       head_dim=st.sampled_from([16, 32]), think_bidirectional=st.booleans(), cot_sees_query=st.booleans())
+def test_matches_oracle_fp32(samples, heads, head_dim, think_bidirectional, cot_sees_query):
+    assert_matches_oracle(samples, *heads, head_dim, torch.float32, think_bidirectional=think_bidirectional,
+                          cot_sees_query=cot_sees_query)
+
+
+@pytest.mark.parametrize("think_bidirectional, cot_sees_query", [(False, True), (True, False)])
+def test_training_layout_gqa6_fp32(think_bidirectional, cot_sees_query):
+    """Qwen2-VL-2B-like group of 6 on a TTE training layout with a sample crossing tile boundaries."""
+    samples = [(13, 4, 1, 9), (2, 0, 1, 0), (20, 16, 1, 6)]
+    assert_matches_oracle(samples, 6, 1, 32, torch.float32, think_bidirectional=think_bidirectional,
+                          cot_sees_query=cot_sees_query)
+
+
+def test_bf16():
+    assert_matches_oracle([(19, 3, 1, 11), (5, 16, 1, 0)], 2, 1, 32, torch.bfloat16, think_bidirectional=True,
+                          cot_sees_query=True)
+
+
+def test_head_dim_not_power_of_two():
+    assert_matches_oracle([(9, 2, 1, 7), (12, 0, 1, 3)], 2, 1, 24, torch.float32, think_bidirectional=False,
+                          cot_sees_query=False)
+
+
+@pytest.mark.parametrize("blocks", [{"BLOCK_M": 32, "BLOCK_N": 16}, {"BLOCK_M": 16, "BLOCK_N": 32}])
+def test_unequal_blocks(blocks):
+    """CUDA configs use BLOCK_M != BLOCK_N: run the launchers with such blocks directly."""
+    def attention(q, k, v, seq_ids, token_types, **options):
+        return _launch_with_blocks(q, k, v, seq_ids, token_types, blocks, **options)
+    assert_matches_oracle([(17, 5, 1, 20), (3, 0, 0, 0), (20, 3, 1, 6)], 4, 2, 16, torch.float32,
+                          think_bidirectional=True, cot_sees_query=False, attention=attention)
+
+
+def _launch_with_blocks(q, k, v, seq_ids, token_types, blocks, *, think_bidirectional, cot_sees_query):
+    """The autograd wrapper with fixed block sizes (the public API picks blocks itself)."""
+    options = dict(think_bidirectional=think_bidirectional, cot_sees_query=cot_sees_query,
+                   scale=q.shape[-1] ** -0.5)
+
+    class Attention(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q, k, v):
+            bounds = kernel_module._layout_bounds(seq_ids, token_types, think_bidirectional=think_bidirectional,
+                                                  cot_sees_query=cot_sees_query)
+            out, lse = kernel_module._attention_forward(q, k, v, seq_ids, token_types, bounds, blocks=blocks,
+                                                        **options)
+            ctx.save_for_backward(q, k, v, out, lse, *bounds)
+            return out
+
+        @staticmethod
+        def backward(ctx, d_out):
+            q, k, v, out, lse, *bounds = ctx.saved_tensors
+            return kernel_module._attention_backward(d_out.contiguous(), q, k, v, out, lse, seq_ids, token_types,
+                                                     bounds, blocks=blocks, **options)
+
+    return Attention.apply(q, k, v)
+
+
+def test_matches_reference_attention_and_lse():
+    """Agrees with the package's SDPA reference; the returned LSE is the masked logsumexp."""
+    seq_ids, token_types = build_layout([(13, 4, 1, 8), (6, 0, 1, 2)])
+    q, k, v = random_qkv(len(seq_ids), 4, 2, 16, torch.float32)
+    options = dict(think_bidirectional=True, cot_sees_query=False, scale=0.3)
+    out, lse = tte_attention(q, k, v, seq_ids, token_types, return_lse=True, **options)
+    torch.testing.assert_close(out, reference_attention(q, k, v, seq_ids, token_types, **options),
+                               atol=1e-5, rtol=1e-5)
+    mask = dense_mask(seq_ids, token_types, think_bidirectional=True, cot_sees_query=False)
+    scores = torch.einsum("ihd,jhd->hij", q.double(), k.double().repeat_interleave(2, 1)) * 0.3
+    expected_lse = scores.masked_fill(~mask, float("-inf")).logsumexp(-1)  # (Hq, T)
+    assert lse.shape == (4, len(seq_ids)) and not lse.requires_grad
+    torch.testing.assert_close(lse.double(), expected_lse, atol=1e-5, rtol=1e-5)
+
+
+def test_gradcheck_fp64():
+    seq_ids, token_types = build_layout([(5, 3, 1, 6), (2, 0, 1, 0), (12, 2, 1, 4)])
+    q, k, v = random_qkv(len(seq_ids), 2, 1, 16, torch.float64)
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: tte_attention(q, k, v, seq_ids, token_types, think_bidirectional=True,
+                                      cot_sees_query=False),
+        (q, k, v), fast_mode=True, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("blocks", [None, {"BLOCK_M": 32, "BLOCK_N": 16}])
+def test_every_output_element_written(blocks):
+    """Output and gradient buffers pre-filled with NaN come back finite: every element is written."""
+    samples = [(1, 0, 0, 0)] * 5 + [(2, 1, 1, 3), (17, 16, 1, 1), (0, 2, 1, 0), (1, 0, 0, 0), (9, 0, 1, 14)]
+    seq_ids, token_types = build_layout(samples)
+    q, k, v = (x.detach() for x in random_qkv(len(seq_ids), 6, 2, 24, torch.float32))
+    options = dict(think_bidirectional=True, cot_sees_query=False, scale=24 ** -0.5)
+    bounds = kernel_module._layout_bounds(seq_ids, token_types, think_bidirectional=True, cot_sees_query=False)
+    poisoned = [torch.full_like(x, float("nan")) for x in (q, q, k, v)]
+    out, lse = kernel_module._attention_forward(q, k, v, seq_ids, token_types, bounds, out=poisoned[0],
+                                                blocks=blocks, **options)
+    grads = kernel_module._attention_backward(torch.randn_like(out), q, k, v, out, lse, seq_ids, token_types,
+                                              bounds, grads=poisoned[1:], blocks=blocks, **options)
+    for tensor in (out, lse, *grads):
+        assert torch.isfinite(tensor).all()
+    assert out.data_ptr() == poisoned[0].data_ptr()
+
+
+@settings(max_examples=25, deadline=None)
+@given(samples=packings(max_samples=8), think_bidirectional=st.booleans(), cot_sees_query=st.booleans(),
+       block=st.sampled_from([16, 32]))
+def test_bounds_are_tight_and_tiles_visited_are_useful(samples, think_bidirectional, cot_sees_query, block):
+    """Bounds contain every visible pair, their ends are visible, and every tile a program visits holds
+    at least one visible pair: the work scales with visible pairs, not with T^2."""
+    seq_ids, token_types = build_layout(samples)
+    tokens = len(seq_ids)
+    mask = dense_mask(seq_ids, token_types, think_bidirectional=think_bidirectional, cot_sees_query=cot_sees_query)
+    kv_lo, kv_hi, q_lo, q_hi = (x.long() for x in kernel_module._layout_bounds(
+        seq_ids, token_types, think_bidirectional=think_bidirectional, cot_sees_query=cot_sees_query))
+    index = torch.arange(tokens, device=mask.device)
+    inside_kv = (index[None, :] >= kv_lo[:, None]) & (index[None, :] < kv_hi[:, None])
+    inside_q = (index[:, None] >= q_lo[None, :]) & (index[:, None] < q_hi[None, :])
+    assert not (mask & ~inside_kv).any() and not (mask & ~inside_q).any()
+    assert mask[index, kv_lo].all() and mask[index, kv_hi - 1].all()
+    assert mask[q_lo, index].all() and mask[q_hi - 1, index].all()
+    for start in range(0, tokens, block):  # the tiles the kernels loop over, both directions
+        rows = slice(start, start + block)
+        for n0 in range(int(kv_lo[rows].min()) // block * block, int(kv_hi[rows].max()), block):
+            assert mask[rows, n0:n0 + block].any()
+        for m0 in range(int(q_lo[rows].min()) // block * block, int(q_hi[rows].max()), block):
+            assert mask[m0:m0 + block, rows].any()
+
+
+def test_empty_input():
+    q, k, v = random_qkv(0, 2, 1, 16, torch.float32)
+    seq_ids, token_types = build_layout([])
+    out = tte_attention(q, k, v, seq_ids, token_types)
+    assert out.shape == (0, 2, 16)
+    out.sum().backward()
+    assert k.grad.shape == k.shape
+
+
+def _inputs(tokens=6, q_heads=2, kv_heads=1, head_dim=16, dtype=torch.float32, **changes):
+    """Valid inputs (one 6-token sample) with some tensors swapped for bad ones."""
+    q, k, v = (x.detach() for x in random_qkv(tokens, q_heads, kv_heads, head_dim, dtype))
+    seq_ids, token_types = build_layout([(3, 1, 1, 1)])
+    return {**dict(q=q, k=k, v=v, seq_ids=seq_ids, token_types=token_types), **changes}
+
+
+def _tensor(values, dtype):
+    return torch.tensor(values, dtype=dtype, device=DEVICE)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (lambda: _inputs(q=_inputs()["q"].long()), "dtype"),
+    (lambda: _inputs(k=_inputs(dtype=torch.float64)["k"]), "dtype"),
+    (lambda: _inputs(q=_inputs()["q"][0]), "3-D"),
+    (lambda: _inputs(q_heads=3, kv_heads=2), "multiple"),
+    (lambda: _inputs(v=_inputs(head_dim=32)["v"]), "same shape"),
+    (lambda: _inputs(q=_inputs(tokens=7)["q"]), "tokens"),
+    (lambda: _inputs(tokens=7, q_heads=2), "seq_ids must have shape"),
+    (lambda: _inputs(seq_ids=_tensor([0, 0, 1, 1, 0, 2], torch.int32)), "non-decreasing"),
+    (lambda: _inputs(token_types=_tensor([0, 0, 4, 1, 2, 3], torch.uint8)), r"in \["),
+    (lambda: _inputs(token_types=_tensor([0, 1, 0, 1, 2, 3], torch.uint8)), "within a sample"),
+    (lambda: _inputs(token_types=_tensor([0, 1, 1, 2, 3], torch.uint8)), "equal length"),
+    (lambda: _inputs(seq_ids=torch.zeros(6, device=DEVICE)), "integer"),
+    (lambda: _inputs(head_dim=512), "head_dim"),
+])
+def test_bad_inputs_raise(bad, message):
+    with pytest.raises(ValueError, match=message):
+        tte_attention(**bad())
+
+
+def test_cpu_without_interpreter_raises(monkeypatch):
+    monkeypatch.setattr(kernel_module, "_INTERPRET", False)
+    inputs = _inputs()
+    if inputs["q"].is_cuda:
+        pytest.skip("CUDA inputs are valid without the interpreter")
+    with pytest.raises(ValueError, match="CUDA"):
+        tte_attention(**inputs)
+
+
+def test_benchmark_tiny_cpu(tmp_path):
+    """The benchmark script's code path in tiny CPU mode: rows have the documented fields (no timings checked)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "attention.py"
+    spec = importlib.util.spec_from_file_location("attention_benchmark", path)
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    output = tmp_path / "rows.json"
+    benchmark.main(["--device", "cpu", "--tiny", "--output", str(output)])
+    rows = json.loads(output.read_text())
+    assert {row["provider"] for row in rows} >= {"tte-triton", "sdpa-dense"}
+    assert {row["mode"] for row in rows} == {"fwd", "bwd", "fwd+bwd"}
+    for row in rows:
+        assert {"kernel", "provider", "mode", "layout", "tokens", "ms_p20", "ms_p50", "ms_p80", "tflops",
+                "peak_mem_mb", "device", "torch", "triton", "transformers", "commit"} <= row.keys()
+        assert row["ms_p20"] <= row["ms_p50"] <= row["ms_p80"]
