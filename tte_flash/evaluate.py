@@ -1,0 +1,296 @@
+"""MMEB-eval protocol: rank each row's candidates by similarity to its query; Hit@1 and NDCG@5.
+
+    python -m tte_flash.evaluate --model runs/tiny --data data/eval.jsonl --image_root data \\
+        --think_tokens 0 4 16 --output results.json [--mode explicit-cot --max_cot_tokens 128]
+
+Each row (``qry_text``, ``qry_img_path``, ``tgt_text``, ``tgt_img_path``; positive first) gives one
+query, encoded with ``think_tokens`` K (``mode="latent"``) or through a generated trace
+(``mode="explicit-cot"``), and its candidates, encoded as documents. Identical candidates across rows
+are encoded once, and once for all (mode, K) runs. Relevance is binary, the positive in column 0.
+
+**Ties are broken pessimistically**: the positive ranks below every candidate with an equal score,
+so a model that gives all candidates one score gets Hit@1 = 0, not 1 (``ties="expected"`` gives the
+mean over random tie orders; the shortcut baselines use it, so they are never understated).
+NDCG@k with one relevant candidate at rank r is ``1/log2(r + 1)`` if r <= k else 0 (IDCG = 1).
+
+The output JSON is ``{"runs": [{dataset, mode, think_tokens, metrics: {"hit@1", "ndcg@5"}, shortcut_best,
+...}], "shortcuts": {...}, ...}``, the form ``tte_flash.card`` reads. Shortcut baselines
+(:func:`tte_flash.synthetic.shortcut_metrics`: answer priors, query-mention and colour rules) are
+reported beside every score.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .data import EVAL_COLUMNS, eval_example, load_rows
+
+TIES = ("pessimistic", "optimistic", "expected")
+MODES = ("latent", "explicit-cot")
+
+
+# ---------------------------------------------------------------------------------------- metrics
+
+def _greater_equal(scores) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: how many candidates score above the positive (column 0), and how many tie with it."""
+    scores = torch.as_tensor(scores, dtype=torch.float64)
+    if scores.ndim != 2 or scores.shape[1] < 1:
+        raise ValueError(f"scores must be [n_queries, n_candidates] with the positive in column 0, got "
+                         f"shape {tuple(scores.shape)}")
+    positive, others = scores[:, :1], scores[:, 1:]
+    return (others > positive).sum(1), (others == positive).sum(1)
+
+
+def ranks(scores, ties: str = "pessimistic") -> torch.Tensor:
+    """1-based rank of the positive (column 0) in each row; ties: ``pessimistic`` (below equal
+    scores) or ``optimistic`` (above them)."""
+    greater, equal = _greater_equal(scores)
+    if ties not in ("pessimistic", "optimistic"):
+        raise ValueError(f"ranks() takes ties='pessimistic' or 'optimistic', got {ties!r}")
+    return 1 + greater + (equal if ties == "pessimistic" else 0)
+
+
+def _rank_range(scores, ties):
+    """(best, worst) 1-based ranks the positive can take under ``ties``."""
+    if ties not in TIES:
+        raise ValueError(f"unknown ties {ties!r}; choose one of {TIES}")
+    greater, equal = _greater_equal(scores)
+    best, worst = 1 + greater, 1 + greater + equal
+    if ties == "pessimistic":
+        return worst, worst
+    if ties == "optimistic":
+        return best, best
+    return best, worst
+
+
+def hit_at_k(scores, k: int = 1, ties: str = "pessimistic") -> float:
+    """Share of rows whose positive (column 0 of ``scores`` [n_queries, n_candidates]) ranks in the top k.
+
+    ``ties="expected"``: the positive's rank is uniform over its tied block (random tie-breaking).
+    """
+    best, worst = _rank_range(scores, ties)
+    hits = (k - best + 1).clamp(min=0).minimum(worst - best + 1).double() / (worst - best + 1)
+    return float(hits.mean()) if hits.numel() else 0.0
+
+
+def ndcg_at_k(scores, k: int = 5, ties: str = "pessimistic") -> float:
+    """Mean NDCG@k with binary relevance and one positive (column 0): ``1/log2(rank + 1)`` if rank <= k."""
+    best, worst = _rank_range(scores, ties)
+    gains = torch.tensor([0.0] + [1 / math.log2(r + 1) for r in range(1, k + 1)], dtype=torch.float64).cumsum(0)
+    total = gains[worst.clamp(max=k)] - gains[(best - 1).clamp(max=k)]  # sum of gains over the tied ranks
+    values = total / (worst - best + 1).double()
+    return float(values.mean()) if values.numel() else 0.0
+
+
+def pad_scores(rows: list[list[float]]) -> torch.Tensor:
+    """Rows of different lengths as one [n, max_len] tensor padded with -inf (ranks below anything)."""
+    width = max((len(r) for r in rows), default=1)
+    out = torch.full((len(rows), width), float("-inf"), dtype=torch.float64)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = torch.as_tensor(r, dtype=torch.float64)
+    return out
+
+
+# ---------------------------------------------------------------------------------------- evaluation
+
+def evaluate(model, rows_or_path, image_root=None, think_tokens=0, mode: str = "latent", max_cot_tokens: int = 128,
+             batch_size: int = 32, shortcut: bool = True, dataset: str | None = None, limit: int | None = None,
+             show_progress_bar: bool | None = None) -> dict:
+    """Evaluate one (mode, K) on MMEB-eval rows (a list, or a JSONL/Parquet path).
+
+    ``image_root`` defaults to the data file's folder (for rows: paths are used as they are).
+    Returns ``{dataset, mode, think_tokens, n, metrics: {"hit@1", "ndcg@5"}, seconds,
+    queries_per_second, ...}`` plus ``shortcuts`` / ``shortcut_best`` when ``shortcut``.
+    """
+    result = evaluate_many(model, rows_or_path, image_root, think_tokens=[think_tokens], modes=[mode],
+                           max_cot_tokens=max_cot_tokens, batch_size=batch_size, shortcut=shortcut, dataset=dataset,
+                           limit=limit, show_progress_bar=show_progress_bar)
+    return {**result["runs"][0], **({"shortcuts": result["shortcuts"]} if "shortcuts" in result else {})}
+
+
+def evaluate_many(model, rows_or_path, image_root=None, think_tokens=(0,), modes=("latent",),
+                  max_cot_tokens: int = 128, batch_size: int = 32, shortcut: bool = True,
+                  dataset: str | None = None, limit: int | None = None, show_progress_bar: bool | None = None) -> dict:
+    """Every (mode, K) in ``modes`` x ``think_tokens`` on the same rows; candidates are encoded once.
+
+    Returns ``{dataset, n, n_documents, document_seconds, shortcuts, shortcut_best, runs: [...]}``.
+    """
+    for mode in modes:
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
+    rows, image_root, dataset = _load(rows_or_path, image_root, dataset)
+    rows = rows[:limit] if limit else rows
+    queries, documents, index = _inputs(rows, image_root)
+    start = time.perf_counter()
+    doc_emb = model.encode_document(documents, batch_size=batch_size, convert_to_tensor=True,
+                                    show_progress_bar=show_progress_bar)
+    document_seconds = time.perf_counter() - start
+    out = {"dataset": dataset, "n": len(rows), "n_documents": len(documents),
+           "document_seconds": round(document_seconds, 4)}
+    best = {}
+    if shortcut:
+        from .synthetic import shortcut_metrics
+        out["shortcuts"] = shortcut_metrics(rows, image_root)
+        for metric in ("hit@1", "ndcg@5"):
+            name = max(out["shortcuts"], key=lambda n: out["shortcuts"][n][metric])
+            best[metric] = (name, out["shortcuts"][name][metric])
+        out["shortcut_best"] = {m: v for m, (_, v) in best.items()}
+        out["shortcut_best_name"] = {m: n for m, (n, _) in best.items()}
+    chance = float(sum(1 / int((i >= 0).sum()) for i in index) / len(index))
+    runs = []
+    for mode in modes:
+        for k in think_tokens:
+            start = time.perf_counter()
+            q_emb = model.encode_query(queries, think_tokens=k, mode=mode, max_cot_tokens=max_cot_tokens,
+                                       batch_size=batch_size, convert_to_tensor=True,
+                                       show_progress_bar=show_progress_bar)
+            query_seconds = time.perf_counter() - start
+            scores = candidate_scores(model.similarity(q_emb, doc_emb), index)
+            run = {"dataset": dataset, "mode": mode, "think_tokens": k, "n": len(rows),
+                   "metrics": {"hit@1": hit_at_k(scores, 1), "ndcg@5": ndcg_at_k(scores, 5)},
+                   "chance": {"hit@1": chance}, "seconds": round(query_seconds + document_seconds, 4),
+                   "query_seconds": round(query_seconds, 4),
+                   "queries_per_second": round(len(rows) / max(query_seconds, 1e-9), 2)}
+            if mode == "explicit-cot":
+                run["max_cot_tokens"] = max_cot_tokens
+            if shortcut:
+                run["shortcut_best"], run["shortcut_best_name"] = out["shortcut_best"], out["shortcut_best_name"]
+            runs.append(run)
+    out["runs"] = runs
+    return out
+
+
+def candidate_scores(similarity: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """[n_queries, n_candidates] scores from a query x unique-document similarity matrix and each
+    row's document indices (-1: padding, scored -inf)."""
+    scores = similarity.gather(1, index.clamp(min=0)).double()
+    return scores.masked_fill(index < 0, float("-inf"))
+
+
+def _load(rows_or_path, image_root, dataset):
+    if isinstance(rows_or_path, (str, os.PathLike)):
+        path = Path(rows_or_path)
+        rows = load_rows(path, EVAL_COLUMNS)
+        image_root = path.parent if image_root is None else image_root
+        if dataset is None:
+            meta = path.parent / "meta.json"
+            name = json.loads(meta.read_text()).get("name") if meta.is_file() else None
+            dataset = name or path.stem
+        return rows, image_root, dataset
+    rows = list(rows_or_path)
+    if not rows:
+        raise ValueError("no evaluation rows")
+    missing = [c for c in EVAL_COLUMNS[::2] if c not in rows[0]]
+    if missing:
+        raise ValueError(f"evaluation rows need columns {EVAL_COLUMNS}; the first row lacks {missing}")
+    return rows, image_root, dataset or "eval"
+
+
+def _inputs(rows, image_root):
+    """Query inputs, unique candidate inputs, and a [n_rows, max_candidates] index into them (-1 pads)."""
+    queries, documents, keys, per_row = [], [], {}, []
+    for number, row in enumerate(rows, 1):
+        try:
+            query, candidates = eval_example(row, image_root)
+        except (ValueError, FileNotFoundError) as err:
+            raise type(err)(f"evaluation row {number}: {err}") from None
+        queries.append(query)
+        ids = []
+        for item in candidates:
+            key = json.dumps(item, sort_keys=True)
+            if key not in keys:
+                keys[key] = len(documents)
+                documents.append(item)
+            ids.append(keys[key])
+        per_row.append(ids)
+    width = max(len(ids) for ids in per_row)
+    index = torch.full((len(rows), width), -1, dtype=torch.long)
+    for i, ids in enumerate(per_row):
+        index[i, :len(ids)] = torch.tensor(ids)
+    return queries, documents, index
+
+
+# ---------------------------------------------------------------------------------------- CLI
+
+def load_model(name: str, device=None):
+    """A preset (``tiny``, ``qwen2-vl-2b``: random init) or a checkpoint directory / Hub id."""
+    from .modeling import TTEFlashModel, available_presets
+    model = TTEFlashModel.from_preset(name) if name in available_presets() else TTEFlashModel.from_pretrained(name)
+    return model.to(device) if device else model
+
+
+def _think_budget(value: str):
+    return value if value == "auto" else int(value)
+
+
+def format_table(result: dict) -> str:
+    """The runs (one line per mode and K) and the shortcut baselines, as a text table."""
+    lines = [f"{result['dataset']}: {result['n']} queries, {result['n_documents']} unique candidates",
+             f"{'mode':18s} {'K':>5s} {'hit@1':>7s} {'ndcg@5':>7s} {'queries/s':>10s}"]
+    for run in result["runs"]:
+        m = run["metrics"]
+        lines.append(f"{run['mode']:18s} {str(run['think_tokens']):>5s} {m['hit@1']:7.4f} {m['ndcg@5']:7.4f} "
+                     f"{run['queries_per_second']:10.1f}")
+    if result["runs"]:
+        lines.append(f"{'chance':24s} {result['runs'][0]['chance']['hit@1']:7.4f}")
+    if result.get("shortcuts"):
+        lines.append("no-reasoning shortcuts (ties broken at random):")
+        for name, m in sorted(result["shortcuts"].items(), key=lambda kv: -kv[1]["hit@1"]):
+            lines.append(f"  {name:22s} {m['hit@1']:7.4f} {m['ndcg@5']:7.4f}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tte_flash.evaluate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="tiny", help="a checkpoint directory, Hub id, or preset name (tiny)")
+    parser.add_argument("--data", required=True, help="MMEB-eval rows: JSONL or Parquet")
+    parser.add_argument("--image_root", "--image-root", default=None, help="default: the data file's folder")
+    parser.add_argument("--think_tokens", "--think-tokens", nargs="+", type=_think_budget, default=None,
+                        help="one or more budgets K (default: the model's default_think_tokens)")
+    parser.add_argument("--mode", nargs="+", choices=MODES, default=["latent"])
+    parser.add_argument("--max_cot_tokens", "--max-cot-tokens", type=int, default=128)
+    parser.add_argument("--batch_size", "--batch-size", type=int, default=32)
+    parser.add_argument("--output", default=None, help="write the results JSON here")
+    parser.add_argument("--dataset", default=None, help="name in the results (default: meta.json name or file stem)")
+    parser.add_argument("--limit", type=int, default=None, help="evaluate the first N rows only")
+    parser.add_argument("--no_shortcut", "--no-shortcut", action="store_true", help="skip the shortcut baselines")
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    args = parser.parse_args(argv)
+    try:
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model = load_model(args.model, device)
+        budgets = args.think_tokens or [model.config.default_think_tokens]
+        result = evaluate_many(model, args.data, args.image_root, think_tokens=budgets, modes=args.mode,
+                               max_cot_tokens=args.max_cot_tokens, batch_size=args.batch_size,
+                               shortcut=not args.no_shortcut, dataset=args.dataset, limit=args.limit)
+    except (ValueError, FileNotFoundError, ImportError) as err:
+        print(f"tte_flash.evaluate: error: {err}", file=sys.stderr)
+        return 2
+    result = {"model": args.model, "data": str(args.data), "image_root": str(args.image_root or Path(args.data).parent),
+              **result, "device": str(device), "versions": _versions()}
+    print(format_table(result))
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.output}")
+    return 0
+
+
+def _versions() -> dict:
+    import transformers
+
+    from . import __version__
+    return {"tte_flash": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
