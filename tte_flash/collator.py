@@ -75,7 +75,7 @@ class TrainCollator:
         self.processor, self.think_budgets = processor, list(think_budgets)
         self.use_cot, self.max_cot_tokens = use_cot, max_cot_tokens
         self.hard_negatives, self.packed = hard_negatives, packed
-        self.rng = random.Random(seed)
+        self.seed, self.rng = seed, random.Random(seed)
 
     def __call__(self, examples: list[dict]) -> dict:
         proc = self.processor
@@ -87,9 +87,16 @@ class TrainCollator:
             targets.append([proc(item) for item in items])
             keys.append([content_key(item) for item in items])
         batch = TrainBatch(queries=queries, cots=cots, targets=targets, target_keys=keys,
-                           think_tokens=self.rng.choice(self.think_budgets), think_ids=proc.think_token_ids,
+                           think_tokens=self._budget(examples), think_ids=proc.think_token_ids,
                            emb_id=proc.emb_token_id, pad_id=proc.tokenizer.pad_token_id, packed=self.packed)
         return {"train_batch": batch}
+
+    def _budget(self, examples) -> int:
+        """K for this batch: drawn from the batch's row indices when examples carry them (the same K
+        for the same batch after a resume), else from a seeded sequence."""
+        indices = [e["index"] for e in examples if "index" in e]
+        rng = random.Random(f"{self.seed}:{indices}") if len(indices) == len(examples) else self.rng
+        return rng.choice(self.think_budgets)
 
     def _cot(self, text):
         if not self.use_cot or not text:

@@ -154,6 +154,9 @@ class TTEFlashModel(Qwen2VLForConditionalGeneration):
     def save_pretrained(self, save_directory, *args, model_card: bool = True, **kwargs):
         """Save weights (safetensors), config, tokenizer, image processor and a model card (README.md,
         from the config and any result files in the directory; see ``tte_flash.card``)."""
+        # Weights are saved in Qwen2-VL's original key layout, like transformers does for Qwen2-VL,
+        # except for Trainer checkpoints (see tte_flash.training), whose resume loads keys as they are.
+        kwargs.setdefault("save_original_format", getattr(self, "_save_original_format", True))
         super().save_pretrained(save_directory, *args, **kwargs)
         if self.processor is not None:
             self.processor.tokenizer.save_pretrained(save_directory)

@@ -81,7 +81,7 @@ class RowDataset(torch.utils.data.Dataset):
         return len(self.rows)
 
     def __getitem__(self, index):
-        return train_example(self.rows[index], self.image_root)
+        return {**train_example(self.rows[index], self.image_root), "index": index}
 
 
 class TTETrainer(Trainer):
@@ -109,6 +109,15 @@ class TTETrainer(Trainer):
                 no_sync=lambda: self.accelerator.no_sync(model), scale=scale)
         self._record(stats)
         return loss * scale
+
+    def _save(self, output_dir=None, state_dict=None):
+        # Trainer's resume loads a checkpoint's state dict as is: keep the model's own key names there.
+        model = self.accelerator.unwrap_model(self.model)
+        model._save_original_format = False
+        try:
+            super()._save(output_dir, state_dict)
+        finally:
+            model._save_original_format = True
 
     # -- logging ------------------------------------------------------------------------------
     def _record(self, stats):

@@ -1,0 +1,86 @@
+"""The training entry point end to end on a small generated data set (CPU)."""
+import json
+
+import pytest
+from PIL import Image
+
+from tte_flash import TTEFlashModel
+from tte_flash.training import main as train_main
+
+COLORS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220), "yellow": (230, 210, 40)}
+
+
+def make_data(root, n=48):
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    rows = []
+    names = list(COLORS)
+    for i in range(n):
+        color = names[i % len(names)]
+        Image.new("RGB", (56, 56), COLORS[color]).save(root / "images" / f"{i}.png")
+        rows.append({"qry": "<|image_1|> What colour fills the picture?", "qry_image_path": f"images/{i}.png",
+                     "pos_text": color, "pos_image_path": "", "neg_text": names[(i + 1) % 4],
+                     "neg_image_path": "", "qry_cot": f"The picture is one flat colour. It is {color}." if i % 3
+                     else ""})
+    path = root / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def args(data, out, *extra):
+    return ["--model", "tiny", "--train_data", str(data), "--image_root", str(data.parent), "--output-dir", str(out),
+            "--think_tokens", "0", "4", "--per_device_train_batch_size", "8", "--learning_rate", "3e-3",
+            "--logging_steps", "5", "--use_cpu", "--seed", "0", "--temperature", "0.1", *extra]
+
+
+def losses(trainer, key):
+    return [entry[key] for entry in trainer.state.log_history if key in entry]
+
+
+def test_train_end_to_end_loss_falls_and_both_losses_logged(tmp_path):
+    data = make_data(tmp_path / "data")
+    trainer = train_main(args(data, tmp_path / "run", "--max_steps", "30", "--save_steps", "1000"))
+    total, contrastive, cot = losses(trainer, "loss"), losses(trainer, "contrastive_loss"), losses(trainer, "cot_loss")
+    assert len(total) >= 5 and len(contrastive) == len(total) and len(cot) == len(total)
+    assert all(x == x and abs(x) < 1e4 for x in total)  # finite
+    assert total[-1] < total[0] and cot[-1] < cot[0] and contrastive[-1] < contrastive[0]
+    model = TTEFlashModel.from_pretrained(tmp_path / "run")  # the final model is a loadable checkpoint
+    assert model.encode_query("q", think_tokens=4).shape == (64,)
+    summary = json.loads((tmp_path / "run" / "train_summary.json").read_text())
+    assert summary["think_budgets"] == [0, 4] and summary["train_rows"] == 48
+
+
+def test_resume_from_checkpoint_continues_the_same_run(tmp_path):
+    data = make_data(tmp_path / "data")
+    full = train_main(args(data, tmp_path / "full", "--max_steps", "10", "--save_steps", "5"))
+    assert (tmp_path / "full" / "checkpoint-5").is_dir()
+    resumed = train_main(args(data, tmp_path / "resumed", "--max_steps", "10", "--save_steps", "5",
+                              "--resume_from_checkpoint", str(tmp_path / "full" / "checkpoint-5")))
+    assert resumed.state.global_step == 10
+    assert losses(resumed, "loss")[-1] == pytest.approx(losses(full, "loss")[-1], rel=1e-4)
+
+
+def test_yaml_recipe_with_overrides(tmp_path):
+    data = make_data(tmp_path / "data", n=16)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"model: tiny\ntrain_data: [{data}]\nimage_root: {data.parent}\nthink_tokens: [2]\n"
+                      "per_device_train_batch_size: 8\nmax_steps: 100\nuse_cpu: true\ncot_weight: 0.5\n")
+    trainer = train_main([str(recipe), "--max_steps", "2", "--output_dir", str(tmp_path / "run"), "--grad_cache",
+                          "--grad_cache_chunk_size", "3", "--lora"])
+    assert trainer.state.global_step == 2 and losses(trainer, "cot_loss")
+    assert (tmp_path / "run" / "model.safetensors").is_file()  # LoRA merged into a full checkpoint
+
+
+@pytest.mark.parametrize("breakage, message", [
+    ("missing_column", "required column 'pos_text'"), ("missing_image", "images/0.png"), ("empty", "no rows")])
+def test_clear_errors_for_bad_data(tmp_path, breakage, message):
+    data = make_data(tmp_path / "data", n=4)
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    if breakage == "missing_column":
+        del rows[2]["pos_text"]
+    elif breakage == "missing_image":
+        (tmp_path / "data" / "images" / "0.png").unlink()
+    else:
+        rows = []
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        train_main(args(data, tmp_path / "run", "--max_steps", "1"))
