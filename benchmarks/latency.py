@@ -12,9 +12,10 @@ fixed seed) for every configuration:
 What is timed: from preprocessed query records (tokenised, image processor applied, on the host) to
 the embeddings on the device - collation, the host-to-device copy, the vision tower, generation and
 the embedding forward. Image decoding/resizing is identical for every configuration and left out.
-Timing: warm-up calls, then repeated calls, each bracketed by CUDA events (``perf_counter`` on the
-CPU) with the device synchronised; medians and p90 are reported. Peak memory is
-``torch.cuda.max_memory_allocated`` over the timed calls (weights included); not measured on the CPU.
+Timing: warm-up calls, then repeated calls taken round-robin over the configurations (so a slow
+spell of a shared machine is spread over all of them), each bracketed by CUDA events
+(``perf_counter`` on the CPU) with the device synchronised; medians and p90 are reported. Peak memory
+is ``torch.cuda.max_memory_allocated`` over the timed calls (weights included); not measured on the CPU.
 
 ``--attn``: ``reference`` / ``triton`` set ``model.config.attn_backend`` (packed, padding-free
 batches under the TTE mask); ``sdpa`` / ``flash_attention_2`` run the text model through transformers'
@@ -65,7 +66,7 @@ PEAK_TFLOPS = {"H100": {"bfloat16": 989.0, "float16": 989.0}, "H200": {"bfloat16
                "A100": {"bfloat16": 312.0, "float16": 312.0}}
 # warm-up calls, timed calls, and a time budget per configuration (seconds) after which a
 # configuration stops repeating once it has 3 timed calls
-RUN_DEFAULTS = {"tiny": (1, 5, 5.0), None: (3, 10, 30.0)}
+RUN_DEFAULTS = {"tiny": (1, 5, 5.0), None: (3, 10, 60.0)}
 TARGET_K, TARGET_N, TARGET_SPEEDUP, TARGET_OVERHEAD = 16, 128, 20.0, 1.10  # DESIGN.md §9
 
 INSTRUCTIONS = ("Represent the given image with the following question: ",
@@ -225,30 +226,41 @@ def setup(bench: Bench, records: list, config: Config) -> Callable[[], dict]:
     return explicit_cot
 
 
-def measure(fn: Callable[[], dict], device: torch.device, warmup: int, repeats: int, budget_s: float):
-    """(timings in ms, peak device memory in bytes or None, the last call's output)."""
-    cuda = device.type == "cuda"
-    out = None
-    for _ in range(warmup):
+def timed_call(fn: Callable[[], dict], device: torch.device) -> tuple[float, int | None, dict]:
+    """(milliseconds, peak device memory in bytes or None, output) of one synchronised call."""
+    if device.type != "cuda":
+        start = time.perf_counter()
         out = fn()
-    if cuda:
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    times, started = [], time.perf_counter()
-    while len(times) < repeats and not (len(times) >= min(3, repeats) and time.perf_counter() - started > budget_s):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            out = fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            start = time.perf_counter()
-            out = fn()
-            times.append((time.perf_counter() - start) * 1e3)
-    peak = torch.cuda.max_memory_allocated(device) if cuda else None
-    return times, peak, out
+        return (time.perf_counter() - start) * 1e3, None, out
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    out = fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end), torch.cuda.max_memory_allocated(device), out
+
+
+def measure(fns: list[Callable[[], dict]], device: torch.device, warmup: int, repeats: int, budget_s: float):
+    """Time every callable ``repeats`` times, round-robin, after ``warmup`` calls each.
+
+    Round-robin spreads slow spells of a shared machine over all configurations instead of a few. A
+    configuration stops repeating once it has 3 timed calls and has used ``budget_s`` seconds.
+    Returns per callable: (timings in ms, peak device memory in bytes or None, the last output).
+    """
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    results = [([], None, None) for _ in fns]
+    for _ in range(repeats):
+        for i, fn in enumerate(fns):
+            times, peak, _ = results[i]
+            if len(times) >= min(3, repeats) and sum(times) / 1e3 > budget_s:
+                continue
+            ms, call_peak, out = timed_call(fn, device)
+            results[i] = (times + [ms], call_peak if peak is None else max(peak, call_peak), out)
+    return results
 
 
 # ---------------------------------------------------------------------------------------------- FLOPs
@@ -322,10 +334,10 @@ def peak_flops(device: torch.device, dtype: str) -> float | None:
 # ---------------------------------------------------------------------------------------------- run
 
 def run_configs(bench: Bench, records: list, configs: list[Config], args, flops: FlopModel, peak: float | None):
+    fns = [setup(bench, records, config) for config in configs]
     rows = []
-    for config in configs:
-        fn = setup(bench, records, config)
-        times, peak_mem, out = measure(fn, bench.device, args.warmup, args.repeats, args.max_seconds)
+    for config, (times, peak_mem, out) in zip(configs, measure(fns, bench.device, args.warmup, args.repeats,
+                                                               args.max_seconds)):
         if "generated_tokens" in out and set(out["generated_tokens"]) != {config.cot_tokens}:
             raise RuntimeError(f"{config.label}: generated {out['generated_tokens']} tokens, expected {config.cot_tokens}")
         median = float(np.median(times))
@@ -496,6 +508,7 @@ def environment(args, device: torch.device) -> dict:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "device_type": device.type, "device_name": name, "cpu_threads": torch.get_num_threads(),
+            "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
             "dtype": args.dtype, "preset": args.preset, "attn": args.attn,
             "versions": {"python": platform.python_version(), "torch": torch.__version__,
                          "cuda": torch.version.cuda, "transformers": version("transformers"),
@@ -530,6 +543,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="also time K=0 and every K at these query lengths (tokens, image included)")
     p.add_argument("--sweep-batch-size", "--sweep_batch_size", type=int, default=None,
                    help="batch size of the sweep (default: the smallest --batch-sizes)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write meta + rows + targets here")
     p.add_argument("--plot", default=None, help="write a PNG of latency vs K and vs N (and vs query length) here")
@@ -571,6 +585,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     image_size = None if args.image_size.lower() == "none" else tuple(int(x) for x in args.image_size.split("x"))
     bench = build_bench(args.preset, device, DTYPES[args.dtype], args.attn, args.seed)
     max_k = bench.model.config.max_think_tokens
