@@ -38,17 +38,19 @@ def load_rows(path, required_columns=()) -> list[dict]:
         raise ValueError(f"unsupported data file {path}: expected .jsonl, .json or .parquet")
     if not rows:
         raise ValueError(f"no rows in {path}")
-    for column in required_columns:
-        missing = next((i for i, row in enumerate(rows, 1) if column not in row), None)
-        if missing is not None:
-            raise ValueError(f"{path}: required column {column!r} is missing (first in row {missing}; "
-                             f"that row has columns {sorted(rows[missing - 1])})")
+    for number, row in enumerate(rows, 1):
+        missing = [c for c in required_columns if c not in row]
+        if missing:
+            names = ", ".join(repr(c) for c in missing)
+            raise ValueError(f"{path}: required column{'s' if len(missing) > 1 else ''} {names} "
+                             f"{'are' if len(missing) > 1 else 'is'} missing (first in row {number}; that row "
+                             f"has columns {sorted(row)})")
     return rows
 
 
 def _read_json_rows(path: Path) -> list[dict]:
     text = path.read_text(encoding="utf-8")
-    if text.lstrip().startswith("["):  # a .json file holding one array of rows
+    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):  # one array of rows
         try:
             rows = json.loads(text)
         except json.JSONDecodeError as err:
