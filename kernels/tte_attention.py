@@ -354,11 +354,13 @@ def _dtype_constexprs(dtype):
     """Accumulator dtype, tl.dot operand dtype and dot precision for an input dtype.
 
     fp32 accumulation (fp64 for fp64); the interpreter's 16-bit tl.dot is wrong, so there the operands
-    are rounded to the input dtype as on GPU, then upcast to fp32. fp32 dots use IEEE fp32, not TF32.
+    are rounded to the input dtype as on GPU, then upcast to fp32. fp32 dots use IEEE fp32, not TF32
+    (the precision flag is ignored for 16-bit operands; "tf32" is just Triton's default there).
     """
     acc = tl.float64 if dtype == torch.float64 else tl.float32
-    dot = tl.float32 if _INTERPRET and dtype in (torch.float16, torch.bfloat16) else _TL_DTYPES[dtype]
-    return dict(ACC_DTYPE=acc, DOT_DTYPE=dot, DOT_PRECISION="ieee")
+    low_precision = dtype in (torch.float16, torch.bfloat16)
+    dot = tl.float32 if _INTERPRET and low_precision else _TL_DTYPES[dtype]
+    return dict(ACC_DTYPE=acc, DOT_DTYPE=dot, DOT_PRECISION="tf32" if low_precision else "ieee")
 
 
 # Interpreter: small fixed blocks (several tiles per sample in tests). CUDA: autotuned, Hopper-oriented.

@@ -1,0 +1,290 @@
+"""Attention kernel benchmark: the fused TTE kernel against the alternatives, on packed TTE layouts.
+
+Providers (same inputs, same layout):
+
+* ``tte-triton``  - :func:`tte_flash.kernels.tte_attention`, mask computed in-kernel;
+* ``sdpa-dense``  - PyTorch SDPA with the dense (T x T) boolean mask of :func:`tte_flash.mask.dense_mask`
+  (built once, outside the timing; K/V repeated to the query heads inside);
+* ``flex``        - compiled FlexAttention with a ``mask_mod`` derived from :func:`tte_flash.mask.visible`
+  (block mask built once, outside the timing); CUDA only;
+* ``fa2-varlen``  - FlashAttention-2 ``flash_attn_varlen_func`` with plain per-sample causal masking,
+  the speed-of-light reference (a slightly different mask); only where ``flash_attn`` is installed.
+
+Layouts: ``train`` packs samples of ~300 query + 16 think + 1 emb + ~128 cot tokens, ``infer`` the same
+without COT, truncated to exactly ``--tokens`` tokens. Shapes default to Qwen2-VL-2B attention
+(12 query heads, 2 KV heads, head_dim 128, bf16). Modes: ``fwd``, ``bwd`` (backward of a retained graph)
+and ``fwd+bwd``. Each is timed with CUDA events after warm-up (``perf_counter`` on the CPU); p20/p50/p80
+are reported. Useful TFLOP/s count only visible query-key pairs: 4 * D * pairs * Hq for the forward,
+2.5x that for the backward (3.5x for both); FA2 is credited with its own causal pairs. Peak memory is
+``torch.cuda.max_memory_allocated`` above what was allocated before the call. DESIGN.md §9 targets on
+H100: fwd+bwd >= 1.2x FlexAttention and >= 1.0x FA2 varlen causal in useful TFLOP/s.
+
+Rows go to ``benchmarks/results/attention-<device>-<date>.json`` (or ``--output``) with the device,
+versions and commit; a table with ratios (TTE TFLOP/s over each provider's) is printed.
+
+    python benchmarks/attention.py                          # GPU: 4k, 8k, 16k tokens, both layouts
+    python benchmarks/attention.py --device cpu --tiny      # the code path only, under the interpreter
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# Without CUDA the kernel runs under the Triton interpreter, which must be chosen before triton is
+# imported (importing tte_flash imports it, through transformers).
+if not torch.cuda.is_available() or "cpu" in sys.argv[1:] or "--device=cpu" in sys.argv[1:]:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import default_results_path, device_name, git_commit, versions  # noqa: E402
+
+from tte_flash.mask import COT, EMB, QUERY, THINK, dense_mask, visible  # noqa: E402
+
+PROVIDERS = ("tte-triton", "sdpa-dense", "flex", "fa2-varlen")
+MODES = ("fwd", "bwd", "fwd+bwd")
+FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}
+
+
+@dataclass
+class Layout:
+    """A packed layout: per-token metadata and the per-sample (query, think, emb, cot) lengths."""
+    name: str
+    seq_ids: torch.Tensor  # (T,) int32
+    token_types: torch.Tensor  # (T,) uint8
+    samples: list  # [(query, think, emb, cot), ...]
+
+    @property
+    def tokens(self) -> int:
+        return len(self.seq_ids)
+
+
+def make_layout(name: str, tokens: int, device, tiny: bool, seed: int = 0) -> Layout:
+    """Pack TTE samples (``train``: with COT, ``infer``: without) into exactly ``tokens`` tokens."""
+    rng = np.random.default_rng(seed)
+    samples, total = [], 0
+    while total < tokens:
+        query = int(rng.integers(6, 13) if tiny else rng.integers(250, 351))
+        think = 2 if tiny else 16
+        cot = 0 if name == "infer" else int(rng.integers(3, 7) if tiny else rng.integers(96, 161))
+        lengths = [query, think, 1, cot]
+        room = tokens - total  # truncate the last sample: a prefix of a sample is a valid sample
+        for i, length in enumerate(lengths):
+            lengths[i] = min(length, room)
+            room -= lengths[i]
+        samples.append(tuple(lengths))
+        total += sum(lengths)
+    seq_ids = np.concatenate([np.full(sum(s), i) for i, s in enumerate(samples)])
+    token_types = np.concatenate([np.repeat([QUERY, THINK, EMB, COT], s) for s in samples])
+    return Layout(name, torch.tensor(seq_ids, dtype=torch.int32, device=device),
+                  torch.tensor(token_types, dtype=torch.uint8, device=device), samples)
+
+
+def visible_pairs(layout: Layout, options: dict) -> int:
+    """Visible query-key pairs under the TTE mask, counted one sample at a time (no T x T mask)."""
+    pairs = 0
+    for sample in layout.samples:
+        types = torch.tensor(np.repeat([QUERY, THINK, EMB, COT], sample))
+        pairs += int(dense_mask(torch.zeros_like(types), types, **options).sum())
+    return pairs
+
+
+def causal_pairs(layout: Layout) -> int:
+    return sum(sum(s) * (sum(s) + 1) // 2 for s in layout.samples)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Providers: setup() returns a callable computing (T, Hq, D) from the packed q, k, v
+# ----------------------------------------------------------------------------------------------------
+
+def setup(provider: str, layout: Layout, q, k, v, options: dict):
+    group = q.shape[1] // k.shape[1]
+    if provider == "tte-triton":
+        from tte_flash.kernels import tte_attention
+        return lambda: tte_attention(q, k, v, layout.seq_ids, layout.token_types, **options)
+    if provider == "sdpa-dense":
+        mask = dense_mask(layout.seq_ids, layout.token_types, **options)  # (T, T), outside the timing
+
+        def sdpa():
+            heads_first = [x.transpose(0, 1) for x in (q, k.repeat_interleave(group, 1),
+                                                      v.repeat_interleave(group, 1))]  # (Hq, T, D)
+            return F.scaled_dot_product_attention(*heads_first, attn_mask=mask).transpose(0, 1)
+        return sdpa
+    if provider == "flex":
+        if q.device.type != "cuda":
+            raise RuntimeError("FlexAttention is benchmarked on CUDA only")
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        seq_ids, token_types = layout.seq_ids, layout.token_types
+
+        def mask_mod(batch, head, q_idx, kv_idx):
+            return visible(seq_ids[q_idx], token_types[q_idx], q_idx, seq_ids[kv_idx], token_types[kv_idx], kv_idx,
+                           **options)
+        block_mask = create_block_mask(mask_mod, None, None, layout.tokens, layout.tokens, device=q.device)
+        compiled = _compiled_flex(flex_attention)
+        return lambda: compiled(*(x.transpose(0, 1)[None] for x in (q, k, v)), block_mask=block_mask,
+                                enable_gqa=True)[0].transpose(0, 1)
+    if provider == "fa2-varlen":
+        from flash_attn import flash_attn_varlen_func  # noqa: raises ImportError where not installed
+        lengths = torch.tensor([sum(s) for s in layout.samples], device=q.device)
+        cu_seqlens = F.pad(torch.cumsum(lengths, 0), (1, 0)).to(torch.int32)
+        longest = int(lengths.max())
+        return lambda: flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, longest, longest, causal=True)
+    raise ValueError(f"unknown provider {provider!r}; choose from {PROVIDERS}")
+
+
+_FLEX = {}
+
+
+def _compiled_flex(flex_attention):
+    if "fn" not in _FLEX:
+        _FLEX["fn"] = torch.compile(flex_attention)
+    return _FLEX["fn"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Timing
+# ----------------------------------------------------------------------------------------------------
+
+def mode_callable(fn, mode: str, inputs):
+    """The callable timed for ``mode``: the forward, the backward of one retained graph, or both."""
+    if mode == "fwd":
+        return fn
+    d_out = torch.randn_like(fn())
+    if mode == "bwd":
+        out = fn()
+        return lambda: torch.autograd.grad(out, inputs, d_out, retain_graph=True)
+    return lambda: torch.autograd.grad(fn(), inputs, d_out)
+
+
+def measure(fn, device, warmup: int, repeats: int):
+    """(p20, p50, p80) milliseconds and peak MB above the starting allocation (None on the CPU)."""
+    cuda = device.type == "cuda"
+    for _ in range(warmup):
+        fn()
+    peak_mb = None
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        start_bytes = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        peak_mb = (torch.cuda.max_memory_allocated(device) - start_bytes) / 2**20
+    times = []
+    for _ in range(repeats):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize(device)
+            times.append(start.elapsed_time(end))
+        else:
+            begin = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - begin) * 1e3)
+    p20, p50, p80 = np.percentile(times, [20, 50, 80])
+    return float(p20), float(p50), float(p80), peak_mb
+
+
+def run(args) -> list[dict]:
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    options = dict(think_bidirectional=args.think_bidirectional, cot_sees_query=not args.cot_hides_query)
+    environment = dict(device=device_name(device), **versions(), commit=git_commit(),
+                       date=datetime.datetime.now().isoformat(timespec="seconds"))
+    rows = []
+    for layout_name in args.layouts:
+        for tokens in args.tokens:
+            layout = make_layout(layout_name, tokens, device, args.tiny)
+            pairs = {"tte": visible_pairs(layout, options), "causal": causal_pairs(layout)}
+            gen = torch.Generator(device=device).manual_seed(0)
+            q, k, v = (torch.randn(tokens, heads, args.head_dim, device=device, dtype=dtype, generator=gen)
+                       .requires_grad_() for heads in (args.q_heads, args.kv_heads, args.kv_heads))
+            for provider in args.providers:
+                try:
+                    fn = setup(provider, layout, q, k, v, options)
+                except (ImportError, RuntimeError) as error:
+                    print(f"skip {provider} ({layout_name}, {tokens} tokens): {error}")
+                    continue
+                for mode in args.modes:
+                    try:
+                        p20, p50, p80, peak_mb = measure(mode_callable(fn, mode, (q, k, v)), device, args.warmup,
+                                                         args.repeats)
+                    except (RuntimeError, torch.OutOfMemoryError) as error:  # compile failure, OOM
+                        print(f"skip {provider} {mode} ({layout_name}, {tokens} tokens): {error}")
+                        continue
+                    useful = pairs["causal" if provider == "fa2-varlen" else "tte"]
+                    flops = 4 * args.head_dim * useful * args.q_heads * FLOP_FACTOR[mode]
+                    rows.append(dict(kernel="tte_attention", provider=provider, mode=mode, layout=layout_name,
+                                     tokens=tokens, samples=len(layout.samples), visible_pairs=useful,
+                                     dtype=args.dtype, q_heads=args.q_heads, kv_heads=args.kv_heads,
+                                     head_dim=args.head_dim, **options, ms_p20=p20, ms_p50=p50, ms_p80=p80,
+                                     tflops=flops / (p50 * 1e-3) / 1e12, peak_mem_mb=peak_mb, **environment))
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    """One line per (layout, tokens, mode, provider); ``tte_x`` = TTE TFLOP/s over this provider's."""
+    tte = {(r["layout"], r["tokens"], r["mode"]): r["tflops"] for r in rows if r["provider"] == "tte-triton"}
+    print(f"{'layout':7} {'tokens':>7} {'mode':8} {'provider':11} {'ms p50':>9} {'TFLOP/s':>8} {'peak MB':>9} "
+          f"{'tte_x':>6}")
+    for r in rows:
+        reference = tte.get((r["layout"], r["tokens"], r["mode"]))
+        ratio = f"{reference / r['tflops']:6.2f}" if reference else "     -"
+        peak = f"{r['peak_mem_mb']:9.1f}" if r["peak_mem_mb"] is not None else "        -"
+        print(f"{r['layout']:7} {r['tokens']:7d} {r['mode']:8} {r['provider']:11} {r['ms_p50']:9.3f} "
+              f"{r['tflops']:8.2f} {peak} {ratio}")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--tiny", action="store_true",
+                        help="tiny sizes (48 tokens, 2/1 heads, head_dim 16, fp32, TTE and SDPA only): exercises "
+                             "the code path on the CPU under the Triton interpreter; timings mean nothing")
+    parser.add_argument("--tokens", type=int, nargs="+", default=[4096, 8192, 16384])
+    parser.add_argument("--layouts", nargs="+", choices=("train", "infer"), default=["train", "infer"])
+    parser.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--q-heads", type=int, default=12)
+    parser.add_argument("--kv-heads", type=int, default=2)
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    parser.add_argument("--think-bidirectional", action="store_true")
+    parser.add_argument("--cot-hides-query", action="store_true", help="cot_sees_query=False")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--output", type=Path, help="JSON rows (default benchmarks/results/attention-<device>-<date>"
+                                                    ".json)")
+    args = parser.parse_args(argv)
+    if args.tiny:
+        args.tokens, args.q_heads, args.kv_heads, args.head_dim = [48], 2, 1, 16
+        args.dtype, args.warmup, args.repeats = "float32", 1, 2
+        args.providers = [p for p in args.providers if p in ("tte-triton", "sdpa-dense")]
+    return args
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    if torch.device(args.device).type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise SystemExit("--device cpu needs TRITON_INTERPRET=1 set before triton is imported")
+    rows = run(args)
+    print_table(rows)
+    output = args.output or default_results_path("attention", torch.device(args.device))
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(rows, indent=1))
+    print(f"wrote {len(rows)} rows to {output}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
