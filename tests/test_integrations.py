@@ -1,0 +1,163 @@
+"""Integrations: trust_remote_code without the package, sentence-transformers, MTEB (all offline)."""
+import ast
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import random_image
+from tte_flash import TTEFlashModel
+from tte_flash.integrations import write_integration_files
+
+REMOTE_SCRIPT = textwrap.dedent("""
+    import sys
+    class BlockTTEFlash:  # `import tte_flash` fails, as for a user without the package
+        def find_spec(self, name, path=None, target=None):
+            if name == "tte_flash" or name.startswith("tte_flash."):
+                raise ImportError(f"blocked: {name}")
+    sys.meta_path.insert(0, BlockTTEFlash())
+    import numpy as np
+    from PIL import Image
+    from transformers import AutoConfig, AutoModel
+    ckpt, out = sys.argv[1], sys.argv[2]
+    config = AutoConfig.from_pretrained(ckpt, trust_remote_code=True)
+    model = AutoModel.from_pretrained(ckpt, trust_remote_code=True).eval()
+    image = Image.open(f"{ckpt}/../image.png")
+    inputs = ["a cat on a mat", image, {"text": "what is shown?", "image": image}]
+    np.savez(out, query=model.encode_query(inputs), query4=model.encode_query(inputs, think_tokens=4),
+             document=model.encode_document(inputs))
+    loaded = [m for m in sys.modules if m == "tte_flash" or m.startswith("tte_flash.")]
+    assert not loaded, loaded
+    print(type(config).__module__, type(model).__module__)
+""")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A saved tiny model with the integration files, and inputs (text, image, fused)."""
+    torch.manual_seed(0)
+    model = TTEFlashModel.from_preset("tiny").eval()
+    root = tmp_path_factory.mktemp("integrations")
+    model.save_pretrained(root / "ckpt")
+    write_integration_files(root / "ckpt", model.config)  # the save_pretrained hook, idempotent
+    image = random_image(np.random.default_rng(0), 45, 61)
+    image.save(root / "image.png")
+    inputs = ["a cat on a mat", image, {"text": "what is shown?", "image": image}, "short"]
+    return model, root / "ckpt", inputs
+
+
+def test_remote_code_files_and_auto_map(checkpoint):
+    _, ckpt, _ = checkpoint
+    config = json.loads((ckpt / "config.json").read_text())
+    assert config["auto_map"] == {"AutoConfig": "configuration_tte_flash.TTEFlashConfig",
+                                  "AutoModel": "modeling_tte_flash.TTEFlashModel"}
+    assert not list(ckpt.glob("*.bin")) and not list(ckpt.glob("*.pt"))  # safetensors only
+    for path in ckpt.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        guarded = {id(n) for t in ast.walk(tree) if isinstance(t, ast.Try) for n in ast.walk(t)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                assert not any(a.name.split(".")[0] == "tte_flash" for a in node.names), path.name
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and id(node) not in guarded:
+                assert (node.module or "").split(".")[0] != "tte_flash", (path.name, node.module)
+            elif isinstance(node, ast.ImportFrom) and node.level and node.module:  # relative: a flat file beside it
+                assert node.level == 1 and (ckpt / f"{node.module}.py").is_file(), (path.name, node.module)
+
+
+def test_trust_remote_code_without_package(checkpoint, tmp_path):
+    model, ckpt, inputs = checkpoint
+    script = tmp_path / "remote.py"
+    script.write_text(REMOTE_SCRIPT)
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": ""}
+    result = subprocess.run([sys.executable, str(script), str(ckpt), str(tmp_path / "out.npz")], cwd=tmp_path,
+                            env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "transformers_modules" in result.stdout
+    remote = np.load(tmp_path / "out.npz")
+    native_inputs = inputs[:3]
+    np.testing.assert_allclose(remote["query"], model.encode_query(native_inputs), atol=1e-5)
+    np.testing.assert_allclose(remote["query4"], model.encode_query(native_inputs, think_tokens=4), atol=1e-5)
+    np.testing.assert_allclose(remote["document"], model.encode_document(native_inputs), atol=1e-5)
+
+
+def test_sentence_transformers_matches_native(checkpoint):
+    pytest.importorskip("sentence_transformers")
+    from sentence_transformers import SentenceTransformer
+    model, ckpt, inputs = checkpoint
+    st = SentenceTransformer(str(ckpt), trust_remote_code=True, device="cpu")
+    assert st.get_embedding_dimension() == model.config.text_config.hidden_size
+    cases = {
+        "query K=16": (model.encode_query(inputs), st.encode_query(inputs)),
+        "query K=4": (model.encode_query(inputs, think_tokens=4), st.encode_query(inputs, think_tokens=4)),
+        "query by prompt_name": (model.encode_query(inputs), st.encode(inputs, prompt_name="query", batch_size=3)),
+        "document": (model.encode_document(inputs), st.encode_document(inputs)),
+        "document by prompt_name": (model.encode_document(inputs), st.encode(inputs, prompt_name="document")),
+        "plain encode": (model.encode(inputs), st.encode(inputs)),
+        "prompt as instruction": (model.encode_query(inputs, instruction="Find the picture"),
+                                  st.encode_query(inputs, prompt="Find the picture")),
+    }
+    for name, (native, via_st) in cases.items():
+        np.testing.assert_allclose(via_st, native, atol=1e-5, err_msg=name)
+    assert np.abs(cases["query K=16"][0] - cases["query K=4"][0]).max() > 1e-3  # the budget reaches the model
+    assert np.abs(cases["query K=16"][0] - cases["document"][0]).max() > 1e-3
+    with pytest.raises(ValueError, match="think_tokens"):
+        st.encode_query(inputs, think_tokens=model.config.max_think_tokens + 1)
+
+
+def test_sentence_transformers_in_memory_and_resave(checkpoint, tmp_path):
+    pytest.importorskip("sentence_transformers")
+    from sentence_transformers import SentenceTransformer
+    from tte_flash.integrations.sentence_transformers import save_for_sentence_transformers, to_sentence_transformer
+    model, _, inputs = checkpoint
+    st = to_sentence_transformer(model)
+    np.testing.assert_allclose(st.encode_query(inputs), model.encode_query(inputs), atol=1e-5)
+    save_for_sentence_transformers(model, tmp_path / "st")
+    reloaded = SentenceTransformer(str(tmp_path / "st"), trust_remote_code=True, device="cpu")
+    np.testing.assert_allclose(reloaded.encode_document(inputs), model.encode_document(inputs), atol=1e-5)
+
+
+def _batch(rows):
+    return {key: [row.get(key) for row in rows] for key in ("text", "image", "video")}
+
+
+def test_mteb_encoder_batches(checkpoint):
+    pytest.importorskip("mteb")
+    from mteb.types import PromptType
+    from torch.utils.data import DataLoader
+    from tte_flash.integrations.mteb import TTEFlashMTEB
+    model, _, inputs = checkpoint
+    image = inputs[1]
+    frames = torch.as_tensor(np.random.default_rng(1).integers(0, 256, (4, 3, 32, 40), dtype=np.uint8))
+    rows = [{"text": "a cat"}, {"image": image}, {"text": "what is shown?", "image": image}, {"video": frames},
+            {"text": "describe", "video": frames}]
+    loader = DataLoader(rows, batch_size=2, collate_fn=_batch)
+    encoder = TTEFlashMTEB(model, use_task_instructions=False)
+    queries = encoder.encode(loader, task_metadata=None, hf_split="test", hf_subset="default",
+                             prompt_type=PromptType.query)
+    documents = encoder.encode(loader, task_metadata=None, hf_split="test", hf_subset="default",
+                               prompt_type=PromptType.document)
+    from tte_flash.integrations.mteb import video_frames
+    native_inputs = [{k: v for k, v in r.items()} for r in rows]
+    for item in native_inputs:
+        if "video" in item:
+            item["video"] = video_frames(item["video"])
+    np.testing.assert_allclose(queries, model.encode_query(native_inputs), atol=1e-5)
+    np.testing.assert_allclose(documents, model.encode_document(native_inputs), atol=1e-5)
+
+
+def test_mteb_evaluate_in_memory_image_tasks(checkpoint):
+    mteb = pytest.importorskip("mteb")
+    from mteb.mocks.mock_tasks.classification import MockImageClassificationTask
+    from mteb.mocks.mock_tasks.retrieval import MockAny2AnyRetrievalT2ITask
+    from tte_flash.integrations.mteb import TTEFlashMTEB
+    model, _, _ = checkpoint
+    results = mteb.evaluate(TTEFlashMTEB(model), [MockAny2AnyRetrievalT2ITask(), MockImageClassificationTask()],
+                            cache=None, show_progress_bar=False)
+    scores = {r.task_name: r.get_score() for r in results.task_results}
+    assert set(scores) == {"MockAny2AnyRetrievalT2I", "MockImageClassification"}
+    assert all(0.0 <= s <= 1.0 for s in scores.values()), scores
