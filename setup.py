@@ -32,7 +32,10 @@ setup(
         # benchmarks/ plots
         "benchmarks": ["matplotlib"],
         # tests: everything the test suite exercises
-        "dev": ["pytest", "hypothesis", *TRAIN, "matplotlib"],
+        # ecosystem integrations (tte_flash.integrations)
+        "sentence-transformers": ["sentence-transformers>=4"],
+        "mteb": ["mteb>=2"],
+        "dev": ["pytest", "hypothesis", *TRAIN, "matplotlib", "sentence-transformers>=4", "mteb>=2"],
         "flash": ["flash-attn"],
         "video": ["av"],
     },

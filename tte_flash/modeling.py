@@ -147,7 +147,7 @@ class TTEFlashModel(Qwen2VLForConditionalGeneration):
                              f"('tte_flash') checkpoint{hint}")
         model = super().from_pretrained(path, *args, **kwargs)
         model._use_tte_attention()
-        tokenizer = AutoTokenizer.from_pretrained(path, **hub_kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(path, config=model.config, **hub_kwargs)
         model.processor = TTEProcessor(tokenizer, model._image_processor(), model.config)
         return model
 
@@ -161,9 +161,12 @@ class TTEFlashModel(Qwen2VLForConditionalGeneration):
         if self.processor is not None:
             self.processor.tokenizer.save_pretrained(save_directory)
             self.processor.image_processor.save_pretrained(save_directory)
-        if model_card and kwargs.get("is_main_process", True):
-            from .card import write_model_card
-            write_model_card(save_directory, self.config)
+        if kwargs.get("is_main_process", True):
+            from .integrations import write_integration_files  # remote code, sentence-transformers files
+            write_integration_files(save_directory, self.config)
+            if model_card:
+                from .card import write_model_card
+                write_model_card(save_directory, self.config)
 
     def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | None = None,
                     commit_message: str = "Upload TTE-Flash model", results_dir=None, **kwargs):
@@ -494,7 +497,7 @@ AutoModel.register(TTEFlashConfig, TTEFlashModel)
 try:  # legacy Qwen2-VL key names (model.layers.*, visual.*) load into this class as into Qwen2-VL's
     from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
     _qwen2_vl_mapping = get_checkpoint_conversion_mapping("Qwen2VLForConditionalGeneration")
-    if _qwen2_vl_mapping:
+    if _qwen2_vl_mapping and not get_checkpoint_conversion_mapping("TTEFlashModel"):
         register_checkpoint_conversion_mapping("TTEFlashModel", _qwen2_vl_mapping)
 except ImportError:  # older transformers 5.x keep the mapping on the class, which this class inherits
     pass
