@@ -84,9 +84,12 @@ def hit_at_k(scores, k: int = 1, ties: str = "pessimistic") -> float:
 def ndcg_at_k(scores, k: int = 5, ties: str = "pessimistic") -> float:
     """Mean NDCG@k with binary relevance and one positive (column 0): ``1/log2(rank + 1)`` if rank <= k."""
     best, worst = _rank_range(scores, ties)
-    gains = torch.tensor([0.0] + [1 / math.log2(r + 1) for r in range(1, k + 1)], dtype=torch.float64).cumsum(0)
-    total = gains[worst.clamp(max=k)] - gains[(best - 1).clamp(max=k)]  # sum of gains over the tied ranks
-    values = total / (worst - best + 1).double()
+    gain = torch.tensor([0.0] + [1 / math.log2(r + 1) for r in range(1, k + 1)] + [0.0], dtype=torch.float64)
+    if ties != "expected":
+        values = gain[worst.clamp(max=k + 1)]  # gain[k + 1] = 0: ranked below the cut-off
+    else:  # mean gain over the tied ranks best..worst
+        cumulative = gain[:k + 1].cumsum(0)
+        values = (cumulative[worst.clamp(max=k)] - cumulative[(best - 1).clamp(max=k)]) / (worst - best + 1).double()
     return float(values.mean()) if values.numel() else 0.0
 
 
