@@ -2,7 +2,9 @@
 
 Providers (same inputs, same layout):
 
-* ``tte-triton``  - :func:`tte_flash.kernels.tte_attention`, mask computed in-kernel;
+* ``tte-triton``  - :func:`tte_flash.kernels.tte_attention_with_layout`, mask computed in-kernel; the
+  layout's checks and O(T) bounds (:func:`~tte_flash.kernels.prepare_layout`, done once per training step
+  for all layers) are left out of the timing, like FlexAttention's block mask and FA2's ``cu_seqlens``;
 * ``sdpa-dense``  - PyTorch SDPA with the dense (T x T) boolean mask of :func:`tte_flash.mask.dense_mask`
   (built once, outside the timing; K/V repeated to the query heads inside);
 * ``flex``        - compiled FlexAttention with a ``mask_mod`` derived from :func:`tte_flash.mask.visible`
@@ -109,8 +111,9 @@ def causal_pairs(layout: Layout) -> int:
 def setup(provider: str, layout: Layout, q, k, v, options: dict):
     group = q.shape[1] // k.shape[1]
     if provider == "tte-triton":
-        from tte_flash.kernels import tte_attention
-        return lambda: tte_attention(q, k, v, layout.seq_ids, layout.token_types, **options)
+        from tte_flash.kernels import prepare_layout, tte_attention_with_layout
+        prepared = prepare_layout(layout.seq_ids, layout.token_types, **options)  # once per step, all layers
+        return lambda: tte_attention_with_layout(q, k, v, prepared)
     if provider == "sdpa-dense":
         mask = dense_mask(layout.seq_ids, layout.token_types, **options)  # (T, T), outside the timing
 

@@ -46,6 +46,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -163,14 +164,19 @@ def _fwd_kernel(Q, K, V, O, LSE, SEQ, TYPES, KV_LO, KV_HI,
 @triton.jit
 def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, SEQ, TYPES, Q_LO, Q_HI,
                      stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
-                     stride_dkt, stride_dkh, stride_dvt, stride_dvh,
-                     T, GROUP, qk_scale, sm_scale,
+                     stride_dks, stride_dkt, stride_dkh, stride_dvs, stride_dvt, stride_dvh,
+                     T, GROUP, HEADS_PER_SPLIT, qk_scale, sm_scale,
                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, THINK_BIDIRECTIONAL: tl.constexpr, COT_SEES_QUERY: tl.constexpr,
                      ACC_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """One (key block, KV head): dK and dV of BLOCK_N keys, summed over the GROUP query heads."""
+    """One (key block, KV head, split): dK and dV of BLOCK_N keys, summed over HEADS_PER_SPLIT query heads.
+
+    With more than one split (small grids), each split writes its partial sums to its own slice of
+    DK/DV (``stride_dks`` apart) and the launcher adds them up: deterministic, no atomics.
+    """
     n0 = tl.program_id(0) * BLOCK_N
     kv_head = tl.program_id(1)
+    split = tl.program_id(2)
     keys = n0 + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -189,7 +195,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, SEQ, TYPES, Q_LO, Q_HI,
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC_DTYPE)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC_DTYPE)
-    for g in range(0, GROUP):
+    for g in range(split * HEADS_PER_SPLIT, (split + 1) * HEADS_PER_SPLIT):
         head = kv_head * GROUP + g
         q_ptrs = Q + head * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :]
         do_ptrs = DO + head * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :]
@@ -215,9 +221,9 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, SEQ, TYPES, Q_LO, Q_HI,
             dk += tl.dot(ds_t.to(Q.dtype.element_ty).to(DOT_DTYPE), q, input_precision=DOT_PRECISION)
 
     dk *= sm_scale
-    tl.store(DK + kv_head * stride_dkh + keys[:, None] * stride_dkt + offs_d[None, :],
+    tl.store(DK + split * stride_dks + kv_head * stride_dkh + keys[:, None] * stride_dkt + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=key_mask)
-    tl.store(DV + kv_head * stride_dvh + keys[:, None] * stride_dvt + offs_d[None, :],
+    tl.store(DV + split * stride_dvs + kv_head * stride_dvh + keys[:, None] * stride_dvt + offs_d[None, :],
              dv.to(DV.dtype.element_ty), mask=key_mask)
 
 
@@ -281,44 +287,41 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, SEQ, TYPES, KV_LO, KV_HI,
 # Launchers: checks, layout bounds, block choice
 # ----------------------------------------------------------------------------------------------------
 
-def _check_inputs(q, k, v, seq_ids, token_types):
-    """Raise ``ValueError`` with a clear message for anything the kernels cannot take."""
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(x, torch.Tensor) or x.ndim != 3:
-            raise ValueError(f"{name} must be a 3-D tensor (tokens, heads, head_dim), got "
-                             f"{getattr(x, 'shape', type(x))}")
-    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in _DTYPES:
-        raise ValueError(f"q, k, v must share one dtype in {_DTYPES}, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    tokens, q_heads, head_dim = q.shape
-    if k.shape[0] != tokens or k.shape[2] != head_dim:
-        raise ValueError(f"k/v shape {tuple(k.shape)} does not match q shape {tuple(q.shape)} in tokens or head_dim")
-    if k.shape[1] == 0 or q_heads % k.shape[1] != 0:
-        raise ValueError(f"query heads ({q_heads}) must be a multiple of key/value heads ({k.shape[1]})")
-    if not 1 <= head_dim <= _MAX_HEAD_DIM:
-        raise ValueError(f"head_dim must be in [1, {_MAX_HEAD_DIM}], got {head_dim}")
-    if q.numel() >= 2**31 or k.numel() >= 2**31:
-        raise ValueError("tensors of 2**31 or more elements are not supported (int32 offsets)")
+class KernelLayout(NamedTuple):
+    """A checked packed layout with its visibility bounds; build once per step, reuse in every layer."""
+    seq_ids: torch.Tensor  # (T,) int32, non-decreasing
+    token_types: torch.Tensor  # (T,) uint8, non-decreasing within a sample
+    kv_lo: torch.Tensor  # (T,) int32: first key row i can see
+    kv_hi: torch.Tensor  # (T,) int32: one past the last key row i can see
+    q_lo: torch.Tensor  # (T,) int32: first row that can see key j
+    q_hi: torch.Tensor  # (T,) int32: one past the last row that can see key j
+    think_bidirectional: bool  # THINK tokens of a sample see each other
+    cot_sees_query: bool  # COT rows see the QUERY span
+
+    @property
+    def bounds(self):
+        return self.kv_lo, self.kv_hi, self.q_lo, self.q_hi
+
+
+def prepare_layout(seq_ids, token_types, *, think_bidirectional=False, cot_sees_query=True) -> KernelLayout:
+    """Check a packed layout and compute its bounds (O(T) torch ops; the checks sync with the host)."""
     for name, x in (("seq_ids", seq_ids), ("token_types", token_types)):
         if not isinstance(x, torch.Tensor) or x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
             raise ValueError(f"{name} must be an integer tensor, got {getattr(x, 'dtype', type(x))}")
-    if seq_ids.ndim != 1 or seq_ids.numel() != tokens:
-        raise ValueError(f"seq_ids must have shape ({tokens},) to match q, got {tuple(seq_ids.shape)}")
-    devices = {x.device for x in (q, k, v, seq_ids, token_types)}
-    if len(devices) != 1:
-        raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
-    if q.device.type != "cuda" and not _INTERPRET:
-        raise ValueError(f"tte_attention needs CUDA tensors (got {q.device}); on CPU set TRITON_INTERPRET=1 "
-                         "before importing tte_flash.kernels, or use tte_flash.attention.reference_attention")
+    if seq_ids.device != token_types.device:
+        raise ValueError(f"seq_ids and token_types must be on one device, got {seq_ids.device} and "
+                         f"{token_types.device}")
     check_layout(seq_ids, token_types)
+    seq_ids, token_types = seq_ids.to(torch.int32).contiguous(), token_types.to(torch.uint8).contiguous()
+    bounds = _layout_bounds(seq_ids, token_types, think_bidirectional=bool(think_bidirectional),
+                            cot_sees_query=bool(cot_sees_query))
+    return KernelLayout(seq_ids, token_types, *bounds, bool(think_bidirectional), bool(cot_sees_query))
 
 
 def _layout_bounds(seq_ids, token_types, *, think_bidirectional, cot_sees_query):
-    """Per-token visibility bounds (int32, (T,) each) from the layout; O(T), no host sync.
+    """Per-token visibility bounds (kv_lo, kv_hi, q_lo, q_hi), int32 (T,) each; O(T), no host sync.
 
-    kv_lo/kv_hi: the keys row i can see lie in [kv_lo[i], kv_hi[i]).
-    q_lo/q_hi: the rows that can see key j lie in [q_lo[j], q_hi[j]).
+    The keys row i can see lie in [kv_lo[i], kv_hi[i]); the rows that can see key j in [q_lo[j], q_hi[j]).
     """
     tokens = seq_ids.numel()
     index = torch.arange(tokens, device=seq_ids.device)
@@ -346,6 +349,35 @@ def _layout_bounds(seq_ids, token_types, *, think_bidirectional, cot_sees_query)
     return tuple(x.to(torch.int32).contiguous() for x in (kv_lo, kv_hi, q_lo, q_hi))
 
 
+def _check_qkv(q, k, v, layout: KernelLayout):
+    """Raise ``ValueError`` with a clear message for q, k, v the kernels cannot take (no host sync)."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor) or x.ndim != 3:
+            raise ValueError(f"{name} must be a 3-D tensor (tokens, heads, head_dim), got "
+                             f"{getattr(x, 'shape', type(x))}")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in _DTYPES:
+        raise ValueError(f"q, k, v must share one dtype in {_DTYPES}, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    tokens, q_heads, head_dim = q.shape
+    if k.shape[0] != tokens or k.shape[2] != head_dim:
+        raise ValueError(f"k/v shape {tuple(k.shape)} does not match q shape {tuple(q.shape)} in tokens or head_dim")
+    if k.shape[1] == 0 or q_heads % k.shape[1] != 0:
+        raise ValueError(f"query heads ({q_heads}) must be a multiple of key/value heads ({k.shape[1]})")
+    if not 1 <= head_dim <= _MAX_HEAD_DIM:
+        raise ValueError(f"head_dim must be in [1, {_MAX_HEAD_DIM}], got {head_dim}")
+    if q.numel() >= 2**31 or k.numel() >= 2**31:
+        raise ValueError("tensors of 2**31 or more elements are not supported (int32 offsets)")
+    if layout.seq_ids.numel() != tokens:
+        raise ValueError(f"seq_ids/token_types have {layout.seq_ids.numel()} tokens, q has {tokens}")
+    devices = {x.device for x in (q, k, v, layout.seq_ids)}
+    if len(devices) != 1:
+        raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
+    if q.device.type != "cuda" and not _INTERPRET:
+        raise ValueError(f"tte_attention needs CUDA tensors (got {q.device}); on CPU set TRITON_INTERPRET=1 "
+                         "before triton is imported, or use tte_flash.attention.reference_attention")
+
+
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
               torch.float64: tl.float64}
 
@@ -363,107 +395,120 @@ def _dtype_constexprs(dtype):
     return dict(ACC_DTYPE=acc, DOT_DTYPE=dot, DOT_PRECISION="tf32" if low_precision else "ieee")
 
 
-# Interpreter: small fixed blocks (several tiles per sample in tests). CUDA: autotuned, Hopper-oriented.
+# Interpreter: small fixed blocks (several tiles per sample in tests). CUDA: autotuned over Hopper-minded
+# (BLOCK_M, BLOCK_N, warps, stages); untuned guesses, see the module docstring.
 _INTERPRET_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16}
-
-
-def _cuda_configs(block_pairs):
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-            for m, n, w, s in block_pairs]
-
-
 _FWD_CONFIGS = ((128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2), (64, 32, 4, 2))
 _DKDV_CONFIGS = ((32, 128, 8, 2), (64, 64, 4, 3), (32, 64, 4, 3), (64, 128, 8, 2), (16, 64, 4, 2))
 _DQ_CONFIGS = ((128, 32, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3), (128, 64, 8, 2), (64, 16, 4, 2))
+_KERNELS = {"fwd": (_fwd_kernel, _FWD_CONFIGS), "dkdv": (_bwd_dkdv_kernel, _DKDV_CONFIGS),
+            "dq": (_bwd_dq_kernel, _DQ_CONFIGS)}
 
 
 @functools.cache
 def _tuned(kernel_name):
     """The autotuned CUDA variant of a kernel (built lazily: autotune needs a GPU driver)."""
-    kernel, configs = {"fwd": (_fwd_kernel, _FWD_CONFIGS), "dkdv": (_bwd_dkdv_kernel, _DKDV_CONFIGS),
-                       "dq": (_bwd_dq_kernel, _DQ_CONFIGS)}[kernel_name]
-    return triton.autotune(configs=_cuda_configs(configs), key=["HEAD_DIM", "GROUP"])(kernel)
+    kernel, configs = _KERNELS[kernel_name]
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in configs]
+    return triton.autotune(configs=configs, key=["HEAD_DIM", "GROUP"])(kernel)
 
 
-def _launch(kernel_name, grid_tokens, grid_heads, args, blocks=None, **constexprs):
-    """Launch a kernel: fixed blocks when interpreting (or when ``blocks`` is given), autotuned on CUDA."""
-    kernel = {"fwd": _fwd_kernel, "dkdv": _bwd_dkdv_kernel, "dq": _bwd_dq_kernel}[kernel_name]
-    along_n = kernel_name == "dkdv"  # dK/dV programs own key blocks
+def _launch(kernel_name, tokens, grid_rest, args, blocks=None, **constexprs):
+    """Launch over (token blocks, *grid_rest): fixed ``blocks`` (default when interpreting) or autotuned."""
+    block_key = "BLOCK_N" if kernel_name == "dkdv" else "BLOCK_M"  # dK/dV programs own key blocks
     if blocks is None and not _INTERPRET:
-        def grid(meta):
-            return (triton.cdiv(grid_tokens, meta["BLOCK_N" if along_n else "BLOCK_M"]), grid_heads)
-        _tuned(kernel_name)[grid](*args, **constexprs)
+        _tuned(kernel_name)[lambda meta: (triton.cdiv(tokens, meta[block_key]), *grid_rest)](*args, **constexprs)
         return
     blocks = blocks or _INTERPRET_BLOCKS
-    grid = (triton.cdiv(grid_tokens, blocks["BLOCK_N" if along_n else "BLOCK_M"]), grid_heads)
-    kernel[grid](*args, **blocks, **constexprs)
+    _KERNELS[kernel_name][0][(triton.cdiv(tokens, blocks[block_key]), *grid_rest)](*args, **blocks, **constexprs)
 
 
-def _attention_forward(q, k, v, seq_ids, token_types, bounds, *, think_bidirectional, cot_sees_query, scale,
-                       out=None, blocks=None):
+def _group_splits(tokens, kv_heads, group, device):
+    """How many programs share one KV head's query heads in the dK/dV kernel: the smallest divisor of the
+    group that gives about two waves of programs (assuming 128-key blocks); 1 when interpreting."""
+    if _INTERPRET or device.type != "cuda":
+        return 1
+    target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    blocks = triton.cdiv(tokens, 128) * kv_heads
+    return next(d for d in range(1, group + 1) if group % d == 0 and (blocks * d >= target or d == group))
+
+
+def _attention_forward(q, k, v, layout: KernelLayout, *, scale, out=None, blocks=None):
     """Forward launcher on checked, contiguous inputs: returns (out (T, Hq, D), lse (Hq, T), base 2)."""
     tokens, q_heads, head_dim = q.shape
     out = torch.empty_like(q) if out is None else out
-    lse = torch.empty(q_heads, tokens, device=q.device, dtype=torch.float64 if q.dtype == torch.float64
-                      else torch.float32)
-    kv_lo, kv_hi = bounds[0], bounds[1]
-    args = (q, k, v, out, lse, seq_ids, token_types, kv_lo, kv_hi,
+    lse = torch.empty(q_heads, tokens, device=q.device,
+                      dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
+    args = (q, k, v, out, lse, layout.seq_ids, layout.token_types, layout.kv_lo, layout.kv_hi,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             out.stride(0), out.stride(1), tokens, q_heads // k.shape[1], scale * _LOG2E)
-    _launch("fwd", tokens, q_heads, args, blocks, HEAD_DIM=head_dim,
-            BLOCK_D=max(16, triton.next_power_of_2(head_dim)), THINK_BIDIRECTIONAL=think_bidirectional,
-            COT_SEES_QUERY=cot_sees_query, **_dtype_constexprs(q.dtype))
+    _launch("fwd", tokens, (q_heads,), args, blocks, HEAD_DIM=head_dim,
+            BLOCK_D=max(16, triton.next_power_of_2(head_dim)), THINK_BIDIRECTIONAL=layout.think_bidirectional,
+            COT_SEES_QUERY=layout.cot_sees_query, **_dtype_constexprs(q.dtype))
     return out, lse
 
 
-def _attention_backward(do, q, k, v, out, lse, seq_ids, token_types, bounds, *, think_bidirectional,
-                        cot_sees_query, scale, grads=None, blocks=None):
-    """Backward launcher: returns (dq, dk, dv); ``grads`` optionally supplies the three output buffers."""
+def _attention_backward(do, q, k, v, out, lse, layout: KernelLayout, *, scale, grads=None, blocks=None,
+                        splits=None):
+    """Backward launcher: returns (dq, dk, dv); ``grads`` optionally supplies the three output buffers,
+    ``splits`` the number of programs per KV head's query-head group in the dK/dV kernel."""
     tokens, q_heads, head_dim = q.shape
     kv_heads = k.shape[1]
+    group = q_heads // kv_heads
+    splits = splits or _group_splits(tokens, kv_heads, group, q.device)
     dq, dk, dv = grads if grads is not None else (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v))
+    # partial dK/dV per split, in the accumulator dtype, summed below (deterministic)
+    dk_part, dv_part = ((dk[None], dv[None]) if splits == 1 else
+                        [torch.empty(splits, *k.shape, device=k.device, dtype=lse.dtype) for _ in range(2)])
     delta = (do.to(lse.dtype) * out.to(lse.dtype)).sum(-1).transpose(0, 1).contiguous()  # (Hq, T)
-    kv_lo, kv_hi, q_lo, q_hi = bounds
     common = dict(HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-                  THINK_BIDIRECTIONAL=think_bidirectional, COT_SEES_QUERY=cot_sees_query,
+                  THINK_BIDIRECTIONAL=layout.think_bidirectional, COT_SEES_QUERY=layout.cot_sees_query,
                   **_dtype_constexprs(q.dtype))
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                do.stride(0), do.stride(1))
-    group = q_heads // kv_heads
-    _launch("dkdv", tokens, kv_heads,
-            (q, k, v, do, lse, delta, dk, dv, seq_ids, token_types, q_lo, q_hi, *strides,
-             dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), tokens, group, scale * _LOG2E, scale),
-            blocks, **common)
-    _launch("dq", tokens, q_heads,
-            (q, k, v, do, lse, delta, dq, seq_ids, token_types, kv_lo, kv_hi, *strides,
-             dq.stride(0), dq.stride(1), tokens, group, scale * _LOG2E, scale),
-            blocks, **common)
+    _launch("dkdv", tokens, (kv_heads, splits),
+            (q, k, v, do, lse, delta, dk_part, dv_part, layout.seq_ids, layout.token_types, layout.q_lo,
+             layout.q_hi, *strides, *dk_part.stride()[:3], *dv_part.stride()[:3], tokens, group, group // splits,
+             scale * _LOG2E, scale), blocks, **common)
+    if splits > 1:
+        dk.copy_(dk_part.sum(0))
+        dv.copy_(dv_part.sum(0))
+    _launch("dq", tokens, (q_heads,),
+            (q, k, v, do, lse, delta, dq, layout.seq_ids, layout.token_types, layout.kv_lo, layout.kv_hi, *strides,
+             dq.stride(0), dq.stride(1), tokens, group, scale * _LOG2E, scale), blocks, **common)
     return dq, dk, dv
 
 
 # ----------------------------------------------------------------------------------------------------
-# Autograd
+# Autograd and the public functions
 # ----------------------------------------------------------------------------------------------------
 
 class _TTEAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, seq_ids, token_types, think_bidirectional, cot_sees_query, scale):
-        bounds = _layout_bounds(seq_ids, token_types, think_bidirectional=think_bidirectional,
-                                cot_sees_query=cot_sees_query)
-        out, lse = _attention_forward(q, k, v, seq_ids, token_types, bounds,
-                                      think_bidirectional=think_bidirectional, cot_sees_query=cot_sees_query,
-                                      scale=scale)
-        ctx.save_for_backward(q, k, v, out, lse, seq_ids, token_types, *bounds)
-        ctx.options = dict(think_bidirectional=think_bidirectional, cot_sees_query=cot_sees_query, scale=scale)
+    def forward(ctx, q, k, v, layout, scale):
+        out, lse = _attention_forward(q, k, v, layout, scale=scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.layout, ctx.scale = layout, scale
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, d_out, d_lse):
-        q, k, v, out, lse, seq_ids, token_types, *bounds = ctx.saved_tensors
-        dq, dk, dv = _attention_backward(d_out.contiguous(), q, k, v, out, lse, seq_ids, token_types, bounds,
-                                         **ctx.options)
-        return dq, dk, dv, None, None, None, None, None
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = _attention_backward(d_out.contiguous(), q, k, v, out, lse, ctx.layout, scale=ctx.scale)
+        return dq, dk, dv, None, None
+
+
+def tte_attention_with_layout(q, k, v, layout: KernelLayout, *, scale=None, return_lse=False):
+    """:func:`tte_attention` on a layout from :func:`prepare_layout` (skips the layout checks and bounds)."""
+    _check_qkv(q, k, v, layout)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if q.shape[0] == 0:
+        out = q.new_empty(q.shape) + 0 * (k.sum() + v.sum())  # keeps the autograd graph
+        lse = torch.empty(q.shape[1], 0, device=q.device, dtype=torch.float32)
+        return (out, lse) if return_lse else out
+    out, lse2 = _TTEAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), layout, scale)
+    return (out, lse2 * _LN2) if return_lse else out
 
 
 def tte_attention(q, k, v, seq_ids, token_types, *, think_bidirectional=False, cot_sees_query=True, scale=None,
@@ -474,15 +519,9 @@ def tte_attention(q, k, v, seq_ids, token_types, *, think_bidirectional=False, c
     token_types: (T,) integer in {0 query, 1 think, 2 emb, 3 cot}, non-decreasing within a sample.
     ``scale`` defaults to D ** -0.5. Returns (T, Hq, D) in q's dtype, and with ``return_lse`` also the
     natural-log log-sum-exp of each row's scaled scores, (Hq, T) float32 (float64 for float64 inputs;
-    not differentiable).
+    not differentiable). Many layers on one layout: :func:`prepare_layout` once, then
+    :func:`tte_attention_with_layout`.
     """
-    _check_inputs(q, k, v, seq_ids, token_types)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if q.shape[0] == 0:
-        out = q.new_empty(q.shape) + 0 * (k.sum() + v.sum())  # keeps the autograd graph
-        lse = torch.empty(q.shape[1], 0, device=q.device, dtype=torch.float32)
-        return (out, lse) if return_lse else out
-    out, lse2 = _TTEAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(),
-                                    seq_ids.to(torch.int32).contiguous(), token_types.to(torch.uint8).contiguous(),
-                                    bool(think_bidirectional), bool(cot_sees_query), scale)
-    return (out, lse2 * _LN2) if return_lse else out
+    layout = prepare_layout(seq_ids, token_types, think_bidirectional=think_bidirectional,
+                            cot_sees_query=cot_sees_query)
+    return tte_attention_with_layout(q, k, v, layout, scale=scale, return_lse=return_lse)

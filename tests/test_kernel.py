@@ -23,7 +23,7 @@ import pytest  # noqa: E402
 from hypothesis import given, settings, strategies as st  # noqa: E402
 
 from tte_flash.attention import reference_attention  # noqa: E402
-from tte_flash.kernels import tte_attention  # noqa: E402
+from tte_flash.kernels import prepare_layout, tte_attention, tte_attention_with_layout  # noqa: E402
 from tte_flash.mask import COT, EMB, QUERY, THINK, dense_mask  # noqa: E402
 
 # the module (its name is shadowed by the function in tte_flash.kernels): internal launchers and bounds
@@ -116,35 +116,32 @@ def test_head_dim_not_power_of_two():
                           cot_sees_query=False)
 
 
-@pytest.mark.parametrize("blocks", [{"BLOCK_M": 32, "BLOCK_N": 16}, {"BLOCK_M": 16, "BLOCK_N": 32}])
-def test_unequal_blocks(blocks):
-    """CUDA configs use BLOCK_M != BLOCK_N: run the launchers with such blocks directly."""
+@pytest.mark.parametrize("blocks, splits", [({"BLOCK_M": 32, "BLOCK_N": 16}, 1), ({"BLOCK_M": 16, "BLOCK_N": 32}, 3)])
+def test_unequal_blocks_and_group_splits(blocks, splits):
+    """CUDA configs use BLOCK_M != BLOCK_N, and on small grids the dK/dV kernel splits a KV head's query
+    heads over several programs: run the launchers with such settings directly."""
     def attention(q, k, v, seq_ids, token_types, **options):
-        return _launch_with_blocks(q, k, v, seq_ids, token_types, blocks, **options)
-    assert_matches_oracle([(17, 5, 1, 20), (3, 0, 0, 0), (20, 3, 1, 6)], 4, 2, 16, torch.float32,
+        return _launch_with(q, k, v, kernel_module.prepare_layout(seq_ids, token_types, **options), blocks, splits)
+    assert_matches_oracle([(17, 5, 1, 20), (3, 0, 0, 0), (20, 3, 1, 6)], 6, 2, 16, torch.float32,
                           think_bidirectional=True, cot_sees_query=False, attention=attention)
 
 
-def _launch_with_blocks(q, k, v, seq_ids, token_types, blocks, *, think_bidirectional, cot_sees_query):
-    """The autograd wrapper with fixed block sizes (the public API picks blocks itself)."""
-    options = dict(think_bidirectional=think_bidirectional, cot_sees_query=cot_sees_query,
-                   scale=q.shape[-1] ** -0.5)
+def _launch_with(q, k, v, layout, blocks, splits):
+    """The autograd wrapper with fixed block sizes and group splits (the public API picks them itself)."""
+    scale = q.shape[-1] ** -0.5
 
     class Attention(torch.autograd.Function):
         @staticmethod
         def forward(ctx, q, k, v):
-            bounds = kernel_module._layout_bounds(seq_ids, token_types, think_bidirectional=think_bidirectional,
-                                                  cot_sees_query=cot_sees_query)
-            out, lse = kernel_module._attention_forward(q, k, v, seq_ids, token_types, bounds, blocks=blocks,
-                                                        **options)
-            ctx.save_for_backward(q, k, v, out, lse, *bounds)
+            out, lse = kernel_module._attention_forward(q, k, v, layout, scale=scale, blocks=blocks)
+            ctx.save_for_backward(q, k, v, out, lse)
             return out
 
         @staticmethod
         def backward(ctx, d_out):
-            q, k, v, out, lse, *bounds = ctx.saved_tensors
-            return kernel_module._attention_backward(d_out.contiguous(), q, k, v, out, lse, seq_ids, token_types,
-                                                     bounds, blocks=blocks, **options)
+            q, k, v, out, lse = ctx.saved_tensors
+            return kernel_module._attention_backward(d_out.contiguous(), q, k, v, out, lse, layout, scale=scale,
+                                                     blocks=blocks, splits=splits)
 
     return Attention.apply(q, k, v)
 
@@ -162,6 +159,8 @@ def test_matches_reference_attention_and_lse():
     expected_lse = scores.masked_fill(~mask, float("-inf")).logsumexp(-1)  # (Hq, T)
     assert lse.shape == (4, len(seq_ids)) and not lse.requires_grad
     torch.testing.assert_close(lse.double(), expected_lse, atol=1e-5, rtol=1e-5)
+    layout = prepare_layout(seq_ids, token_types, think_bidirectional=True, cot_sees_query=False)
+    torch.testing.assert_close(tte_attention_with_layout(q, k, v, layout, scale=0.3), out, atol=0, rtol=0)
 
 
 def test_gradcheck_fp64():
@@ -179,16 +178,14 @@ def test_every_output_element_written(blocks):
     samples = [(1, 0, 0, 0)] * 5 + [(2, 1, 1, 3), (17, 16, 1, 1), (0, 2, 1, 0), (1, 0, 0, 0), (9, 0, 1, 14)]
     seq_ids, token_types = build_layout(samples)
     q, k, v = (x.detach() for x in random_qkv(len(seq_ids), 6, 2, 24, torch.float32))
-    options = dict(think_bidirectional=True, cot_sees_query=False, scale=24 ** -0.5)
-    bounds = kernel_module._layout_bounds(seq_ids, token_types, think_bidirectional=True, cot_sees_query=False)
+    layout = kernel_module.prepare_layout(seq_ids, token_types, think_bidirectional=True, cot_sees_query=False)
     poisoned = [torch.full_like(x, float("nan")) for x in (q, q, k, v)]
-    out, lse = kernel_module._attention_forward(q, k, v, seq_ids, token_types, bounds, out=poisoned[0],
-                                                blocks=blocks, **options)
-    grads = kernel_module._attention_backward(torch.randn_like(out), q, k, v, out, lse, seq_ids, token_types,
-                                              bounds, grads=poisoned[1:], blocks=blocks, **options)
+    out, lse = kernel_module._attention_forward(q, k, v, layout, scale=24 ** -0.5, out=poisoned[0], blocks=blocks)
+    grads = kernel_module._attention_backward(torch.randn_like(out), q, k, v, out, lse, layout, scale=24 ** -0.5,
+                                              grads=poisoned[1:], blocks=blocks, splits=1)
     for tensor in (out, lse, *grads):
         assert torch.isfinite(tensor).all()
-    assert out.data_ptr() == poisoned[0].data_ptr()
+    assert all(x.data_ptr() == y.data_ptr() for x, y in zip((out, *grads), poisoned))
 
 
 @settings(max_examples=25, deadline=None)
@@ -243,7 +240,7 @@ def _tensor(values, dtype):
     (lambda: _inputs(q_heads=3, kv_heads=2), "multiple"),
     (lambda: _inputs(v=_inputs(head_dim=32)["v"]), "same shape"),
     (lambda: _inputs(q=_inputs(tokens=7)["q"]), "tokens"),
-    (lambda: _inputs(tokens=7, q_heads=2), "seq_ids must have shape"),
+    (lambda: _inputs(tokens=7, q_heads=2), "seq_ids/token_types have 6 tokens"),
     (lambda: _inputs(seq_ids=_tensor([0, 0, 1, 1, 0, 2], torch.int32)), "non-decreasing"),
     (lambda: _inputs(token_types=_tensor([0, 0, 4, 1, 2, 3], torch.uint8)), r"in \["),
     (lambda: _inputs(token_types=_tensor([0, 1, 0, 1, 2, 3], torch.uint8)), "within a sample"),
