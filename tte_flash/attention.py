@@ -45,6 +45,14 @@ class TTELayout:
     # rows in ``record_rows`` (flat indices into B*L) to this list, as (rows, Hq, B*L) tensors.
     record_attention: list | None = None
     record_rows: torch.Tensor | None = None
+    _mask: torch.Tensor | None = None
+
+    def dense_mask(self) -> torch.Tensor:
+        """(B, 1, L, L) boolean mask for the reference path, built once per forward (not per layer)."""
+        if self._mask is None:
+            self._mask = dense_mask(self.seq_ids, self.token_types, think_bidirectional=self.think_bidirectional,
+                                    cot_sees_query=self.cot_sees_query)[:, None]
+        return self._mask
 
 
 def resolve_backend(requested: str | None, device: torch.device) -> str:
@@ -86,8 +94,7 @@ def _tte_attention_forward(module, query, key, value, attention_mask, scaling=No
                             layout.token_types.reshape(-1), think_bidirectional=layout.think_bidirectional,
                             cot_sees_query=layout.cot_sees_query, scale=scaling)
         return out.view(batch, length, heads, head_dim), None
-    mask = dense_mask(layout.seq_ids, layout.token_types, think_bidirectional=layout.think_bidirectional,
-                      cot_sees_query=layout.cot_sees_query)[:, None]  # (B, 1, L, L)
+    mask = layout.dense_mask()  # (B, 1, L, L)
     if layout.record_attention is not None:
         layout.record_attention.append(_attention_probs(query, key, mask, scaling, layout.record_rows))
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,

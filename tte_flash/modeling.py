@@ -114,8 +114,8 @@ class TTEFlashModel(Qwen2VLForConditionalGeneration):
         config_dict = {k: v for k, v in config_dict.items() if k not in ("model_type", "architectures")}
         tte_fields.setdefault("default_think_tokens", min(16, max_think_tokens))
         tte_fields.setdefault("backbone_name_or_path", path)
-        config = TTEFlashConfig(**config_dict, max_think_tokens=max_think_tokens, think_token_ids=think_ids,
-                                emb_token_id=emb_id, **tte_fields)
+        config = TTEFlashConfig(**{**config_dict, **tte_fields, "max_think_tokens": max_think_tokens,
+                                   "think_token_ids": think_ids, "emb_token_id": emb_id})
         model = super().from_pretrained(path, config=config, **kwargs)
         if len(tokenizer) > model.get_input_embeddings().num_embeddings:
             model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
@@ -296,12 +296,13 @@ class TTEFlashModel(Qwen2VLForConditionalGeneration):
     @torch.inference_mode()
     def encode(self, inputs, *, think_tokens: int = 0, batch_size: int = 32, normalize_embeddings: bool | None = None,
                truncate_dim: int | None = None, convert_to_numpy: bool = True, convert_to_tensor: bool = False,
-               show_progress_bar: bool | None = None, device=None, packed: bool = True, mode: str = "latent",
+               show_progress_bar: bool | None = None, device=None, packed: bool | None = None, mode: str = "latent",
                max_cot_tokens: int = 128, instruction: str | None = None):
         """Embed inputs: a str, PIL image, path, dict (``text``/``image``/``video``/``instruction``) or a list.
 
         Batches are sorted by length for speed and returned in input order; batching (packed or
-        padded) never changes an embedding. Returns float32 numpy (default) or a torch tensor
+        padded) never changes an embedding. ``packed=None`` packs (padding-free) on the Triton
+        backend and pads on the reference backend, whose dense mask is quadratic in the row length. Returns float32 numpy (default) or a torch tensor
         (``convert_to_tensor=True``), 1-D for a single input and (n, dim) for a list.
         """
         self._check_think_tokens(think_tokens)
@@ -315,6 +316,8 @@ class TTEFlashModel(Qwen2VLForConditionalGeneration):
             items = [{**_as_dict(x), "instruction": instruction} for x in items]
         if device is not None:
             self.to(device)
+        if packed is None:
+            packed = resolve_backend(self.config.attn_backend, self.device) == "triton"
         self.eval()
         records = [self.processor(item, i) for i, item in enumerate(items)]
         if mode == "explicit-cot":
@@ -433,8 +436,11 @@ class TTEFlashModel(Qwen2VLForConditionalGeneration):
             kwargs = _left_padded_generation_inputs(chunk, tokenizer.pad_token_id, self)
             out = self.generate(**kwargs, max_new_tokens=max_new_tokens, do_sample=False,
                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+            special = set(tokenizer.all_special_ids) | set(self.processor.think_token_ids) | {
+                self.processor.emb_token_id, self.config.image_token_id, self.config.video_token_id}
             for row in out[:, kwargs["input_ids"].shape[1]:].tolist():
-                traces.append(row[:row.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in row else row)
+                row = row[:row.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in row else row
+                traces.append([t for t in row if t not in special])  # a trace is plain text
         return traces
 
 
