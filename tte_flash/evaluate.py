@@ -10,7 +10,8 @@ are encoded once, and once for all (mode, K) runs. Relevance is binary, the posi
 
 **Ties are broken pessimistically**: the positive ranks below every candidate with an equal score,
 so a model that gives all candidates one score gets Hit@1 = 0, not 1 (``ties="expected"`` gives the
-mean over random tie orders; the shortcut baselines use it, so they are never understated).
+mean over random tie orders; the shortcut baselines use it, so they are never understated). VLM2Vec's
+``argmax`` instead credits the positive on an exact tie (it is candidate 0); scores can differ only there.
 NDCG@k with one relevant candidate at rank r is ``1/log2(r + 1)`` if r <= k else 0 (IDCG = 1).
 
 The output JSON is ``{"runs": [{dataset, mode, think_tokens, metrics: {"hit@1", "ndcg@5"}, shortcut_best,
