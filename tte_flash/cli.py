@@ -177,6 +177,10 @@ def main(argv=None) -> int:
         sub = commands.add_parser(name, help=text, add_help=False)
         sub.add_argument("rest", nargs=argparse.REMAINDER)
         sub.set_defaults(func=func)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    passthrough = {"evaluate": evaluate_command, "demo": demo_command}
+    if argv and argv[0] in passthrough:  # these parse their own flags
+        return passthrough[argv[0]](argparse.Namespace(rest=argv[1:]))
     args = parser.parse_args(argv)
     try:
         return args.func(args)
