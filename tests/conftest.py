@@ -1,6 +1,8 @@
 import os
 
-import numpy as np
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the Hub; offline lookups fail fast
+
+import numpy as np  # noqa: E402
 import pytest
 import torch
 from PIL import Image

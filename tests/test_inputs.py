@@ -133,6 +133,8 @@ def test_missing_checkpoint_directory(tmp_path):
         TTEFlashModel.from_pretrained(tmp_path / "does" / "not" / "exist")
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         TTEFlashModel.from_backbone("./missing-dir")
+    with pytest.raises(FileNotFoundError, match="checkpoint not found: runs/tiny"):
+        TTEFlashModel.from_pretrained("runs/tiny")  # relative dir or Hub id: neither exists (offline)
 
 
 def test_similarity_rejects_mismatched_sizes(tiny_model):

@@ -102,8 +102,7 @@ class TTEFlashModel(Qwen2VLForConditionalGeneration):
         (``torch_dtype``, ``device_map``, ...).
         """
         path = os.fspath(path)
-        _check_exists(path)
-        config_dict, _ = PreTrainedConfig.get_config_dict(path)
+        config_dict = _read_config_dict(path)
         if config_dict.get("model_type") != "qwen2_vl":
             raise ValueError(f"{path} is a {config_dict.get('model_type')!r} checkpoint; from_backbone needs a "
                              "Qwen2-VL ('qwen2_vl') checkpoint")
@@ -137,9 +136,8 @@ class TTEFlashModel(Qwen2VLForConditionalGeneration):
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs) -> "TTEFlashModel":
         """Load a saved TTE-Flash checkpoint (directory or Hub id) with its tokenizer."""
         path = os.fspath(pretrained_model_name_or_path)
-        _check_exists(path)
         hub_kwargs = {k: kwargs[k] for k in ("revision", "token", "cache_dir", "local_files_only") if k in kwargs}
-        config_dict, _ = PreTrainedConfig.get_config_dict(path, **hub_kwargs)
+        config_dict = _read_config_dict(path, **hub_kwargs)
         if config_dict.get("model_type") != TTEFlashConfig.model_type:
             hint = " (use TTEFlashModel.from_backbone for a Qwen2-VL backbone)" \
                 if config_dict.get("model_type") == "qwen2_vl" else ""
@@ -487,11 +485,17 @@ def _progress(flag: bool | None, n_batches: int) -> bool:
     return n_batches > 1 and logging.getLogger("tte_flash").getEffectiveLevel() <= logging.INFO
 
 
-def _check_exists(path: str) -> None:
-    looks_local = path.startswith(("/", ".", "~")) or os.sep in path.strip("/").replace("/", os.sep, 1)[1:] \
-        or Path(path).suffix != ""
-    if not Path(path).exists() and (looks_local or path.count("/") != 1):
-        raise FileNotFoundError(f"checkpoint not found: {path} (not a directory, and not a Hub id 'org/name')")
+def _read_config_dict(path: str, **hub_kwargs) -> dict:
+    """config.json of a local directory or Hub id, with a clear error when neither exists."""
+    looks_local = path.startswith(("/", ".", "~")) or path.count("/") > 1 or Path(path).suffix != ""
+    if not Path(path).exists() and looks_local:
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        config_dict, _ = PreTrainedConfig.get_config_dict(path, **hub_kwargs)
+    except OSError as err:
+        raise FileNotFoundError(f"checkpoint not found: {path} (no such directory, and the Hub lookup failed: "
+                                f"{str(err).splitlines()[0]})") from None
+    return config_dict
 
 
 _parent_signature = inspect.signature(Qwen2VLForConditionalGeneration.forward)
