@@ -32,19 +32,21 @@ def run(name, seed, args):
            "--train_data", str(Path(args.data) / "train.jsonl"), "--image_root", args.data,
            "--output_dir", str(run_dir), "--max_steps", str(args.steps), "--seed", str(seed),
            "--think_tokens", str(setting["think_tokens"]), "--cot_weight", str(setting["cot_weight"]),
-           "--learning_rate", str(args.learning_rate), "--save_strategy", "no", "--disable_tqdm", "true",
+           "--learning_rate", str(args.learning_rate), "--temperature", str(args.temperature), "--save_strategy", "no", "--disable_tqdm", "true",
            "--logging_steps", "20"]
     start = time.perf_counter()
-    subprocess.run(cmd, check=True, env=env, stdout=open(f"{run_dir}.log", "w"), stderr=subprocess.STDOUT)
-    train_seconds = time.perf_counter() - start
+    if not (run_dir / "train_summary.json").is_file():  # finished runs are reused
+        with open(f"{run_dir}.log", "w") as log:
+            subprocess.run(cmd, check=True, env=env, stdout=log, stderr=subprocess.STDOUT)
+    summary = json.loads((run_dir / "train_summary.json").read_text())
+    train_seconds = summary.get("train_runtime", time.perf_counter() - start)
     modes = ["latent", "explicit-cot"] if setting["cot_weight"] > 0 else ["latent"]
     budgets = sorted({0, setting["think_tokens"]})
     eval_cmd = [sys.executable, "-m", "tte_flash.evaluate", "--model", str(run_dir), "--data",
                 str(Path(args.data) / "eval.jsonl"), "--image_root", args.data, "--think_tokens", *map(str, budgets),
                 "--mode", *modes, "--max_cot_tokens", "64", "--output", str(run_dir / "eval_results.json")]
-    subprocess.run(eval_cmd, check=True, env=env, stdout=subprocess.DEVNULL, cwd=ROOT.parent)
+    subprocess.run(eval_cmd, check=True, env=env, stdout=subprocess.DEVNULL)
     result = json.loads((run_dir / "eval_results.json").read_text())
-    summary = json.loads((run_dir / "train_summary.json").read_text())
     logs = [e for e in summary["log_history"] if "contrastive_loss" in e]
     return {"setting": name, "seed": seed, "train_seconds": round(train_seconds, 1), "steps": args.steps,
             "final_contrastive_loss": logs[-1]["contrastive_loss"] if logs else None,
@@ -62,8 +64,10 @@ def main():
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--learning_rate", type=float, default=1e-3)
+    parser.add_argument("--temperature", type=float, default=0.05)
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
+    args.data, args.out = str(Path(args.data).resolve()), str(Path(args.out).resolve())
     Path(args.out).mkdir(parents=True, exist_ok=True)
     jobs = [(name, seed) for seed in args.seeds for name in args.settings]
     with ThreadPoolExecutor(args.workers) as pool:
