@@ -171,3 +171,17 @@ def test_cli_errors(tmp_path, capsys):
                                                      "tgt_text": ["a", "b"], "tgt_img_path": ["", ""]}) + "\n")
     assert main(["--data", str(tmp_path / "eval.jsonl"), "--no_shortcut"]) == 2
     assert "row 1" in (err := capsys.readouterr().err) and str(tmp_path / "gone.png") in err
+
+
+def test_embedding_spread_matches_hand_computed_cosines(tiny_model):
+    from tte_flash.evaluate import embedding_spread
+    queries = ["a red square", "two blue circles", "a green line"]
+    documents = ["red", "blue", "green", "yellow"]
+    result = embedding_spread(tiny_model, queries, documents, think_tokens=2)
+    q = torch.nn.functional.normalize(torch.as_tensor(tiny_model.encode_query(queries, think_tokens=2)), dim=-1)
+    d = torch.nn.functional.normalize(torch.as_tensor(tiny_model.encode_document(documents)), dim=-1)
+    pairs = [(i, j) for i in range(3) for j in range(3) if i != j]
+    assert result["query_query"] == pytest.approx(sum(float(q[i] @ q[j]) for i, j in pairs) / 6, abs=1e-5)
+    assert result["query_doc"] == pytest.approx(float((q @ d.T).mean()), abs=1e-5)
+    # a collapsed input set: the same query repeated has spread exactly 1
+    assert embedding_spread(tiny_model, ["same"] * 3, documents)["query_query"] == pytest.approx(1.0, abs=1e-5)

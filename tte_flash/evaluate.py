@@ -172,6 +172,18 @@ def evaluate_many(model, rows_or_path, image_root=None, think_tokens=(0,), modes
     return out
 
 
+def embedding_spread(model, queries, documents, think_tokens: int = 0) -> dict:
+    """Mean cosine between different queries, between different documents, and between queries and
+    documents. All three near 1 means the embedder has collapsed (every input maps to one vector)."""
+    q = model.encode_query(queries, think_tokens=think_tokens, convert_to_tensor=True, normalize_embeddings=True)
+    d = model.encode_document(documents, convert_to_tensor=True, normalize_embeddings=True)
+
+    def off_diagonal_mean(sim):
+        return float((sim.sum() - sim.diagonal().sum()) / max(sim.numel() - len(sim), 1))
+    return {"query_query": off_diagonal_mean(q @ q.T), "doc_doc": off_diagonal_mean(d @ d.T),
+            "query_doc": float((q @ d.T).mean())}
+
+
 def candidate_scores(similarity: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """[n_queries, n_candidates] scores from a query x unique-document similarity matrix and each
     row's document indices (-1: padding, scored -inf)."""
