@@ -232,3 +232,17 @@ def test_embedding_layer_reads_an_earlier_layer(fresh_tiny, rng):
         expected = last.model.language_model.norm(hidden[-2][0, -1])
     np.testing.assert_allclose(early.encode_query(item, think_tokens=2, normalize_embeddings=False), expected.numpy(),
                                atol=1e-5)
+
+
+def test_small_preset_equals_plain_transformers(tmp_path, rng):
+    """The `small` CPU-experiment preset (4 layers, 128 wide) is a standard Qwen2-VL too."""
+    torch.manual_seed(3)
+    model = TTEFlashModel.from_preset("small").eval()
+    assert model.config.text_config.num_hidden_layers == 4 and model.config.text_config.hidden_size == 128
+    model.save_pretrained(tmp_path)
+    plain = Qwen2VLForConditionalGeneration.from_pretrained(tmp_path, attn_implementation="sdpa").eval()
+    item = {"text": "What colour is the cell left of the red cell?", "image": random_image(rng)}
+    ours = model.encode_query(item, think_tokens=16, normalize_embeddings=False)
+    with torch.no_grad():
+        out = plain(**plain_inputs(model, item, 16), output_hidden_states=True)
+    np.testing.assert_allclose(ours, out.hidden_states[-1][0, -1].numpy(), atol=1e-5, rtol=1e-5)

@@ -29,7 +29,7 @@ def run(name, seed, args):
     run_dir = Path(args.out) / f"{name}-seed{seed}"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     cmd = [sys.executable, str(ROOT / "training/train.py"), str(ROOT / "training/configs/tiny.yaml"),
-           "--train_data", str(Path(args.data) / "train.jsonl"), "--image_root", args.data,
+           "--model", args.model, "--train_data", str(Path(args.data) / "train.jsonl"), "--image_root", args.data,
            "--output_dir", str(run_dir), "--max_steps", str(args.steps), "--seed", str(seed),
            "--think_tokens", str(setting["think_tokens"]), "--cot_weight", str(setting["cot_weight"]),
            "--learning_rate", str(args.learning_rate), "--temperature", str(args.temperature), "--save_strategy", "no", "--disable_tqdm", "true",
@@ -63,11 +63,14 @@ def main():
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--model", default="tiny", help="preset or initial checkpoint (default: the tiny preset)")
     parser.add_argument("--learning_rate", type=float, default=1e-3)
     parser.add_argument("--temperature", type=float, default=0.05)
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
     args.data, args.out = str(Path(args.data).resolve()), str(Path(args.out).resolve())
+    if Path(args.model).exists():
+        args.model = str(Path(args.model).resolve())
     Path(args.out).mkdir(parents=True, exist_ok=True)
     jobs = [(name, seed) for seed in args.seeds for name in args.settings]
     with ThreadPoolExecutor(args.workers) as pool:

@@ -68,7 +68,7 @@ class TTEFlashModel(Qwen2VLForConditionalGeneration):
 
     @classmethod
     def from_preset(cls, name: str = "tiny", **overrides) -> "TTEFlashModel":
-        """A randomly initialised model of a named architecture (``tiny``, ``qwen2-vl-2b``), offline.
+        """A randomly initialised model of a named architecture (``tiny``, ``small``, ``qwen2-vl-2b``), offline.
 
         ``overrides`` set TTEFlashConfig fields (e.g. ``max_think_tokens=64``, ``think_bidirectional=True``).
         """

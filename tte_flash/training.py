@@ -38,7 +38,7 @@ logger = logging.getLogger("tte_flash.train")
 
 @dataclass
 class ModelArguments:
-    model: str = field(default="tiny", metadata={"help": "a preset (tiny, qwen2-vl-2b), a TTE-Flash checkpoint "
+    model: str = field(default="tiny", metadata={"help": "a preset (tiny, small, qwen2-vl-2b), a TTE-Flash checkpoint "
                                                          "or a Qwen2-VL backbone directory"})
     max_think_tokens: int = field(default=32, metadata={"help": "think tokens to add (presets and backbones only)"})
     think_bidirectional: bool = field(default=False, metadata={"help": "think tokens attend both ways"})
