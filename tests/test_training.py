@@ -84,3 +84,20 @@ def test_clear_errors_for_bad_data(tmp_path, breakage, message):
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         train_main(args(data, tmp_path / "run", "--max_steps", "1"))
+
+
+def test_cot_probe_scores_hand_made_traces():
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location("cot_probe", Path(__file__).parent.parent / "training/cot_probe.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    rows = [{"qry_cot": "the red cell is at row 1 column 2. left of it is row 1 column 1. that cell is blue.",
+             "tgt_text": ["blue", "red"]},
+            {"qry_cot": "Bob's pen is black.", "tgt_text": ["black", "white"]},
+            {"qry_cot": "the pink cell is at row 3 column 3. up of it is row 2 column 3. that cell is green.",
+             "tgt_text": "green"}]
+    traces = ["the red cell is at row 1 column 2. left of it is row 1 column 1. that cell is blue.",  # all right
+              "Bob's pen is white.",                                        # wrong first fact, wrong answer
+              "the pink cell is at row 1 column 3. that cell is green."]   # wrong anchor, right answer
+    assert probe.score(traces, rows) == {"n": 3, "answer": 2 / 3, "first_fact": 1 / 3, "exact": 1 / 3}
