@@ -291,8 +291,9 @@ def test_model_training_step_triton_equals_reference(fresh_tiny, packed, monkeyp
     import tte_flash.kernels
     from tte_flash.objective import Objective
     calls = []
-    kernel = tte_flash.kernels.tte_attention
-    monkeypatch.setattr(tte_flash.kernels, "tte_attention", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    kernel = tte_flash.kernels.tte_attention_with_layout
+    monkeypatch.setattr(tte_flash.kernels, "tte_attention_with_layout",
+                        lambda *a, **k: calls.append(1) or kernel(*a, **k))
     model = fresh_tiny().train()
     model.to(DEVICE)
     train_batch = collator_for(model, packed=packed)(examples(np.random.default_rng(5)))["train_batch"]

@@ -46,6 +46,17 @@ class TTELayout:
     record_attention: list | None = None
     record_rows: torch.Tensor | None = None
     _mask: torch.Tensor | None = None
+    _kernel_layout: object | None = None
+
+    def kernel_layout(self):
+        """The Triton kernel's checked layout and tile bounds over the flattened (B*L) tokens, built once
+        per forward (the checks sync with the host) and shared by every layer."""
+        if self._kernel_layout is None:
+            from .kernels import prepare_layout
+            self._kernel_layout = prepare_layout(self.seq_ids.reshape(-1), self.token_types.reshape(-1),
+                                                 think_bidirectional=self.think_bidirectional,
+                                                 cot_sees_query=self.cot_sees_query)
+        return self._kernel_layout
 
     def dense_mask(self) -> torch.Tensor:
         """(B, 1, L, L) boolean mask for the reference path, built once per forward (not per layer)."""
@@ -84,15 +95,14 @@ def _tte_attention_forward(module, query, key, value, attention_mask, scaling=No
                                       dropout=dropout, **kwargs)
     layout = attention_mask
     if layout.backend == "triton":
-        from .kernels import tte_attention
+        from .kernels import tte_attention_with_layout
         batch, heads, length, head_dim = query.shape
 
         def packed(x):  # (B, H, L, D) -> (B*L, H, D)
             return x.transpose(1, 2).reshape(batch * length, x.shape[1], head_dim)
 
-        out = tte_attention(packed(query), packed(key), packed(value), layout.seq_ids.reshape(-1),
-                            layout.token_types.reshape(-1), think_bidirectional=layout.think_bidirectional,
-                            cot_sees_query=layout.cot_sees_query, scale=scaling)
+        out = tte_attention_with_layout(packed(query), packed(key), packed(value), layout.kernel_layout(),
+                                        scale=scaling)
         return out.view(batch, length, heads, head_dim), None
     mask = layout.dense_mask()  # (B, 1, L, L)
     if layout.record_attention is not None:
