@@ -29,7 +29,12 @@ REMOTE_SCRIPT = textwrap.dedent("""
     model = AutoModel.from_pretrained(ckpt, trust_remote_code=True).eval()
     image = Image.open(f"{ckpt}/../image.png")
     inputs = ["a cat on a mat", image, {"text": "what is shown?", "image": image}]
-    np.savez(out, query=model.encode_query(inputs), query4=model.encode_query(inputs, think_tokens=4),
+    query4 = model.encode_query(inputs, think_tokens=4)
+    import os
+    os.environ["TTE_FLASH_ATTN"] = "triton"  # without the package the kernel shim falls back to the reference
+    query4_triton = model.encode_query(inputs, think_tokens=4)
+    del os.environ["TTE_FLASH_ATTN"]
+    np.savez(out, query=model.encode_query(inputs), query4=query4, query4_triton=query4_triton,
              document=model.encode_document(inputs))
     loaded = [m for m in sys.modules if m == "tte_flash" or m.startswith("tte_flash.")]
     assert not loaded, loaded
@@ -82,6 +87,7 @@ def test_trust_remote_code_without_package(checkpoint, tmp_path):
     native_inputs = inputs[:3]
     np.testing.assert_allclose(remote["query"], model.encode_query(native_inputs), atol=1e-5)
     np.testing.assert_allclose(remote["query4"], model.encode_query(native_inputs, think_tokens=4), atol=1e-5)
+    np.testing.assert_allclose(remote["query4_triton"], remote["query4"], atol=1e-5)
     np.testing.assert_allclose(remote["document"], model.encode_document(native_inputs), atol=1e-5)
 
 

@@ -50,7 +50,7 @@ EXTRA_ENTRIES = ("tte_flash.integrations.sentence_transformers",)
 FLAT_NAMES = {"tte_flash.configuration": "configuration_tte_flash", "tte_flash.modeling": "modeling_tte_flash"}
 KERNELS = "tte_flash.kernels"
 KERNELS_SHIM = "tte_flash_kernels"
-KERNELS_SHIM_EXPORTS = {"tte_attention"}
+KERNELS_SHIM_EXPORTS = {"tte_attention", "prepare_layout", "tte_attention_with_layout"}
 KERNELS_SHIM_SOURCE = '''"""Attention kernel for TTE-Flash remote code.
 
 The fused Triton kernel of the installed ``tte_flash`` package when there is one; otherwise the
@@ -58,9 +58,20 @@ reference attention (PyTorch SDPA on a dense mask built from the same rule; same
 device, O(L^2) mask memory). Install ``tte-flash`` for the fused kernel.
 """
 try:
-    from tte_flash.kernels import tte_attention
+    from tte_flash.kernels import prepare_layout, tte_attention, tte_attention_with_layout
 except ImportError:
+    from collections import namedtuple
+
     from .tte_flash_attention import reference_attention as tte_attention
+
+    _Layout = namedtuple("_Layout", "seq_ids token_types think_bidirectional cot_sees_query")
+
+    def prepare_layout(seq_ids, token_types, *, think_bidirectional=False, cot_sees_query=True):
+        return _Layout(seq_ids, token_types, think_bidirectional, cot_sees_query)
+
+    def tte_attention_with_layout(q, k, v, layout, *, scale=None):
+        return tte_attention(q, k, v, layout.seq_ids, layout.token_types, scale=scale,
+                             think_bidirectional=layout.think_bidirectional, cot_sees_query=layout.cot_sees_query)
 '''
 ATTN_NAME_LINE = re.compile(r'^ATTN_NAME = "tte"$', re.MULTILINE)
 # Unique per loaded module copy and per process; no "/", ":" or "flash" (transformers reads those).
