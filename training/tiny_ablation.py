@@ -56,6 +56,14 @@ def run(name, seed, args):
             "shortcut_best": result.get("shortcut_best"), "shortcut_best_name": result.get("shortcut_best_name")}
 
 
+def _git_commit():
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", required=True)
@@ -75,7 +83,12 @@ def main():
     jobs = [(name, seed) for seed in args.seeds for name in args.settings]
     with ThreadPoolExecutor(args.workers) as pool:
         results = list(pool.map(lambda job: run(*job, args), jobs))
-    (Path(args.out) / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    meta = {"args": vars(args), "git_commit": _git_commit(), "threads_per_run": 1,
+            "cpu_count": os.cpu_count(), "dataset": json.loads((Path(args.data) / "meta.json").read_text()).get("name")
+            if (Path(args.data) / "meta.json").is_file() else None,
+            "versions": json.loads((Path(args.out) / f"{jobs[0][0]}-seed{jobs[0][1]}" / "eval_results.json")
+                                   .read_text()).get("versions")}
+    (Path(args.out) / "results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
     print(f"{'setting':10s} {'seed':>4s} {'mode':13s} {'K':>3s} {'hit@1':>6s} {'ndcg@5':>6s} {'train s':>8s} "
           f"{'cot acc':>7s} best shortcut")
     for r in results:
