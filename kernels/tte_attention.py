@@ -104,6 +104,24 @@ def _visible(row, row_seq, row_type, key, key_seq, key_type, THINK_BIDIRECTIONAL
 
 
 @triton.jit
+def _row_block_key_range(KV_LO, KV_HI, rows, row_ok, T, BLOCK_N: tl.constexpr):
+    """[lo, hi): the key range any row of the block can see, lo rounded down to a key block."""
+    lo = tl.min(tl.load(KV_LO + rows, mask=row_ok, other=T), axis=0) // BLOCK_N * BLOCK_N
+    hi = tl.max(tl.load(KV_HI + rows, mask=row_ok, other=0), axis=0)
+    return lo, hi
+
+
+@triton.jit
+def _row_block_visible(SEQ, TYPES, rows, row_seq, row_type, keys, key_ok, THINK_BIDIRECTIONAL: tl.constexpr,
+                       COT_SEES_QUERY: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) visibility of a partial tile, rows on the first axis."""
+    key_seq = tl.load(SEQ + keys, mask=key_ok, other=-1)
+    key_type = tl.load(TYPES + keys, mask=key_ok, other=0)
+    return _visible(rows[:, None], row_seq[:, None], row_type[:, None], keys[None, :],
+                    key_seq[None, :], key_type[None, :], THINK_BIDIRECTIONAL, COT_SEES_QUERY)
+
+
+@triton.jit
 def _fwd_kernel(Q, K, V, O, LSE, SEQ, TYPES, KV_LO, KV_HI,
                 stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
                 T, GROUP, qk_scale,
@@ -125,8 +143,7 @@ def _fwd_kernel(Q, K, V, O, LSE, SEQ, TYPES, KV_LO, KV_HI,
     q = q.to(DOT_DTYPE)
     row_seq = tl.load(SEQ + rows, mask=row_ok, other=-2)  # -2: padding rows match no key
     row_type = tl.load(TYPES + rows, mask=row_ok, other=0)
-    lo = tl.min(tl.load(KV_LO + rows, mask=row_ok, other=T), axis=0) // BLOCK_N * BLOCK_N
-    hi = tl.max(tl.load(KV_HI + rows, mask=row_ok, other=0), axis=0)
+    lo, hi = _row_block_key_range(KV_LO, KV_HI, rows, row_ok, T, BLOCK_N)
     k_ptrs = K + kv_head * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :]
     v_ptrs = V + kv_head * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :]
 
@@ -141,10 +158,8 @@ def _fwd_kernel(Q, K, V, O, LSE, SEQ, TYPES, KV_LO, KV_HI,
         v = tl.load(v_ptrs + n0 * stride_vt, mask=key_mask, other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
         if _tile_is_partial(SEQ, TYPES, m0, n0, T, BLOCK_M, BLOCK_N, COT_SEES_QUERY):
-            key_seq = tl.load(SEQ + keys, mask=key_ok, other=-1)
-            key_type = tl.load(TYPES + keys, mask=key_ok, other=0)
-            vis = _visible(rows[:, None], row_seq[:, None], row_type[:, None], keys[None, :],
-                           key_seq[None, :], key_type[None, :], THINK_BIDIRECTIONAL, COT_SEES_QUERY)
+            vis = _row_block_visible(SEQ, TYPES, rows, row_seq, row_type, keys, key_ok, THINK_BIDIRECTIONAL,
+                                     COT_SEES_QUERY)
             qk = tl.where(vis, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
@@ -254,8 +269,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, SEQ, TYPES, KV_LO, KV_HI,
     delta = tl.load(DELTA + head * T + rows, mask=row_ok, other=0.0)
     row_seq = tl.load(SEQ + rows, mask=row_ok, other=-2)
     row_type = tl.load(TYPES + rows, mask=row_ok, other=0)
-    lo = tl.min(tl.load(KV_LO + rows, mask=row_ok, other=T), axis=0) // BLOCK_N * BLOCK_N
-    hi = tl.max(tl.load(KV_HI + rows, mask=row_ok, other=0), axis=0)
+    lo, hi = _row_block_key_range(KV_LO, KV_HI, rows, row_ok, T, BLOCK_N)
     k_ptrs = K + kv_head * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :]
     v_ptrs = V + kv_head * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :]
 
@@ -269,10 +283,8 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, SEQ, TYPES, KV_LO, KV_HI,
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         p = tl.exp2(qk - lse[:, None])
         if _tile_is_partial(SEQ, TYPES, m0, n0, T, BLOCK_M, BLOCK_N, COT_SEES_QUERY):
-            key_seq = tl.load(SEQ + keys, mask=key_ok, other=-1)
-            key_type = tl.load(TYPES + keys, mask=key_ok, other=0)
-            vis = _visible(rows[:, None], row_seq[:, None], row_type[:, None], keys[None, :],
-                           key_seq[None, :], key_type[None, :], THINK_BIDIRECTIONAL, COT_SEES_QUERY)
+            vis = _row_block_visible(SEQ, TYPES, rows, row_seq, row_type, keys, key_ok, THINK_BIDIRECTIONAL,
+                                     COT_SEES_QUERY)
             p = tl.where(vis, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
