@@ -42,3 +42,22 @@ def add_tte_tokens(tokenizer, max_think_tokens: int) -> tuple[list[int], int]:
         tokenizer.add_tokens(missing, special_tokens=True)
     ids = tokenizer.convert_tokens_to_ids(wanted)
     return ids[:-1], ids[-1]
+
+
+def train_word_tokenizer(texts, vocab_size: int = 2048) -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained on ``texts`` (an iterable of str) in which frequent words are single
+    tokens; the 256 byte tokens stay in the vocabulary, so any UTF-8 text still round-trips.
+    Carries Qwen2-VL's special tokens like :func:`build_byte_tokenizer`. Deterministic for the same texts."""
+    from tokenizers import trainers
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=list(QWEN2_VL_SPECIAL_TOKENS))
+    backend.train_from_iterator(texts, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, clean_up_tokenization_spaces=False)
+    tokenizer.add_special_tokens({"additional_special_tokens": list(QWEN2_VL_SPECIAL_TOKENS)})
+    tokenizer.eos_token = "<|endoftext|>"
+    tokenizer.pad_token = "<|endoftext|>"
+    return tokenizer
