@@ -46,6 +46,7 @@ import numpy as np
 from PIL import Image
 
 from .data import EVAL_COLUMNS, load_rows, resolve_media
+from .world import PALETTE as WORLD_PALETTE
 
 PALETTE = {  # name -> RGB: nine colours far apart in RGB
     "red": (220, 30, 30), "orange": (245, 140, 20), "yellow": (245, 225, 40), "green": (40, 170, 60),
@@ -65,15 +66,15 @@ TASKS = ("grid", "text", "mixed")
 
 # ---------------------------------------------------------------------------------------- grid task
 
-def _grid_paths(hops: int) -> dict[tuple[int, int], list[tuple[tuple[int, int], tuple[str, ...]]]]:
+def _grid_paths(hops: int, grid: int = GRID) -> dict[tuple[int, int], list[tuple[tuple[int, int], tuple[str, ...]]]]:
     """End cell -> every (start cell, moves) with ``hops`` moves ending there that stays on the grid
     and never steps back."""
     paths = {}
-    for cell, moves in product(product(range(GRID), repeat=2), product(MOVES, repeat=hops)):
+    for cell, moves in product(product(range(grid), repeat=2), product(MOVES, repeat=hops)):
         if any(OPPOSITE[a] == b for a, b in zip(moves, moves[1:])):
             continue
         walk = _walk(cell, moves)
-        if all(0 <= r < GRID and 0 <= c < GRID for r, c in walk):
+        if all(0 <= r < grid and 0 <= c < grid for r, c in walk):
             paths.setdefault(walk[-1], []).append((cell, moves))
     return paths
 
@@ -90,24 +91,26 @@ def _at(cell) -> str:
     return f"row {cell[0] + 1} column {cell[1] + 1}"
 
 
-def grid_sample(rng: np.random.Generator, answer: str, hops: int, paths) -> dict:
-    """One grid question whose answer is ``answer``: the cell colours, query, trace, negatives."""
+def grid_sample(rng: np.random.Generator, answer: str, hops: int, paths, size: int = GRID,
+                colours: tuple[str, ...] = COLOURS) -> dict:
+    """One grid question whose answer is ``answer``: the cell colours, query, trace, negatives.
+    The ``size`` x ``size`` grid shows ``answer`` and ``size**2 - 1`` other colours drawn from ``colours``."""
     ends = sorted(paths)  # the answer cell is uniform over the grid, then the path to it
     options = paths[ends[rng.integers(len(ends))]]
     start, moves = options[rng.integers(len(options))]
     cells = _walk(start, moves)
     end = cells[-1]
-    others = [c for c in COLOURS if c != answer]
-    order = [others[i] for i in rng.permutation(len(others))]
+    others = [c for c in colours if c != answer]
+    order = [others[i] for i in rng.permutation(len(others))[:size * size - 1]]
     grid = {end: answer}
-    for cell in product(range(GRID), repeat=2):
+    for cell in product(range(size), repeat=2):
         if cell != end:
             grid[cell] = order.pop()
-    colours = [[grid[(r, c)] for c in range(GRID)] for r in range(GRID)]
+    shown = [[grid[(r, c)] for c in range(size)] for r in range(size)]
     if hops == 0:
         question = f"What colour is the cell in row {end[0] + 1}, column {end[1] + 1}?"
         cot = f"{_at(end)} is {answer}."
-        named, hard = None, grid[cells[-1][::-1]] if end[0] != end[1] else grid[((end[0] + 1) % GRID, end[1])]
+        named, hard = None, grid[cells[-1][::-1]] if end[0] != end[1] else grid[((end[0] + 1) % size, end[1])]
     else:
         anchor = grid[start]
         if hops == 1:
@@ -119,29 +122,31 @@ def grid_sample(rng: np.random.Generator, answer: str, hops: int, paths) -> dict
         cot = f"the {anchor} cell is at {_at(start)}. {steps} that cell is {answer}."
         named = anchor
         # hard negative: one step short (two hops) or a different step from the anchor (one hop)
-        alternatives = [c for c in _neighbours(start) if c != end]
+        alternatives = [c for c in _neighbours(start, size) if c != end]
         hard = grid[cells[1]] if hops == 2 else grid[alternatives[rng.integers(len(alternatives))]]
-    pool = [c for c in COLOURS if c not in (answer, named)]
+    in_image = {c for row in shown for c in row}
+    pool = [c for c in colours if c in in_image and c not in (answer, named)]  # candidates: colours in the image
     return {"task": "grid", "hops": hops, "question": question, "cot": cot, "answer": answer, "pool": pool,
-            "hard_negative": hard, "grid": colours}
+            "hard_negative": hard, "grid": shown}
 
 
-def _neighbours(cell) -> list[tuple[int, int]]:
+def _neighbours(cell, size: int = GRID) -> list[tuple[int, int]]:
     cells = [(cell[0] + dr, cell[1] + dc) for dr, dc in MOVES.values()]
-    return [c for c in cells if 0 <= c[0] < GRID and 0 <= c[1] < GRID]
+    return [c for c in cells if 0 <= c[0] < size and 0 <= c[1] < size]
 
 
 def render_grid(colours: list[list[str]]) -> Image.Image:
-    """The grid as an RGB image, ``CELL`` px per cell."""
-    rgb = np.array([[PALETTE[c] for c in row] for row in colours], dtype=np.uint8)  # (G, G, 3)
+    """The grid as an RGB image, ``CELL`` px per cell (colours of the world palette, a superset of PALETTE)."""
+    rgb = np.array([[WORLD_PALETTE[c] for c in row] for row in colours], dtype=np.uint8)  # (G, G, 3)
     return Image.fromarray(np.repeat(np.repeat(rgb, CELL, axis=0), CELL, axis=1))
 
 
 # ---------------------------------------------------------------------------------------- text task
 
-def text_sample(rng: np.random.Generator, answer: str, hops: int, n_people: int) -> dict:
+def text_sample(rng: np.random.Generator, answer: str, hops: int, n_people: int,
+                colours: tuple[str, ...] = COLOURS) -> dict:
     """Facts about ``n_people`` people, a question whose answer is ``answer``, the trace, negatives."""
-    others = [c for c in COLOURS if c != answer]
+    others = [c for c in colours if c != answer]
     colours = [answer] + [others[i] for i in rng.permutation(len(others))[:n_people - 1]]
     people = [NAMES[i] for i in rng.permutation(len(NAMES))[:n_people]]
     asked = people[0]  # owns the answer colour
@@ -164,32 +169,53 @@ def text_sample(rng: np.random.Generator, answer: str, hops: int, n_people: int)
 
 # ---------------------------------------------------------------------------------------- generation
 
-def balanced_answers(rng: np.random.Generator, n: int) -> list[str]:
+def balanced_answers(rng: np.random.Generator, n: int, colours: tuple[str, ...] = COLOURS) -> list[str]:
     """``n`` answers, each colour equally often to within one, in random order."""
-    blocks = [rng.permutation(len(COLOURS)) for _ in range(-(-n // len(COLOURS)))]
+    blocks = [rng.permutation(len(colours)) for _ in range(-(-n // len(colours)))]
     picks = np.concatenate(blocks)[:n] if blocks else np.zeros(0, dtype=int)
-    return [COLOURS[i] for i in rng.permutation(picks)]
+    return [colours[i] for i in rng.permutation(picks)]
 
 
-def _check_args(task, hops, n_candidates):
+def palette_colours(palette: str) -> tuple[str, ...]:
+    """The colour names of a palette: ``basic`` (the 9 of :data:`PALETTE`) or ``world`` (the 20 of
+    ``tte_flash.world``: the basic nine and eleven more), or a comma-separated list of world colours."""
+    if palette == "basic":
+        return COLOURS
+    if palette == "world":
+        return tuple(WORLD_PALETTE)
+    names = tuple(c.strip() for c in palette.split(",") if c.strip())
+    unknown = [c for c in names if c not in WORLD_PALETTE]
+    if unknown or len(set(names)) != len(names):
+        raise ValueError(f"palette must be 'basic', 'world' or distinct colours among {list(WORLD_PALETTE)}; "
+                         f"got {palette!r}")
+    return names
+
+
+def _check_args(task, hops, n_candidates, grid=GRID, colours=COLOURS):
+    if not 2 <= grid <= 5:
+        raise ValueError(f"grid must be 2 to 5 cells per side, got {grid}")
+    if task != "text" and grid * grid > len(colours):
+        raise ValueError(f"a {grid}x{grid} grid shows {grid * grid} distinct colours but the palette has "
+                         f"{len(colours)} (the world palette has {len(WORLD_PALETTE)}); use a larger palette or a smaller grid")
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose one of {TASKS}")
     if hops not in (0, 1, 2):
         raise ValueError(f"hops must be 0, 1 or 2, got {hops}")
     if task != "grid" and hops == 0:
         raise ValueError("hops=0 (direct lookup) exists for the grid task only")
-    most = len(COLOURS) - (1 if task != "text" and hops > 0 else 0)
+    shown = min(len(colours), grid * grid) if task != "text" else len(colours)
+    most = shown - (1 if task != "text" and hops > 0 else 0)
     if not 2 <= n_candidates <= most:
-        raise ValueError(f"n_candidates must be in [2, {most}] for task={task}, hops={hops} "
-                         f"(answers come from {len(COLOURS)} colours)")
+        raise ValueError(f"n_candidates must be in [2, {most}] for task={task}, hops={hops}, grid={grid} "
+                         f"(candidates are colours shown in the image or named in the facts)")
 
 
-def _samples(rng, n, task, hops, n_candidates) -> list[dict]:
+def _samples(rng, n, task, hops, n_candidates, grid=GRID, colours=COLOURS) -> list[dict]:
     tasks = ["grid" if (task == "grid" or (task == "mixed" and i % 2 == 0)) else "text" for i in range(n)]
-    paths = _grid_paths(hops)
-    answers = {t: iter(balanced_answers(rng, tasks.count(t))) for t in ("grid", "text")}
-    return [grid_sample(rng, next(answers[t]), hops, paths) if t == "grid"
-            else text_sample(rng, next(answers[t]), hops, n_candidates) for t in tasks]
+    paths = _grid_paths(hops, grid)
+    answers = {t: iter(balanced_answers(rng, tasks.count(t), colours)) for t in ("grid", "text")}
+    return [grid_sample(rng, next(answers[t]), hops, paths, grid, colours) if t == "grid"
+            else text_sample(rng, next(answers[t]), hops, n_candidates, colours) for t in tasks]
 
 
 def _write_split(out: Path, split: str, samples: list[dict], rng, n_candidates: int, hard_negatives: bool):
@@ -220,29 +246,31 @@ def _write_split(out: Path, split: str, samples: list[dict], rng, n_candidates: 
 
 
 def generate(output_dir, n_train: int, n_eval: int, seed: int = 0, hops: int = 1, n_candidates: int = 8,
-             task: str = "grid", hard_negatives: bool = True) -> dict:
+             task: str = "grid", hard_negatives: bool = True, grid: int = GRID, palette: str = "basic") -> dict:
     """Write a synthetic train/eval set to ``output_dir``; return ``{"paths": {...}, "stats": {...}}``.
 
     Deterministic by ``seed``; the eval split does not depend on ``n_train`` (separate random streams).
     ``stats`` holds the answer counts and the eval split's shortcut baselines (hit@1).
     """
-    _check_args(task, hops, n_candidates)
+    colours = palette_colours(palette)
+    _check_args(task, hops, n_candidates, grid, colours)
     start = time.perf_counter()
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     splits = {}
     for stream, (split, n) in enumerate((("train", n_train), ("eval", n_eval))):
         rng = np.random.default_rng([seed, stream])
-        splits[split] = _write_split(out, split, _samples(rng, n, task, hops, n_candidates), rng, n_candidates,
+        splits[split] = _write_split(out, split, _samples(rng, n, task, hops, n_candidates, grid, colours), rng, n_candidates,
                                      hard_negatives)
-    name = f"synthetic-{task}-{hops}hop"
+    name = f"synthetic-{task}-{hops}hop" + (f"-{grid}x{grid}" if grid != GRID else "") + \
+        (f"-{palette}" if palette != "basic" else "")
     shortcuts = shortcut_baselines(splits["eval"][1], out) if n_eval else {}
     stats = {"n_train": n_train, "n_eval": n_eval, "chance_hit@1": 1 / n_candidates,
              "train_answers": dict(Counter(r["pos_text"] for r in splits["train"][1])),
              "eval_answers": dict(Counter(r["tgt_text"][0] for r in splits["eval"][1])),
              "shortcuts_hit@1": shortcuts, "seconds": round(time.perf_counter() - start, 3)}
     meta = {"name": name, "task": task, "hops": hops, "n_candidates": n_candidates, "seed": seed,
-            "hard_negatives": hard_negatives, "palette": PALETTE, "grid": GRID, "cell_pixels": CELL,
+            "hard_negatives": hard_negatives, "palette": {c: WORLD_PALETTE[c] for c in colours}, "grid": grid, "cell_pixels": CELL,
             "generator": "tte_flash.synthetic", **stats}
     paths = {"train": str(splits["train"][0]), "eval": str(splits["eval"][0]), "images": str(out / "images"),
              "meta": str(out / "meta.json"), "readme": str(out / "README.md"), "image_root": str(out)}
@@ -331,7 +359,7 @@ def _shortcut_scores(rows, image_root) -> dict[str, list[list[float]]]:
         rules["not_named_in_query"] = [[-float(p >= 0) for p in row] for row in first]
         rules["first_named"] = [[-p if p >= 0 else -1e9 for p in row] for row in first]
         rules["last_named"] = [[p if p >= 0 else -1e9 for p in row] for row in last]
-    if any(t.lower() in PALETTE for c in cands for t in c):
+    if any(t.lower() in WORLD_PALETTE for c in cands for t in c):
         rules.update(_colour_rules(rows, cands, image_root))
     return rules
 
@@ -360,8 +388,8 @@ def _colour_rules(rows, cands, image_root) -> dict[str, list[list[float]]]:
         "present_in_image": [[float(f.get(t.lower(), 0) > 0) for t in c] for f, c in zip(fractions, cands)],
     }
     best = None
-    for cell in range(GRID * GRID):
-        scores = [[float(bool(cells) and cells[cell] == t.lower()) for t in c] for cells, c in zip(cell_colours, cands)]
+    for cell in range(max(len(c) for c in cell_colours)):
+        scores = [[float(cell < len(cells) and cells[cell] == t.lower()) for t in c] for cells, c in zip(cell_colours, cands)]
         wins = sum(s[0] > 0 for s in scores)
         if best is None or wins > best[0]:
             best = (wins, scores)
@@ -372,12 +400,14 @@ def _colour_rules(rows, cands, image_root) -> dict[str, list[list[float]]]:
 def _colour_fractions(path) -> tuple[dict[str, float], list[str]]:
     """Share of pixels nearest each palette colour, and the nearest colour at each grid cell's centre."""
     with Image.open(path) as img:
-        small = np.asarray(img.convert("RGB").resize((GRID * 8, GRID * 8), Image.NEAREST), dtype=np.float32)
-    palette = np.array(list(PALETTE.values()), dtype=np.float32)  # (C, 3)
+        rows, cols = max(1, img.height // CELL), max(1, img.width // CELL)  # cells of CELL px
+        small = np.asarray(img.convert("RGB").resize((cols * 8, rows * 8), Image.NEAREST), dtype=np.float32)
+    names = tuple(WORLD_PALETTE)
+    palette = np.array(list(WORLD_PALETTE.values()), dtype=np.float32)  # (C, 3)
     nearest = ((small[:, :, None, :] - palette) ** 2).sum(-1).argmin(-1)  # (H, W)
     counts = np.bincount(nearest.ravel(), minlength=len(palette)) / nearest.size
-    centres = [COLOURS[nearest[r * 8 + 4, c * 8 + 4]] for r in range(GRID) for c in range(GRID)]
-    return {name: float(v) for name, v in zip(COLOURS, counts) if v > 0}, centres
+    centres = [names[nearest[r * 8 + 4, c * 8 + 4]] for r in range(rows) for c in range(cols)]
+    return {name: float(v) for name, v in zip(names, counts) if v > 0}, centres
 
 
 # ---------------------------------------------------------------------------------------- CLI
@@ -391,12 +421,17 @@ def main(argv=None) -> int:
     parser.add_argument("--hops", type=int, default=1, choices=(0, 1, 2), help="0 (grid lookup), 1 or 2 reasoning hops")
     parser.add_argument("--n_candidates", "--n-candidates", type=int, default=8)
     parser.add_argument("--task", default="grid", choices=TASKS)
+    parser.add_argument("--grid", type=int, default=GRID, help="cells per side of the grid images (2-5)")
+    parser.add_argument("--palette", default="basic",
+                        help="basic (9 colours), world (20: the world tiny-instruct was pretrained on) or a "
+                             "comma-separated list of world colours")
     parser.add_argument("--no_hard_negatives", "--no-hard-negatives", action="store_true",
                         help="train rows without neg_text")
     args = parser.parse_args(argv)
     try:
         result = generate(args.output_dir, args.n_train, args.n_eval, seed=args.seed, hops=args.hops,
-                          n_candidates=args.n_candidates, task=args.task, hard_negatives=not args.no_hard_negatives)
+                          n_candidates=args.n_candidates, task=args.task, hard_negatives=not args.no_hard_negatives,
+                          grid=args.grid, palette=args.palette)
     except ValueError as err:
         print(f"tte_flash.synthetic: error: {err}", file=sys.stderr)
         return 2
