@@ -122,8 +122,11 @@ def evaluate(model, rows_or_path, image_root=None, think_tokens=0, mode: str = "
 
 def evaluate_many(model, rows_or_path, image_root=None, think_tokens=(0,), modes=("latent",),
                   max_cot_tokens: int = 128, batch_size: int = 32, shortcut: bool = True,
-                  dataset: str | None = None, limit: int | None = None, show_progress_bar: bool | None = None) -> dict:
+                  dataset: str | None = None, limit: int | None = None, show_progress_bar: bool | None = None,
+                  reasoner=None) -> dict:
     """Every (mode, K) in ``modes`` x ``think_tokens`` on the same rows; candidates are encoded once.
+
+    ``reasoner``: the model that generates the traces of ``explicit-cot`` runs (default: ``model``).
 
     Returns ``{dataset, n, n_documents, document_seconds, shortcuts, shortcut_best, runs: [...]}``.
     """
@@ -153,8 +156,9 @@ def evaluate_many(model, rows_or_path, image_root=None, think_tokens=(0,), modes
     for mode in modes:
         for k in think_tokens:
             start = time.perf_counter()
+            extra = {"reasoner": reasoner} if mode == "explicit-cot" and reasoner is not None else {}
             q_emb = model.encode_query(queries, think_tokens=k, mode=mode, max_cot_tokens=max_cot_tokens,
-                                       batch_size=batch_size, convert_to_tensor=True,
+                                       batch_size=batch_size, convert_to_tensor=True, **extra,
                                        show_progress_bar=show_progress_bar)
             query_seconds = time.perf_counter() - start
             scores = candidate_scores(model.similarity(q_emb, doc_emb), index)
@@ -237,9 +241,16 @@ def _inputs(rows, image_root):
 # ---------------------------------------------------------------------------------------- CLI
 
 def load_model(name: str, device=None):
-    """A preset (``tiny``, ``qwen2-vl-2b``: random init) or a checkpoint directory / Hub id."""
+    """A preset (``tiny``, ``qwen2-vl-2b``: random init; ``tiny-instruct``: pretrained), a TTE-Flash
+    checkpoint directory / Hub id, or a Qwen2-VL backbone directory (through ``from_backbone``)."""
     from .modeling import TTEFlashModel, available_presets
-    model = TTEFlashModel.from_preset(name) if name in available_presets() else TTEFlashModel.from_pretrained(name)
+    config_path = Path(name) / "config.json"
+    if name in available_presets():
+        model = TTEFlashModel.from_preset(name)
+    elif config_path.is_file() and json.loads(config_path.read_text()).get("model_type") == "qwen2_vl":
+        model = TTEFlashModel.from_backbone(name)
+    else:
+        model = TTEFlashModel.from_pretrained(name)
     return model.to(device) if device else model
 
 
@@ -279,14 +290,19 @@ def main(argv=None) -> int:
     parser.add_argument("--limit", type=int, default=None, help="evaluate the first N rows only")
     parser.add_argument("--no_shortcut", "--no-shortcut", action="store_true", help="skip the shortcut baselines")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--reasoner", default=None,
+                        help="explicit-cot: the model that writes the traces (a preset such as tiny-instruct, a "
+                             "checkpoint or a Qwen2-VL backbone; default: --model itself)")
     args = parser.parse_args(argv)
     try:
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         model = load_model(args.model, device)
         budgets = args.think_tokens or [model.config.default_think_tokens]
+        reasoner = load_model(args.reasoner, device) if args.reasoner else None
         result = evaluate_many(model, args.data, args.image_root, think_tokens=budgets, modes=args.mode,
                                max_cot_tokens=args.max_cot_tokens, batch_size=args.batch_size,
-                               shortcut=not args.no_shortcut, dataset=args.dataset, limit=args.limit)
+                               shortcut=not args.no_shortcut, dataset=args.dataset, limit=args.limit,
+                               reasoner=reasoner)
     except (ValueError, FileNotFoundError, ImportError) as err:
         print(f"tte_flash.evaluate: error: {err}", file=sys.stderr)
         return 2

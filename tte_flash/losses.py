@@ -74,8 +74,10 @@ def info_nce(queries: torch.Tensor, targets: torch.Tensor, positive_index: torch
     n_global = all_reduce_sum(torch.tensor(float(q.shape[0]), device=q.device))
     loss_sum = F.cross_entropy(logits, labels, reduction="sum")
     accuracy = (logits.argmax(-1) == labels).float().mean().detach()
+    # the loss of uniform scores, ln(targets each query is ranked against): a collapsed embedder sits here
+    uniform = torch.isfinite(logits).sum(-1).float().log().mean().detach()
     return loss_sum * size / n_global, {"contrastive_loss": (loss_sum / q.shape[0]).detach(),
-                                        "contrastive_accuracy": accuracy}
+                                        "contrastive_accuracy": accuracy, "uniform_loss": uniform}
 
 
 def cot_nll(logits: torch.Tensor, targets: torch.Tensor, n_global: torch.Tensor | None = None):

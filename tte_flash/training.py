@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -67,21 +68,57 @@ class DataArguments:
                                                               "in chunks on one device"})
     grad_cache_chunk_size: int = field(default=8, metadata={"help": "examples per chunk in grad-cache mode"})
     packed: bool | None = field(default=None, metadata={"help": "padding-free packing (default: on for triton)"})
+    query_with_trace: bool = field(default=False, metadata={
+        "help": "append each row's qry_cot to its query (the embedder of the explicit 'Think Then Embed' "
+                "pipeline, evaluated with --mode explicit-cot --reasoner BACKBONE); implies no COT loss"})
 
 
 class RowDataset(torch.utils.data.Dataset):
-    def __init__(self, paths, image_root):
+    def __init__(self, paths, image_root, query_with_trace: bool = False):
         if not paths:
             raise ValueError("no training data: pass --train_data FILE [FILE ...] (JSONL or Parquet)")
         self.rows = [row for path in paths for row in load_rows(path, TRAIN_COLUMNS)]
-        self.image_root = image_root
-        train_example(self.rows[0], image_root)  # fail early on a bad first row / missing image root
+        self.image_root, self.query_with_trace = image_root, query_with_trace
+        first = train_example(self.rows[0], image_root)  # fail early on a bad first row / missing image root
+        if query_with_trace and first["cot"] is None:
+            raise ValueError("--query_with_trace needs a qry_cot trace in every row; the first row has none")
 
     def __len__(self):
         return len(self.rows)
 
     def __getitem__(self, index):
-        return {**train_example(self.rows[index], self.image_root), "index": index}
+        example = train_example(self.rows[index], self.image_root)
+        if self.query_with_trace:  # the trace follows the query text directly, as a generated one does
+            example["query"] = {**example["query"], "text": (example["query"].get("text") or "") + (example["cot"] or "")}
+            example["cot"] = None
+        return {**example, "index": index}
+
+
+class CollapseMonitor:
+    """Warns when the contrastive loss sits at the loss of uniform scores, ln(number of targets).
+
+    That is the signature of a collapsed embedder: every query and document maps to (nearly) one
+    vector, a stationary point of InfoNCE (training/README.md). ``update`` takes one logged
+    (contrastive_loss, uniform_loss) pair and returns the warning text the first time the loss has
+    been within ``tolerance`` (relative) of uniform for ``patience`` consecutive logs, else None.
+    """
+
+    def __init__(self, patience: int = 5, tolerance: float = 0.02):
+        self.patience, self.tolerance = patience, tolerance
+        self.streak, self.fired = 0, False
+
+    def update(self, contrastive_loss: float, uniform_loss: float) -> str | None:
+        at_uniform = uniform_loss > 0 and contrastive_loss >= uniform_loss * (1 - self.tolerance)
+        self.streak = self.streak + 1 if at_uniform else 0
+        if self.streak < self.patience or self.fired:
+            return None
+        self.fired = True
+        return (f"the contrastive loss has sat at {contrastive_loss:.3f}, the loss of uniform scores "
+                f"(ln of the {math.exp(uniform_loss):.0f} targets per query = {uniform_loss:.3f}), for "
+                f"{self.streak} logging steps: the embedder has likely collapsed (every input maps to nearly "
+                "the same vector) and is not learning the task. Try: a backbone that can already read the "
+                "inputs (--model tiny-instruct on a CPU, a pretrained Qwen2-VL on a GPU), a lower learning "
+                "rate, an easier curriculum first; check with training/embedding_spread.py.")
 
 
 class TTETrainer(Trainer):
@@ -92,6 +129,7 @@ class TTETrainer(Trainer):
         self.objective, self.grad_cache_chunk_size = objective, grad_cache_chunk_size
         self.model_accepts_loss_kwargs = False  # our loss is a per-batch mean: Trainer scales it for GA
         self._tte_logs: dict[str, list[float]] = {}
+        self.collapse_monitor = CollapseMonitor()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, stats = self.objective.loss(model, inputs["train_batch"])
@@ -129,6 +167,11 @@ class TTETrainer(Trainer):
             if values:
                 logs[name] = round(sum(values) / len(values), 4)
         self._tte_logs = {}
+        if "contrastive_loss" in logs and "uniform_loss" in logs:
+            warning = self.collapse_monitor.update(logs["contrastive_loss"], logs["uniform_loss"])
+            if warning and self.is_world_process_zero():
+                logger.warning(warning)
+                logs["collapse_warning"] = 1.0
         super().log(logs, *args, **kwargs)
 
 
@@ -200,7 +243,7 @@ def main(argv=None):
     collator = TrainCollator(processor, think_budgets=data_args.think_tokens, use_cot=data_args.cot_weight > 0,
                              max_cot_tokens=data_args.max_cot_tokens, hard_negatives=data_args.hard_negatives,
                              packed=packed, seed=training_args.seed)
-    dataset = RowDataset(data_args.train_data, data_args.image_root)
+    dataset = RowDataset(data_args.train_data, data_args.image_root, data_args.query_with_trace)
     if model_args.lora:
         model = apply_lora(model, model_args)
     objective = Objective(temperature=temperature, cot_weight=data_args.cot_weight,
