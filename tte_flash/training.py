@@ -108,7 +108,7 @@ class CollapseMonitor:
         self.streak, self.fired = 0, False
 
     def update(self, contrastive_loss: float, uniform_loss: float) -> str | None:
-        at_uniform = uniform_loss > 0 and contrastive_loss >= uniform_loss * (1 - self.tolerance)
+        at_uniform = uniform_loss > 0 and abs(contrastive_loss - uniform_loss) <= uniform_loss * self.tolerance
         self.streak = self.streak + 1 if at_uniform else 0
         if self.streak < self.patience or self.fired:
             return None
