@@ -31,8 +31,8 @@ def read_grid(image) -> list[list[str]]:
 def solve(sample) -> str:
     """The reply a world sample must end with, worked out from the image or the facts alone."""
     prompt = sample["prompt"]
-    if sample["image"] is None:
-        facts, question = prompt.split(" Q: ")
+    if sample["image"] is None:  # several questions: the reply ends with the last one's answer
+        facts, _, question = prompt.rpartition(" Q: ")
         if m := re.fullmatch(r"(?:What|Which) colour is (\w+)'s (\w+)\?", question):
             return re.search(rf"{m[1]}'s {m[2]} is (\w+)\.", facts)[1]
         person = re.fullmatch(r"(?:What|Which) colour is the thing (\w+) has\?", question)[1]
@@ -48,6 +48,9 @@ def solve(sample) -> str:
         return str(c + 1)  # "... at row R column C."
     if prompt.startswith("Describe"):
         return grid[int(m[1]) - 1][-1] if (m := re.match(r"Describe row (\d)", prompt)) else grid[-1][-1]
+    if "each of these cells" in prompt or prompt.startswith("Name the colours"):  # the last position asked
+        r, c = re.findall(r"row (\d), column (\d)", prompt)[-1]
+        return grid[int(r) - 1][int(c) - 1]
     start = re.search(r"(?:at |of )?(?:the (\w+) cell|row (\d),? column (\d))", prompt)
     r, c = where[start[1]] if start[1] else (int(start[2]) - 1, int(start[3]) - 1)
     moves = re.findall(r"right of|left of|above|below|\bright\b|\bleft\b|\bup\b|\bdown\b", prompt)
@@ -67,7 +70,7 @@ def test_world_answers_follow_from_the_image_or_the_facts():
         if sample["image"] is not None:
             rows, cols = len(sample["grid"]), len(sample["grid"][0])
             assert 2 <= rows <= 5 and 2 <= cols <= 5 and sample["image"].size == (cols * CELL, rows * CELL)
-    assert seen == {"cell", "cell_short", "locate", "describe", "move", "count", "text"}
+    assert seen == {"cell", "cells", "cell_short", "locate", "describe", "move", "count", "text"}
 
 
 def test_world_is_seeded_and_covers_the_palette():

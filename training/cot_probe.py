@@ -24,7 +24,7 @@ import torch
 
 from tte_flash.data import eval_example, load_rows
 from tte_flash.evaluate import load_model
-from tte_flash.synthetic import COLOURS
+from tte_flash.world import PALETTE as COLOURS  # every colour name of the world (a superset of synthetic's)
 
 
 def first_fact(trace: str) -> str | None:

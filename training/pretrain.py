@@ -31,12 +31,13 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Trainer, TrainerCallback, TrainingArguments
+from transformers import (AutoTokenizer, Qwen2VLConfig, Qwen2VLForConditionalGeneration, Trainer, TrainerCallback,
+                          TrainingArguments)
 
 from tte_flash.modeling import TTEFlashModel
 from tte_flash.processing import collate
 from tte_flash.tokenization import train_word_tokenizer
-from tte_flash.world import World, corpus_text, evaluate_backbone
+from tte_flash.world import TASK_WEIGHTS, World, corpus_text, evaluate_backbone
 
 logger = logging.getLogger("tte_flash.pretrain")
 
@@ -55,28 +56,38 @@ Left and right, up and down, above and below, top and bottom, inside and outside
 class WorldStream(torch.utils.data.IterableDataset):
     """Endless world samples; each dataloader worker gets its own seeded stream."""
 
-    def __init__(self, seed: int):
-        self.seed = seed
+    def __init__(self, seed: int, task_weights: dict | None = None):
+        self.seed, self.task_weights = seed, task_weights
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
-        world = World(seed=[self.seed, 0 if info is None else info.id])
+        world = World(seed=[self.seed, 0 if info is None else info.id], task_weights=self.task_weights)
         while True:
             yield world.sample()
 
 
 class PretrainCollator:
-    """World samples -> a padded TTE batch with K=0 whose COT branch is the answer."""
+    """World samples -> a padded TTE batch with K=0 whose COT branch (the tokens with a loss) is the
+    answer, or with ``prompt_loss`` the question and the answer (an image sample's whole text; a text
+    sample's question after its facts). Token ids and positions are the same either way."""
 
-    def __init__(self, processor):
-        self.processor = processor
+    def __init__(self, processor, prompt_loss: bool = False):
+        self.processor, self.prompt_loss = processor, prompt_loss
 
     def __call__(self, samples):
         records, answers = [], []
+        tokenizer = self.processor.tokenizer
         for s in samples:
-            item = {"text": s["prompt"]} if s["image"] is None else {"image": s["image"], "text": s["prompt"]}
+            context, question = s["prompt"], ""
+            if self.prompt_loss and s["image"] is not None:
+                context, question = "", s["prompt"]
+            elif self.prompt_loss and " Q: " in s["prompt"]:  # the facts stay context: they are random
+                facts, sep, rest = s["prompt"].rpartition(" Q: ")
+                context, question = facts, sep + rest
+            item = {"text": context} if s["image"] is None else {"image": s["image"], "text": context}
             records.append(self.processor(item))
-            answers.append(self.processor.tokenize_cot(s["answer"]))
+            question_ids = tokenizer(question, add_special_tokens=False).input_ids if question else []
+            answers.append(question_ids + self.processor.tokenize_cot(s["answer"]))
         batch = collate(records, [], self.processor.emb_token_id, think_tokens=0, cot_ids=answers, packed=False,
                         pad_id=self.processor.tokenizer.pad_token_id)
         return {"size": torch.zeros(len(samples)), "batch": batch}  # accelerate reads the batch size off the first tensor
@@ -169,7 +180,13 @@ def parse_args(argv=None):
     p.add_argument("--eval_n", type=int, default=100, help="held-out questions per kind at each evaluation")
     p.add_argument("--save_steps", type=int, default=1000)
     p.add_argument("--resume_from_checkpoint", default=None)
+    p.add_argument("--init_from", default=None,
+                   help="start from this exported backbone (a later stage; the architecture flags are then ignored)")
     p.add_argument("--vocab_size", type=int, default=2048, help="BPE vocabulary (before special tokens)")
+    p.add_argument("--prompt_loss", action="store_true",
+                   help="next-token loss on the question too, not only on the answer")
+    p.add_argument("--task_weights", type=_task_weights, default=None,
+                   help="mix of world tasks, e.g. cell=0.3,text=0.2,move=0.3 (default: tte_flash.world.TASK_WEIGHTS)")
     # architecture: Qwen2VLConfig fields
     p.add_argument("--hidden_size", type=int, default=128)
     p.add_argument("--intermediate_size", type=int, default=384)
@@ -182,6 +199,16 @@ def parse_args(argv=None):
     p.add_argument("--vision_embed_dim", type=int, default=64)
     p.add_argument("--vision_heads", type=int, default=2)
     return p.parse_args(argv)
+
+
+def _task_weights(text: str) -> dict[str, float]:
+    weights = {}
+    for part in text.split(","):
+        name, _, value = part.partition("=")
+        if name.strip() not in TASK_WEIGHTS:
+            raise argparse.ArgumentTypeError(f"unknown world task {name.strip()!r}; tasks: {sorted(TASK_WEIGHTS)}")
+        weights[name.strip()] = float(value)
+    return weights
 
 
 def _commit() -> str | None:
@@ -201,9 +228,14 @@ def main(argv=None):
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    tokenizer = train_word_tokenizer(corpus_text(20000, seed=args.seed) + ENGLISH, args.vocab_size)
-    base_tokenizer = copy.deepcopy(tokenizer)  # the backbone's tokenizer: no TTE tokens
-    model = TTEFlashModel.from_spec(architecture(args), tokenizer)
+    if args.init_from:  # a later stage: continue from an exported backbone, its tokenizer and architecture
+        base_tokenizer = AutoTokenizer.from_pretrained(args.init_from)
+        model = TTEFlashModel.from_backbone(args.init_from, max_think_tokens=0, image_min_pixels=3136,
+                                            image_max_pixels=50176)
+    else:
+        tokenizer = train_word_tokenizer(corpus_text(20000, seed=args.seed) + ENGLISH, args.vocab_size)
+        base_tokenizer = copy.deepcopy(tokenizer)  # the backbone's tokenizer: no TTE tokens
+        model = TTEFlashModel.from_spec(architecture(args), tokenizer)
     n_params = sum(p.numel() for p in model.parameters())
     logger.info("backbone: %.2fM parameters, vocabulary %d", n_params / 1e6, len(base_tokenizer))
 
@@ -214,8 +246,8 @@ def main(argv=None):
         weight_decay=args.weight_decay, logging_steps=50, save_strategy="steps", save_steps=args.save_steps,
         save_total_limit=1, report_to="none", use_cpu=True, seed=args.seed, dataloader_num_workers=0,
         remove_unused_columns=False, disable_tqdm=True)
-    trainer = PretrainTrainer(model=model, args=training_args, train_dataset=WorldStream(args.seed),
-                              data_collator=PretrainCollator(model.processor),
+    trainer = PretrainTrainer(model=model, args=training_args, train_dataset=WorldStream(args.seed, args.task_weights),
+                              data_collator=PretrainCollator(model.processor, args.prompt_loss),
                               callbacks=[EvalCallback(args.eval_steps, args.eval_n, history)])
     result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     export_backbone(model, base_tokenizer, out)

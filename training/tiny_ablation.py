@@ -63,11 +63,20 @@ def run(name, seed, args):
                     "--output", str(run_dir / "eval_results.json")]
         subprocess.run(eval_cmd, check=True, env=env, stdout=subprocess.DEVNULL)
     result = json.loads((run_dir / "eval_results.json").read_text())
+    probe = None
+    if setting["cot_weight"] > 0:  # what the think tokens say: decoded traces scored against the reference
+        if not (run_dir / "cot_probe.json").is_file():
+            subprocess.run([sys.executable, str(ROOT / "training/cot_probe.py"), "--model", str(run_dir), "--data",
+                            args.data, "--n", str(args.probe_n), "--think_tokens", str(setting["think_tokens"]),
+                            "--max_new_tokens", "48", "--output", str(run_dir / "cot_probe.json")],
+                           check=True, env=env, stdout=subprocess.DEVNULL)
+        probe = {k: v for k, v in json.loads((run_dir / "cot_probe.json").read_text()).items() if k != "traces"}
     logs = [e for e in summary["log_history"] if "contrastive_loss" in e]
     return {"setting": name, "seed": seed, "train_seconds": round(train_seconds, 1), "steps": args.steps,
             "final_contrastive_loss": logs[-1]["contrastive_loss"] if logs else None,
             "final_cot_accuracy": logs[-1].get("cot_accuracy") if logs else None,
             "collapse_warning": any("collapse_warning" in e for e in summary["log_history"]),
+            "think_token_traces": probe,
             "runs": [{"mode": r["mode"], "think_tokens": r["think_tokens"], **r["metrics"],
                       "queries_per_second": r["queries_per_second"],
                       "seconds_per_query": round(1 / r["queries_per_second"], 5)} for r in result["runs"]],
@@ -109,6 +118,7 @@ def main():
     parser.add_argument("--reasoner", default=None, help="trace generator of the explicit setting (default: --model)")
     parser.add_argument("--recipe", default=str(ROOT / "training/configs/tiny-instruct.yaml"))
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--probe_n", type=int, default=100, help="eval queries whose think-token traces are scored")
     parser.add_argument("--results", default=None, help="also write the results JSON here (e.g. training/results/x.json)")
     args, args.train_args = parser.parse_known_args()  # anything else goes to training/train.py
     args.data, args.out = str(Path(args.data).resolve()), str(Path(args.out).resolve())

@@ -7,14 +7,15 @@ answer given ``[image][prompt]``. The world is broader than any evaluation task 
 * grid images of 2x2 to 5x5 cells (rectangular too), 28 px a cell (one merged visual token each),
   coloured from :data:`PALETTE` (20 named colours; the 9 of ``tte_flash.synthetic`` among them);
 * ``cell``: "What colour is the cell in row 2, column 3?" -> "row 2 column 3 is blue." (several wordings;
-  with "Answer with one word." -> "blue.");
+  with "Answer with one word." -> "blue."); ``cells``: 2-5 positions in one question, one answer each;
 * ``locate``: "Where is the red cell?" -> "the red cell is at row 1 column 2.";
 * ``describe``: "Describe row 2." / "Describe the grid." -> "row 2: red, blue, green.";
 * ``move``: relative moves with spelled-out traces, 0-3 hops, from a coloured cell or a position
   ("the red cell is at row 1 column 2. right of it is row 1 column 3. that cell is blue.") - the trace
   formats of ``tte_flash.synthetic``;
 * ``count``: "How many red cells are there?" -> "the red cells are at row 1 column 1, row 3 column 2. that is 2.";
-* ``text``: facts, then a 1- or 2-hop question ("Ann's hat is red. ... Q: What colour is Bob's hat?").
+* ``text``: facts, then a 1- or 2-hop question ("Ann's hat is red. ... Q: What colour is Bob's hat?"),
+  half of the 1-hop ones with 2-4 questions.
 
 Everything is drawn from one ``numpy`` generator, so a seed fixes the stream.
 """
@@ -40,8 +41,8 @@ NAMES = ("Ann", "Bob", "Cal", "Dan", "Eve", "Fay", "Gus", "Hal", "Ivy", "Jon", "
          "Pam", "Rex", "Sue", "Tom", "Uma")
 THINGS = ("cat", "dog", "cup", "hat", "box", "pen", "key", "bag", "car", "map", "ball", "book", "lamp", "sock",
           "ring", "kite")
-TASK_WEIGHTS = {"cell": 0.22, "cell_short": 0.08, "locate": 0.1, "describe": 0.08, "move": 0.3, "count": 0.08,
-                "text": 0.14}
+TASK_WEIGHTS = {"cells": 0.25, "cell": 0.1, "cell_short": 0.05, "locate": 0.05, "describe": 0.1, "move": 0.2,
+                "count": 0.05, "text": 0.2}
 
 CELL_QUESTIONS = ("What colour is the cell in row {r}, column {c}?", "Which colour is the cell at row {r}, column {c}?",
                   "What is the colour of row {r}, column {c}?", "Name the colour at row {r} column {c}.",
@@ -80,8 +81,10 @@ def move_trace(start_text: str, moves, cells, answer: str) -> str:
 class World:
     """An endless stream of world samples: ``World(seed).sample()`` -> dict(image, prompt, answer, task)."""
 
-    def __init__(self, seed: int = 0, colours: tuple[str, ...] = COLOURS, task_weights: dict | None = None):
+    def __init__(self, seed: int = 0, colours: tuple[str, ...] = COLOURS, task_weights: dict | None = None,
+                 multi_questions: bool = True):
         self.rng = np.random.default_rng(seed)
+        self.multi_questions = multi_questions  # some text samples ask about several people (dense supervision)
         self.colours = tuple(colours)
         weights = task_weights or TASK_WEIGHTS
         self.tasks, probs = zip(*weights.items())
@@ -124,6 +127,15 @@ class World:
 
     def _cell_short(self):
         return self._cell(short=True)
+
+    def _cells(self):
+        """Several positions of one grid in one question: dense supervision for reading positions."""
+        grid = self.grid()
+        cells = [(r, c) for r in range(len(grid)) for c in range(len(grid[0]))]
+        picks = [cells[i] for i in self.rng.permutation(len(cells))[:int(self.rng.integers(2, 6))]]
+        places = "; ".join(f"row {r + 1}, column {c + 1}" for r, c in picks)
+        question = self._pick(("What colour is each of these cells: {x}?", "Name the colours of {x}."))
+        return self._grid_sample(grid, question.format(x=places), " ".join(f"{at(p)} is {grid[p[0]][p[1]]}." for p in picks))
 
     def _unique_cells(self, grid) -> dict[str, tuple[int, int]]:
         flat = [colour for row in grid for colour in row]
@@ -207,9 +219,11 @@ class World:
         if self.rng.random() < 0.5:
             thing = self._pick(THINGS)
             facts = [f"{p}'s {thing} is {c}." for p, c in zip(people, colours)]
-            question = self._pick(("Q: What colour is {p}'s {t}?", "Q: Which colour is {p}'s {t}?"))
-            question = question.format(p=people[asked], t=thing)
-            answer = f"{people[asked]}'s {thing} is {colours[asked]}."
+            asked_all = [asked] + ([int(i) for i in self.rng.permutation(n) if i != asked][:int(self.rng.integers(1, 4))]
+                                   if self.multi_questions and self.rng.random() < 0.5 else [])
+            template = self._pick(("Q: What colour is {p}'s {t}?", "Q: Which colour is {p}'s {t}?"))
+            question = " ".join(template.format(p=people[i], t=thing) for i in asked_all)
+            answer = " ".join(f"{people[i]}'s {thing} is {colours[i]}." for i in asked_all)
         else:
             things = [THINGS[i] for i in self.rng.permutation(len(THINGS))[:n]]
             facts = [f"{p} has the {t}." for p, t in zip(people, things)]
@@ -236,7 +250,7 @@ EVAL_KINDS = ("position_3x3", "position_any", "move1_trace", "move2_trace", "cou
 def eval_questions(kind: str, n: int, seed: int = 1_000_003) -> list[dict]:
     """``n`` held-out questions of one kind (a seed stream training never uses), with the answer colour
     (or count) that a correct reply must end with."""
-    world = World(seed=[seed, EVAL_KINDS.index(kind)])
+    world = World(seed=[seed, EVAL_KINDS.index(kind)], multi_questions=False)
     out = []
     while len(out) < n:
         if kind in ("position_3x3", "position_any"):
