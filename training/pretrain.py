@@ -56,12 +56,13 @@ Left and right, up and down, above and below, top and bottom, inside and outside
 class WorldStream(torch.utils.data.IterableDataset):
     """Endless world samples; each dataloader worker gets its own seeded stream."""
 
-    def __init__(self, seed: int, task_weights: dict | None = None):
-        self.seed, self.task_weights = seed, task_weights
+    def __init__(self, seed: int, task_weights: dict | None = None, multi_questions: bool = True):
+        self.seed, self.task_weights, self.multi_questions = seed, task_weights, multi_questions
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
-        world = World(seed=[self.seed, 0 if info is None else info.id], task_weights=self.task_weights)
+        world = World(seed=[self.seed, 0 if info is None else info.id], task_weights=self.task_weights,
+                      multi_questions=self.multi_questions)
         while True:
             yield world.sample()
 
@@ -185,6 +186,8 @@ def parse_args(argv=None):
     p.add_argument("--vocab_size", type=int, default=2048, help="BPE vocabulary (before special tokens)")
     p.add_argument("--prompt_loss", action="store_true",
                    help="next-token loss on the question too, not only on the answer")
+    p.add_argument("--multi_questions", action=argparse.BooleanOptionalAction, default=True,
+                   help="some text samples ask several questions (--no-multi_questions: one each)")
     p.add_argument("--task_weights", type=_task_weights, default=None,
                    help="mix of world tasks, e.g. cell=0.3,text=0.2,move=0.3 (default: tte_flash.world.TASK_WEIGHTS)")
     # architecture: Qwen2VLConfig fields
@@ -193,7 +196,7 @@ def parse_args(argv=None):
     p.add_argument("--num_layers", type=int, default=4)
     p.add_argument("--num_heads", type=int, default=4)
     p.add_argument("--num_kv_heads", type=int, default=2)
-    p.add_argument("--rope_theta", type=float, default=10.0)
+    p.add_argument("--rope_theta", type=float, default=10000.0)
     p.add_argument("--mrope_section", type=int, nargs=3, default=[4, 6, 6])
     p.add_argument("--vision_depth", type=int, default=2)
     p.add_argument("--vision_embed_dim", type=int, default=64)
@@ -233,7 +236,8 @@ def main(argv=None):
         model = TTEFlashModel.from_backbone(args.init_from, max_think_tokens=0, image_min_pixels=3136,
                                             image_max_pixels=50176)
     else:
-        tokenizer = train_word_tokenizer(corpus_text(20000, seed=args.seed) + ENGLISH, args.vocab_size)
+        corpus = corpus_text(20000, seed=args.seed, task_weights=args.task_weights, multi_questions=args.multi_questions)
+        tokenizer = train_word_tokenizer(corpus + ENGLISH, args.vocab_size)
         base_tokenizer = copy.deepcopy(tokenizer)  # the backbone's tokenizer: no TTE tokens
         model = TTEFlashModel.from_spec(architecture(args), tokenizer)
     n_params = sum(p.numel() for p in model.parameters())
@@ -246,7 +250,7 @@ def main(argv=None):
         weight_decay=args.weight_decay, logging_steps=50, save_strategy="steps", save_steps=args.save_steps,
         save_total_limit=1, report_to="none", use_cpu=True, seed=args.seed, dataloader_num_workers=0,
         remove_unused_columns=False, disable_tqdm=True)
-    trainer = PretrainTrainer(model=model, args=training_args, train_dataset=WorldStream(args.seed, args.task_weights),
+    trainer = PretrainTrainer(model=model, args=training_args, train_dataset=WorldStream(args.seed, args.task_weights, args.multi_questions),
                               data_collator=PretrainCollator(model.processor, args.prompt_loss),
                               callbacks=[EvalCallback(args.eval_steps, args.eval_n, history)])
     result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)

@@ -235,9 +235,9 @@ class World:
         return {"grid": None, "image": None, "prompt": " ".join(facts) + " " + question, "answer": answer}
 
 
-def corpus_text(n: int, seed: int = 0) -> list[str]:
+def corpus_text(n: int, seed: int = 0, task_weights: dict | None = None, multi_questions: bool = True) -> list[str]:
     """``n`` world samples as plain text (prompt + answer), for training a tokenizer."""
-    world = World(seed)
+    world = World(seed, task_weights=task_weights, multi_questions=multi_questions)
     return [f"{s['prompt']} {s['answer']}" for s in (world.sample() for _ in range(n))]
 
 
