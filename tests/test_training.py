@@ -70,6 +70,32 @@ def test_yaml_recipe_with_overrides(tmp_path):
     assert (tmp_path / "run" / "model.safetensors").is_file()  # LoRA merged into a full checkpoint
 
 
+@pytest.mark.parametrize("grad_cache", [False, True])
+def test_think_warmup_trains_the_first_steps_at_k0(tmp_path, monkeypatch, grad_cache):
+    """--think_warmup_steps N: steps 1..N see K=0 whatever the budgets, later steps the budgets."""
+    from tte_flash.objective import Objective
+    seen = []
+    for name in ("loss", "grad_cache_backward"):
+        original = getattr(Objective, name)
+
+        def spy(self, model, train_batch, *rest, _original=original, **kwargs):
+            seen.append(train_batch.think_tokens)
+            return _original(self, model, train_batch, *rest, **kwargs)
+        monkeypatch.setattr(Objective, name, spy)
+    data = make_data(tmp_path / "data", n=16)
+    extra = ["--grad_cache", "--grad_cache_chunk_size", "3"] if grad_cache else []
+    run = args(data, tmp_path / "run", "--max_steps", "6", "--save_strategy", "no", "--think_warmup_steps", "4", *extra)
+    run[run.index("--think_tokens") + 1:run.index("--think_tokens") + 3] = ["4"]  # one budget: K=4
+    train_main(run)
+    assert seen == [0, 0, 0, 0, 4, 4]
+
+
+def test_think_warmup_must_not_be_negative(tmp_path):
+    data = make_data(tmp_path / "data", n=8)
+    with pytest.raises(ValueError, match="think_warmup_steps must be >= 0"):
+        train_main(args(data, tmp_path / "run", "--max_steps", "1", "--think_warmup_steps", "-1"))
+
+
 @pytest.mark.parametrize("breakage, message", [
     ("missing_column", "required column 'pos_text'"), ("missing_image", "images/0.png"), ("empty", "no rows")])
 def test_clear_errors_for_bad_data(tmp_path, breakage, message):

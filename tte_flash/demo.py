@@ -27,7 +27,8 @@ def main(argv=None) -> int:
                         help="starting point: a preset (tiny-instruct: pretrained; tiny: random), a Qwen2-VL "
                              "backbone directory or a TTE-Flash checkpoint")
     parser.add_argument("--task", choices=("grid", "text", "mixed"), default="grid")
-    parser.add_argument("--hops", type=int, default=1)
+    parser.add_argument("--hops", type=int, default=0,
+                        help="reasoning hops of the task (0: read the cell at a position; 1-2: see training/README.md)")
     parser.add_argument("--n_train", "--n-train", type=int, default=2000)
     parser.add_argument("--n_eval", "--n-eval", type=int, default=200)
     parser.add_argument("--steps", type=int, default=200)
@@ -51,11 +52,12 @@ def main(argv=None) -> int:
     data = synthetic.generate(out / "data", args.n_train, args.n_eval, seed=args.seed, hops=args.hops, task=args.task)
     paths = data["paths"]
 
-    print(f"[2/5] TTE training from {args.model} for {args.steps} steps (think budgets 0 and {args.think_tokens}, "
-          "CoT loss)")
+    print(f"[2/5] TTE training from {args.model} for {args.steps} steps (think budgets 0 and {args.think_tokens} "
+          f"after {args.steps // 3} steps at K=0, CoT loss)")
     model_dir = out / "model"
     train_main(["--model", args.model, "--train_data", paths["train"], "--image_root", paths["image_root"],
                 "--output_dir", str(model_dir), "--think_tokens", "0", str(args.think_tokens),
+                "--think_warmup_steps", str(args.steps // 3),
                 "--cot_weight", "1.0", "--max_steps", str(args.steps), "--per_device_train_batch_size",
                 str(args.batch_size), "--learning_rate", str(args.learning_rate), "--warmup_steps", str(max(1, args.steps // 10)),
                 "--lr_scheduler_type", "cosine", "--temperature", "0.05", "--logging_steps",

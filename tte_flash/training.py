@@ -22,7 +22,7 @@ import logging
 import math
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -68,6 +68,9 @@ class DataArguments:
                                                               "in chunks on one device"})
     grad_cache_chunk_size: int = field(default=8, metadata={"help": "examples per chunk in grad-cache mode"})
     packed: bool | None = field(default=None, metadata={"help": "padding-free packing (default: on for triton)"})
+    think_warmup_steps: int = field(default=0, metadata={
+        "help": "train the first N steps at K=0 (the think budgets apply after them): K new think tokens "
+                "between a pretrained backbone's query and <emb> can collapse the embedder at the start"})
     query_with_trace: bool = field(default=False, metadata={
         "help": "append each row's qry_cot to its query (the embedder of the explicit 'Think Then Embed' "
                 "pipeline, evaluated with --mode explicit-cot --reasoner BACKBONE); implies no COT loss"})
@@ -124,15 +127,24 @@ class CollapseMonitor:
 class TTETrainer(Trainer):
     """Trainer whose loss is InfoNCE + cot_weight * COT NLL on one packed forward per batch."""
 
-    def __init__(self, *args, objective: Objective, grad_cache_chunk_size: int | None = None, **kwargs):
+    def __init__(self, *args, objective: Objective, grad_cache_chunk_size: int | None = None,
+                 think_warmup_steps: int = 0, **kwargs):
         super().__init__(*args, **kwargs)
         self.objective, self.grad_cache_chunk_size = objective, grad_cache_chunk_size
+        self.think_warmup_steps = think_warmup_steps
         self.model_accepts_loss_kwargs = False  # our loss is a per-batch mean: Trainer scales it for GA
         self._tte_logs: dict[str, list[float]] = {}
         self.collapse_monitor = CollapseMonitor()
 
+    def _train_batch(self, inputs):
+        """The collated batch, at K=0 during the think warm-up (the step counter survives a resume)."""
+        batch = inputs["train_batch"]
+        if self.state.global_step < self.think_warmup_steps and batch.think_tokens:
+            batch = replace(batch, think_tokens=0)
+        return batch
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss, stats = self.objective.loss(model, inputs["train_batch"])
+        loss, stats = self.objective.loss(model, self._train_batch(inputs))
         self._record(stats)
         return (loss, stats) if return_outputs else loss
 
@@ -143,7 +155,7 @@ class TTETrainer(Trainer):
         scale = 1.0 / getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
         with self.compute_loss_context_manager():
             loss, stats = self.objective.grad_cache_backward(
-                model, inputs["train_batch"], self.grad_cache_chunk_size, backward=self.accelerator.backward,
+                model, self._train_batch(inputs), self.grad_cache_chunk_size, backward=self.accelerator.backward,
                 no_sync=lambda: self.accelerator.no_sync(model), scale=scale)
         self._record(stats)
         return loss * scale
@@ -222,6 +234,8 @@ def parse_args(argv=None):
     parser.set_defaults(**defaults)
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     training_args.remove_unused_columns = False
+    if data_args.think_warmup_steps < 0:
+        raise ValueError(f"--think_warmup_steps must be >= 0, got {data_args.think_warmup_steps}")
     return model_args, data_args, training_args
 
 
@@ -250,9 +264,11 @@ def main(argv=None):
                           mask_duplicate_targets=data_args.mask_duplicate_targets)
     trainer = TTETrainer(model=model, args=training_args, train_dataset=dataset, data_collator=collator,
                          objective=objective,
-                         grad_cache_chunk_size=data_args.grad_cache_chunk_size if data_args.grad_cache else None)
-    logger.info("training %s on %d rows; think budgets %s; cot_weight %s; %s batches; grad_cache=%s",
-                model_args.model, len(dataset), data_args.think_tokens, data_args.cot_weight,
+                         grad_cache_chunk_size=data_args.grad_cache_chunk_size if data_args.grad_cache else None,
+                         think_warmup_steps=data_args.think_warmup_steps)
+    logger.info("training %s on %d rows; think budgets %s (K=0 for the first %d steps); cot_weight %s; %s batches; "
+                "grad_cache=%s", model_args.model, len(dataset), data_args.think_tokens,
+                data_args.think_warmup_steps, data_args.cot_weight,
                 "packed" if packed else "padded", data_args.grad_cache)
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     final = trainer.model
