@@ -72,6 +72,8 @@ def main(argv=None) -> int:
                              max_cot_tokens=args.max_cot_tokens, shortcut=False)
     result["runs"] += explicit["runs"]
     print(format_table(result))
+    print("  (explicit-cot here: this model writes a trace, then embeds query + trace, an input it was not trained "
+          "on; the fair explicit pipeline trains its embedder on query + trace: training/tiny_ablation.py)")
     (model_dir / "eval_results.json").write_text(json.dumps(result, indent=2) + "\n")
 
     print("[4/5] what the think tokens say, for the first eval query")
