@@ -352,9 +352,12 @@ def _layout_bounds(seq_ids, token_types, *, think_bidirectional, cot_sees_query)
     start, query_end, think_end, cot_start, end = (x[sample] for x in (start, query_end, think_end, cot_start, end))
 
     is_think = types == THINK
-    # COT rows that do not see the query start at the THINK span (or at the COT span when K = 0)
+    # COT rows start at the query (when they see it and it is not empty), else at the THINK span, else at
+    # the COT span: never at <emb>, which they must not see
     cot_first = torch.where(think_end > query_end, query_end, cot_start)
-    kv_lo = torch.where((types == COT) & (not cot_sees_query), cot_first, start)
+    if cot_sees_query:
+        cot_first = torch.where(query_end > start, start, cot_first)
+    kv_lo = torch.where(types == COT, cot_first, start)
     kv_hi = torch.where(is_think & think_bidirectional, think_end, index + 1)
     q_lo = torch.where(is_think & think_bidirectional, query_end, index)
     q_hi = torch.where((types == EMB) | ((types == QUERY) & (not cot_sees_query)), cot_start, end)

@@ -20,7 +20,7 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
-from hypothesis import given, settings, strategies as st  # noqa: E402
+from hypothesis import example, given, settings, strategies as st  # noqa: E402
 
 from tte_flash.attention import reference_attention  # noqa: E402
 from tte_flash.kernels import prepare_layout, tte_attention, tte_attention_with_layout  # noqa: E402
@@ -191,6 +191,7 @@ def test_every_output_element_written(blocks):
 @settings(max_examples=25, deadline=None)
 @given(samples=packings(max_samples=8), think_bidirectional=st.booleans(), cot_sees_query=st.booleans(),
        block=st.sampled_from([16, 32]))
+@example(samples=[(0, 0, 1, 1), (1, 0, 0, 0)], think_bidirectional=False, cot_sees_query=True, block=16)  # no query
 def test_bounds_are_tight_and_tiles_visited_are_useful(samples, think_bidirectional, cot_sees_query, block):
     """Bounds contain every visible pair, their ends are visible, and every tile a program visits holds
     at least one visible pair: the work scales with visible pairs, not with T^2."""
