@@ -13,6 +13,9 @@ Settings (every run starts from ``--model``, default the pretrained ``tiny-instr
   trace (``--query_with_trace``, K=0), and at evaluation ``--reasoner`` (default: the same backbone,
   untouched) generates the trace that the embedder reads after the query.
 
+``python training/tiny_ablation.py --report training/results/ti-*.json`` prints the markdown tables of
+training/README.md from results files.
+
 Each run is evaluated at its own K (``k16_cot`` also at K=0), with Hit@1, NDCG@5, the eval seconds per
 query, and the eval split's best no-reasoning shortcut beside every score. Runs go ``--workers`` at a
 time, one CPU thread each; finished runs are reused, so an interrupted ablation resumes.
@@ -107,7 +110,34 @@ def summarise(results: list[dict]) -> list[dict]:
     return rows
 
 
+def markdown(path) -> str:
+    """A results JSON as the markdown table of training/README.md: per setting and evaluation, Hit@1 mean
+    (min-max) over seeds, NDCG@5, eval ms per query, what the think tokens decode to, the best shortcut."""
+    data = json.loads(Path(path).read_text())
+    results = data["results"]
+    shortcut = results[0]
+    probe = {}
+    for r in results:
+        if r.get("think_token_traces"):
+            probe.setdefault(r["setting"], []).append(r["think_token_traces"]["answer"])
+    lines = [f"`{Path(path).name}` ({data['meta'].get('dataset')}, {results[0]['steps']} steps; best no-reasoning "
+             f"shortcut {shortcut['shortcut_best_name']['hit@1']}: Hit@1 {shortcut['shortcut_best']['hit@1']:.3f})", "",
+             "| setting | evaluated at | seeds | Hit@1 mean (min-max) | NDCG@5 | eval ms/query | think-token traces right |",
+             "|---|---|---|---|---|---|---|"]
+    for row in summarise(results):
+        at = "explicit CoT" if row["mode"] == "explicit-cot" else f"K={row['think_tokens']}"
+        traces = probe.get(row["setting"]) if row["think_tokens"] else None
+        traces = f"{sum(traces) / len(traces):.2f}" if traces else "-"
+        lines.append(f"| {row['setting']} | {at} | {row['seeds']} | {row['hit@1_mean']:.3f} ({row['hit@1_min']:.3f}-"
+                     f"{row['hit@1_max']:.3f}) | {row['ndcg@5_mean']:.3f} | {1000 * row['seconds_per_query_mean']:.2f} | "
+                     f"{traces} |")
+    return "\n".join(lines)
+
+
 def main():
+    if sys.argv[1:2] == ["--report"]:  # python training/tiny_ablation.py --report training/results/ti-*.json
+        print("\n\n".join(markdown(path) for path in sys.argv[2:]))
+        return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", required=True)
     parser.add_argument("--out", required=True)
