@@ -127,3 +127,31 @@ def test_cot_probe_scores_hand_made_traces():
               "Bob's pen is white.",                                        # wrong first fact, wrong answer
               "the pink cell is at row 1 column 3. that cell is green."]   # wrong anchor, right answer
     assert probe.score(traces, rows) == {"n": 3, "answer": 2 / 3, "first_fact": 1 / 3, "exact": 1 / 3}
+
+
+def test_ablation_summary_and_report_on_hand_made_results(tmp_path):
+    """tiny_ablation's summary (mean, min, max over seeds) and its markdown table, on known numbers."""
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location("tiny_ablation",
+                                                  Path(__file__).parent.parent / "training/tiny_ablation.py")
+    ablation = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ablation)
+    shortcut = {"shortcut_best": {"hit@1": 0.15, "ndcg@5": 0.4}, "shortcut_best_name": {"hit@1": "best_fixed_cell"}}
+
+    def result(setting, seed, hits, traces=None):
+        return {"setting": setting, "seed": seed, "steps": 300, "think_token_traces": traces, **shortcut,
+                "runs": [{"mode": "latent", "think_tokens": k, "hit@1": h, "ndcg@5": h, "seconds_per_query": 0.002}
+                         for k, h in hits.items()]}
+    results = [result("k0", 0, {0: 0.5}), result("k0", 1, {0: 0.7}),
+               result("k16_cot", 0, {0: 0.2, 16: 0.9}, {"answer": 0.8}),
+               result("k16_cot", 1, {0: 0.4, 16: 1.0}, {"answer": 1.0})]
+    rows = {(r["setting"], r["think_tokens"]): r for r in ablation.summarise(results)}
+    assert rows[("k0", 0)]["hit@1_mean"] == pytest.approx(0.6) and rows[("k0", 0)]["seeds"] == 2
+    assert (rows[("k16_cot", 16)]["hit@1_min"], rows[("k16_cot", 16)]["hit@1_max"]) == (0.9, 1.0)
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"meta": {"dataset": "synthetic-grid-1hop"}, "results": results}))
+    table = ablation.markdown(path)
+    assert "best_fixed_cell: Hit@1 0.150" in table
+    assert "| k16_cot | K=16 | 2 | 0.950 (0.900-1.000) | 0.950 | 2.00 | 0.90 |" in table
+    assert "| k16_cot | K=0 | 2 | 0.300 (0.200-0.400) | 0.300 | 2.00 | - |" in table
