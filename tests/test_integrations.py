@@ -167,3 +167,19 @@ def test_mteb_evaluate_in_memory_image_tasks(checkpoint):
     scores = {r.task_name: r.get_score() for r in results.task_results}
     assert set(scores) == {"MockAny2AnyRetrievalT2I", "MockImageClassification"}
     assert all(0.0 <= s <= 1.0 for s in scores.values()), scores
+
+
+def test_sentence_transformers_multi_process_pool(checkpoint):
+    """sentence-transformers' multi-process pool (the model pickled into spawned workers) encodes the same
+    vectors: the remote code's attention name is the same in every process (not the salted hash())."""
+    pytest.importorskip("sentence_transformers")
+    from sentence_transformers import SentenceTransformer
+    model, ckpt, inputs = checkpoint
+    st = SentenceTransformer(str(ckpt), trust_remote_code=True, device="cpu")
+    texts = ["a cat on a mat", "short", "what is shown?", "a red square"]
+    pool = st.start_multi_process_pool(["cpu", "cpu"])
+    try:
+        pooled = st.encode_document(texts, pool=pool, batch_size=2)
+    finally:
+        st.stop_multi_process_pool(pool)
+    np.testing.assert_allclose(pooled, model.encode_document(texts), atol=1e-5)

@@ -24,7 +24,8 @@ refactor cannot silently ship broken remote code):
   Remote code therefore never needs triton, and never fails on CUDA;
 * the attention-registry name ``ATTN_NAME = "tte"`` becomes a name unique to each loaded copy, so the
   package and any number of remote copies can live in one process without one's attention function
-  receiving another's layout class;
+  receiving another's layout class (a digest of the module name: the same name in every process, so
+  a model pickled into worker processes, as sentence-transformers' multi-process pool does, loads);
 * top-level ``Auto*.register(...)`` calls are dropped: the remote-code loader registers the classes
   itself, and the installed package's registrations are left alone; a
   ``register_checkpoint_conversion_mapping(name, ...)`` call is skipped when ``name`` already has one.
@@ -74,8 +75,9 @@ except ImportError:
                              think_bidirectional=layout.think_bidirectional, cot_sees_query=layout.cot_sees_query)
 '''
 ATTN_NAME_LINE = re.compile(r'^ATTN_NAME = "tte"$', re.MULTILINE)
-# Unique per loaded module copy and per process; no "/", ":" or "flash" (transformers reads those).
-UNIQUE_ATTN_NAME = 'ATTN_NAME = f"tte_remote_{abs(hash(__name__)):x}"'
+# Unique per loaded module copy, the same in every process (a digest, not the salted built-in hash(), so a
+# model pickled into a worker process finds its attention); no "/", ":" or "flash" (transformers reads those).
+UNIQUE_ATTN_NAME = 'ATTN_NAME = "tte_remote_" + __import__("hashlib").sha1(__name__.encode()).hexdigest()[:16]'
 
 
 def flat_name(module: str) -> str:
