@@ -150,10 +150,12 @@ def test_explicit_cot_mode(tiny_model, synthetic):
     assert result["mode"] == "explicit-cot" and result["max_cot_tokens"] == 3 and result["n"] == 2
 
 
-def test_cli_writes_json(synthetic, tmp_path, capsys):
+def test_cli_writes_json(synthetic, tmp_path, capsys, caplog):
     output = tmp_path / "results.json"
-    assert main(["--model", "tiny", "--data", synthetic["eval"], "--image-root", synthetic["image_root"],
-                 "--think_tokens", "0", "2", "--limit", "4", "--batch_size", "2", "--output", str(output)]) == 0
+    with caplog.at_level("WARNING", logger="tte_flash.evaluate"):
+        assert main(["--model", "tiny", "--data", synthetic["eval"], "--image-root", synthetic["image_root"],
+                     "--think_tokens", "0", "2", "--limit", "4", "--batch_size", "2", "--output", str(output)]) == 0
+    assert "'tiny' has random weights" in caplog.text  # said loudly, not silently evaluated
     printed = capsys.readouterr().out
     assert "hit@1" in printed and "no-reasoning shortcuts" in printed
     result = json.loads(output.read_text())
@@ -165,11 +167,14 @@ def test_cli_writes_json(synthetic, tmp_path, capsys):
 
 
 def test_cli_errors(tmp_path, capsys):
-    assert main(["--data", str(tmp_path / "missing.jsonl")]) == 2
+    with pytest.raises(SystemExit):  # no default model: random weights are never used by accident
+        main(["--data", str(tmp_path / "missing.jsonl")])
+    assert "--model" in capsys.readouterr().err
+    assert main(["--model", "tiny", "--data", str(tmp_path / "missing.jsonl")]) == 2
     assert "missing.jsonl" in capsys.readouterr().err
     (tmp_path / "eval.jsonl").write_text(json.dumps({"qry_text": "q", "qry_img_path": "gone.png",
                                                      "tgt_text": ["a", "b"], "tgt_img_path": ["", ""]}) + "\n")
-    assert main(["--data", str(tmp_path / "eval.jsonl"), "--no_shortcut"]) == 2
+    assert main(["--model", "tiny", "--data", str(tmp_path / "eval.jsonl"), "--no_shortcut"]) == 2
     assert "row 1" in (err := capsys.readouterr().err) and str(tmp_path / "gone.png") in err
 
 

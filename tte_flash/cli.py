@@ -64,9 +64,8 @@ def quickstart(args) -> int:
 
 
 def load_model(name: str):
-    from tte_flash import TTEFlashModel
-    from tte_flash.modeling import available_presets
-    return TTEFlashModel.from_preset(name) if name in available_presets() else TTEFlashModel.from_pretrained(name)
+    from tte_flash.evaluate import load_model as load  # presets (warns when random), checkpoints, backbones
+    return load(name)
 
 
 def read_inputs(values: list[str], input_file: str | None) -> list:
@@ -150,7 +149,8 @@ def main(argv=None) -> int:
     enc.add_argument("inputs", nargs="*", help="texts or image/video paths")
     enc.add_argument("--input_file", "--input-file", help="JSONL: one input per line (a string or a dict with "
                                                            "text/image/video/instruction)")
-    enc.add_argument("--model", default="tiny", help="a checkpoint directory, Hub id or preset")
+    enc.add_argument("--model", required=True, help="a trained checkpoint directory or Hub id (presets other than "
+                                                     "tiny-instruct have random weights)")
     enc.add_argument("--role", choices=("query", "document"), default="query")
     enc.add_argument("--think_tokens", "--think-tokens", type=int, default=None)
     enc.add_argument("--batch_size", "--batch-size", type=int, default=32)
@@ -158,7 +158,7 @@ def main(argv=None) -> int:
     enc.set_defaults(func=encode)
 
     exp = commands.add_parser("explain", help="what the think tokens decode to, and where they look")
-    exp.add_argument("--model", default="tiny")
+    exp.add_argument("--model", required=True, help="a trained checkpoint directory or Hub id")
     exp.add_argument("--text", default="")
     exp.add_argument("--image", default=None)
     exp.add_argument("--think_tokens", "--think-tokens", type=int, default=None)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import platform
@@ -33,6 +34,9 @@ from pathlib import Path
 import torch
 
 from .data import EVAL_COLUMNS, eval_example, load_rows
+
+logger = logging.getLogger("tte_flash.evaluate")
+
 
 TIES = ("pessimistic", "optimistic", "expected")
 MODES = ("latent", "explicit-cot")
@@ -247,6 +251,9 @@ def load_model(name: str, device=None):
     config_path = Path(name) / "config.json"
     if name in available_presets():
         model = TTEFlashModel.from_preset(name)
+        if not getattr(model.config, "backbone_name_or_path", None):
+            logger.warning("preset %r has random weights: its embeddings and traces mean nothing. Pass a trained "
+                           "checkpoint (a training/train.py output directory or a Hub id) as --model.", name)
     elif config_path.is_file() and json.loads(config_path.read_text()).get("model_type") == "qwen2_vl":
         model = TTEFlashModel.from_backbone(name)
     else:
@@ -277,7 +284,8 @@ def format_table(result: dict) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tte_flash.evaluate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="tiny", help="a checkpoint directory, Hub id, or preset name (tiny)")
+    parser.add_argument("--model", required=True, help="a trained checkpoint directory or Hub id (or a preset: "
+                                                        "random weights except tiny-instruct's backbone)")
     parser.add_argument("--data", required=True, help="MMEB-eval rows: JSONL or Parquet")
     parser.add_argument("--image_root", "--image-root", default=None, help="default: the data file's folder")
     parser.add_argument("--think_tokens", "--think-tokens", nargs="+", type=_think_budget, default=None,
