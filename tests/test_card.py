@@ -56,6 +56,17 @@ def test_user_written_readme_is_kept(tiny_model, tmp_path):
     assert (tmp_path / "README.md").read_text() == "# my own card\n"
 
 
+def test_card_command_keeps_a_hand_written_readme_unless_forced(tiny_model, tmp_path, capsys):
+    from tte_flash.cli import main as cli_main
+    tiny_model.save_pretrained(tmp_path, model_card=False)
+    (tmp_path / "README.md").write_text("# my notes\n")
+    assert cli_main(["card", str(tmp_path)]) == 1
+    assert "--force" in capsys.readouterr().err and (tmp_path / "README.md").read_text() == "# my notes\n"
+    assert cli_main(["card", str(tmp_path), "--force"]) == 0
+    assert CARD_MARKER in (tmp_path / "README.md").read_text()
+    assert cli_main(["card", str(tmp_path)]) == 0  # a generated card is regenerated without --force
+
+
 def test_push_to_hub_uploads_generated_card(tiny_model, tmp_path, monkeypatch):
     uploaded = {}
 

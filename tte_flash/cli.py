@@ -121,7 +121,11 @@ def card_command(args) -> int:
     if config_dict.get("model_type") != "tte_flash":
         raise ValueError(f"{args.run_dir} holds a {config_dict.get('model_type')!r} model, not TTE-Flash")
     config = TTEFlashConfig.from_pretrained(args.run_dir)
-    path = write_model_card(args.run_dir, config, model_id=args.model_id, force=True)
+    path = write_model_card(args.run_dir, config, model_id=args.model_id, force=args.force)
+    if path is None:
+        print(f"{Path(args.run_dir) / 'README.md'} was not written by tte-flash: kept as it is (--force replaces it)",
+              file=sys.stderr)
+        return 1
     print(f"wrote {path}")
     return 0
 
@@ -170,6 +174,7 @@ def main(argv=None) -> int:
     card = commands.add_parser("card", help="regenerate a run's model card from its config and results")
     card.add_argument("run_dir")
     card.add_argument("--model_id", "--model-id", default=None, help="Hub id to show in the usage snippet")
+    card.add_argument("--force", action="store_true", help="replace a README.md that tte-flash did not write")
     card.set_defaults(func=card_command)
 
     for name, func, text in (("evaluate", evaluate_command, "Hit@1 / NDCG@5 on MMEB-eval rows"),
