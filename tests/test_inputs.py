@@ -22,6 +22,33 @@ def test_input_forms_agree(tiny_model, rng, tmp_path):
     assert normalize_input("the file is named photo.png") == {"text": "the file is named photo.png"}
 
 
+def test_more_image_forms_agree(tiny_model, rng, tmp_path, monkeypatch):
+    """A path with a space, encoded bytes, numpy (HWC) and torch (CHW) arrays, and a URL (transformers'
+    load_image, stubbed offline) all embed like the PIL image; a pathlib.Path is always a path."""
+    import io
+    image = random_image(rng)
+    spaced = tmp_path / "my photo.png"
+    image.save(spaced)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    hwc = np.array(image)
+    from_pil = tiny_model.encode_document(image)
+    monkeypatch.setattr("transformers.image_utils.load_image", lambda url: image if url.endswith("/x.png") else None)
+    forms = {"path with a space": str(spaced), "bytes": buffer.getvalue(), "numpy HWC uint8": hwc,
+             "torch CHW float": torch.from_numpy(hwc).permute(2, 0, 1).float() / 255,
+             "url": "https://example.com/x.png", "dict with bytes": {"image": buffer.getvalue()}}
+    for name, form in forms.items():
+        np.testing.assert_allclose(tiny_model.encode_document(form), from_pil, atol=1e-5, err_msg=name)
+    assert normalize_input("not a file.png") == {"text": "not a file.png"}  # spaces and no such file: text
+    assert normalize_input(tmp_path / "clip.mp4") == {"video": tmp_path / "clip.mp4"}
+    with pytest.raises(ValueError, match="neither a folder of frames nor a file with an image"):
+        normalize_input(tmp_path / "notes.txt")
+    with pytest.raises(ValueError, match="pass a list for several images"):
+        tiny_model.encode_document(np.zeros((2, 8, 8, 3), dtype=np.uint8))
+    with pytest.raises(ValueError, match="cannot read image from 3 bytes"):
+        tiny_model.encode_document(b"abc")
+
+
 def test_instruction_and_image_placeholder_layout(tiny_model, rng):
     image = random_image(rng)
     record = tiny_model.processor({"instruction": "Find it", "text": "left <|image_1|> right", "image": image})

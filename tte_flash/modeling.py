@@ -31,7 +31,7 @@ from transformers import AutoModel, AutoTokenizer, PreTrainedConfig, Qwen2VLForC
 
 from .attention import ATTN_NAME, TTELayout, resolve_backend
 from .configuration import TTEFlashConfig
-from .processing import TEXT, QueryRecord, TTEProcessor, collate, make_image_processor
+from .processing import SINGLE_INPUT_TYPES, TEXT, QueryRecord, TTEProcessor, collate, make_image_processor
 from .tokenization import add_tte_tokens, build_byte_tokenizer
 
 PRESET_DIR = Path(__file__).parent / "presets"
@@ -277,7 +277,7 @@ class TTEFlashModel(Qwen2VLForConditionalGeneration):
             raise ValueError("think_tokens='auto' needs a budget table entry for this task "
                              f"(task={task!r}, table has {sorted(table)}) or a budget predictor: "
                              "see tte_flash.budget and model.set_think_budget_policy")
-        single = isinstance(inputs, (str, dict, Image.Image, os.PathLike))
+        single = isinstance(inputs, SINGLE_INPUT_TYPES)
         items = [inputs] if single else list(inputs)
         opts = {k: v for k, v in kwargs.items() if k not in ("convert_to_numpy", "convert_to_tensor")}
         k0 = self.encode(items, think_tokens=0, convert_to_tensor=True, **{**opts, "normalize_embeddings": False,
@@ -324,7 +324,7 @@ class TTEFlashModel(Qwen2VLForConditionalGeneration):
             raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        single = isinstance(inputs, (str, dict, Image.Image, os.PathLike))
+        single = isinstance(inputs, SINGLE_INPUT_TYPES)
         items = [inputs] if single else list(inputs)
         if instruction is not None:
             items = [{**_as_dict(x), "instruction": instruction} for x in items]
@@ -391,7 +391,7 @@ class TTEFlashModel(Qwen2VLForConditionalGeneration):
         """
         think_tokens = self.config.default_think_tokens if think_tokens is None else think_tokens
         self._check_think_tokens(think_tokens)
-        single = isinstance(inputs, (str, dict, Image.Image, os.PathLike))
+        single = isinstance(inputs, SINGLE_INPUT_TYPES)
         items = [inputs] if single else list(inputs)
         self.eval()
         records = [self.processor(item, i) for i, item in enumerate(items)]
@@ -407,7 +407,7 @@ class TTEFlashModel(Qwen2VLForConditionalGeneration):
                         show_progress_bar: bool | None = None) -> list[str] | str:
         """Explicit reasoning: greedy generation from each query with no think tokens (KV cache), as text.
         This is the "Think" of the explicit "Think Then Embed" pipeline (what ``mode="explicit-cot"`` embeds)."""
-        single = isinstance(inputs, (str, dict, Image.Image, os.PathLike))
+        single = isinstance(inputs, SINGLE_INPUT_TYPES)
         items = [inputs] if single else list(inputs)
         self.eval()
         records = [self.processor(item, i) for i, item in enumerate(items)]

@@ -6,16 +6,19 @@ placeholders, the vision tensors, and M-RoPE positions. :func:`collate` lays rec
 ``[query][think x K][<emb>][cot]`` (DESIGN.md §3-§4) in a packed batch (one row, padding-free) or a
 padded batch, with the per-token ``seq_ids``/``token_types`` the attention needs.
 
-Choices: a plain string is text unless it has no whitespace and ends in an image or video file
-extension, then it is a path. Text is laid out as ``instruction\\n`` + vision + text; MMEB's
+Choices: a plain string is text unless it ends in an image or video file extension and either has no
+whitespace or names an existing file, then it is a path (or, for an image, an http(s) URL); a
+``pathlib.Path`` is always a path; bytes, numpy arrays and torch tensors are images. Text is laid out as ``instruction\\n`` + vision + text; MMEB's
 ``<|image_1|>`` placeholder, when present, marks where the image goes instead.
 """
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -37,12 +40,36 @@ def make_image_processor(min_pixels: int, max_pixels: int):
     return cls(min_pixels=min_pixels, max_pixels=max_pixels)
 
 
+ARRAY_TYPES = (bytes, bytearray, np.ndarray, torch.Tensor)  # image data given directly
+SINGLE_INPUT_TYPES = (str, dict, Image.Image, os.PathLike, *ARRAY_TYPES)  # one input, not a list of inputs
+
+
 def load_image(image) -> Image.Image:
-    """A PIL RGB image from a PIL image or a path; clear errors naming the path."""
+    """A PIL RGB image from a PIL image, a path, an http(s) URL, encoded bytes, or an array/tensor
+    (HWC or CHW, uint8 or floats in [0, 1]: transformers' ``to_pil_image``); clear errors naming the input."""
     if isinstance(image, Image.Image):
         return image.convert("RGB")
+    if isinstance(image, (bytes, bytearray)):
+        try:
+            with Image.open(io.BytesIO(image)) as img:
+                return img.convert("RGB")
+        except Exception as err:
+            raise ValueError(f"cannot read image from {len(image)} bytes: {err}") from None
+    if isinstance(image, (np.ndarray, torch.Tensor)):
+        if image.ndim not in (2, 3):
+            raise ValueError(f"an image array must be 2-D (H, W) or 3-D (HWC or CHW), got shape {tuple(image.shape)}; "
+                             "pass a list for several images")
+        from transformers.image_transforms import to_pil_image
+        array = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else image
+        return to_pil_image(array[..., None] if array.ndim == 2 else array).convert("RGB")
     if not isinstance(image, (str, os.PathLike)):
-        raise ValueError(f"image must be a PIL image or a path, got {type(image).__name__}")
+        raise ValueError(f"image must be a PIL image, a path, a URL, bytes or an array, got {type(image).__name__}")
+    if isinstance(image, str) and image.startswith(("http://", "https://")):
+        from transformers.image_utils import load_image as load_url
+        try:
+            return load_url(image).convert("RGB")
+        except Exception as err:
+            raise ValueError(f"cannot load image {image}: {err}") from None
     path = Path(image)
     if not path.is_file():
         raise FileNotFoundError(f"image not found: {path}")
@@ -93,13 +120,19 @@ def _decode_video_file(path: Path) -> list[Image.Image]:
 
 def normalize_input(item, index: int = 0) -> dict:
     """One user input as a dict with keys among ``text``, ``image``, ``video``, ``instruction``."""
-    if isinstance(item, Image.Image):
+    if isinstance(item, (Image.Image, *ARRAY_TYPES)):
         return {"image": item}
-    if isinstance(item, os.PathLike):
-        item = os.fspath(item)
+    if isinstance(item, os.PathLike):  # always a path
+        path = Path(item)
+        if path.is_dir() or path.suffix.lower() in VIDEO_EXTENSIONS:
+            return {"video": path}
+        if path.suffix.lower() in IMAGE_EXTENSIONS:
+            return {"image": path}
+        raise ValueError(f"input {index}: {path} is neither a folder of frames nor a file with an image "
+                         f"{IMAGE_EXTENSIONS} or video {VIDEO_EXTENSIONS} extension")
     if isinstance(item, str):
         lowered = item.lower()
-        if item and not any(c.isspace() for c in item):
+        if item and (not any(c.isspace() for c in item) or os.path.isfile(item)):
             if lowered.endswith(IMAGE_EXTENSIONS):
                 return {"image": item}
             if lowered.endswith(VIDEO_EXTENSIONS):
