@@ -4,8 +4,9 @@
 forward over queries and targets. :func:`grad_cache_backward` computes the same gradients for a
 batch too large to hold activations for: embed every chunk without graphs, take the contrastive
 gradient w.r.t. the embeddings, then recompute each chunk with graphs and backpropagate those
-cached gradients (plus the chunk's COT NLL), as in GradCache (Gao et al., 2021). Recomputation
-assumes a deterministic forward (no dropout; Qwen2-VL's attention dropout is 0).
+cached gradients (plus the chunk's COT NLL), as in GradCache (Gao et al., 2021). Each chunk's
+recomputation replays the random state of its first pass (CPU and CUDA generators), so dropout
+(e.g. LoRA dropout) draws the same masks twice and the gradients are those of the chunked forward.
 """
 from __future__ import annotations
 
@@ -15,6 +16,27 @@ from dataclasses import dataclass
 import torch
 
 from .losses import all_reduce_sum, cot_nll, info_nce
+
+
+@dataclass
+class RngState:
+    """The CPU and (initialised) CUDA random states at one moment, to replay a forward's random draws."""
+    cpu: torch.Tensor
+    cuda: list | None
+
+    @classmethod
+    def capture(cls) -> "RngState":
+        return cls(torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None)
+
+    @contextlib.contextmanager
+    def replay(self):
+        """Run the block from this state; the global random state is restored afterwards."""
+        devices = list(range(len(self.cuda))) if self.cuda is not None else []
+        with torch.random.fork_rng(devices=devices):
+            torch.set_rng_state(self.cpu)
+            if self.cuda is not None:
+                torch.cuda.set_rng_state_all(self.cuda)
+            yield
 
 
 @dataclass
@@ -48,8 +70,11 @@ class Objective:
         backward = backward or (lambda tensor: tensor.backward())
         chunks = [range(i, min(i + chunk_size, len(train_batch))) for i in range(0, len(train_batch), chunk_size)]
         packs = [train_batch.pack(c) for c in chunks]
+        states, reps = [], []
         with torch.no_grad():
-            reps = [model(tte_batch=batch).embeddings for batch, *_ in packs]
+            for batch, *_ in packs:
+                states.append(RngState.capture())
+                reps.append(model(tte_batch=batch).embeddings)
         queries = torch.cat([r[:n] for r, (*_, n) in zip(reps, packs)]).detach().requires_grad_()
         targets = torch.cat([r[n:] for r, (*_, n) in zip(reps, packs)]).detach().requires_grad_()
         target_counts = [r.shape[0] - n for r, (*_, n) in zip(reps, packs)]
@@ -66,7 +91,8 @@ class Objective:
         for i, (batch, _, _, n) in enumerate(packs):
             last = i == len(packs) - 1
             with contextlib.nullcontext() if last or no_sync is None else no_sync():
-                out = model(tte_batch=batch)
+                with states[i].replay():  # the same dropout masks as the first pass
+                    out = model(tte_batch=batch)
                 n_t = out.embeddings.shape[0] - n
                 surrogate = (out.embeddings[:n].float() * queries.grad[q_at:q_at + n]).sum() \
                     + (out.embeddings[n:].float() * targets.grad[t_at:t_at + n_t]).sum()
