@@ -545,8 +545,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="batch size of the sweep (default: the smallest --batch-sizes)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default=None, help="write meta + rows + targets here")
-    p.add_argument("--plot", default=None, help="write a PNG of latency vs K and vs N (and vs query length) here")
+    p.add_argument("--json", default=None, help="write meta + rows + targets here (default: benchmarks/results/"
+                                                 "latency-<device>-<preset>-<date>[-sweep].json)")
+    p.add_argument("--plot", default=None, help="write a PNG of latency vs K and vs N (and vs query length) here "
+                                                 "(default: beside the JSON, .png)")
+    p.add_argument("--no-save", "--no_save", action="store_true", help="print the table only, write no files")
     args = p.parse_args(argv)
 
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -603,9 +606,18 @@ def main(argv=None) -> dict:
     configs += [Config("explicit-cot", b, cot_tokens=n) for b in args.batch_sizes for n in args.cot_tokens]
     print(f"{meta['preset']} on {meta['device_name']} ({args.dtype}, attn {args.attn}); "
           f"warm-up {args.warmup}, repeats {args.repeats}", file=sys.stderr)
-    rows = run_configs(bench, records, configs, args, flops, peak)
+    sweeps = []  # built (and checked) before anything is timed
     for length in args.sweep_query_length:
-        sweep_records = records_of_length(bench.model.processor, queries[:args.sweep_batch_size], length)
+        try:
+            sweeps.append((length, records_of_length(bench.model.processor, queries[:args.sweep_batch_size], length)))
+        except ValueError as err:
+            raise SystemExit(f"--sweep-query-length: {err}; pass longer lengths (or --image-size none)") from None
+    if not args.no_save:
+        stem = f"latency-{device.type}-{args.preset}-{time.strftime('%Y-%m-%d')}{'-sweep' if sweeps else ''}"
+        args.json = args.json or str(Path(__file__).resolve().parent / "results" / f"{stem}.json")
+        args.plot = args.plot or str(Path(args.json).with_suffix(".png"))
+    rows = run_configs(bench, records, configs, args, flops, peak)
+    for length, sweep_records in sweeps:
         sweep = [Config("baseline" if k == 0 else "tte-flash", args.sweep_batch_size, think_tokens=k,
                         sweep_query_tokens=length) for k in [0] + args.think_tokens]
         rows += run_configs(bench, sweep_records, sweep, args, flops, peak)

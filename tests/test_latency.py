@@ -93,3 +93,18 @@ def test_triton_on_cpu_is_a_clear_error(latency, capsys):
     with pytest.raises(SystemExit):
         latency.parse_args(["--device", "cpu", "--attn", "triton"])
     assert "needs a CUDA device" in capsys.readouterr().err
+
+
+def test_a_bad_sweep_stops_before_timing_and_results_are_saved_by_default(latency, tmp_path, monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(latency, "run_configs", lambda *a, **k: calls.append(1) or [])
+    with pytest.raises(SystemExit, match="query length 10 is below"):
+        latency.main(["--device", "cpu", "--think_tokens", "3", "--cot-tokens", "--batch-sizes", "1",
+                      "--image-size", "96x64", "--sweep-query-length", "200", "10"])
+    assert calls == []  # nothing was timed
+    monkeypatch.undo()
+    monkeypatch.setattr(latency, "__file__", str(tmp_path / "benchmarks" / "latency.py"))  # results/ beside it
+    latency.main(["--device", "cpu", "--think_tokens", "3", "--cot-tokens", "--batch-sizes", "1", "--repeats", "1",
+                  "--warmup", "0", "--image-size", "96x64"])
+    saved = sorted(p.suffix for p in (tmp_path / "benchmarks" / "results").iterdir())
+    assert saved == [".json", ".png"] and "wrote" in capsys.readouterr().out
