@@ -18,7 +18,8 @@ setup(
     install_requires=[
         "torch>=2.5",
         "transformers>=5.0,<6",
-        "triton>=3.2",
+        # the fused kernel; Linux only (no wheels elsewhere): other platforms use the reference attention
+        "triton>=3.2; platform_system == 'Linux'",
         "safetensors",
         "einops",
         "pillow",

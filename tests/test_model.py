@@ -246,3 +246,20 @@ def test_small_preset_equals_plain_transformers(tmp_path, rng):
     with torch.no_grad():
         out = plain(**plain_inputs(model, item, 16), output_hidden_states=True)
     np.testing.assert_allclose(ours, out.hidden_states[-1][0, -1].numpy(), atol=1e-5, rtol=1e-5)
+
+
+def test_backend_without_triton(monkeypatch):
+    """Where triton is not installed (macOS, Windows), CUDA falls back to the reference attention with a
+    warning, and asking for triton explicitly is a clear error."""
+    import importlib.util
+
+    from tte_flash import attention
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else real(name, *a))
+    monkeypatch.delenv("TTE_FLASH_ATTN", raising=False)
+    attention._warn_once.cache_clear()
+    with pytest.warns(UserWarning, match="triton is not installed"):
+        assert attention.resolve_backend(None, torch.device("cuda")) == "reference"
+    with pytest.raises(ImportError, match="needs the triton package"):
+        attention.resolve_backend("triton", torch.device("cuda"))
+    assert attention.resolve_backend(None, torch.device("cpu")) == "reference"

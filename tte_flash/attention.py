@@ -14,7 +14,10 @@ cache, plain transformers calls) falls through to transformers' own SDPA attenti
 """
 from __future__ import annotations
 
+import functools
+import importlib.util
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -68,10 +71,22 @@ class TTELayout:
 
 def resolve_backend(requested: str | None, device: torch.device) -> str:
     """The attention backend to use: ``requested`` > ``$TTE_FLASH_ATTN`` > device default."""
-    backend = requested or os.environ.get("TTE_FLASH_ATTN") or ("triton" if device.type == "cuda" else "reference")
+    chosen = requested or os.environ.get("TTE_FLASH_ATTN")
+    backend = chosen or ("triton" if device.type == "cuda" else "reference")
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
+    if backend == "triton" and importlib.util.find_spec("triton") is None:
+        if chosen:
+            raise ImportError("attention backend 'triton' needs the triton package (pip install triton; Linux only); "
+                              "use attn_backend='reference' elsewhere")
+        _warn_once("triton is not installed: using the reference attention (dense mask, O(L^2) memory) on CUDA")
+        backend = "reference"
     return backend
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str):
+    warnings.warn(message, stacklevel=3)
 
 
 def reference_attention(q, k, v, seq_ids, token_types, *, think_bidirectional=False, cot_sees_query=True,
