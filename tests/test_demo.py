@@ -17,7 +17,7 @@ def test_demo_end_to_end_reduced(tmp_path, capsys):
                                                                           ("explicit-cot", 0)}
     assert all(0 <= r["metrics"]["hit@1"] <= 1 for r in results["runs"])
     heatmaps = sorted((out / "explain").glob("*.png"))
-    assert len(heatmaps) == 6  # 4 think tokens, <emb>, and their mean
+    assert [p.name for p in heatmaps] == ["attention.png"]  # 4 think tokens, <emb> and their mean in one figure
     with Image.open(heatmaps[0]) as png:
         assert png.format == "PNG"
     card = (out / "model" / "README.md").read_text()

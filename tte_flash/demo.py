@@ -107,7 +107,7 @@ def main(argv=None) -> int:
           f"  data:        {paths['image_root']}  (README.md describes the task)\n"
           f"  model:       {model_dir}  (README.md is its model card; train_summary.json the training log)\n"
           f"  evaluation:  {model_dir / 'eval_results.json'}\n"
-          f"  explanation: {out / 'explain'}  (explanation.json, {len(explanation.heatmaps)} heatmap PNGs)")
+          f"  explanation: {out / 'explain'}  (explanation.json, attention.png: the think tokens' attention to the image)")
     return 0
 
 

@@ -77,26 +77,32 @@ def _image_attention(model, recorded, batch, record, layers, heads) -> torch.Ten
 
 
 def draw_heatmaps(image, attention: torch.Tensor, out_dir: Path) -> list[str]:
-    """One PNG per think token, one for ``<emb>`` and one aggregated over the think tokens."""
+    """One figure (``attention.png``): the image, then the attention of each think token, of ``<emb>`` and
+    the mean over the think tokens, as panels beside it on one shared colour scale with a colour bar."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    maps = [(f"think_{i:02d}", f"think token {i}", attention[i]) for i in range(attention.shape[0] - 1)]
-    maps.append(("emb", "<emb>", attention[-1]))
+    maps = [(f"think {i}", attention[i]) for i in range(attention.shape[0] - 1)]
+    maps.append(("<emb>", attention[-1]))
     if attention.shape[0] > 1:
-        maps.append(("think_mean", f"mean over {attention.shape[0] - 1} think tokens", attention[:-1].mean(0)))
-    paths = []
-    for name, title, grid in maps:
-        fig, ax = plt.subplots(figsize=(4, 4))
-        ax.imshow(image)
-        ax.imshow(grid.numpy(), cmap="inferno", alpha=0.55, extent=(0, image.width, image.height, 0),
-                  interpolation="nearest")
+        maps.append((f"mean of {attention.shape[0] - 1} think", attention[:-1].mean(0)))
+    columns = min(6, len(maps) + 1)
+    rows = -(-(len(maps) + 1) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(2.2 * columns + 1, 2.3 * rows), squeeze=False)
+    axes = axes.ravel()
+    axes[0].imshow(image)
+    axes[0].set_title("image")
+    top = max(float(grid.max()) for _, grid in maps) or 1.0
+    for ax, (title, grid) in zip(axes[1:], maps):
+        shown = ax.imshow(grid.numpy(), cmap="viridis", vmin=0.0, vmax=top, interpolation="nearest",
+                          aspect=image.height / image.width * grid.shape[1] / grid.shape[0])
         ax.set_title(title)
+    for ax in axes:
         ax.axis("off")
-        path = out_dir / f"{name}.png"
-        fig.savefig(path, dpi=80, bbox_inches="tight")
-        plt.close(fig)
-        paths.append(str(path))
-    return paths
+    fig.colorbar(shown, ax=list(axes), shrink=0.8, label="attention to each image patch\n(mean over layers and heads)")
+    path = out_dir / "attention.png"
+    fig.savefig(path, dpi=80, bbox_inches="tight")
+    plt.close(fig)
+    return [str(path)]
