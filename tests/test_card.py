@@ -19,7 +19,8 @@ def test_card_metadata_and_model_index(tiny_model, tmp_path):
     tiny_model.save_pretrained(tmp_path)
     card = ModelCard.load(tmp_path / "README.md")
     data = card.data.to_dict()
-    assert data["library_name"] == "tte-flash" and data["pipeline_tag"] == "feature-extraction"
+    assert data["library_name"] == "sentence-transformers"  # save_pretrained writes its files (modules.json)
+    assert data["pipeline_tag"] == "feature-extraction"
     assert {"tte-flash", "multimodal-embedding"} <= set(data["tags"]) and data["license"] == "apache-2.0"
     results = card.data.eval_results
     assert len(results) == 4 and {r.metric_type for r in results} == {"hit@1", "ndcg@5"}
@@ -38,6 +39,22 @@ def test_document_retrieval_card_and_base_model(tiny_model, tmp_path):
     data = ModelCard.load(path).data.to_dict()
     assert data["pipeline_tag"] == "visual-document-retrieval"
     assert data["base_model"] == "Qwen/Qwen2-VL-2B-Instruct"
+
+
+def test_limitations_say_what_was_measured_and_local_backbones_are_not_base_models(tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path)
+    text = (tmp_path / "README.md").read_text()
+    assert "not measured for this checkpoint" in text and "not recorded" in text
+    (tmp_path / "cot_probe.json").write_text(json.dumps({"n": 100, "answer": 0.35}))
+    (tmp_path / "train_summary.json").write_text(json.dumps({"train_data": ["data/train.jsonl"]}))
+    tiny_model.config.backbone_name_or_path = str(tmp_path)  # a local directory is not a Hub id
+    try:
+        path = write_model_card(tmp_path, tiny_model.config)
+    finally:
+        tiny_model.config.backbone_name_or_path = None
+    card = ModelCard.load(path)
+    assert "right answer for 35% of 100 evaluation queries" in card.text and "data/train.jsonl" in card.text
+    assert "base_model" not in card.data.to_dict() or card.data.to_dict()["base_model"] is None
 
 
 def test_saved_model_reloads_from_the_cards_own_snippet(tiny_model, tmp_path):

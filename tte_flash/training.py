@@ -276,7 +276,7 @@ def main(argv=None):
         final = final.merge_and_unload()
     if trainer.is_world_process_zero():
         final.save_pretrained(training_args.output_dir)
-        summary = {"model": model_args.model, "think_budgets": data_args.think_tokens,
+        summary = {"model": model_args.model, "train_data": data_args.train_data, "think_budgets": data_args.think_tokens,
                    "cot_weight": data_args.cot_weight, "train_rows": len(dataset), **result.metrics,
                    "log_history": trainer.state.log_history}
         Path(training_args.output_dir, "train_summary.json").write_text(json.dumps(summary, indent=2))
