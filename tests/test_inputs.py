@@ -167,3 +167,29 @@ def test_missing_checkpoint_directory(tmp_path):
 def test_similarity_rejects_mismatched_sizes(tiny_model):
     with pytest.raises(ValueError, match="embedding sizes differ"):
         tiny_model.similarity(np.zeros((2, 64)), np.zeros((3, 32)))
+
+
+def test_long_inputs_are_truncated_with_a_warning(tiny_model, rng):
+    """Text beyond max_query_tokens is cut from the end (the image is kept whole) with a warning; the
+    truncated input embeds like the input cut by hand; an image alone over the limit is a clear error."""
+    processor = tiny_model.processor
+    image = random_image(rng, 56, 56)
+    limit = processor({"image": image, "text": "x"}).input_ids.numel() + 5
+    long_text = " ".join(["word"] * 400)
+    tiny_model.config.max_query_tokens = limit
+    try:
+        with pytest.warns(UserWarning, match=f"max_query_tokens={limit}"):
+            record = processor({"image": image, "text": long_text})
+        assert record.input_ids.numel() == limit
+        cut = processor.tokenizer.decode(record.input_ids[-(limit - processor({"image": image}).input_ids.numel()):])
+        with pytest.warns(UserWarning):
+            truncated = tiny_model.encode_query({"image": image, "text": long_text}, think_tokens=4)
+        np.testing.assert_allclose(truncated, tiny_model.encode_query({"image": image, "text": cut}, think_tokens=4),
+                                   atol=1e-5)
+        tiny_model.config.max_query_tokens = 3
+        with pytest.raises(ValueError, match="image/video blocks alone are"):
+            processor({"image": image, "text": "x"})
+    finally:
+        tiny_model.config.max_query_tokens = None
+    default = tiny_model.config.text_config.max_position_embeddings - tiny_model.config.max_think_tokens - 1
+    assert processor.max_query_tokens == default

@@ -54,6 +54,9 @@ class TTEFlashConfig(Qwen2VLConfig):
     backbone_name_or_path: str | None = None
     # Frames sampled per video (even, as Qwen2-VL packs frames in pairs).
     video_max_frames: int = 8
+    # Longest query/document in tokens before [think][emb]; longer inputs lose text from the end, with a
+    # warning (vision blocks are kept whole). None: the backbone's max_position_embeddings - max_think_tokens - 1.
+    max_query_tokens: int | None = None
 
     def check_tte_fields(self) -> None:
         """Raise ``ValueError`` for inconsistent think-token settings (called when a model is built; not
@@ -68,6 +71,8 @@ class TTEFlashConfig(Qwen2VLConfig):
                              f"max_think_tokens={self.max_think_tokens}")
         if self.attn_backend not in (None, "reference", "triton"):
             raise ValueError(f"attn_backend must be None, 'reference' or 'triton', got {self.attn_backend!r}")
+        if self.max_query_tokens is not None and self.max_query_tokens < 1:
+            raise ValueError(f"max_query_tokens must be >= 1 or None, got {self.max_query_tokens}")
         n_layers = self.text_config.num_hidden_layers
         if not -n_layers <= self.embedding_layer <= -1:
             raise ValueError(f"embedding_layer must be in [-{n_layers}, -1], got {self.embedding_layer}")

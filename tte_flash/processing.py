@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -224,6 +225,7 @@ class TTEProcessor:
             pieces += [self._text(before), *vision, self._text(after.replace(IMAGE_PLACEHOLDER, ""))]
         else:
             pieces += [*vision, self._text(text.replace(IMAGE_PLACEHOLDER, ""))]
+        pieces = self._truncate(pieces, index)
         record.input_ids = torch.cat([p[0] for p in pieces])
         record.mm_types = torch.cat([p[1] for p in pieces])
         if record.input_ids.numel() == 0:
@@ -231,6 +233,36 @@ class TTEProcessor:
         record.positions, record.next_position = rope_index(record.mm_types, record.image_grid_thw,
                                                             record.video_grid_thw, self.spatial_merge_size)
         return record
+
+    @property
+    def max_query_tokens(self) -> int:
+        limit = getattr(self.config, "max_query_tokens", None)
+        if limit is None:
+            limit = self.config.text_config.max_position_embeddings - len(self.think_token_ids) - 1
+        return limit
+
+    def _truncate(self, pieces: list, index: int) -> list:
+        """Drop text tokens from the end until the input fits ``max_query_tokens`` (vision blocks whole)."""
+        limit, total = self.max_query_tokens, sum(int(ids.numel()) for ids, _ in pieces)
+        if total <= limit:
+            return pieces
+        excess, pieces = total - limit, list(pieces)
+        for j in reversed(range(len(pieces))):
+            ids, types = pieces[j]
+            if (types != TEXT).any():  # a vision block: kept whole
+                continue
+            cut = min(excess, int(ids.numel()))
+            pieces[j] = (ids[:ids.numel() - cut], types[:types.numel() - cut])
+            excess -= cut
+            if not excess:
+                break
+        if excess:
+            vision = sum(int(ids.numel()) for ids, types in pieces if (types != TEXT).any())
+            raise ValueError(f"input {index}: its image/video blocks alone are {vision} tokens, over "
+                             f"max_query_tokens={limit}; lower image_max_pixels or video_max_frames")
+        warnings.warn(f"inputs longer than max_query_tokens={limit} tokens are truncated (text from the end; "
+                      "images, think tokens and <emb> are kept)", stacklevel=4)
+        return pieces
 
     def _text(self, text: str):
         ids = torch.tensor(self.tokenizer(text, add_special_tokens=False).input_ids, dtype=torch.long)
