@@ -90,6 +90,33 @@ def test_think_warmup_trains_the_first_steps_at_k0(tmp_path, monkeypatch, grad_c
     assert seen == [0, 0, 0, 0, 4, 4]
 
 
+@pytest.mark.parametrize("threshold", [0.05, 0.99])
+def test_think_warmup_until_accuracy(tmp_path, monkeypatch, threshold):
+    """--think_warmup_accuracy A: after the warm-up steps, K stays 0 until a logged in-batch contrastive
+    accuracy reaches A; the step is logged as think_tokens_from_step and the budgets apply from there."""
+    from tte_flash.objective import Objective
+    seen = []
+    original = Objective.loss
+    monkeypatch.setattr(Objective, "loss", lambda self, model, batch: seen.append(batch.think_tokens)
+                        or original(self, model, batch))
+    data = make_data(tmp_path / "data", n=16)
+    run = args(data, tmp_path / "run", "--max_steps", "12", "--save_strategy", "no", "--logging_steps", "2",
+               "--think_warmup_steps", "3", "--think_warmup_accuracy", str(threshold))
+    if threshold == 0.99:  # equal scores (the collapse test's trick): the accuracy cannot get there
+        run[run.index("--temperature") + 1] = "1e4"
+    run[run.index("--think_tokens") + 1:run.index("--think_tokens") + 3] = ["4"]
+    trainer = train_main(run)
+    switched = [e["think_tokens_from_step"] for e in trainer.state.log_history if "think_tokens_from_step" in e]
+    if threshold == 0.99:
+        assert switched == [] and seen == [0] * 12
+    else:
+        accuracy = {e["step"]: e["contrastive_accuracy"] for e in trainer.state.log_history if "contrastive_accuracy" in e}
+        step = int(switched[0])
+        assert step >= 3 and step % 2 == 0 and accuracy[step] >= threshold
+        assert all(accuracy[s] < threshold for s in accuracy if 3 <= s < step)
+        assert seen == [0] * step + [4] * (12 - step)
+
+
 def test_think_warmup_must_not_be_negative(tmp_path):
     data = make_data(tmp_path / "data", n=8)
     with pytest.raises(ValueError, match="think_warmup_steps must be >= 0"):
@@ -139,12 +166,13 @@ def test_ablation_summary_and_report_on_hand_made_results(tmp_path):
     spec.loader.exec_module(ablation)
     shortcut = {"shortcut_best": {"hit@1": 0.15, "ndcg@5": 0.4}, "shortcut_best_name": {"hit@1": "best_fixed_cell"}}
 
-    def result(setting, seed, hits, traces=None):
+    def result(setting, seed, hits, traces=None, start=None):
         return {"setting": setting, "seed": seed, "steps": 300, "think_token_traces": traces, **shortcut,
+                "think_tokens_from_step": start,
                 "runs": [{"mode": "latent", "think_tokens": k, "hit@1": h, "ndcg@5": h, "seconds_per_query": 0.002}
                          for k, h in hits.items()]}
     results = [result("k0", 0, {0: 0.5}), result("k0", 1, {0: 0.7}),
-               result("k16_cot", 0, {0: 0.2, 16: 0.9}, {"answer": 0.8}),
+               result("k16_cot", 0, {0: 0.2, 16: 0.9}, {"answer": 0.8}, start=60),
                result("k16_cot", 1, {0: 0.4, 16: 1.0}, {"answer": 1.0})]
     rows = {(r["setting"], r["think_tokens"]): r for r in ablation.summarise(results)}
     assert rows[("k0", 0)]["hit@1_mean"] == pytest.approx(0.6) and rows[("k0", 0)]["seeds"] == 2
@@ -153,5 +181,5 @@ def test_ablation_summary_and_report_on_hand_made_results(tmp_path):
     path.write_text(json.dumps({"meta": {"dataset": "synthetic-grid-1hop"}, "results": results}))
     table = ablation.markdown(path)
     assert "best_fixed_cell: Hit@1 0.150" in table
-    assert "| k16_cot | K=16 | 2 | 0.950 (0.900-1.000) | 0.950 | 2.00 | 0.90 |" in table
-    assert "| k16_cot | K=0 | 2 | 0.300 (0.200-0.400) | 0.300 | 2.00 | - |" in table
+    assert "| k16_cot | K=16 | 2 | 0.950 (0.900-1.000) | 0.950 | 2.00 | 0.90 | 60 / never |" in table
+    assert "| k16_cot | K=0 | 2 | 0.300 (0.200-0.400) | 0.300 | 2.00 | - | - |" in table

@@ -79,6 +79,8 @@ def run(name, seed, args):
             "final_contrastive_loss": logs[-1]["contrastive_loss"] if logs else None,
             "final_cot_accuracy": logs[-1].get("cot_accuracy") if logs else None,
             "collapse_warning": any("collapse_warning" in e for e in summary["log_history"]),
+            "think_tokens_from_step": next((int(e["think_tokens_from_step"]) for e in summary["log_history"]
+                                            if "think_tokens_from_step" in e), None),
             "think_token_traces": probe,
             "runs": [{"mode": r["mode"], "think_tokens": r["think_tokens"], **r["metrics"],
                       "queries_per_second": r["queries_per_second"],
@@ -110,27 +112,34 @@ def summarise(results: list[dict]) -> list[dict]:
     return rows
 
 
+def _starts(steps) -> str:
+    """Per seed, the step the think tokens came on ("never": the embedder never left the collapsed start)."""
+    return " / ".join("never" if s is None else str(s) for s in steps) if steps else "-"
+
+
 def markdown(path) -> str:
     """A results JSON as the markdown table of training/README.md: per setting and evaluation, Hit@1 mean
     (min-max) over seeds, NDCG@5, eval ms per query, what the think tokens decode to, the best shortcut."""
     data = json.loads(Path(path).read_text())
     results = data["results"]
     shortcut = results[0]
-    probe = {}
+    probe, starts = {}, {}
     for r in results:
         if r.get("think_token_traces"):
             probe.setdefault(r["setting"], []).append(r["think_token_traces"]["answer"])
+        if SETTINGS.get(r["setting"], {}).get("think_tokens"):
+            starts.setdefault(r["setting"], []).append(r.get("think_tokens_from_step"))
     lines = [f"`{Path(path).name}` ({data['meta'].get('dataset')}, {results[0]['steps']} steps; best no-reasoning "
              f"shortcut {shortcut['shortcut_best_name']['hit@1']}: Hit@1 {shortcut['shortcut_best']['hit@1']:.3f})", "",
-             "| setting | evaluated at | seeds | Hit@1 mean (min-max) | NDCG@5 | eval ms/query | think-token traces right |",
-             "|---|---|---|---|---|---|---|"]
+             "| setting | evaluated at | seeds | Hit@1 mean (min-max) | NDCG@5 | eval ms/query | think-token traces right "
+             "| think tokens on from step |", "|---|---|---|---|---|---|---|---|"]
     for row in summarise(results):
         at = "explicit CoT" if row["mode"] == "explicit-cot" else f"K={row['think_tokens']}"
         traces = probe.get(row["setting"]) if row["think_tokens"] else None
         traces = f"{sum(traces) / len(traces):.2f}" if traces else "-"
         lines.append(f"| {row['setting']} | {at} | {row['seeds']} | {row['hit@1_mean']:.3f} ({row['hit@1_min']:.3f}-"
                      f"{row['hit@1_max']:.3f}) | {row['ndcg@5_mean']:.3f} | {1000 * row['seconds_per_query_mean']:.2f} | "
-                     f"{traces} |")
+                     f"{traces} | {_starts(starts.get(row['setting'])) if row['think_tokens'] else '-'} |")
     return "\n".join(lines)
 
 

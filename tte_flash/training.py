@@ -71,6 +71,9 @@ class DataArguments:
     think_warmup_steps: int = field(default=0, metadata={
         "help": "train the first N steps at K=0 (the think budgets apply after them): K new think tokens "
                 "between a pretrained backbone's query and <emb> can collapse the embedder at the start"})
+    think_warmup_accuracy: float | None = field(default=None, metadata={
+        "help": "and after those steps, stay at K=0 until a logged in-batch contrastive accuracy reaches this "
+                "(e.g. 0.5): the think tokens start once the embedder has left the collapsed start"})
     query_with_trace: bool = field(default=False, metadata={
         "help": "append each row's qry_cot to its query (the embedder of the explicit 'Think Then Embed' "
                 "pipeline, evaluated with --mode explicit-cot --reasoner BACKBONE); implies no COT loss"})
@@ -128,10 +131,11 @@ class TTETrainer(Trainer):
     """Trainer whose loss is InfoNCE + cot_weight * COT NLL on one packed forward per batch."""
 
     def __init__(self, *args, objective: Objective, grad_cache_chunk_size: int | None = None,
-                 think_warmup_steps: int = 0, **kwargs):
+                 think_warmup_steps: int = 0, think_warmup_accuracy: float | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.objective, self.grad_cache_chunk_size = objective, grad_cache_chunk_size
-        self.think_warmup_steps = think_warmup_steps
+        self.think_warmup_steps, self.think_warmup_accuracy = think_warmup_steps, think_warmup_accuracy
+        self.think_from_step = None if think_warmup_accuracy is not None else think_warmup_steps
         self.model_accepts_loss_kwargs = False  # our loss is a per-batch mean: Trainer scales it for GA
         self._tte_logs: dict[str, list[float]] = {}
         self.collapse_monitor = CollapseMonitor()
@@ -139,7 +143,10 @@ class TTETrainer(Trainer):
     def _train_batch(self, inputs):
         """The collated batch, at K=0 during the think warm-up (the step counter survives a resume)."""
         batch = inputs["train_batch"]
-        if self.state.global_step < self.think_warmup_steps and batch.think_tokens:
+        if self.think_from_step is None:  # a resumed run: the switch is in the log history
+            self.think_from_step = next((int(e["think_tokens_from_step"]) for e in self.state.log_history
+                                         if "think_tokens_from_step" in e), None)
+        if batch.think_tokens and (self.think_from_step is None or self.state.global_step < self.think_from_step):
             batch = replace(batch, think_tokens=0)
         return batch
 
@@ -179,6 +186,13 @@ class TTETrainer(Trainer):
             if values:
                 logs[name] = round(sum(values) / len(values), 4)
         self._tte_logs = {}
+        if self.think_from_step is None and self.state.global_step >= self.think_warmup_steps \
+                and logs.get("contrastive_accuracy", 0.0) >= self.think_warmup_accuracy:
+            self.think_from_step = self.state.global_step  # the next batches use the think budgets
+            logs["think_tokens_from_step"] = float(self.think_from_step)
+            if self.is_world_process_zero():
+                logger.info("in-batch contrastive accuracy %.3f >= %.3f at step %d: think tokens on from here",
+                            logs["contrastive_accuracy"], self.think_warmup_accuracy, self.state.global_step)
         if "contrastive_loss" in logs and "uniform_loss" in logs:
             warning = self.collapse_monitor.update(logs["contrastive_loss"], logs["uniform_loss"])
             if warning and self.is_world_process_zero():
@@ -236,6 +250,8 @@ def parse_args(argv=None):
     training_args.remove_unused_columns = False
     if data_args.think_warmup_steps < 0:
         raise ValueError(f"--think_warmup_steps must be >= 0, got {data_args.think_warmup_steps}")
+    if data_args.think_warmup_accuracy is not None and not 0 < data_args.think_warmup_accuracy <= 1:
+        raise ValueError(f"--think_warmup_accuracy must be in (0, 1], got {data_args.think_warmup_accuracy}")
     return model_args, data_args, training_args
 
 
@@ -265,7 +281,8 @@ def main(argv=None):
     trainer = TTETrainer(model=model, args=training_args, train_dataset=dataset, data_collator=collator,
                          objective=objective,
                          grad_cache_chunk_size=data_args.grad_cache_chunk_size if data_args.grad_cache else None,
-                         think_warmup_steps=data_args.think_warmup_steps)
+                         think_warmup_steps=data_args.think_warmup_steps,
+                         think_warmup_accuracy=data_args.think_warmup_accuracy)
     logger.info("training %s on %d rows; think budgets %s (K=0 for the first %d steps); cot_weight %s; %s batches; "
                 "grad_cache=%s", model_args.model, len(dataset), data_args.think_tokens,
                 data_args.think_warmup_steps, data_args.cot_weight,
