@@ -31,7 +31,7 @@ def main(argv=None) -> int:
                         help="reasoning hops of the task (0: read the cell at a position; 1-2: see training/README.md)")
     parser.add_argument("--n_train", "--n-train", type=int, default=2000)
     parser.add_argument("--n_eval", "--n-eval", type=int, default=200)
-    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch_size", "--batch-size", type=int, default=32)
     parser.add_argument("--think_tokens", "--think-tokens", type=int, default=16)
     parser.add_argument("--max_cot_tokens", "--max-cot-tokens", type=int, default=40)
@@ -52,12 +52,12 @@ def main(argv=None) -> int:
     data = synthetic.generate(out / "data", args.n_train, args.n_eval, seed=args.seed, hops=args.hops, task=args.task)
     paths = data["paths"]
 
-    print(f"[2/5] TTE training from {args.model} for {args.steps} steps (think budgets 0 and {args.think_tokens} "
-          f"after {args.steps // 3} steps at K=0, CoT loss)")
+    print(f"[2/5] TTE training from {args.model} for {args.steps} steps (CoT loss; K=0 for at least {args.steps // 4} "
+          f"steps and until the in-batch accuracy reaches 0.5, then think budgets 0 and {args.think_tokens})")
     model_dir = out / "model"
     train_main(["--model", args.model, "--train_data", paths["train"], "--image_root", paths["image_root"],
                 "--output_dir", str(model_dir), "--think_tokens", "0", str(args.think_tokens),
-                "--think_warmup_steps", str(args.steps // 3),
+                "--think_warmup_steps", str(args.steps // 4), "--think_warmup_accuracy", "0.5",
                 "--cot_weight", "1.0", "--max_steps", str(args.steps), "--per_device_train_batch_size",
                 str(args.batch_size), "--learning_rate", str(args.learning_rate), "--warmup_steps", str(max(1, args.steps // 10)),
                 "--lr_scheduler_type", "cosine", "--temperature", "0.05", "--logging_steps",
