@@ -324,7 +324,11 @@ def prepare_layout(seq_ids, token_types, *, think_bidirectional=False, cot_sees_
         raise ValueError(f"seq_ids and token_types must be on one device, got {seq_ids.device} and "
                          f"{token_types.device}")
     check_layout(seq_ids, token_types)
-    seq_ids, token_types = seq_ids.to(torch.int32).contiguous(), token_types.to(torch.uint8).contiguous()
+    # renumber samples 0..n-1 before the int32 cast: ids that differ by a multiple of 2**32 must not merge
+    # (check_layout guarantees they never decrease, so a new sample starts wherever the id changes)
+    changes = torch.zeros_like(seq_ids, dtype=torch.int32)
+    changes[1:] = (seq_ids[1:] != seq_ids[:-1]).to(torch.int32)
+    seq_ids, token_types = torch.cumsum(changes, 0, dtype=torch.int32).contiguous(), token_types.to(torch.uint8).contiguous()
     bounds = _layout_bounds(seq_ids, token_types, think_bidirectional=bool(think_bidirectional),
                             cot_sees_query=bool(cot_sees_query))
     return KernelLayout(seq_ids, token_types, *bounds, bool(think_bidirectional), bool(cot_sees_query))

@@ -313,3 +313,14 @@ def test_model_training_step_triton_equals_reference(fresh_tiny, packed, monkeyp
     assert tri_grads.keys() == ref_grads.keys() and len(ref_grads) > 10
     for name in ref_grads:
         torch.testing.assert_close(tri_grads[name], ref_grads[name], atol=1e-4, rtol=1e-3, msg=name)
+
+
+def test_int64_seq_ids_that_differ_by_2_pow_32_stay_separate_samples():
+    """Sample ids are renumbered before the int32 cast: ids 5 and 5 + 2**32 are two samples, not one
+    (they used to merge and attend to each other); the output equals the float64 oracle's."""
+    seq_ids, token_types = build_layout([(3, 2, 1, 2), (4, 0, 1, 0)])
+    wide = seq_ids.long() * 2**32 + 5  # 5, then 5 + 2**32: equal in their low 32 bits
+    q, k, v = random_qkv(len(seq_ids), 2, 1, 16, torch.float32)
+    out = tte_attention(q, k, v, wide, token_types)
+    expected = oracle_attention(q, k, v, seq_ids, token_types, think_bidirectional=False, cot_sees_query=True)
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
