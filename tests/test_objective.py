@@ -91,7 +91,8 @@ def chunked_step(objective, model, train_batch, chunk_size):
     loss, _ = info_nce(queries, targets, positive, keys, objective.temperature)
     n_cot = torch.tensor(float(sum(b.cot_targets.numel() for b, *_ in packs)))
     for out, (batch, *_) in zip(outs, packs):
-        loss = loss + objective.cot_weight * cot_nll(out.cot_logits, batch.cot_targets, n_global=n_cot)[0]
+        loss = loss + objective.cot_weight * cot_nll(out.cot_nll_sum, out.cot_correct, batch.cot_targets.numel(),
+                                                     n_global=n_cot)[0]
     loss.backward()
     return loss.detach()
 
@@ -196,3 +197,34 @@ def test_two_process_ddp_equals_single_process(tmp_path, grad_cache):
     assert ddp["grads"].keys() == single.keys()
     for name in single:
         torch.testing.assert_close(ddp["grads"][name], single[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("rows, chunk_rows", [(1, None), (7, 1), (13, 4), (13, 13), (0, None)])
+def test_linear_cross_entropy_equals_the_plain_loss(rows, chunk_rows):
+    """Chunked COT loss (no full logits) == cross_entropy(hidden @ W.T, sum): value, greedy hits, and the
+    gradients of hidden and W, in float64 on fresh random inputs (odd sizes, one-row chunks, empty)."""
+    from tte_flash.losses import linear_cross_entropy
+    gen = torch.Generator().manual_seed(rows)
+    hidden = torch.randn(rows, 24, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(101, 24, generator=gen, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 101, (rows,), generator=gen)
+    nll, correct = linear_cross_entropy(hidden, weight, targets, chunk_rows)
+    logits = hidden @ weight.T
+    expected = F.cross_entropy(logits, targets, reduction="sum")
+    torch.testing.assert_close(nll, expected)
+    assert int(correct) == int((logits.argmax(-1) == targets).sum())
+    upstream = torch.tensor(0.37, dtype=torch.float64)
+    got = torch.autograd.grad(nll * upstream, (hidden, weight))
+    want = torch.autograd.grad(expected * upstream, (hidden, weight))
+    for name, g, w in zip(("hidden", "weight"), got, want):
+        torch.testing.assert_close(g, w, msg=name)
+
+
+def test_model_cot_loss_is_the_full_logits_loss(fresh_tiny, rng):
+    """The model's COT loss (chunked) equals cross-entropy on the full logits it returns when asked."""
+    model = fresh_tiny()
+    train_batch = collator_for(model)(examples(rng))["train_batch"]
+    batch = train_batch.pack()[0]
+    out = model.tte_forward(batch, return_cot_logits=True)
+    torch.testing.assert_close(out.cot_loss, F.cross_entropy(out.cot_logits, batch.cot_targets))
+    torch.testing.assert_close(out.cot_accuracy, (out.cot_logits.argmax(-1) == batch.cot_targets).float().mean())

@@ -6,7 +6,8 @@ with gradients averaged by DDP, gives the loss and gradients of one process on t
 * InfoNCE: targets (and their duplicate keys) are all-gathered *with gradients* (the all-gather's
   backward returns each rank its targets' gradient); each rank scores its own queries against every
   target and the loss is the mean over all global queries, scaled so that DDP's average is that mean.
-* COT: summed NLL over local COT tokens divided by the global token count, times W for the same reason.
+* COT: summed NLL over local COT tokens divided by the global token count, times W for the same reason;
+  the NLL comes from :func:`linear_cross_entropy`, which never holds the full (tokens, vocabulary) logits.
 """
 from __future__ import annotations
 
@@ -80,18 +81,67 @@ def info_nce(queries: torch.Tensor, targets: torch.Tensor, positive_index: torch
                                         "contrastive_accuracy": accuracy, "uniform_loss": uniform}
 
 
-def cot_nll(logits: torch.Tensor, targets: torch.Tensor, n_global: torch.Tensor | None = None):
-    """Mean token NLL over the global batch's COT tokens, scaled for DDP's gradient averaging.
+def cot_nll(nll_sum: torch.Tensor, correct: torch.Tensor, n_local: int, n_global: torch.Tensor | None = None):
+    """Mean token NLL over the global batch's COT tokens from a local NLL sum (``linear_cross_entropy``),
+    scaled for DDP's gradient averaging; ``correct``: greedy hits among the ``n_local`` local tokens.
 
-    ``n_global``: the global COT token count when ``logits`` cover only part of the batch (a chunk).
+    ``n_global``: the global COT token count when this covers only part of the batch (a chunk).
     """
     size = world()[1]
     if n_global is None:
-        n_global = all_reduce_sum(torch.tensor(float(targets.numel()), device=logits.device))
-    if targets.numel() == 0:
-        zero = logits.sum() * 0.0
-        return zero, {}
-    nll_sum = F.cross_entropy(logits.float(), targets, reduction="sum")
-    accuracy = (logits.argmax(-1) == targets).float().mean().detach()
-    return nll_sum * size / n_global.clamp(min=1), {"cot_loss": (nll_sum / targets.numel()).detach(),
-                                                    "cot_accuracy": accuracy}
+        n_global = all_reduce_sum(torch.tensor(float(n_local), device=nll_sum.device))
+    if n_local == 0:
+        return nll_sum * 0.0, {}
+    return nll_sum * size / n_global.clamp(min=1), {"cot_loss": (nll_sum / n_local).detach(),
+                                                    "cot_accuracy": (correct.float() / n_local).detach()}
+
+
+def _chunk_rows(vocab: int) -> int:
+    return max(1, 2**25 // max(vocab, 1))  # a float32 logits chunk of at most 128 MiB
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of ``hidden @ weight.T`` without the (M, V) logits: rows in chunks, the
+    chunk's logits recomputed in backward (the idea of Liger-Kernel's fused linear cross-entropy)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_rows):
+        compute = torch.promote_types(hidden.dtype, torch.float32)
+        nll = torch.zeros((), dtype=compute, device=hidden.device)
+        correct = torch.zeros((), dtype=torch.long, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk_rows):
+            logits = (hidden[start:start + chunk_rows] @ weight.T).to(compute)
+            target = targets[start:start + chunk_rows]
+            nll += (logits.logsumexp(-1) - logits.gather(1, target[:, None]).squeeze(1)).sum()
+            correct += (logits.argmax(-1) == target).sum()
+        ctx.save_for_backward(hidden, weight, targets)
+        ctx.chunk_rows, ctx.compute = chunk_rows, compute
+        ctx.mark_non_differentiable(correct)
+        return nll, correct
+
+    @staticmethod
+    def backward(ctx, grad_nll, _grad_correct):
+        hidden, weight, targets = ctx.saved_tensors
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros(weight.shape, dtype=ctx.compute, device=weight.device) \
+            if ctx.needs_input_grad[1] else None
+        for start in range(0, hidden.shape[0], ctx.chunk_rows):
+            rows = hidden[start:start + ctx.chunk_rows]
+            grad = (rows @ weight.T).to(ctx.compute).softmax(-1)  # d nll / d logits = softmax - onehot
+            grad[torch.arange(grad.shape[0], device=grad.device), targets[start:start + ctx.chunk_rows]] -= 1
+            grad = grad * grad_nll
+            if grad_hidden is not None:
+                grad_hidden[start:start + ctx.chunk_rows] = (grad @ weight.to(ctx.compute)).to(hidden.dtype)
+            if grad_weight is not None:
+                grad_weight += grad.T @ rows.to(ctx.compute)
+        return grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), None, None
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         chunk_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed NLL, number of greedy hits) of the LM head ``weight`` (V, H) applied to ``hidden`` (M, H)
+    against ``targets`` (M,), never holding more than one chunk of logits: the COT loss at a 151,936-token
+    vocabulary without materialising (M, V) fp32 logits. Gradients equal the plain loss's (tested)."""
+    if hidden.shape[0] == 0:
+        return (hidden.sum() + weight.sum()) * 0.0, torch.zeros((), dtype=torch.long, device=hidden.device)
+    return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_rows or _chunk_rows(weight.shape[0]))

@@ -31,6 +31,7 @@ from transformers import AutoModel, AutoTokenizer, PreTrainedConfig, Qwen2VLForC
 
 from .attention import ATTN_NAME, TTELayout, resolve_backend
 from .configuration import TTEFlashConfig
+from .losses import linear_cross_entropy
 from .processing import SINGLE_INPUT_TYPES, TEXT, QueryRecord, TTEProcessor, collate, make_image_processor
 from .tokenization import add_tte_tokens, build_byte_tokenizer
 
@@ -48,6 +49,8 @@ class TTEOutput:
     cot_loss: torch.Tensor | None = None  # mean NLL over COT tokens (None without COT)
     cot_logits: torch.Tensor | None = None  # (M, V) logits predicting each COT token
     cot_accuracy: torch.Tensor | None = None  # greedy token accuracy over COT tokens
+    cot_nll_sum: torch.Tensor | None = None  # summed NLL over COT tokens (what the training objective uses)
+    cot_correct: torch.Tensor | None = None  # greedy hits over COT tokens
 
 
 class TTEFlashModel(Qwen2VLForConditionalGeneration):
@@ -207,12 +210,12 @@ class TTEFlashModel(Qwen2VLForConditionalGeneration):
     # ------------------------------------------------------------------ forward
 
     def forward(self, *args, tte_batch=None, **kwargs):
-        """Qwen2-VL's forward, or :meth:`tte_forward` (with COT logits) when ``tte_batch`` is given.
+        """Qwen2-VL's forward, or :meth:`tte_forward` when ``tte_batch`` is given.
 
         Training calls ``model(tte_batch=...)`` so that DDP/FSDP/DeepSpeed wrappers see a forward call.
         """
         if tte_batch is not None:
-            return self.tte_forward(tte_batch, return_cot_logits=True)
+            return self.tte_forward(tte_batch)
         return super().forward(*args, **kwargs)
 
 
@@ -228,10 +231,15 @@ class TTEFlashModel(Qwen2VLForConditionalGeneration):
         emb_states = final if layer == -1 else self.model.language_model.norm(out.hidden_states[layer].flatten(0, 1))
         result = TTEOutput(embeddings=emb_states[batch.emb_index])
         if batch.cot_targets.numel():
-            logits = self.lm_head(final[batch.cot_pred_index]).float()  # (M, V)
-            result.cot_loss = F.cross_entropy(logits, batch.cot_targets)
-            result.cot_accuracy = (logits.argmax(-1) == batch.cot_targets).float().mean()
-            result.cot_logits = logits if return_cot_logits else None
+            hidden = final[batch.cot_pred_index]  # (M, H): the states that predict each COT token
+            if getattr(self.lm_head, "bias", None) is not None:
+                raise ValueError("the COT loss expects an LM head without bias (Qwen2-VL has none)")
+            # never the full (M, V) fp32 logits: chunked, recomputed in backward (tte_flash.losses)
+            result.cot_nll_sum, result.cot_correct = linear_cross_entropy(hidden, self.lm_head.weight,
+                                                                          batch.cot_targets)
+            result.cot_loss = result.cot_nll_sum / batch.cot_targets.numel()
+            result.cot_accuracy = result.cot_correct.float() / batch.cot_targets.numel()
+            result.cot_logits = self.lm_head(hidden).float() if return_cot_logits else None
         return result
 
     def _embed_with_vision(self, batch) -> torch.Tensor:

@@ -57,8 +57,10 @@ class Objective:
         return contrastive + self.cot_weight * cot, {**stats, **cot_stats}
 
     def _cot(self, out, batch, n_global=None):
-        logits = out.cot_logits if out.cot_logits is not None else out.embeddings.new_zeros(0, 1)
-        return cot_nll(logits, batch.cot_targets.to(logits.device), n_global=n_global)
+        if out.cot_nll_sum is None:  # no COT token in this batch (or chunk)
+            zero = out.embeddings.sum() * 0.0
+            return cot_nll(zero, zero, 0, n_global=n_global)
+        return cot_nll(out.cot_nll_sum, out.cot_correct, batch.cot_targets.numel(), n_global=n_global)
 
     def grad_cache_backward(self, model, train_batch, chunk_size: int, backward=None, no_sync=None, scale=1.0):
         """Accumulate the gradients of :meth:`loss` into ``model`` chunk by chunk; return (loss, stats).
