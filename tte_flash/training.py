@@ -283,9 +283,11 @@ def main(argv=None):
                          grad_cache_chunk_size=data_args.grad_cache_chunk_size if data_args.grad_cache else None,
                          think_warmup_steps=data_args.think_warmup_steps,
                          think_warmup_accuracy=data_args.think_warmup_accuracy)
-    logger.info("training %s on %d rows; think budgets %s (K=0 for the first %d steps); cot_weight %s; %s batches; "
+    gate = "" if data_args.think_warmup_accuracy is None else \
+        f" and until the in-batch accuracy reaches {data_args.think_warmup_accuracy}"
+    logger.info("training %s on %d rows; think budgets %s (K=0 for the first %d steps%s); cot_weight %s; %s batches; "
                 "grad_cache=%s", model_args.model, len(dataset), data_args.think_tokens,
-                data_args.think_warmup_steps, data_args.cot_weight,
+                data_args.think_warmup_steps, gate, data_args.cot_weight,
                 "packed" if packed else "padded", data_args.grad_cache)
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     final = trainer.model
