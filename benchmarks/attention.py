@@ -25,7 +25,7 @@ Rows go to ``benchmarks/results/attention-<device>-<date>.json`` (or ``--output`
 versions and commit; a table with ratios (TTE TFLOP/s over each provider's) is printed.
 
     python benchmarks/attention.py                          # GPU: 4k, 8k, 16k tokens, both layouts
-    python benchmarks/attention.py --device cpu --tiny      # the code path only, under the interpreter
+    python benchmarks/attention.py --device cpu --tiny      # the code path only, under the interpreter (the CPU default)
 """
 from __future__ import annotations
 
@@ -219,6 +219,7 @@ def run(args) -> list[dict]:
                     print(f"skip {provider} ({layout_name}, {tokens} tokens): {error}")
                     continue
                 for mode in args.modes:
+                    print(f"{layout_name} {tokens} tokens: {provider} {mode} ...", file=sys.stderr, flush=True)
                     try:
                         p20, p50, p80, peak_mb = measure(mode_callable(fn, mode, (q, k, v)), device, args.warmup,
                                                          args.repeats)
@@ -268,7 +269,12 @@ def parse_args(argv=None):
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--output", type=Path, help="JSON rows (default benchmarks/results/attention-<device>-<date>"
                                                     ".json)")
-    args = parser.parse_args(argv)
+    given = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(given)
+    if torch.device(args.device).type == "cpu" and not args.tiny and not any(a.startswith("--tokens") for a in given):
+        print("CPU: tiny sizes (--tiny): full-size layouts take many minutes each under the Triton interpreter; "
+              "pass --tokens to run them anyway", file=sys.stderr)
+        args.tiny = True
     if args.tiny:
         args.tokens, args.q_heads, args.kv_heads, args.head_dim = [48], 2, 1, 16
         args.dtype, args.warmup, args.repeats = "float32", 1, 2

@@ -324,3 +324,18 @@ def test_int64_seq_ids_that_differ_by_2_pow_32_stay_separate_samples():
     out = tte_attention(q, k, v, wide, token_types)
     expected = oracle_attention(q, k, v, seq_ids, token_types, think_bidirectional=False, cot_sees_query=True)
     torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_benchmark_defaults_to_tiny_sizes_on_cpu(monkeypatch, capsys):
+    """`python benchmarks/attention.py` on a CPU picks the tiny sizes (and says so) instead of running
+    full-size layouts under the interpreter for minutes; --tokens keeps the user's sizes."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "attention.py"
+    spec = importlib.util.spec_from_file_location("attention_benchmark_args", path)
+    benchmark = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, benchmark)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    spec.loader.exec_module(benchmark)
+    args = benchmark.parse_args(["--device", "cpu"])
+    assert args.tiny and args.tokens == [48] and "tiny sizes" in capsys.readouterr().err
+    args = benchmark.parse_args(["--device", "cpu", "--tokens", "96"])
+    assert not args.tiny and args.tokens == [96]
