@@ -1,0 +1,326 @@
+"""Compile gate for the Triton kernels: every kernel x shipped config, compiled for sm_90 and sm_80 without a GPU.
+
+Triton compiles for a target with no driver (DESIGN.md §11): this script drives the kernels' own launchers
+(``_attention_forward`` / ``_attention_backward``) on CPU tensors of real shape with a stand-in driver that
+reports the target, intercepts every launch before compilation (so the signature, constexprs, alignment
+specialisation and autotune configs are exactly those of a real launch), then compiles each one with
+``triton.compile`` and reads the result: registers, spill bytes and stack frame (from the ``ptxas -v`` log of
+Triton's own ptxas), shared memory (kernel metadata) and whether the TTGIR uses wgmma (Hopper tensor cores).
+
+It fails (exit status 1) on a compile error, a spill on sm_90 in a shipped (16-bit) config, or shared memory
+over the target's per-block limit. sm_80 spills are reported, not gated.
+
+    python benchmarks/compile_check.py                 # CI subset: bf16, head dim 128, default flags, both targets
+    python benchmarks/compile_check.py --full          # every dtype x head dim x flag x config x target
+    python benchmarks/compile_check.py --full --json benchmarks/results/compile-<date>.json
+
+Runs on any Linux machine with the triton wheel (ptxas ships in it); ``TRITON_INTERPRET`` must be unset.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import io
+import itertools
+import json
+import os
+import re
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+KERNEL_MODULE = "tte_flash.kernels.tte_attention"
+# Per-block shared memory a kernel may use (opt-in maximum): H100 227 KiB, A100 163 KiB.
+SMEM_LIMIT = {90: 232448, 80: 166912}
+SHIPPED_DTYPES = ("bfloat16", "float16")
+
+
+@dataclass
+class Job:
+    """One kernel launch to compile: what the launcher passed, as Triton's JIT would have compiled it."""
+    kernel: str
+    target: int
+    dtype: str
+    head_dim: int
+    flags: str
+    config: str
+    signature: dict
+    constexprs: dict
+    attrs: dict
+    options: dict
+
+
+@dataclass
+class Result:
+    kernel: str
+    target: int
+    dtype: str
+    head_dim: int
+    flags: str
+    config: str
+    ok: bool = False
+    registers: int | None = None
+    spill_stores: int | None = None
+    spill_loads: int | None = None
+    stack_frame: int | None = None
+    shared: int | None = None
+    wgmma: bool | None = None
+    seconds: float | None = None
+    error: str | None = None
+    problems: list = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Capture: run the launchers with a stand-in driver and stop every launch before it compiles
+# ---------------------------------------------------------------------------------------------------------------
+
+class _TargetOnlyDriver:
+    """Enough of a Triton driver for the JIT to specialise and pack arguments for ``target`` (no device)."""
+
+    def __init__(self, capability: int):
+        from triton.backends.compiler import GPUTarget
+        self.target = GPUTarget("cuda", capability, 32)
+        self.capability = capability
+
+    def get_current_target(self):
+        return self.target
+
+    def get_current_device(self):
+        return self.capability  # a distinct "device" per target keeps the JIT's per-device caches apart
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_active_torch_device(self):
+        import torch
+        return torch.device("cpu")
+
+
+def _sample_layout(mask_module):
+    """A packed layout with every token type, two samples and odd lengths (the launchers need a real one)."""
+    import torch
+    spans = [(mask_module.QUERY, 37), (mask_module.THINK, 16), (mask_module.EMB, 1), (mask_module.COT, 29),
+             (mask_module.QUERY, 53), (mask_module.THINK, 16), (mask_module.EMB, 1)]
+    types = torch.cat([torch.full((n,), t, dtype=torch.long) for t, n in spans])
+    seq = torch.cat([torch.full((37 + 16 + 1 + 29,), 0), torch.full((53 + 16 + 1,), 1)]).long()
+    return seq, types
+
+
+@contextlib.contextmanager
+def _intercepted(capability: int, sink: list):
+    """Patch Triton so launches record (fn, signature, constexprs, options, attrs) instead of compiling."""
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.driver import driver
+    from triton.runtime.jit import JITFunction
+
+    def record(self, key, signature, device, constexprs, options, attrs, warmup):
+        sink.append((self, signature, constexprs, options, attrs))
+        return None  # the JIT then returns without launching
+
+    def every_config(self, *args, **kwargs):
+        kwargs.pop("warmup", None)
+        grid = kwargs.pop("grid")
+        for config in self.configs:
+            sink_len = len(sink)
+            self.fn.run(*args, grid=grid, warmup=True, **kwargs, **config.all_kwargs())
+            for i in range(sink_len, len(sink)):
+                sink[i] = (*sink[i], config)
+
+    saved = JITFunction._do_compile, Autotuner.run
+    previous = driver._active  # None on a machine without a GPU (no default driver can be created)
+    driver.set_active(_TargetOnlyDriver(capability))
+    JITFunction._do_compile, Autotuner.run = record, every_config
+    try:
+        yield
+    finally:
+        JITFunction._do_compile, Autotuner.run = saved
+        driver._active = previous
+
+
+def _config_label(options, config) -> str:
+    blocks = "x".join(str(v) for k, v in sorted(config.kwargs.items())) if config is not None else "fixed"
+    return f"{blocks} w{options.num_warps} s{options.num_stages}"
+
+
+def capture(capabilities, dtypes, head_dims, flag_sets) -> list[Job]:
+    """Every launch the forward and backward launchers make, per target x dtype x head dim x flags."""
+    os.environ.pop("TRITON_INTERPRET", None)
+    import torch
+    kernels = importlib.import_module(KERNEL_MODULE)
+    if getattr(kernels, "_INTERPRET", False):
+        raise SystemExit("compile_check: TRITON_INTERPRET=1 was set when the kernels were imported; unset it")
+    mask = importlib.import_module("tte_flash.mask")
+    seq, types = _sample_layout(mask)
+    jobs = []
+    for cc, dtype_name, head_dim, (think_bidirectional, cot_sees_query) in itertools.product(
+            capabilities, dtypes, head_dims, flag_sets):
+        dtype = getattr(torch, dtype_name)
+        layout = kernels.prepare_layout(seq, types, think_bidirectional=think_bidirectional,
+                                        cot_sees_query=cot_sees_query)
+        tokens = seq.numel()
+        q = torch.randn(tokens, 12, head_dim, dtype=dtype)
+        k, v = torch.randn(tokens, 2, head_dim, dtype=dtype), torch.randn(tokens, 2, head_dim, dtype=dtype)
+        flags = f"{'bidir' if think_bidirectional else 'causal'}/{'cot+q' if cot_sees_query else 'cot-q'}"
+        sink: list = []
+        with _intercepted(cc, sink):
+            # the launchers return empty buffers here (nothing ran); shapes and dtypes are all that matter
+            out, lse = kernels._attention_forward(q, k, v, layout, scale=head_dim ** -0.5)
+            kernels._attention_backward(torch.randn_like(q), q, k, v, out, lse, layout, scale=head_dim ** -0.5)
+        for entry in sink:
+            fn, signature, constexprs, options, attrs = entry[:5]
+            config = entry[5] if len(entry) > 5 else None
+            jobs.append(Job(kernel=fn.__name__, target=cc, dtype=dtype_name, head_dim=head_dim, flags=flags,
+                            config=_config_label(options, config), signature=dict(signature),
+                            constexprs=dict(constexprs), attrs=dict(attrs), options=dict(options.__dict__)))
+    return jobs
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Compile one job (in a worker process: an LLVM abort kills the worker, not the gate)
+# ---------------------------------------------------------------------------------------------------------------
+
+_PTXAS_USED = re.compile(r"Used (\d+) registers")
+_PTXAS_SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+_PTXAS_STACK = re.compile(r"(\d+) bytes stack frame")
+
+
+def compile_job(job: Job) -> Result:
+    os.environ.pop("TRITON_INTERPRET", None)
+    import triton
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    result = Result(**{k: getattr(job, k) for k in ("kernel", "target", "dtype", "head_dim", "flags", "config")})
+    fn = getattr(importlib.import_module(KERNEL_MODULE), job.kernel)
+    knobs.compilation.always_compile = True  # the ptxas log below comes only from a real compile
+    knobs.nvidia.dump_ptxas_log = True
+    log = io.StringIO()
+    start = time.perf_counter()
+    try:
+        with contextlib.redirect_stdout(log):
+            compiled = triton.compile(ASTSource(fn, job.signature, job.constexprs, job.attrs),
+                                      target=GPUTarget("cuda", job.target, 32), options=job.options)
+    except Exception as exc:  # a compile error is a result, not a crash of the gate
+        result.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
+        result.problems.append("compile error")
+        return result
+    result.seconds = round(time.perf_counter() - start, 2)
+    text = log.getvalue()
+    used, spill, stack = _PTXAS_USED.search(text), _PTXAS_SPILL.search(text), _PTXAS_STACK.search(text)
+    result.registers = int(used.group(1)) if used else None
+    if spill:
+        result.spill_stores, result.spill_loads = int(spill.group(1)), int(spill.group(2))
+    result.stack_frame = int(stack.group(1)) if stack else None
+    result.shared = int(compiled.metadata.shared)
+    result.wgmma = "warp_group_dot" in compiled.asm.get("ttgir", "")
+    result.ok = True
+    if used is None or spill is None:
+        result.problems.append("no ptxas -v log")
+    if result.shared > SMEM_LIMIT[job.target]:
+        result.problems.append(f"shared memory {result.shared} > {SMEM_LIMIT[job.target]}")
+    if job.target == 90 and job.dtype in SHIPPED_DTYPES and (result.spill_stores or result.spill_loads):
+        result.problems.append("spills on sm_90")
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------------------------
+
+def print_table(results: list[Result]) -> None:
+    head = f"{'kernel':<18} {'sm':>3} {'dtype':<9} {'d':>4} {'flags':<13} {'config':<16} {'regs':>4} " \
+           f"{'spill st/ld':>11} {'stack':>6} {'smem KiB':>8} {'wgmma':>5}  problems"
+    print(head)
+    print("-" * len(head))
+    for r in sorted(results, key=lambda r: (r.kernel, -r.target, r.dtype, r.head_dim, r.flags, r.config)):
+        spill = f"{r.spill_stores}/{r.spill_loads}" if r.spill_stores is not None else "-"
+        smem = f"{r.shared / 1024:.1f}" if r.shared is not None else "-"
+        problems = "; ".join(r.problems) + (f" ({r.error})" if r.error else "")
+        print(f"{r.kernel:<18} {r.target:>3} {r.dtype:<9} {r.head_dim:>4} {r.flags:<13} {r.config:<16} "
+              f"{r.registers if r.registers is not None else '-':>4} {spill:>11} "
+              f"{r.stack_frame if r.stack_frame is not None else '-':>6} {smem:>8} "
+              f"{'yes' if r.wgmma else 'no':>5}  {problems}")
+
+
+def summary(results: list[Result]) -> dict:
+    failed = [r for r in results if r.problems]
+    return {"compiled": sum(r.ok for r in results), "total": len(results),
+            "compile_errors": sum(r.error is not None for r in results),
+            "sm90_spills_shipped": sum("spills on sm_90" in r.problems for r in results),
+            "smem_over_limit": sum(any(p.startswith("shared memory") for p in r.problems) for r in results),
+            "sm80_spilling_configs": sum(r.target == 80 and bool(r.spill_stores) for r in results),
+            "wgmma_on_sm90_16bit": sum(r.target == 90 and r.dtype in SHIPPED_DTYPES and bool(r.wgmma)
+                                       for r in results),
+            "failed": len(failed)}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--full", action="store_true", help="every dtype x head dim x flags (default: the CI subset)")
+    p.add_argument("--targets", type=int, nargs="+", choices=sorted(SMEM_LIMIT), default=None)
+    p.add_argument("--dtypes", nargs="+", choices=("bfloat16", "float16", "float32"), default=None)
+    p.add_argument("--head-dims", "--head_dims", type=int, nargs="+", default=None)
+    p.add_argument("--kernels", nargs="+", default=None, help="only these kernel functions (e.g. _fwd_kernel)")
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
+    p.add_argument("--json", type=Path, default=None, help="write the rows and the summary here")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    targets = args.targets or [90, 80]
+    dtypes = args.dtypes or (list(SHIPPED_DTYPES) if args.full else ["bfloat16"])
+    head_dims = args.head_dims or ([64, 128] if args.full else [128])
+    flag_sets = list(itertools.product((False, True), (True, False))) if args.full else [(False, True)]
+    for d in head_dims:
+        if not 1 <= d <= 256:
+            raise SystemExit(f"compile_check: head dim {d} is outside 1..256 (the kernels' limit)")
+    start = time.perf_counter()
+    jobs = capture(targets, dtypes, head_dims, flag_sets)
+    if args.kernels:
+        unknown = set(args.kernels) - {j.kernel for j in jobs}
+        if unknown:
+            raise SystemExit(f"compile_check: no launch of {sorted(unknown)}; launched: "
+                             f"{sorted({j.kernel for j in jobs})}")
+        jobs = [j for j in jobs if j.kernel in args.kernels]
+    print(f"compile_check: {len(jobs)} launches captured ({', '.join(sorted({j.kernel for j in jobs}))}); "
+          f"compiling with {args.workers} worker(s)", file=sys.stderr)
+    results = []
+    import multiprocessing
+    with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(compile_job, job): job for job in jobs}
+        for n, future in enumerate(as_completed(futures), 1):
+            job = futures[future]
+            try:
+                results.append(future.result())
+            except Exception as exc:  # the worker died (e.g. an LLVM abort)
+                r = Result(job.kernel, job.target, job.dtype, job.head_dim, job.flags, job.config)
+                r.error, r.problems = f"worker died: {type(exc).__name__}", ["compile error"]
+                results.append(r)
+            if n % 10 == 0 or n == len(jobs):
+                print(f"  {n}/{len(jobs)} compiled ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
+    print_table(results)
+    stats = summary(results)
+    stats["seconds"] = round(time.perf_counter() - start, 1)
+    print("\n" + ", ".join(f"{k} {v}" for k, v in stats.items()))
+    if args.json:
+        from benchmarks._common import git_commit, versions
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        payload = {"meta": {"commit": git_commit(), "versions": versions(), "targets": targets, "dtypes": dtypes,
+                            "head_dims": head_dims, "full": args.full},
+                   "summary": stats, "rows": [asdict(r) for r in results]}
+        args.json.write_text(json.dumps(payload, indent=1))
+        print(f"wrote {args.json}", file=sys.stderr)
+    return {"summary": stats, "results": results}
+
+
+if __name__ == "__main__":
+    out = main()
+    sys.exit(1 if out["summary"]["failed"] else 0)
