@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import platform
 import sys
@@ -34,77 +33,13 @@ from pathlib import Path
 import torch
 
 from .data import EVAL_COLUMNS, eval_example, load_rows
+from .mmeb import TIES, hit_at_k, ndcg_at_k, pad_scores, ranks  # noqa: F401  (the metrics' public home here)
 
 logger = logging.getLogger("tte_flash.evaluate")
 
 
-TIES = ("pessimistic", "optimistic", "expected")
 MODES = ("latent", "explicit-cot")
-
-
-# ---------------------------------------------------------------------------------------- metrics
-
-def _greater_equal(scores) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row: how many candidates score above the positive (column 0), and how many tie with it."""
-    scores = torch.as_tensor(scores, dtype=torch.float64)
-    if scores.ndim != 2 or scores.shape[1] < 1:
-        raise ValueError(f"scores must be [n_queries, n_candidates] with the positive in column 0, got "
-                         f"shape {tuple(scores.shape)}")
-    positive, others = scores[:, :1], scores[:, 1:]
-    return (others > positive).sum(1), (others == positive).sum(1)
-
-
-def ranks(scores, ties: str = "pessimistic") -> torch.Tensor:
-    """1-based rank of the positive (column 0) in each row; ties: ``pessimistic`` (below equal
-    scores) or ``optimistic`` (above them)."""
-    greater, equal = _greater_equal(scores)
-    if ties not in ("pessimistic", "optimistic"):
-        raise ValueError(f"ranks() takes ties='pessimistic' or 'optimistic', got {ties!r}")
-    return 1 + greater + (equal if ties == "pessimistic" else 0)
-
-
-def _rank_range(scores, ties):
-    """(best, worst) 1-based ranks the positive can take under ``ties``."""
-    if ties not in TIES:
-        raise ValueError(f"unknown ties {ties!r}; choose one of {TIES}")
-    greater, equal = _greater_equal(scores)
-    best, worst = 1 + greater, 1 + greater + equal
-    if ties == "pessimistic":
-        return worst, worst
-    if ties == "optimistic":
-        return best, best
-    return best, worst
-
-
-def hit_at_k(scores, k: int = 1, ties: str = "pessimistic") -> float:
-    """Share of rows whose positive (column 0 of ``scores`` [n_queries, n_candidates]) ranks in the top k.
-
-    ``ties="expected"``: the positive's rank is uniform over its tied block (random tie-breaking).
-    """
-    best, worst = _rank_range(scores, ties)
-    hits = (k - best + 1).clamp(min=0).minimum(worst - best + 1).double() / (worst - best + 1)
-    return float(hits.mean()) if hits.numel() else 0.0
-
-
-def ndcg_at_k(scores, k: int = 5, ties: str = "pessimistic") -> float:
-    """Mean NDCG@k with binary relevance and one positive (column 0): ``1/log2(rank + 1)`` if rank <= k."""
-    best, worst = _rank_range(scores, ties)
-    gain = torch.tensor([0.0] + [1 / math.log2(r + 1) for r in range(1, k + 1)] + [0.0], dtype=torch.float64)
-    if ties != "expected":
-        values = gain[worst.clamp(max=k + 1)]  # gain[k + 1] = 0: ranked below the cut-off
-    else:  # mean gain over the tied ranks best..worst
-        cumulative = gain[:k + 1].cumsum(0)
-        values = (cumulative[worst.clamp(max=k)] - cumulative[(best - 1).clamp(max=k)]) / (worst - best + 1).double()
-    return float(values.mean()) if values.numel() else 0.0
-
-
-def pad_scores(rows: list[list[float]]) -> torch.Tensor:
-    """Rows of different lengths as one [n, max_len] tensor padded with -inf (ranks below anything)."""
-    width = max((len(r) for r in rows), default=1)
-    out = torch.full((len(rows), width), float("-inf"), dtype=torch.float64)
-    for i, r in enumerate(rows):
-        out[i, :len(r)] = torch.as_tensor(r, dtype=torch.float64)
-    return out
+BENCHMARKS = ("mmeb-file", "mmeb-v2")
 
 
 # ---------------------------------------------------------------------------------------- evaluation
@@ -146,15 +81,9 @@ def evaluate_many(model, rows_or_path, image_root=None, think_tokens=(0,), modes
     document_seconds = time.perf_counter() - start
     out = {"dataset": dataset, "n": len(rows), "n_documents": len(documents),
            "document_seconds": round(document_seconds, 4)}
-    best = {}
-    if shortcut:
-        from .synthetic import shortcut_metrics
-        out["shortcuts"] = shortcut_metrics(rows, image_root)
-        for metric in ("hit@1", "ndcg@5"):
-            name = max(out["shortcuts"], key=lambda n: out["shortcuts"][n][metric])
-            best[metric] = (name, out["shortcuts"][name][metric])
-        out["shortcut_best"] = {m: v for m, (_, v) in best.items()}
-        out["shortcut_best_name"] = {m: n for m, (n, _) in best.items()}
+    if shortcut:  # the rules live with the synthetic data (tte_flash.synthetic); the evaluator only reports them
+        from .synthetic import shortcut_summary
+        out.update(shortcut_summary(rows, image_root))
     chance = float(sum(1 / int((i >= 0).sum()) for i in index) / len(index))
     runs = []
     for mode in modes:

@@ -46,6 +46,7 @@ import numpy as np
 from PIL import Image
 
 from .data import EVAL_COLUMNS, load_rows, resolve_media
+from .mmeb import hit_at_k, ndcg_at_k, pad_scores
 from .world import PALETTE as WORLD_PALETTE
 
 PALETTE = {  # name -> RGB: nine colours far apart in RGB
@@ -321,11 +322,20 @@ def shortcut_metrics(rows_or_path, image_root=None, k: int = 5) -> dict[str, dic
       candidate colour covering the most / the fewest pixels, among colours present),
       ``present_in_image``, and ``best_fixed_cell`` (the colour of one fixed grid cell; the best cell).
     """
-    from .evaluate import hit_at_k, ndcg_at_k, pad_scores
     rows, image_root = _eval_rows(rows_or_path, image_root)
     rules = _shortcut_scores(rows, image_root)
     return {name: {"hit@1": hit_at_k(pad_scores(s), 1, ties="expected"),
                    f"ndcg@{k}": ndcg_at_k(pad_scores(s), k, ties="expected")} for name, s in rules.items()}
+
+
+def shortcut_summary(rows_or_path, image_root=None) -> dict:
+    """``{"shortcuts": shortcut_metrics(...), "shortcut_best": {metric: value}, "shortcut_best_name":
+    {metric: rule}}``: every rule and, per metric, the best of them (what an evaluation reports beside
+    a model's score)."""
+    shortcuts = shortcut_metrics(rows_or_path, image_root)
+    best = {metric: max(shortcuts, key=lambda name: shortcuts[name][metric]) for metric in ("hit@1", "ndcg@5")}
+    return {"shortcuts": shortcuts, "shortcut_best": {m: shortcuts[n][m] for m, n in best.items()},
+            "shortcut_best_name": best}
 
 
 def _eval_rows(rows_or_path, image_root):

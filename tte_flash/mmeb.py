@@ -1,0 +1,767 @@
+"""MMEB-V2 (78 tasks: image, video, visual documents) from a local copy, scored as VLM2Vec scores it.
+
+    python -m tte_flash.evaluate --benchmark mmeb-v2 --model DIR --data_root MMEB_V2 --output runs/mmeb [--tasks ...]
+
+Layout (docs/mmeb.md): ``data_root`` is VLM2Vec's ``--data_basedir``: the TIGER-Lab/MMEB-V2 repository
+unpacked (``image-tasks/``, ``video-tasks/frames/...``, ``visdoc-tasks/<name>/``) plus each task's test
+file, saved where VLM2Vec's ``src/constant/dataset_hflocal_path.py`` loads it (``ANNOTATIONS`` below):
+``<dir>[/<subset>]/<split>-*.parquet`` (or ``<split>.parquet`` / ``.jsonl`` / ``.json``).
+
+Scoring (VLM2Vec ``eval.py`` + ``RankingMetrics``): each query ranks its own candidates (``local``: every
+image task, SSv2, video QA, moment retrieval) or the task's whole candidate pool (``global``: video
+classification against every label, video retrieval, visual documents). Hit@1 for image and video tasks,
+NDCG@5 with linear gain and graded qrels for visual documents (``ndcg_linear@5``). Ties are broken
+pessimistically (a relevant candidate ranks below equal scores); VLM2Vec's ``np.argsort`` leaves them to
+the sort. Aggregation: the mean of the main metric per category, per modality and over all tasks present.
+
+The module also holds the ranking metrics of the MMEB-v1 style file evaluator (positive in column 0),
+imported by :mod:`tte_flash.evaluate` and the shortcut baselines of :mod:`tte_flash.synthetic`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .data import load_rows
+
+logger = logging.getLogger("tte_flash.mmeb")
+
+TIES = ("pessimistic", "optimistic", "expected")
+
+
+# ---------------------------------------------------------------------------------------- metrics: positive in column 0
+
+def _greater_equal(scores) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: how many candidates score above the positive (column 0), and how many tie with it."""
+    scores = torch.as_tensor(scores, dtype=torch.float64)
+    if scores.ndim != 2 or scores.shape[1] < 1:
+        raise ValueError(f"scores must be [n_queries, n_candidates] with the positive in column 0, got "
+                         f"shape {tuple(scores.shape)}")
+    positive, others = scores[:, :1], scores[:, 1:]
+    return (others > positive).sum(1), (others == positive).sum(1)
+
+
+def ranks(scores, ties: str = "pessimistic") -> torch.Tensor:
+    """1-based rank of the positive (column 0) in each row; ties: ``pessimistic`` (below equal
+    scores) or ``optimistic`` (above them)."""
+    greater, equal = _greater_equal(scores)
+    if ties not in ("pessimistic", "optimistic"):
+        raise ValueError(f"ranks() takes ties='pessimistic' or 'optimistic', got {ties!r}")
+    return 1 + greater + (equal if ties == "pessimistic" else 0)
+
+
+def _rank_range(scores, ties):
+    """(best, worst) 1-based ranks the positive can take under ``ties``."""
+    if ties not in TIES:
+        raise ValueError(f"unknown ties {ties!r}; choose one of {TIES}")
+    greater, equal = _greater_equal(scores)
+    best, worst = 1 + greater, 1 + greater + equal
+    if ties == "pessimistic":
+        return worst, worst
+    if ties == "optimistic":
+        return best, best
+    return best, worst
+
+
+def hit_at_k(scores, k: int = 1, ties: str = "pessimistic") -> float:
+    """Share of rows whose positive (column 0 of ``scores`` [n_queries, n_candidates]) ranks in the top k.
+
+    ``ties="expected"``: the positive's rank is uniform over its tied block (random tie-breaking).
+    """
+    best, worst = _rank_range(scores, ties)
+    hits = (k - best + 1).clamp(min=0).minimum(worst - best + 1).double() / (worst - best + 1)
+    return float(hits.mean()) if hits.numel() else 0.0
+
+
+def ndcg_at_k(scores, k: int = 5, ties: str = "pessimistic") -> float:
+    """Mean NDCG@k with binary relevance and one positive (column 0): ``1/log2(rank + 1)`` if rank <= k."""
+    best, worst = _rank_range(scores, ties)
+    gain = torch.tensor([0.0] + [1 / math.log2(r + 1) for r in range(1, k + 1)] + [0.0], dtype=torch.float64)
+    if ties != "expected":
+        values = gain[worst.clamp(max=k + 1)]  # gain[k + 1] = 0: ranked below the cut-off
+    else:  # mean gain over the tied ranks best..worst
+        cumulative = gain[:k + 1].cumsum(0)
+        values = (cumulative[worst.clamp(max=k)] - cumulative[(best - 1).clamp(max=k)]) / (worst - best + 1).double()
+    return float(values.mean()) if values.numel() else 0.0
+
+
+def pad_scores(rows: list[list[float]]) -> torch.Tensor:
+    """Rows of different lengths as one [n, max_len] tensor padded with -inf (ranks below anything)."""
+    width = max((len(r) for r in rows), default=1)
+    out = torch.full((len(rows), width), float("-inf"), dtype=torch.float64)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = torch.as_tensor(r, dtype=torch.float64)
+    return out
+
+
+# ---------------------------------------------------------------------------------------- metrics: graded relevance
+
+def ranking_metrics(scores, relevance: dict, ks=(1, 5, 10)) -> dict[str, float]:
+    """Hit@k and NDCG@k (linear gain, ``rel / log2(rank + 1)``) of one query.
+
+    ``scores``: ``{candidate key: score}``; ``relevance``: ``{relevant key: grade > 0}``. The ideal DCG
+    comes from ``relevance`` (a relevant key missing from ``scores`` still counts there, as in VLM2Vec).
+    Ties: a relevant candidate ranks below every candidate with an equal score; among equally scored
+    relevant ones the lower grade goes first (pessimistic).
+    """
+    if not relevance:
+        raise ValueError("a query needs at least one relevant candidate")
+    order = sorted(scores, key=lambda key: (-float(scores[key]), relevance.get(key, 0)))
+    gains = [relevance.get(key, 0) for key in order]
+    ideal = sorted(relevance.values(), reverse=True)
+    out = {}
+    for k in ks:
+        dcg = sum(g / math.log2(i + 2) for i, g in enumerate(gains[:k]))
+        idcg = sum(g / math.log2(i + 2) for i, g in enumerate(ideal[:k]))
+        out[f"hit@{k}"] = float(any(g > 0 for g in gains[:k]))
+        out[f"ndcg_linear@{k}"] = dcg / idcg
+    return out
+
+
+def mean_metrics(per_query: list[dict]) -> dict[str, float]:
+    return {name: float(np.mean([m[name] for m in per_query])) for name in per_query[0]} if per_query else {}
+
+
+# ---------------------------------------------------------------------------------------- registry
+
+@dataclass(frozen=True)
+class Task:
+    name: str          # VLM2Vec's dataset name (its yaml key and score file name)
+    modality: str      # image | video | visdoc
+    category: str      # meta-task the paper averages over
+    parser: str        # loader below (VLM2Vec's dataset_parser)
+    eval_type: str     # local: rank the query's own candidates; global: rank the whole pool
+    annotation: tuple  # (dir under data_root, subset or None, split): where the test file lives
+    media: str         # image_root / frame_root under data_root
+
+    @property
+    def metric(self) -> str:
+        return "ndcg_linear@5" if self.modality == "visdoc" else "hit@1"
+
+
+CATEGORIES = {
+    "image": ("CLS", "QA", "RET", "VG"),
+    "video": ("CLS", "QA", "RET", "MRET"),
+    "visdoc": ("VDRv1", "VDRv2", "VR", "OOD"),
+}
+
+
+def _image(category, parser, names):
+    return [Task(n, "image", category, parser, "local", ("image-tasks", n, "test"), "image-tasks") for n in names]
+
+
+def _video(category, parser, name, hf_dir, media, eval_type, subset=None, split="test"):
+    return Task(name, "video", category, parser, eval_type, (f"video-tasks/{hf_dir}", subset, split),
+                f"video-tasks/frames/{media}")
+
+
+def _visdoc(category, parser, name, hf_dir, media):
+    return Task(name, "visdoc", category, parser, "global",
+                (f"visdoc-tasks/{hf_dir}", None, "train" if parser == "visrag" else "test"), f"visdoc-tasks/{media}")
+
+
+TASKS: dict[str, Task] = {t.name: t for t in [
+    *_image("CLS", "image_cls", ["ImageNet-1K", "N24News", "HatefulMemes", "VOC2007", "SUN397", "Place365",
+                                 "ImageNet-A", "ImageNet-R", "ObjectNet", "Country211"]),
+    *_image("QA", "image_qa", ["OK-VQA", "A-OKVQA", "DocVQA", "InfographicsVQA", "ChartQA", "Visual7W", "ScienceQA",
+                               "VizWiz", "GQA", "TextVQA"]),
+    *_image("RET", "image_i2t", ["MSCOCO_i2t", "VisualNews_i2t"]),
+    *_image("RET", "image_t2i", ["VisDial", "MSCOCO_t2i", "VisualNews_t2i", "WebQA", "EDIS", "Wiki-SS-NQ"]),
+    *_image("RET", "image_i2i_vg", ["CIRR", "NIGHTS", "OVEN", "FashionIQ"]),
+    *_image("VG", "image_i2i_vg", ["MSCOCO", "RefCOCO", "RefCOCO-Matching", "Visual7W-Pointing"]),
+    _video("CLS", "ssv2", "SmthSmthV2", "SmthSmthV2", "video_cls/SSv2", "local"),
+    _video("CLS", "video_cls", "HMDB51", "HMDB51", "video_cls/HMDB51", "global"),
+    _video("CLS", "video_cls", "UCF101", "UCF101", "video_cls/UCF101", "global"),
+    _video("CLS", "video_cls", "K700", "Kinetics-700", "video_cls/K700", "global"),
+    _video("CLS", "video_cls", "Breakfast", "Breakfast", "video_cls/Breakfast", "global"),
+    _video("RET", "msrvtt", "MSR-VTT", "MSR-VTT", "video_ret/MSR-VTT", "global", subset="test_1k"),
+    _video("RET", "msvd", "MSVD", "MSVD", "video_ret/MSVD", "global"),
+    _video("RET", "didemo", "DiDeMo", "DiDeMo", "video_ret/DiDeMo", "global"),
+    _video("RET", "youcook2", "YouCook2", "YouCook2", "video_ret/YouCook2", "global", split="val"),
+    _video("RET", "vatex", "VATEX", "VATEX", "video_ret/VATEX", "global"),
+    _video("MRET", "moment_retrieval", "QVHighlight", "QVHighlight", "video_mret/QVHighlight", "local"),
+    _video("MRET", "moment_retrieval", "Charades-STA", "Charades-STA", "video_mret/Charades_STA", "local"),
+    _video("MRET", "momentseeker", "MomentSeeker", "MomentSeeker", "video_mret/MomentSeeker", "local"),
+    _video("QA", "videomme", "Video-MME", "Video-MME", "video_qa/Video-MME", "local"),
+    _video("QA", "nextqa", "NExTQA", "NExTQA", "video_qa/NExTQA", "local", subset="MC"),
+    _video("QA", "egoschema", "EgoSchema", "EgoSchema", "video_qa/EgoSchema", "local", subset="Subset"),
+    _video("QA", "mvbench", "MVBench", "MVBench", "video_qa/MVBench", "local", split="train"),
+    _video("QA", "activitynetqa", "ActivityNetQA", "ActivityNetQA", "video_qa/ActivityNetQA", "local"),
+    *[_visdoc("VDRv1", "vidore", f"ViDoRe_{n}", hf, f"ViDoRe_{n}") for n, hf in [
+        ("arxivqa", "arxivqa_test_subsampled_beir"), ("docvqa", "docvqa_test_subsampled_beir"),
+        ("infovqa", "infovqa_test_subsampled_beir"), ("tabfquad", "tabfquad_test_subsampled_beir"),
+        ("tatdqa", "tatdqa_test_beir"), ("shiftproject", "shiftproject_test_beir"),
+        *[(f"syntheticDocQA_{d}", f"syntheticDocQA_{d}_test_beir")
+          for d in ("artificial_intelligence", "energy", "government_reports", "healthcare_industry")]]],
+    *[_visdoc("VDRv2", "vidore", f"ViDoRe_{n}", hf, n) for n, hf in [
+        ("esg_reports_human_labeled_v2", "esg_reports_human_labeled_v2"),
+        ("biomedical_lectures_v2_multilingual", "biomedical_lectures_v2"),
+        ("economics_reports_v2_multilingual", "economics_reports_v2"),
+        ("esg_reports_v2_multilingual", "esg_reports_v2")]],
+    *[_visdoc("VR", "visrag", f"VisRAG_{n}", f"VisRAG-Ret-Test-{n}", f"VisRAG_{n}")
+      for n in ("ArxivQA", "ChartQA", "MP-DocVQA", "SlideVQA", "InfoVQA", "PlotQA")],
+    _visdoc("OOD", "vidore", "ViDoSeek-page", "ViDoSeek-page", "ViDoSeek-page"),
+    _visdoc("OOD", "vidore", "ViDoSeek-doc", "ViDoSeek", "ViDoSeek-doc"),
+    _visdoc("OOD", "vidore", "MMLongBench-page", "MMLongBench", "MMLongBench-page"),
+    _visdoc("OOD", "vidore", "MMLongBench-doc", "MMLongBench-doc", "MMLongBench-doc"),
+]}
+
+# Query instructions of the video classification tasks (VLM2Vec video_classification_utils.py).
+VIDEO_CLS_INSTRUCTION = {
+    "K700": "Recognize the category of the video content.",
+    "SmthSmthV2": "What actions or object interactions are being performed by the person in the video?",
+    "UCF101": "What activities or sports are being performed by the person in the video?",
+    "HMDB51": "What actions or objects interactions are the person in the video doing?",
+    "Breakfast": "Recognize the breakfast type that the person is cooking in the video.",
+}
+VIDEO_RET_INSTRUCTION = {
+    "MSR-VTT": "Find a video that contains the following visual content:",
+    "MSVD": "Find the video snippet that corresponds to the given summary:",
+    "DiDeMo": "Find a video that includes the following described scenes:",
+    "YouCook2": "Find a video that demonstrates the following action while making a recipe:",
+    "VATEX": "Select a video that fits the description provided:",
+}
+VIDEO_TARGET = "Understand the content of the provided video."
+VIDEO_QA_PROMPT = ("Given a video and a question, select the most accurate answer from the provided candidates. "
+                   "Return only the exact text of your chosen answer. Question:")
+MOMENT_QUERY = "Find the clip that corresponds to the described scene in the given video:"
+DOC_QUERY = "Find a document image that matches the given query:"
+DOC_TARGET = "Understand the content of the provided document image."
+MVBENCH_SUBSETS = ("episodic_reasoning", "action_sequence", "action_prediction", "action_antonym",
+                   "fine_grained_action", "unexpected_action", "object_existence", "object_interaction",
+                   "object_shuffle", "moving_direction", "action_localization", "scene_transition", "action_count",
+                   "moving_count", "moving_attribute", "state_change", "fine_grained_pose", "character_order",
+                   "egocentric_navigation", "counterfactual_inference")
+FRAME_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+def select_tasks(names=None) -> list[Task]:
+    """Tasks by name, modality (``image``/``video``/``visdoc``) or ``modality:category``; all by default."""
+    if not names:
+        return list(TASKS.values())
+    chosen = []
+    for name in names:
+        if name in TASKS:
+            picked = [TASKS[name]]
+        else:
+            modality, _, category = name.partition(":")
+            picked = [t for t in TASKS.values() if t.modality == modality and (not category or t.category == category)]
+        if not picked:
+            raise ValueError(f"unknown MMEB-V2 task {name!r}: give a task name (e.g. ImageNet-1K, MSR-VTT, "
+                             f"ViDoRe_arxivqa), a modality (image, video, visdoc) or modality:category (e.g. video:QA)")
+        chosen += [t for t in picked if t not in chosen]
+    return chosen
+
+
+# ---------------------------------------------------------------------------------------- loading
+
+class MissingTask(Exception):
+    """The task's test file is not under data_root: reported, never scored as 0."""
+
+
+@dataclass
+class TaskData:
+    queries: list[dict]                 # model inputs
+    relevance: list[dict]               # per query: {candidate key: grade > 0}
+    candidates: dict                    # candidate key -> model input (every candidate of the task)
+    local: list[list] | None            # per query: its candidate keys (local tasks); None: rank all candidates
+    notes: list[str]                    # what differs from VLM2Vec's run, if anything
+
+
+def annotation_files(data_root, task: Task, part: str | None = None) -> list[Path]:
+    """The test file(s) of ``task`` (``part``: ``queries``/``qrels``/``corpus`` of a visdoc task)."""
+    directory, subset, split = task.annotation
+    base = Path(data_root) / directory / (part or subset or "")
+    for folder in (base, base / "data", base / split):
+        for pattern in (f"{split}-*.parquet", f"{split}.parquet", f"{split}.jsonl", f"{split}.json", "*.parquet"):
+            files = sorted(folder.glob(pattern)) if folder.is_dir() else []
+            if files:
+                return files
+    raise MissingTask(f"no test file for {task.name}: expected {base}/{split}-*.parquet (or {split}.jsonl) "
+                      f"under --data_root (docs/mmeb.md lists each task's path)")
+
+
+def read_rows(files) -> list[dict]:
+    return [row for f in files for row in load_rows(f)]
+
+
+def frames(folder, num_frames: int | None) -> list[str]:
+    """Frame files of a folder in natural order, ``num_frames`` of them spread evenly (VLM2Vec's
+    ``process_video_frames``: all when there are fewer)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"frame folder not found: {folder}")
+    names = sorted((f for f in os.listdir(folder) if f.lower().endswith(FRAME_SUFFIXES)),
+                   key=lambda n: [int(p) if p.isdigit() else p.lower() for p in re.split(r"(\d+)", n)])
+    if not names:
+        raise FileNotFoundError(f"no frames (.jpg/.jpeg/.png) in {folder}")
+    if num_frames and num_frames <= len(names):
+        names = [names[i] for i in np.linspace(0, len(names) - 1, num_frames, dtype=int)]
+    return [str(folder / n) for n in names]
+
+
+def _media(path) -> str:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"media file not found: {path}")
+    return str(path)
+
+
+def _text(*parts) -> str:
+    return " ".join(p.replace("<|image_1|>", "").strip() for p in parts if p and p.strip())
+
+
+def _require(rows, columns, task):
+    missing = [c for c in columns if c not in rows[0]]
+    if missing:
+        raise ValueError(f"{task.name}: the test file lacks column(s) {missing} (has {sorted(rows[0])})")
+
+
+def load_task(task: Task, data_root, num_frames: int = 8, limit: int | None = None) -> TaskData:
+    """Queries, candidates and relevance of one task, read from ``data_root`` in VLM2Vec's layout."""
+    loader = globals()[f"_load_{task.parser}"]
+    return loader(task, Path(data_root), num_frames, limit)
+
+
+def _head(rows, limit):
+    return rows[:limit] if limit else rows
+
+
+def _load_image(task, root, num_frames, limit):
+    """MMEB image rows (qry_inst, qry_text, qry_img_path, tgt_inst, tgt_text, tgt_img_path), positive first."""
+    rows = _head(read_rows(annotation_files(root, task)), limit)
+    _require(rows, ("qry_inst", "qry_text", "qry_img_path", "tgt_text"), task)
+    media = root / task.media
+    queries, relevance, local, candidates = [], [], [], {}
+    for row in rows:
+        query = {"text": _text(row["qry_inst"], row["qry_text"])}
+        if task.parser != "image_t2i":
+            query["image"] = _media(media / row["qry_img_path"])
+        texts, paths = list(row["tgt_text"]), list(row.get("tgt_img_path") or [])
+        keys = []
+        if task.parser in ("image_cls", "image_qa", "image_i2t"):  # text candidates, named by their text
+            for text in texts:
+                candidates.setdefault(text, {"text": text})
+                keys.append(text)
+        else:  # image candidates (with the target instruction and, where given, a caption)
+            captions = texts if texts and texts[0].strip() else [""] * len(paths)
+            for path, caption in zip(paths, captions):
+                key = path if task.parser == "image_t2i" else f"{path}:{caption.strip(chr(34))}"
+                candidates.setdefault(key, {"text": _text(row.get("tgt_inst") or "", caption) or None,
+                                            "image": _media(media / path)})
+                keys.append(key)
+        queries.append(query)
+        local.append(keys)
+        relevance.append({keys[0]: 1})
+    for item in candidates.values():
+        if item.get("text") is None:
+            item.pop("text")
+    return TaskData(queries, relevance, candidates, local, [])
+
+
+_load_image_cls = _load_image_qa = _load_image_i2t = _load_image_t2i = _load_image_i2i_vg = _load_image
+
+
+def _load_video_cls(task, root, num_frames, limit):
+    """video_id, pos_text; every query ranks every label of the task (labels.txt/json, else those in the file)."""
+    directory = Path(root) / task.annotation[0]
+    all_rows = read_rows(annotation_files(root, task))
+    rows = _head(all_rows, limit)
+    _require(rows, ("video_id", "pos_text"), task)
+    notes = []
+    label_file = next((directory / n for n in ("labels.json", "labels.txt") if (directory / n).is_file()), None)
+    if label_file is not None:
+        text = label_file.read_text(encoding="utf-8")
+        labels = json.loads(text) if label_file.suffix == ".json" else [x for x in text.splitlines() if x.strip()]
+    else:
+        labels = list(dict.fromkeys(str(r["pos_text"]) for r in all_rows))
+        notes.append(f"label set: the {len(labels)} labels of the test file ({directory}/labels.txt absent); "
+                     f"VLM2Vec ranks its fixed list of every class")
+    candidates = {label: {"text": label} for label in labels}
+    queries, relevance = [], []
+    for row in rows:
+        label = str(row["pos_text"])
+        if label not in candidates:
+            raise ValueError(f"{task.name}: label {label!r} of video {row['video_id']} is not in {label_file}")
+        queries.append({"text": VIDEO_CLS_INSTRUCTION[task.name],
+                        "video": frames(root / task.media / str(row["video_id"]), num_frames)})
+        relevance.append({label: 1})
+    return TaskData(queries, relevance, candidates, None, notes)
+
+
+def _load_ssv2(task, root, num_frames, limit):
+    """video_id, pos_text, neg_text (the query's candidate labels)."""
+    rows = _head(read_rows(annotation_files(root, task)), limit)
+    _require(rows, ("video_id", "pos_text", "neg_text"), task)
+    queries, relevance, local, candidates = [], [], [], {}
+    for row in rows:
+        queries.append({"text": VIDEO_CLS_INSTRUCTION[task.name],
+                        "video": frames(root / task.media / str(row["video_id"]), num_frames)})
+        keys = [str(t) for t in row["neg_text"]]
+        candidates.update({k: {"text": k} for k in keys})
+        local.append(keys)
+        relevance.append({str(row["pos_text"]): 1})
+    return TaskData(queries, relevance, candidates, local, [])
+
+
+_RET_COLUMNS = {  # parser: (video name column, caption column); a list of captions -> the first
+    "msrvtt": ("video_id", "caption"), "msvd": ("video_id", "caption"), "didemo": ("video", "caption"),
+    "youcook2": ("id", "sentence"), "vatex": ("videoID", "enCap")}
+
+
+def _load_video_ret(task, root, num_frames, limit):
+    """Text-to-video retrieval against every video of the test file."""
+    rows = _head(read_rows(annotation_files(root, task)), limit)
+    name_column, caption_column = _RET_COLUMNS[task.parser]
+    _require(rows, (name_column, caption_column), task)
+    queries, relevance, candidates = [], [], {}
+    for row in rows:
+        name = str(row[name_column])
+        if task.parser == "didemo":
+            name = os.path.splitext(os.path.basename(name))[0]
+        caption = row[caption_column]
+        caption = caption[0] if isinstance(caption, (list, tuple)) else caption
+        queries.append({"text": _text(VIDEO_RET_INSTRUCTION[task.name], caption)})
+        if name not in candidates:
+            candidates[name] = {"text": VIDEO_TARGET, "video": frames(root / task.media / name, num_frames)}
+        relevance.append({name: 1})
+    return TaskData(queries, relevance, candidates, None, [])
+
+
+_load_msrvtt = _load_msvd = _load_didemo = _load_youcook2 = _load_vatex = _load_video_ret
+
+
+def _load_moment_retrieval(task, root, num_frames, limit):
+    """query, video_path; frames in <frame_root>/<video>/query and one folder per clip ("positive*")."""
+    rows = _head(read_rows(annotation_files(root, task)), limit)
+    _require(rows, ("query", "video_path"), task)
+    queries, relevance, local, candidates = [], [], [], {}
+    for row in rows:
+        folder = root / task.media / os.path.splitext(os.path.basename(row["video_path"]))[0]
+        queries.append({"text": _text(MOMENT_QUERY, row["query"]), "video": frames(folder / "query", num_frames)})
+        clips = sorted(p for p in folder.iterdir() if p.is_dir() and p.name != "query")
+        positives = [str(p) for p in clips if p.name.startswith("positive")]
+        if not positives:
+            raise FileNotFoundError(f"{task.name}: no positive* clip folder in {folder}")
+        for clip in clips:
+            candidates.setdefault(str(clip), {"text": VIDEO_TARGET, "video": frames(clip, num_frames)})
+        local.append([str(c) for c in clips])
+        relevance.append({positives[-1]: 1})  # VLM2Vec keeps the last positive* it lists
+    return TaskData(queries, relevance, candidates, local, [])
+
+
+def _load_momentseeker(task, root, num_frames, limit):
+    """query, input_frames ("", *.mp4 or *.jpg), positive_frames / negative_frames ([{output_path}])."""
+    rows = _head(read_rows(annotation_files(root, task)), limit)
+    _require(rows, ("query", "input_frames", "positive_frames", "negative_frames"), task)
+    base = root / task.media
+    queries, relevance, local, candidates = [], [], [], {}
+
+    def clip_dir(path):
+        return base / "video_frames" / path.replace("/", "_").split(".mp4")[0]
+    for row in rows:
+        source = row["input_frames"] or ""
+        if source.endswith(".mp4"):
+            query = {"text": _text("Find the clip that corresponds to the given sentence and video segment:",
+                                   row["query"]), "video": frames(clip_dir(source), None)}
+        elif source.endswith(".jpg"):
+            query = {"text": _text("Select the video clip that aligns with the given text and image:", row["query"]),
+                     "image": _media(base / f"query_{source}")}
+        else:
+            query = {"text": _text("Find the clip that corresponds to the given text:", row["query"])}
+        positives = [str(clip_dir(e["output_path"])) for e in row["positive_frames"]]
+        keys = positives + [str(clip_dir(e["output_path"])) for e in row["negative_frames"]]
+        for key in keys:
+            candidates.setdefault(key, {"text": "Understand the content of the provided video clip.",
+                                        "video": frames(key, None)})
+        queries.append(query)
+        local.append(keys)
+        relevance.append({p: 1 for p in positives})
+    return TaskData(queries, relevance, candidates, local, [])
+
+
+def _qa(task, root, num_frames, folder, question, options, answer, texts=None):
+    """One multiple-choice video question: candidates named by their option string."""
+    video = frames(root / task.media / folder, num_frames)
+    texts = texts or options
+    return {"text": _text(VIDEO_QA_PROMPT, question), "video": video}, options, texts, answer
+
+
+def _options_block(question, options):
+    """VLM2Vec's ``qa_template``: the question, then ``Options:`` and ``(A) ...`` lines."""
+    return "\n".join([question, "Options:", *[f"({chr(65 + i)}) {o}" for i, o in enumerate(options)]])
+
+
+def _load_video_qa(task, root, num_frames, limit):
+    files = ([f for s in MVBENCH_SUBSETS for f in _subset_files(root, task, s)] if task.parser == "mvbench"
+             else annotation_files(root, task))
+    if not files:
+        raise MissingTask(f"no test file for {task.name} under {root / task.annotation[0]}/<subset>/")
+    rows = []
+    for f in files:
+        subset = f.parent.name if task.parser == "mvbench" else None
+        rows += [{**r, "subset": r.get("subset", subset)} for r in load_rows(f)]
+    rows = _head(rows, limit)
+    queries, relevance, local, candidates = [], [], [], {}
+    for row in rows:
+        query, keys, texts, answer = _QA_ROW[task.parser](task, root, num_frames, row)
+        if answer not in keys:
+            raise ValueError(f"{task.name}: answer {answer!r} is not among the options {keys}")
+        for key, text in zip(keys, texts):
+            candidates.setdefault(key, {"text": text})
+        queries.append(query)
+        local.append(list(keys))
+        relevance.append({answer: 1})
+    return TaskData(queries, relevance, candidates, local, [])
+
+
+def _subset_files(root, task, subset):
+    try:
+        return annotation_files(root, Task(task.name, task.modality, task.category, task.parser, task.eval_type,
+                                           (task.annotation[0], subset, task.annotation[2]), task.media))
+    except MissingTask:
+        return []
+
+
+def _strip_letter(option: str) -> str:
+    return option[option.find(". "):].strip(". ")
+
+
+_QA_ROW = {
+    "videomme": lambda task, root, n, r: _qa(task, root, n, r["videoID"], r["question"] + "\n" + "\n".join(r["options"]),
+                                             list(r["options"]), r["options"]["ABCD".index(r["answer"])],
+                                             [_strip_letter(o) for o in r["options"]]),
+    "nextqa": lambda task, root, n, r: _qa(task, root, n, str(r["video"]),
+                                           _options_block(r["question"], [r[f"a{i}"] for i in range(5)]),
+                                           [r[f"a{i}"] for i in range(5)], r[f"a{int(r['answer'])}"]),
+    "egoschema": lambda task, root, n, r: _qa(task, root, n, str(r["video_idx"]), r["question"] + " ".join(r["option"]),
+                                              list(r["option"]), r["option"][int(r["answer"])],
+                                              [_strip_letter(o) for o in r["option"]]),
+    "mvbench": lambda task, root, n, r: _qa(task, root, n, f"{r['subset']}/{r['video']}",
+                                            _options_block(r["question"], list(r["candidates"])),
+                                            [f"({chr(65 + i)}) {c}" for i, c in enumerate(r["candidates"])],
+                                            f"({chr(65 + list(r['candidates']).index(r['answer']))}) {r['answer']}"
+                                            if r["answer"] in r["candidates"] else r["answer"]),
+    "activitynetqa": lambda task, root, n, r: _qa(task, root, n, f"v_{r['video_name']}",
+                                                  r["question"] + "? (A) yes; (B) no.", ["yes", "no"], r["answer"]),
+}
+_load_videomme = _load_nextqa = _load_egoschema = _load_mvbench = _load_activitynetqa = _load_video_qa
+
+
+def _load_visdoc(task, root, num_frames, limit):
+    """BEIR layout: queries (query-id, query), qrels (query-id, corpus-id, score), corpus (corpus-id[, image])."""
+    queries_rows = read_rows(annotation_files(root, task, "queries"))
+    qrels = read_rows(annotation_files(root, task, "qrels"))
+    corpus = read_rows(annotation_files(root, task, "corpus"))
+    _require(queries_rows, ("query-id", "query"), task)
+    _require(qrels, ("query-id", "corpus-id", "score"), task)
+    _require(corpus, ("corpus-id",), task)
+    graded: dict = {}
+    for row in qrels:
+        if row["score"] > 0:
+            per_query = graded.setdefault(str(row["query-id"]), {})
+            per_query[str(row["corpus-id"])] = max(per_query.get(str(row["corpus-id"]), 0), row["score"])
+    media = root / task.media
+    candidates = {str(row["corpus-id"]): {"text": DOC_TARGET, "image": _page(media, task, row)} for row in corpus}
+    queries, relevance, notes = [], [], []
+    unjudged = 0
+    for row in queries_rows:
+        if str(row["query-id"]) not in graded:
+            unjudged += 1
+            continue
+        queries.append({"text": _text(DOC_QUERY, row["query"])})
+        relevance.append(graded[str(row["query-id"])])
+    if unjudged:
+        notes.append(f"{unjudged} queries without a positive qrel skipped")
+    if limit:
+        queries, relevance = queries[:limit], relevance[:limit]
+    return TaskData(queries, relevance, candidates, None, notes)
+
+
+_load_vidore = _load_visrag = _load_visdoc
+
+
+def _page(media: Path, task: Task, row):
+    """The page image: ``<image_root>/<corpus-id>.png`` (VisRAG: a shortened name with an md5 tag, as
+    VLM2Vec saves it), else the bytes in the corpus file's ``image`` column (read in memory)."""
+    name = str(row["corpus-id"])
+    if task.parser == "visrag":
+        stem, ext = os.path.splitext(name)
+        path = media / f"{stem[:50]}_{hashlib.md5(name.encode('utf-8')).hexdigest()[:8]}{ext}"
+    else:
+        path = media / f"{name}.png"
+    if path.is_file():
+        return str(path)
+    image = row.get("image")
+    if isinstance(image, dict) and image.get("bytes"):
+        return image["bytes"]
+    raise FileNotFoundError(f"{task.name}: page image not found: {path} (and the corpus row has no image bytes)")
+
+
+# ---------------------------------------------------------------------------------------- scoring a task
+
+def score_task(data: TaskData, q_emb: torch.Tensor, c_emb: torch.Tensor, keys: list, similarity) -> dict:
+    """Per-query ranking metrics from query and candidate embeddings (``keys`` name ``c_emb``'s rows)."""
+    sim = similarity(q_emb, c_emb).double().cpu().numpy()
+    column = {k: i for i, k in enumerate(keys)}
+    per_query = []
+    for i, relevant in enumerate(data.relevance):
+        pool = data.local[i] if data.local is not None else keys
+        per_query.append(ranking_metrics({k: sim[i, column[k]] for k in pool}, relevant))
+    return mean_metrics(per_query)
+
+
+def evaluate_task(model, task: Task, data_root, think_tokens=0, mode="latent", max_cot_tokens=128, batch_size=32,
+                  num_frames=8, limit=None, show_progress_bar=None) -> dict:
+    """Load, encode and score one task; returns its score dict (VLM2Vec's ``*_score.json`` keys and more)."""
+    start = time.perf_counter()
+    data = load_task(task, data_root, num_frames=num_frames, limit=limit)
+    if not data.queries:
+        raise ValueError(f"{task.name}: no queries in the test file")
+    keys = list(data.candidates)
+    c_emb = model.encode_document([data.candidates[k] for k in keys], batch_size=batch_size, convert_to_tensor=True,
+                                  show_progress_bar=show_progress_bar)
+    q_emb = model.encode_query(data.queries, think_tokens=think_tokens, mode=mode, max_cot_tokens=max_cot_tokens,
+                               batch_size=batch_size, convert_to_tensor=True, show_progress_bar=show_progress_bar)
+    metrics = score_task(data, q_emb, c_emb, keys, model.similarity)
+    return {"task": task.name, "modality": task.modality, "category": task.category, "metric": task.metric,
+            "score": metrics[task.metric], **metrics, "num_pred": len(data.queries), "num_data": len(data.queries),
+            "num_candidates": len(keys), "eval_type": task.eval_type, "notes": data.notes,
+            "seconds": round(time.perf_counter() - start, 3)}
+
+
+# ---------------------------------------------------------------------------------------- the benchmark
+
+def score_path(output_dir, task: Task) -> Path:
+    """``<output>/<modality>/<task>_score.json``, VLM2Vec's layout (``report_score_v2.py`` reads it)."""
+    return Path(output_dir) / task.modality / f"{task.name}_score.json"
+
+
+def write_json_atomic(path, obj) -> None:
+    """Write to a temporary file in the same folder, then rename: a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _stored(path: Path, fingerprint: dict, overwrite: bool):
+    """A finished score for this fingerprint, None to compute; ``ValueError`` for another run's file."""
+    if not path.is_file() or overwrite:
+        return None
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        logger.warning("%s is not valid JSON: recomputing it", path)
+        return None
+    if stored.get("fingerprint") != fingerprint:
+        raise ValueError(f"{path} holds a score of another model or setting ({stored.get('fingerprint')}; this run: "
+                         f"{fingerprint}): pass another --output, or --overwrite to replace it")
+    return stored
+
+
+def run_benchmark(model, data_root, output_dir, tasks=None, fingerprint: dict | None = None, overwrite=False,
+                  **eval_kwargs) -> dict:
+    """Every selected task, resumably: a task whose score file exists with the same ``fingerprint`` is
+    read back, not recomputed. A task whose test file is missing is reported as missing; one that
+    fails (a missing frame, a bad row) as an error with the message. Both are left out of the means.
+    Writes ``summary.json`` and ``summary.md`` under ``output_dir``; returns the summary."""
+    data_root = Path(data_root)
+    if not data_root.is_dir():
+        raise FileNotFoundError(f"--data_root {data_root} is not a folder")
+    fingerprint = {**(fingerprint or {}), **{k: eval_kwargs.get(k) for k in
+                                             ("think_tokens", "mode", "max_cot_tokens", "num_frames", "limit")}}
+    selected = select_tasks(tasks)
+    for task in selected:  # refuse another run's files before any work
+        _stored(score_path(output_dir, task), fingerprint, overwrite)
+    results = {}
+    for task in selected:
+        path = score_path(output_dir, task)
+        stored = _stored(path, fingerprint, overwrite)
+        if stored is not None:
+            logger.info("%s: read back from %s", task.name, path)
+            results[task.name] = {**stored, "status": "done", "resumed": True}
+            continue
+        try:
+            result = evaluate_task(model, task, data_root, **eval_kwargs)
+        except MissingTask as err:
+            results[task.name] = {"task": task.name, "status": "missing", "reason": str(err)}
+            continue
+        except (FileNotFoundError, ValueError, KeyError, IndexError) as err:
+            results[task.name] = {"task": task.name, "status": "error", "reason": f"{type(err).__name__}: {err}"}
+            logger.error("%s failed: %s", task.name, err)
+            continue
+        write_json_atomic(path, {**result, "fingerprint": fingerprint})
+        results[task.name] = {**result, "status": "done", "resumed": False}
+        logger.info("%s: %s = %.4f", task.name, task.metric, result["score"])
+    summary = {"benchmark": "MMEB-V2", "fingerprint": fingerprint, "aggregate": aggregate(results, selected),
+               "tasks": results}
+    write_json_atomic(Path(output_dir) / "summary.json", summary)
+    (Path(output_dir) / "summary.md").write_text(format_markdown(summary, selected) + "\n", encoding="utf-8")
+    return summary
+
+
+def aggregate(results: dict, selected: list[Task]) -> dict:
+    """Mean main metric per category, per modality and overall, over finished tasks, with the counts
+    (``n`` finished of ``of`` selected): a group with missing tasks is partial, never padded with 0."""
+    def mean(group):
+        done = [results[t.name]["score"] for t in group if results.get(t.name, {}).get("status") == "done"]
+        return {"score": float(np.mean(done)) if done else None, "n": len(done), "of": len(group)}
+    out = {"overall": mean(selected), "modalities": {}, "categories": {}}
+    for modality, categories in CATEGORIES.items():
+        in_modality = [t for t in selected if t.modality == modality]
+        if not in_modality:
+            continue
+        out["modalities"][modality] = mean(in_modality)
+        for category in categories:
+            group = [t for t in in_modality if t.category == category]
+            if group:
+                out["categories"][f"{modality}:{category}"] = mean(group)
+    return out
+
+
+def _cell(entry) -> str:
+    if entry["score"] is None:
+        return "-"
+    value = f"{100 * entry['score']:.1f}"
+    return value if entry["n"] == entry["of"] else f"{value} ({entry['n']}/{entry['of']})"
+
+
+def format_markdown(summary: dict, selected: list[Task]) -> str:
+    """One table per modality (its tasks, then each category mean and the modality mean), the
+    aggregated row as the paper lays it out, and the missing / failed tasks. Scores x 100."""
+    agg, results = summary["aggregate"], summary["tasks"]
+    lines = ["# MMEB-V2", "", "Scores x 100; `a (n/N)`: mean over the n of N tasks that finished.", ""]
+    header = ["Overall"]
+    row = [_cell(agg["overall"])]
+    for modality, categories in CATEGORIES.items():
+        if modality not in agg["modalities"]:
+            continue
+        for category in categories:
+            if f"{modality}:{category}" in agg["categories"]:
+                header.append(f"{modality} {category}")
+                row.append(_cell(agg["categories"][f"{modality}:{category}"]))
+        header.append(f"{modality} overall")
+        row.append(_cell(agg["modalities"][modality]))
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), "| " + " | ".join(row) + " |", ""]
+    for modality in agg["modalities"]:
+        lines += [f"## {modality}", "", "| category | task | metric | score | queries |", "|---|---|---|---|---|"]
+        for task in (t for t in selected if t.modality == modality):
+            r = results[task.name]
+            score = f"{100 * r['score']:.1f}" if r["status"] == "done" else r["status"].upper()
+            lines.append(f"| {task.category} | {task.name} | {task.metric} | {score} | {r.get('num_pred', '')} |")
+        lines.append("")
+    problems = [r for r in results.values() if r["status"] != "done"]
+    if problems:
+        lines += ["## Not scored", ""] + [f"- {r['task']} ({r['status']}): {r['reason']}" for r in problems]
+    return "\n".join(lines)
