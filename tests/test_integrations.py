@@ -36,6 +36,9 @@ REMOTE_SCRIPT = textwrap.dedent("""
     del os.environ["TTE_FLASH_ATTN"]
     np.savez(out, query=model.encode_query(inputs), query4=query4, query4_triton=query4_triton,
              document=model.encode_document(inputs))
+    model.save_pretrained(f"{out}.resaved")  # a remote-code model re-saves (its code via transformers)
+    resaved = AutoModel.from_pretrained(f"{out}.resaved", trust_remote_code=True).eval()
+    np.testing.assert_allclose(resaved.encode_query(inputs), np.load(out)["query"], atol=1e-6)
     loaded = [m for m in sys.modules if m == "tte_flash" or m.startswith("tte_flash.")]
     assert not loaded, loaded
     print(type(config).__module__, type(model).__module__)
@@ -72,6 +75,34 @@ def test_remote_code_files_and_auto_map(checkpoint):
                 assert (node.module or "").split(".")[0] != "tte_flash", (path.name, node.module)
             elif isinstance(node, ast.ImportFrom) and node.level and node.module:  # relative: a flat file beside it
                 assert node.level == 1 and (ckpt / f"{node.module}.py").is_file(), (path.name, node.module)
+
+
+def test_checkpoint_carries_only_the_code_to_load_and_run(checkpoint, tmp_path):
+    """No save-time code (model card, remote-code writer, save hook) in a checkpoint; every flat file is
+    reached from the auto_map / modules.json entries by imports; stale generated files go on re-save."""
+    import re
+    model, ckpt, _ = checkpoint
+    names = {p.name for p in ckpt.glob("*.py")}
+    assert not names & {"tte_flash_card.py", "tte_flash_integrations_remote_code.py", "tte_flash_integrations.py"}
+    assert {"modeling_tte_flash.py", "configuration_tte_flash.py", "tte_flash_save_hooks.py",
+            "tte_flash_integrations_sentence_transformers.py"} <= names
+    # an independent reachability walk over the written files (regex, as transformers' loader reads them)
+    entries = [v.split(".")[0] + ".py" for v in json.loads((ckpt / "config.json").read_text())["auto_map"].values()]
+    entries += [m["type"].split(".")[0] + ".py" for m in json.loads((ckpt / "modules.json").read_text())]
+    reached, todo = set(), list(entries)
+    while todo:
+        name = todo.pop()
+        if name not in reached:
+            reached.add(name)
+            todo += [f"{m}.py" for m in re.findall(r"^\s*from\s+\.(\w+)\s+import", (ckpt / name).read_text(), re.M)]
+    assert reached == names, (names - reached, reached - names)
+    (ckpt / "tte_flash_card.py").write_text("# Generated from tte_flash.card by an older tte-flash\n")
+    (ckpt / "my_helper.py").write_text("x = 1\n")  # not generated: kept
+    try:
+        write_integration_files(ckpt, model.config)
+        assert not (ckpt / "tte_flash_card.py").exists() and (ckpt / "my_helper.py").exists()
+    finally:
+        (ckpt / "my_helper.py").unlink()
 
 
 def test_trust_remote_code_without_package(checkpoint, tmp_path):
