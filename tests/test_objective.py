@@ -220,6 +220,27 @@ def test_linear_cross_entropy_equals_the_plain_loss(rows, chunk_rows):
         torch.testing.assert_close(g, w, msg=name)
 
 
+@pytest.mark.parametrize("head_trainable", [False, True])
+def test_linear_cross_entropy_in_bfloat16_is_close_to_float64(head_trainable):
+    """bf16 hidden and head (the 2B recipe; the head frozen under LoRA, or trainable): value and gradients
+    within bf16 rounding of the float64 loss on the same (rounded) inputs; gradients in the inputs' dtypes."""
+    from tte_flash.losses import linear_cross_entropy
+    gen = torch.Generator().manual_seed(5)
+    hidden = torch.randn(37, 64, generator=gen).bfloat16().requires_grad_()
+    weight = (torch.randn(1009, 64, generator=gen) / 8).bfloat16().requires_grad_(head_trainable)
+    targets = torch.randint(0, 1009, (37,), generator=gen)
+    nll, _ = linear_cross_entropy(hidden, weight, targets, chunk_rows=10)
+    inputs = [hidden] + [weight] * head_trainable
+    got = torch.autograd.grad(nll, inputs)
+    h64, w64 = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    expected = F.cross_entropy(h64 @ w64.T, targets, reduction="sum")
+    want = torch.autograd.grad(expected, [h64] + [w64] * head_trainable)
+    torch.testing.assert_close(nll.double(), expected, rtol=1e-2, atol=0.5)
+    for g, w, x in zip(got, want, inputs):
+        assert g.dtype == x.dtype
+        torch.testing.assert_close(g.double(), w, rtol=2e-2, atol=2e-2)
+
+
 def test_model_cot_loss_is_the_full_logits_loss(fresh_tiny, rng):
     """The model's COT loss (chunked) equals cross-entropy on the full logits it returns when asked."""
     model = fresh_tiny()

@@ -112,8 +112,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk_rows):
             logits = (hidden[start:start + chunk_rows] @ weight.T).to(compute)
             target = targets[start:start + chunk_rows]
-            nll += (logits.logsumexp(-1) - logits.gather(1, target[:, None]).squeeze(1)).sum()
             correct += (logits.argmax(-1) == target).sum()
+            picked = logits.gather(1, target[:, None]).squeeze(1)
+            nll += (_logsumexp_(logits) - picked).sum()  # overwrites the chunk's logits
         ctx.save_for_backward(hidden, weight, targets)
         ctx.chunk_rows, ctx.compute = chunk_rows, compute
         ctx.mark_non_differentiable(correct)
@@ -123,18 +124,28 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_nll, _grad_correct):
         hidden, weight, targets = ctx.saved_tensors
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros(weight.shape, dtype=ctx.compute, device=weight.device) \
-            if ctx.needs_input_grad[1] else None
+        # a trainable head (full fine-tuning) accumulates its gradient over chunks in its own dtype (as
+        # Liger-Kernel does): the one (V, H) allocation here; under LoRA the head is frozen and it is skipped
+        grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
         for start in range(0, hidden.shape[0], ctx.chunk_rows):
             rows = hidden[start:start + ctx.chunk_rows]
             grad = (rows @ weight.T).to(ctx.compute).softmax(-1)  # d nll / d logits = softmax - onehot
             grad[torch.arange(grad.shape[0], device=grad.device), targets[start:start + ctx.chunk_rows]] -= 1
-            grad = grad * grad_nll
-            if grad_hidden is not None:
-                grad_hidden[start:start + ctx.chunk_rows] = (grad @ weight.to(ctx.compute)).to(hidden.dtype)
+            grad.mul_(grad_nll)
+            # matmuls in the weight's dtype (fp32 accumulation inside, as on GPU): casting the (V, H) weight
+            # up to fp32 instead would allocate a copy of it per chunk
+            grad = grad.to(weight.dtype)
             if grad_weight is not None:
-                grad_weight += grad.T @ rows.to(ctx.compute)
-        return grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), None, None
+                grad_weight.addmm_(grad.T, rows.to(weight.dtype))
+            if grad_hidden is not None:
+                grad_hidden[start:start + ctx.chunk_rows] = (grad @ weight).to(hidden.dtype)
+        return grad_hidden, grad_weight, None, None
+
+
+def _logsumexp_(logits: torch.Tensor) -> torch.Tensor:
+    """Row-wise logsumexp that reuses ``logits``' storage for the exponentials (no second chunk-sized buffer)."""
+    peak = logits.amax(-1, keepdim=True)
+    return logits.sub_(peak).exp_().sum(-1).log_().add_(peak.squeeze(-1))
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
