@@ -215,14 +215,27 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tte_flash.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="a trained checkpoint directory or Hub id (or a preset: "
                                                         "random weights except tiny-instruct's backbone)")
-    parser.add_argument("--data", required=True, help="MMEB-eval rows: JSONL or Parquet")
+    parser.add_argument("--benchmark", choices=BENCHMARKS, default="mmeb-file",
+                        help="mmeb-file: one file of MMEB-eval rows (--data); mmeb-v2: every MMEB-V2 task of a local "
+                             "copy (--data_root, --output; docs/mmeb.md)")
+    parser.add_argument("--data", default=None, help="mmeb-file: MMEB-eval rows, JSONL or Parquet")
+    parser.add_argument("--data_root", "--data-root", default=None,
+                        help="mmeb-v2: the local MMEB-V2 copy (image-tasks/, video-tasks/, visdoc-tasks/)")
+    parser.add_argument("--tasks", nargs="+", default=None,
+                        help="mmeb-v2: task names, modalities (image, video, visdoc) or modality:category "
+                             "(e.g. video:QA); default all 78")
+    parser.add_argument("--num_frames", "--num-frames", type=int, default=8,
+                        help="mmeb-v2: frames sampled per video (VLM2Vec: 8)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="mmeb-v2: recompute tasks whose score files hold another model's or setting's scores")
     parser.add_argument("--image_root", "--image-root", default=None, help="default: the data file's folder")
     parser.add_argument("--think_tokens", "--think-tokens", nargs="+", type=_think_budget, default=None,
                         help="one or more budgets K (default: the model's default_think_tokens)")
     parser.add_argument("--mode", nargs="+", choices=MODES, default=["latent"])
     parser.add_argument("--max_cot_tokens", "--max-cot-tokens", type=int, default=128)
     parser.add_argument("--batch_size", "--batch-size", type=int, default=32)
-    parser.add_argument("--output", default=None, help="write the results JSON here")
+    parser.add_argument("--output", default=None, help="mmeb-file: write the results JSON here; mmeb-v2: the results "
+                                                       "folder (per-task score files, summary.json, summary.md)")
     parser.add_argument("--dataset", default=None, help="name in the results (default: meta.json name or file stem)")
     parser.add_argument("--limit", type=int, default=None, help="evaluate the first N rows only")
     parser.add_argument("--no_shortcut", "--no-shortcut", action="store_true", help="skip the shortcut baselines")
@@ -231,6 +244,10 @@ def main(argv=None) -> int:
                         help="explicit-cot: the model that writes the traces (a preset such as tiny-instruct, a "
                              "checkpoint or a Qwen2-VL backbone; default: --model itself)")
     args = parser.parse_args(argv)
+    if args.benchmark == "mmeb-v2":
+        return _main_mmeb_v2(args)
+    if args.data is None:
+        parser.error("--data is required (or pass --benchmark mmeb-v2 --data_root DIR)")
     try:
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         model = load_model(args.model, device)
@@ -251,6 +268,46 @@ def main(argv=None) -> int:
         Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.output}")
     return 0
+
+
+def _main_mmeb_v2(args) -> int:
+    from . import mmeb
+    problems = [text for bad, text in (
+        (args.data_root is None, "--data_root is required"), (args.output is None, "--output (a folder) is required"),
+        (args.data is not None, "--data is for --benchmark mmeb-file; give the MMEB-V2 copy as --data_root"),
+        (args.think_tokens is not None and len(args.think_tokens) > 1, "one --think_tokens value per run (one "
+         "results folder per K)"), (len(args.mode) > 1, "one --mode per run"),
+        (args.think_tokens == ["auto"], "--think_tokens auto is not supported for mmeb-v2")) if bad]
+    if problems:
+        print(f"tte_flash.evaluate: error: --benchmark mmeb-v2: {'; '.join(problems)}", file=sys.stderr)
+        return 2
+    try:
+        mmeb.select_tasks(args.tasks)  # a typo fails before the model loads
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model = load_model(args.model, device)
+        think_tokens = args.think_tokens[0] if args.think_tokens else model.config.default_think_tokens
+        reasoner = load_model(args.reasoner, device) if args.reasoner else None
+        fingerprint = {"model": args.model, "model_id": _model_id(args.model, model), "reasoner": args.reasoner}
+        summary = mmeb.run_benchmark(model, args.data_root, args.output, tasks=args.tasks, fingerprint=fingerprint,
+                                     overwrite=args.overwrite, think_tokens=think_tokens, mode=args.mode[0],
+                                     max_cot_tokens=args.max_cot_tokens, batch_size=args.batch_size,
+                                     num_frames=args.num_frames, limit=args.limit, reasoner=reasoner)
+    except (ValueError, FileNotFoundError, ImportError) as err:
+        print(f"tte_flash.evaluate: error: {err}", file=sys.stderr)
+        return 2
+    print((Path(args.output) / "summary.md").read_text(encoding="utf-8"))
+    print(f"wrote {Path(args.output) / 'summary.json'} and per-task scores under {args.output}/<modality>/")
+    return 1 if any(r["status"] == "error" for r in summary["tasks"].values()) else 0
+
+
+def _model_id(name: str, model) -> str:
+    """A short hash of the model's config and, for a directory, its weight files' names, sizes and
+    times: a resumed MMEB-V2 run reuses scores only of the same model."""
+    import hashlib
+    parts = [json.dumps(model.config.to_dict(), sort_keys=True, default=str)]
+    if Path(name).is_dir():
+        parts += [f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in sorted(Path(name).glob("*.safetensors"))]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
 def _versions() -> dict:

@@ -621,7 +621,7 @@ def score_task(data: TaskData, q_emb: torch.Tensor, c_emb: torch.Tensor, keys: l
 
 
 def evaluate_task(model, task: Task, data_root, think_tokens=0, mode="latent", max_cot_tokens=128, batch_size=32,
-                  num_frames=8, limit=None, show_progress_bar=None) -> dict:
+                  num_frames=8, limit=None, show_progress_bar=None, reasoner=None) -> dict:
     """Load, encode and score one task; returns its score dict (VLM2Vec's ``*_score.json`` keys and more)."""
     start = time.perf_counter()
     data = load_task(task, data_root, num_frames=num_frames, limit=limit)
@@ -630,8 +630,10 @@ def evaluate_task(model, task: Task, data_root, think_tokens=0, mode="latent", m
     keys = list(data.candidates)
     c_emb = model.encode_document([data.candidates[k] for k in keys], batch_size=batch_size, convert_to_tensor=True,
                                   show_progress_bar=show_progress_bar)
+    extra = {"reasoner": reasoner} if reasoner is not None and mode == "explicit-cot" else {}
     q_emb = model.encode_query(data.queries, think_tokens=think_tokens, mode=mode, max_cot_tokens=max_cot_tokens,
-                               batch_size=batch_size, convert_to_tensor=True, show_progress_bar=show_progress_bar)
+                               batch_size=batch_size, convert_to_tensor=True, show_progress_bar=show_progress_bar,
+                               **extra)
     metrics = score_task(data, q_emb, c_emb, keys, model.similarity)
     return {"task": task.name, "modality": task.modality, "category": task.category, "metric": task.metric,
             "score": metrics[task.metric], **metrics, "num_pred": len(data.queries), "num_data": len(data.queries),
