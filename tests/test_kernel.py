@@ -24,6 +24,7 @@ from hypothesis import example, given, settings, strategies as st  # noqa: E402
 
 from tte_flash.attention import reference_attention  # noqa: E402
 from tte_flash.kernels import prepare_layout, tte_attention, tte_attention_with_layout  # noqa: E402
+from tte_flash.kernels.block_table import tile_counts  # noqa: E402
 from tte_flash.mask import COT, EMB, QUERY, THINK, dense_mask  # noqa: E402
 
 # the module (its name is shadowed by the function in tte_flash.kernels): internal launchers and bounds
@@ -116,18 +117,17 @@ def test_head_dim_not_power_of_two():
                           cot_sees_query=False)
 
 
-@pytest.mark.parametrize("blocks, splits", [({"BLOCK_M": 32, "BLOCK_N": 16}, 1), ({"BLOCK_M": 16, "BLOCK_N": 32}, 3)])
-def test_unequal_blocks_and_group_splits(blocks, splits):
-    """CUDA configs use BLOCK_M != BLOCK_N, and on small grids the dK/dV kernel splits a KV head's query
-    heads over several programs: run the launchers with such settings directly."""
+@pytest.mark.parametrize("blocks", [{"BLOCK_M": 32, "BLOCK_N": 16}, {"BLOCK_M": 16, "BLOCK_N": 32}])
+def test_unequal_blocks(blocks):
+    """CUDA configs use BLOCK_M != BLOCK_N (their own block tables): run the launchers with such blocks."""
     def attention(q, k, v, seq_ids, token_types, **options):
-        return _launch_with(q, k, v, kernel_module.prepare_layout(seq_ids, token_types, **options), blocks, splits)
+        return _launch_with(q, k, v, kernel_module.prepare_layout(seq_ids, token_types, **options), blocks)
     assert_matches_oracle([(17, 5, 1, 20), (3, 0, 0, 0), (20, 3, 1, 6)], 6, 2, 16, torch.float32,
                           think_bidirectional=True, cot_sees_query=False, attention=attention)
 
 
-def _launch_with(q, k, v, layout, blocks, splits):
-    """The autograd wrapper with fixed block sizes and group splits (the public API picks them itself)."""
+def _launch_with(q, k, v, layout, blocks):
+    """The autograd wrapper with fixed block sizes (the public API picks them itself)."""
     scale = q.shape[-1] ** -0.5
 
     class Attention(torch.autograd.Function):
@@ -141,7 +141,7 @@ def _launch_with(q, k, v, layout, blocks, splits):
         def backward(ctx, d_out):
             q, k, v, out, lse = ctx.saved_tensors
             return kernel_module._attention_backward(d_out.contiguous(), q, k, v, out, lse, layout, scale=scale,
-                                                     blocks=blocks, splits=splits)
+                                                     blocks=blocks)
 
     return Attention.apply(q, k, v)
 
@@ -182,36 +182,59 @@ def test_every_output_element_written(blocks):
     poisoned = [torch.full_like(x, float("nan")) for x in (q, q, k, v)]
     out, lse = kernel_module._attention_forward(q, k, v, layout, scale=24 ** -0.5, out=poisoned[0], blocks=blocks)
     grads = kernel_module._attention_backward(torch.randn_like(out), q, k, v, out, lse, layout, scale=24 ** -0.5,
-                                              grads=poisoned[1:], blocks=blocks, splits=1)
+                                              grads=poisoned[1:], blocks=blocks)
     for tensor in (out, lse, *grads):
         assert torch.isfinite(tensor).all()
     assert all(x.data_ptr() == y.data_ptr() for x, y in zip((out, *grads), poisoned))
 
 
+def dense_tile_pairs(mask, block_m, block_n):
+    """Visible pairs per (row block, key block) tile, from the dense mask padded with invisible pairs."""
+    tokens = mask.shape[0]
+    rows, keys = -(-tokens // block_m) * block_m, -(-tokens // block_n) * block_n
+    padded = torch.zeros(rows, keys, dtype=torch.long)
+    padded[:tokens, :tokens] = mask.long().cpu()
+    return padded.view(rows // block_m, block_m, keys // block_n, block_n).sum((1, 3))  # (row blocks, key blocks)
+
+
+def table_lists(offsets, entries):
+    """{(group, "partial" | "full"): [members]} of a CSR block list."""
+    offsets, entries = offsets.tolist(), entries.tolist()
+    return {(g, kind): entries[offsets[2 * g + i]:offsets[2 * g + i + 1]]
+            for g in range((len(offsets) - 1) // 2) for i, kind in enumerate(("partial", "full"))}
+
+
 @settings(max_examples=25, deadline=None)
 @given(samples=packings(max_samples=8), think_bidirectional=st.booleans(), cot_sees_query=st.booleans(),
-       block=st.sampled_from([16, 32]))
-@example(samples=[(0, 0, 1, 1), (1, 0, 0, 0)], think_bidirectional=False, cot_sees_query=True, block=16)  # no query
-def test_bounds_are_tight_and_tiles_visited_are_useful(samples, think_bidirectional, cot_sees_query, block):
-    """Bounds contain every visible pair, their ends are visible, and every tile a program visits holds
-    at least one visible pair: the work scales with visible pairs, not with T^2."""
+       blocks=st.sampled_from([(16, 16), (32, 16), (16, 32), (64, 32), (128, 64)]))
+@example(samples=[(0, 0, 1, 1), (1, 0, 0, 0)], think_bidirectional=False, cot_sees_query=True, blocks=(16, 16))
+@example(samples=[(16, 0, 0, 0), (16, 0, 0, 0)], think_bidirectional=False, cot_sees_query=True, blocks=(16, 16))
+def test_block_table_visits_exactly_the_nonempty_tiles(samples, think_bidirectional, cot_sees_query, blocks):
+    """The block table lists every tile with a visible pair and no other, each once per direction, sorted;
+    a tile listed full has every pair visible (none past the last token), a partial one does not; the
+    pair counts are the dense mask's. Work scales with visible pairs, and full tiles need no mask."""
     seq_ids, token_types = build_layout(samples)
-    tokens = len(seq_ids)
     mask = dense_mask(seq_ids, token_types, think_bidirectional=think_bidirectional, cot_sees_query=cot_sees_query)
-    kv_lo, kv_hi, q_lo, q_hi = (x.long() for x in kernel_module._layout_bounds(
-        seq_ids, token_types, think_bidirectional=think_bidirectional, cot_sees_query=cot_sees_query))
-    index = torch.arange(tokens, device=mask.device)
-    inside_kv = (index[None, :] >= kv_lo[:, None]) & (index[None, :] < kv_hi[:, None])
-    inside_q = (index[:, None] >= q_lo[None, :]) & (index[:, None] < q_hi[None, :])
-    assert not (mask & ~inside_kv).any() and not (mask & ~inside_q).any()
-    assert mask[index, kv_lo].all() and mask[index, kv_hi - 1].all()
-    assert mask[q_lo, index].all() and mask[q_hi - 1, index].all()
-    for start in range(0, tokens, block):  # the tiles the kernels loop over, both directions
-        rows = slice(start, start + block)
-        for n0 in range(int(kv_lo[rows].min()) // block * block, int(kv_hi[rows].max()), block):
-            assert mask[rows, n0:n0 + block].any()
-        for m0 in range(int(q_lo[rows].min()) // block * block, int(q_hi[rows].max()), block):
-            assert mask[m0:m0 + block, rows].any()
+    block_m, block_n = blocks
+    pairs = dense_tile_pairs(mask, block_m, block_n)
+    layout = prepare_layout(seq_ids, token_types, think_bidirectional=think_bidirectional,
+                            cot_sees_query=cot_sees_query)
+    table = layout.block_table(block_m, block_n)
+    assert layout.block_table(block_m, block_n) is table  # built once, shared by every layer and head
+    expected = {(kind, r, c) for r, c in pairs.nonzero().tolist()
+                for kind in ["full" if pairs[r, c] == block_m * block_n else "partial"]}
+    by_row = table_lists(table.row_offsets, table.row_blocks)
+    by_col = table_lists(table.col_offsets, table.col_blocks)
+    assert len(by_row) == 2 * pairs.shape[0] and len(by_col) == 2 * pairs.shape[1]
+    for lists in (by_row, by_col):
+        assert all(members == sorted(set(members)) for members in lists.values())
+    assert {(kind, r, c) for (r, kind), cs in by_row.items() for c in cs} == expected
+    assert {(kind, r, c) for (c, kind), rs in by_col.items() for r in rs} == expected
+    visited = [(r, c) for r in range(pairs.shape[0]) for kind in ("partial", "full") for c in by_row[r, kind]]
+    assert table.tile_pairs.tolist() == [int(pairs[r, c]) for r, c in visited]
+    assert table.tile_full.tolist() == [bool(pairs[r, c] == block_m * block_n) for r, c in visited]
+    counts = tile_counts(table)
+    assert counts["visible_pairs"] == int(mask.sum()) and counts["visited"] == int((pairs > 0).sum())
 
 
 def test_empty_input():

@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tte_flash.attention import reference_attention
-from tte_flash.mask import COT, EMB, QUERY, THINK, check_layout, dense_mask
+from tte_flash.mask import COT, EMB, QUERY, THINK, check_layout, dense_mask, mask_intervals
 
 
 def brute_force_visible(seq, types, i, j, think_bidirectional, cot_sees_query):
@@ -44,6 +44,31 @@ def test_dense_mask_matches_brute_force(spec, think_bidirectional, cot_sees_quer
                               for j in range(len(s))] for i in range(len(s))])
     assert torch.equal(mask, expected)
     assert mask.diagonal().all(), "every row must see itself"
+
+
+@settings(max_examples=60, deadline=None)
+@given(spec=st.lists(st.tuples(st.integers(0, 7), st.integers(0, 5), st.integers(0, 2), st.integers(0, 6)),
+                     min_size=1, max_size=6).filter(lambda spec: all(map(sum, spec))),
+       think_bidirectional=st.booleans(), cot_sees_query=st.booleans())
+def test_mask_intervals_are_exact_and_tight(spec, think_bidirectional, cot_sees_query):
+    """The interval form equals the brute-force rule pair by pair (empty QUERY/THINK spans and several EMB
+    tokens included), and every interval's first and last element is visible."""
+    types = torch.tensor([kind for q, t, e, c in spec for kind in [QUERY] * q + [THINK] * t + [EMB] * e + [COT] * c],
+                         dtype=torch.uint8)
+    seq = torch.tensor([s for s, lengths in enumerate(spec) for _ in range(sum(lengths))], dtype=torch.int32)
+    s, t = seq.tolist(), types.tolist()
+    n = len(s)
+    expected = torch.tensor([[brute_force_visible(s, t, i, j, think_bidirectional, cot_sees_query)
+                              for j in range(n)] for i in range(n)])
+    bounds = mask_intervals(seq, types, think_bidirectional=think_bidirectional, cot_sees_query=cot_sees_query)
+    row, key = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    by_row = ((key >= bounds.row_lo[:, None]) & (key < bounds.row_hi[:, None])
+              & ~((key >= bounds.gap_lo[:, None]) & (key < bounds.gap_hi[:, None])))
+    by_column = (row >= bounds.col_lo[None, :]) & (row < bounds.col_hi[None, :])
+    assert torch.equal(by_row, expected) and torch.equal(by_column, expected)
+    index = torch.arange(n)
+    assert expected[index, bounds.row_lo].all() and expected[index, bounds.row_hi - 1].all()
+    assert expected[bounds.col_lo, index].all() and expected[bounds.col_hi - 1, index].all()
 
 
 @settings(max_examples=25, deadline=None)

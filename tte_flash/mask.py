@@ -17,8 +17,14 @@ Every row sees itself, so no row is empty. This module is the single source of t
 attention, the Triton kernel's tests, the data collator and the docs all derive from
 :func:`visible`. The Triton kernel re-states the same four clauses in ``tl`` code and is tested
 against :func:`dense_mask`.
+
+The same rule as intervals (:func:`mask_intervals`, O(T) memory): the rows that see a key are always one
+interval, and the keys a row sees are one interval minus at most one gap (the EMB span, for COT rows).
+The kernel's block table and its per-element masks are built from these intervals.
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
@@ -39,6 +45,62 @@ def visible(seq_i, type_i, idx_i, seq_j, type_j, idx_j, *, think_bidirectional: 
     if not cot_sees_query:
         allowed = allowed & ~((type_i == COT) & (type_j == QUERY))
     return allowed
+
+
+class MaskIntervals(NamedTuple):
+    """The rule of :func:`visible` as per-token index intervals, (T,) int64 each; exact, not a bound.
+
+    Row ``i`` sees key ``j`` iff ``row_lo[i] <= j < row_hi[i]`` and not ``gap_lo[i] <= j < gap_hi[i]``;
+    equivalently iff ``col_lo[j] <= i < col_hi[j]``.
+    """
+    row_lo: torch.Tensor  # first key row i sees: its sample start, or a later span's start for COT rows
+    row_hi: torch.Tensor  # one past the last key row i sees: i + 1, or the THINK end for bidirectional THINK rows
+    gap_lo: torch.Tensor  # start of the keys inside [row_lo, row_hi) that row i does not see (EMB, for COT rows)
+    gap_hi: torch.Tensor  # one past their end (gap_lo == gap_hi: no gap)
+    col_lo: torch.Tensor  # first row that sees key j: j, or the THINK start for bidirectional THINK keys
+    col_hi: torch.Tensor  # one past the last row that sees key j: the sample end, or the COT start
+
+
+def mask_intervals(seq_ids: torch.Tensor, token_types: torch.Tensor, *, think_bidirectional: bool = False,
+                   cot_sees_query: bool = True) -> MaskIntervals:
+    """:class:`MaskIntervals` of a valid packed 1-D layout (see :func:`check_layout`); O(T), no host sync.
+
+    Why intervals suffice (per sample ``[QUERY][THINK][EMB][COT]``): a key is seen by the rows from
+    itself (or the THINK start, for bidirectional THINK keys) to the sample end, except that COT rows,
+    which come last, drop EMB keys and, without ``cot_sees_query``, QUERY keys: the sample end then
+    becomes the COT start. A COT row sees the sample from its start (the THINK start without
+    ``cot_sees_query``) up to itself, EMB excepted: the gap.
+    """
+    tokens = seq_ids.numel()
+    index = torch.arange(tokens, device=seq_ids.device)
+    types = token_types.long()
+    new_sample = torch.ones(tokens, dtype=torch.bool, device=seq_ids.device)
+    new_sample[1:] = seq_ids[1:] != seq_ids[:-1]
+    sample = torch.cumsum(new_sample, 0) - 1  # (T,) 0-based sample index
+    type_counts = torch.zeros(tokens, 4, dtype=torch.long, device=seq_ids.device)  # (samples <= T, 4)
+    type_counts.index_put_((sample, types), torch.ones_like(types), accumulate=True)
+    length = type_counts.sum(1)
+    start = torch.cumsum(length, 0) - length  # samples are contiguous and in order
+    query_end = start + type_counts[:, QUERY]  # = THINK start
+    think_end = query_end + type_counts[:, THINK]  # = EMB start
+    cot_start = think_end + type_counts[:, EMB]
+    end = start + length
+    start, query_end, think_end, cot_start, end = (x[sample] for x in (start, query_end, think_end, cot_start, end))
+
+    is_cot = types == COT
+    bidirectional_think = (types == THINK) & think_bidirectional
+    # COT rows start at the QUERY span (when they see it and it is not empty), else at the THINK span,
+    # else at the COT span: never inside the gap, so every bound is tight (its end tokens are visible)
+    cot_first = torch.where(think_end > query_end, query_end, cot_start)
+    if cot_sees_query:
+        cot_first = torch.where(query_end > start, start, cot_first)
+    row_lo = torch.where(is_cot, cot_first, start)
+    row_hi = torch.where(bidirectional_think, think_end, index + 1)
+    gap_lo = torch.where(is_cot, think_end, 0)
+    gap_hi = torch.where(is_cot, cot_start, 0)
+    col_lo = torch.where(bidirectional_think, query_end, index)
+    col_hi = torch.where((types == EMB) | ((types == QUERY) & (not cot_sees_query)), cot_start, end)
+    return MaskIntervals(row_lo, row_hi, gap_lo, gap_hi, col_lo, col_hi)
 
 
 def dense_mask(seq_ids: torch.Tensor, token_types: torch.Tensor, *, think_bidirectional: bool = False,
