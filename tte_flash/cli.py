@@ -2,7 +2,8 @@
 
 * ``quickstart``: on the embedded ``tiny`` preset (random weights, offline, CPU), embed text+image
   queries with 16 think tokens, rank documents, save and reload, decode what the think tokens say.
-* ``encode``: embed texts / image paths / a JSONL of input dicts into a ``.npy`` file.
+* ``encode``: embed texts / image paths / a JSONL of input dicts into a ``.npy`` file, or into a directory of
+  shards that a rerun resumes (``--output embs/``), on several devices (``--devices``).
 * ``explain``: per think token, the vocabulary it decodes to, the decoded CoT, attention heatmaps.
 * ``evaluate``: MMEB-style Hit@1 / NDCG@5 (``python -m tte_flash.evaluate``).
 * ``card``: regenerate a run's model card (README.md) from its saved config and result files.
@@ -11,7 +12,10 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -68,30 +72,101 @@ def load_model(name: str):
     return load(name)
 
 
-def read_inputs(values: list[str], input_file: str | None) -> list:
-    items = list(values)
-    if input_file:
-        with open(input_file, encoding="utf-8") as handle:
-            for number, line in enumerate(handle, 1):
-                if line.strip():
-                    try:
-                        items.append(json.loads(line))
-                    except json.JSONDecodeError as err:
-                        raise ValueError(f"{input_file}:{number}: not JSON ({err.msg})") from None
-    if not items:
-        raise ValueError("nothing to encode: pass texts / image paths, or --input_file FILE.jsonl")
-    return items
+def iter_jsonl(path: str):
+    """The inputs of a JSONL file, one per non-empty line (a JSON string or a dict), read lazily."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"input file not found: {path}")
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if line.strip():
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path}:{number}: not JSON ({err.msg})") from None
+
+
+def read_inputs(values: list[str], input_file: str | None):
+    """Positional inputs, then the lines of ``input_file``, as one lazy stream."""
+    if not values and not input_file:
+        raise ValueError("nothing to encode: pass texts / image paths, or --input FILE.jsonl")
+    return itertools.chain(values, iter_jsonl(input_file) if input_file else [])
+
+
+def _part(value: str) -> tuple[int, int]:
+    try:
+        worker, workers = (int(x) for x in value.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--part takes I/N (e.g. 0/2), got {value!r}") from None
+    if not 0 <= worker < workers:
+        raise argparse.ArgumentTypeError(f"--part {value}: I must be in 0..N-1")
+    return worker, workers
 
 
 def encode(args) -> int:
-    model = load_model(args.model)
+    if args.devices:
+        return _encode_on_devices(args)
+    shards = not args.output.endswith(".npy")
+    if not shards and args.part != (0, 1):
+        raise ValueError("--part needs a shard directory as --output (not a .npy file)")
     items = read_inputs(args.inputs, args.input_file)
+    model = load_model(args.model)
+    kwargs = {"batch_size": args.batch_size, "max_length": args.max_length, "instruction": args.instruction,
+              "device": args.device}
+    if args.max_batch_tokens is not None:
+        kwargs["max_batch_tokens"] = args.max_batch_tokens or None
+    if args.think_tokens is not None:
+        kwargs["think_tokens"] = args.think_tokens
+    if shards:
+        result = model.encode_to_shards(items, args.output, role=args.role, shard_size=args.shard_size,
+                                        model_name=args.model,
+                                        part=args.part, overwrite=args.overwrite, show_progress_bar=True, **kwargs)
+        dim = result["settings"]["dim"]
+        print(f"{args.output}: {result['total']} x {dim} {args.role} embeddings in {result['num_shards']} shards "
+              f"({result['encoded_now']} encoded by this run; read them with tte_flash.encoding.read_shards)")
+        return 0
     role = model.encode_query if args.role == "query" else model.encode_document
-    kwargs = {"think_tokens": args.think_tokens} if args.think_tokens is not None else {}
-    vectors = role(items, batch_size=args.batch_size, show_progress_bar=True, **kwargs)
-    np.save(args.output, vectors)
+    vectors = role(items, show_progress_bar=True, **kwargs)
+    if len(vectors) == 0:
+        raise ValueError(f"nothing to encode: {args.input_file} has no inputs")
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(output.name + ".tmp.npy")
+    np.save(tmp, vectors)
+    os.replace(tmp, output)  # never a half-written file under the final name
     print(f"wrote {vectors.shape[0]} x {vectors.shape[1]} {args.role} embeddings to {args.output}")
     return 0
+
+
+def _encode_on_devices(args) -> int:
+    """One ``tte-flash encode --part i/N --device d`` process per device, all on one shard directory."""
+    devices = [d.strip() for d in args.devices.split(",") if d.strip()]
+    if args.output.endswith(".npy"):
+        raise ValueError("--devices needs a shard directory as --output (not a .npy file)")
+    if args.part != (0, 1):
+        raise ValueError("--devices and --part are exclusive (--devices runs one --part per device)")
+    argv = ["encode", *args.inputs, "--model", args.model, "--role", args.role, "--output", args.output,
+            "--batch_size", str(args.batch_size), "--shard_size", str(args.shard_size)]
+    for flag, value in (("--input", args.input_file), ("--think_tokens", args.think_tokens),
+                        ("--max_length", args.max_length), ("--instruction", args.instruction),
+                        ("--max_batch_tokens", args.max_batch_tokens)):
+        if value is not None:
+            argv += [flag, str(value)]
+    if args.overwrite:  # cleared once here, not by every worker
+        _clear_for_overwrite(Path(args.output))
+    workers = [subprocess.Popen([sys.executable, "-m", "tte_flash", *argv, "--part", f"{i}/{len(devices)}",
+                                 "--device", device]) for i, device in enumerate(devices)]
+    codes = [w.wait() for w in workers]
+    if any(codes):
+        print(f"tte-flash encode: {sum(c != 0 for c in codes)} of {len(devices)} workers failed (exit codes {codes}); "
+              "rerun the same command to resume", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _clear_for_overwrite(output: Path):
+    from tte_flash.encoding import MANIFEST
+    for stale in [*output.glob("shard-*.npy"), *output.glob("shard-*.json"), output / MANIFEST]:
+        stale.unlink(missing_ok=True)
 
 
 def explain_command(args) -> int:
@@ -149,16 +224,31 @@ def main(argv=None) -> int:
     qs.add_argument("--output-dir", "--output_dir", default=None, help="keep the saved model here")
     qs.set_defaults(func=quickstart)
 
-    enc = commands.add_parser("encode", help="embed inputs into a .npy file")
+    enc = commands.add_parser("encode", help="embed inputs into a .npy file or a directory of shards (resumable)")
     enc.add_argument("inputs", nargs="*", help="texts or image/video paths")
-    enc.add_argument("--input_file", "--input-file", help="JSONL: one input per line (a string or a dict with "
-                                                           "text/image/video/instruction)")
+    enc.add_argument("--input", "--input_file", "--input-file", dest="input_file",
+                     help="JSONL: one input per line (a string or a dict with text/image/video/instruction), "
+                          "read lazily")
     enc.add_argument("--model", required=True, help="a trained checkpoint directory or Hub id (presets other than "
                                                      "tiny-instruct have random weights)")
     enc.add_argument("--role", choices=("query", "document"), default="query")
     enc.add_argument("--think_tokens", "--think-tokens", type=int, default=None)
-    enc.add_argument("--batch_size", "--batch-size", type=int, default=32)
-    enc.add_argument("--output", default="embeddings.npy")
+    enc.add_argument("--instruction", default=None, help="prepended to every input")
+    enc.add_argument("--batch_size", "--batch-size", type=int, default=32, help="most inputs per batch")
+    enc.add_argument("--max_batch_tokens", "--max-batch-tokens", type=int, default=None,
+                     help="most tokens per batch, padding included (default 16384; 0: no limit)")
+    enc.add_argument("--max_length", "--max-length", type=int, default=None,
+                     help="most tokens per input, think tokens and <emb> included; longer inputs lose text from "
+                          "the end, with a warning")
+    enc.add_argument("--output", default="embeddings.npy",
+                     help="a .npy file, or a directory of .npy shards + manifest.json (resumed if rerun)")
+    enc.add_argument("--shard_size", "--shard-size", type=int, default=10_000, help="embeddings per shard")
+    enc.add_argument("--overwrite", action="store_true", help="replace a shard directory made with other settings")
+    enc.add_argument("--device", default=None, help="e.g. cuda:0 (default: where the model loads)")
+    enc.add_argument("--part", type=_part, default=(0, 1),
+                     help="I/N: encode only shards I, I+N, ... (N processes share one --output directory)")
+    enc.add_argument("--devices", default=None,
+                     help="comma-separated devices (cuda:0,cuda:1): one --part process per device")
     enc.set_defaults(func=encode)
 
     exp = commands.add_parser("explain", help="what the think tokens decode to, and where they look")

@@ -41,6 +41,24 @@ def make_image_processor(min_pixels: int, max_pixels: int):
     return cls(min_pixels=min_pixels, max_pixels=max_pixels)
 
 
+def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """Qwen2-VL's resize rule (the size the image processor resizes an image to)."""
+    try:
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as rule
+    except ImportError:  # older transformers 5.x
+        from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize as rule
+    return rule(height, width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
+
+
+def _pixel_budget(image_processor) -> tuple[int, int]:
+    """(min_pixels, max_pixels) of a Qwen2-VL image processor, across transformers versions."""
+    size = image_processor.size
+    get = (lambda key: size.get(key)) if isinstance(size, dict) else (lambda key: getattr(size, key, None))
+    min_pixels = getattr(image_processor, "min_pixels", None) or get("shortest_edge") or get("min_pixels")
+    max_pixels = getattr(image_processor, "max_pixels", None) or get("longest_edge") or get("max_pixels")
+    return int(min_pixels), int(max_pixels)
+
+
 ARRAY_TYPES = (bytes, bytearray, np.ndarray, torch.Tensor)  # image data given directly
 SINGLE_INPUT_TYPES = (str, dict, Image.Image, os.PathLike, *ARRAY_TYPES)  # one input, not a list of inputs
 
@@ -81,42 +99,151 @@ def load_image(image) -> Image.Image:
         raise ValueError(f"cannot read image {path}: {err}") from None
 
 
+def sample_frame_indices(n_frames: int, max_frames: int) -> list[int]:
+    """Which of ``n_frames`` frames a video keeps: all of them up to ``max_frames``, else ``max_frames``
+    spread uniformly (frame ``int(i * n_frames / max_frames)``); every video source uses this rule."""
+    if n_frames <= max_frames:
+        return list(range(n_frames))
+    step = n_frames / max_frames
+    return [int(i * step) for i in range(max_frames)]
+
+
 def load_video_frames(video, max_frames: int) -> list[Image.Image]:
-    """Frames of a video (a file read with PyAV, a folder of images, or a list of images), sampled
-    uniformly to at most ``max_frames`` and padded to an even count."""
+    """Frames of a video (a file, a folder of images, or a list of images), sampled uniformly to at most
+    ``max_frames`` and padded to an even count. Only the sampled frames are read or decoded."""
     if isinstance(video, (list, tuple)):
-        frames = [load_image(f) for f in video]
+        frames = [load_image(video[i]) for i in sample_frame_indices(len(video), max_frames)]
     else:
         path = Path(video)
         if not path.exists():
             raise FileNotFoundError(f"video not found: {path}")
         if path.is_dir():
-            files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
-            frames = [load_image(p) for p in files]
+            files = _frame_files(path)
+            frames = [load_image(files[i]) for i in sample_frame_indices(len(files), max_frames)]
         else:
-            frames = _decode_video_file(path)
+            frames = decode_video_file(path, max_frames)
     if not frames:
         raise ValueError(f"video {video!r} has no frames")
-    if len(frames) > max_frames:
-        step = len(frames) / max_frames
-        frames = [frames[int(i * step)] for i in range(max_frames)]
     if len(frames) % 2:
         frames.append(frames[-1])
     size = frames[0].size
     return [f if f.size == size else f.resize(size) for f in frames]
 
 
-def _decode_video_file(path: Path) -> list[Image.Image]:
+def _frame_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def _video_backend():
+    """torchcodec's ``VideoDecoder`` class or the ``av`` module (PyAV), whichever is installed (torchcodec first)."""
+    try:
+        from torchcodec.decoders import VideoDecoder
+        return VideoDecoder
+    except ImportError:
+        pass
     try:
         import av
+        return av
     except ImportError:
-        raise ImportError(f"reading {path} needs PyAV: pip install 'tte-flash[video]' (or pass a folder of "
-                          "frames)") from None
+        return None
+
+
+def decode_video_file(path: Path, max_frames: int) -> list[Image.Image]:
+    """The sampled frames of a video file (:func:`sample_frame_indices`), decoded one by one: torchcodec
+    decodes exactly those frames; PyAV seeks to each (from the nearest keyframe) when the stream states
+    its frame count and rate, else decodes in order keeping at most ``2 * max_frames`` frames."""
+    backend = _video_backend()
+    if backend is None:
+        raise ImportError(f"reading {path} needs PyAV or torchcodec: pip install 'tte-flash[video]' (or pass a "
+                          "folder of frames)")
     try:
-        with av.open(str(path)) as container:
-            return [frame.to_image().convert("RGB") for frame in container.decode(video=0)]
+        if isinstance(backend, type):  # torchcodec
+            decoder = backend(str(path))
+            indices = sample_frame_indices(len(decoder), max_frames)
+            batch = decoder.get_frames_at(indices=indices).data  # (N, C, H, W) uint8
+            return [Image.fromarray(frame.permute(1, 2, 0).numpy()).convert("RGB") for frame in batch]
+        with backend.open(str(path)) as container:
+            stream = container.streams.video[0]
+            frames = _pyav_seek(container, stream, max_frames) if stream.frames and stream.average_rate else None
+            if frames is None:
+                container.seek(0)
+                frames = _pyav_in_order(container, stream, max_frames)
+            return [frame.to_image().convert("RGB") for frame in frames]
     except Exception as err:
         raise ValueError(f"cannot read video {path}: {err}") from None
+
+
+def _pyav_seek(container, stream, max_frames: int) -> list | None:
+    """The sampled frames by seeking to each one's timestamp; None if the stream does not allow it."""
+    pts_per_frame = 1 / (stream.average_rate * stream.time_base)
+    start, frames = stream.start_time or 0, []
+    for index in sample_frame_indices(stream.frames, max_frames):
+        target = start + index * pts_per_frame
+        container.seek(int(target), stream=stream, backward=True, any_frame=False)
+        for frame in container.decode(stream):
+            if frame.pts is None:
+                return None
+            if frame.pts >= target - pts_per_frame / 2:
+                frames.append(frame)
+                break
+        else:
+            return None  # ran off the end: the stated frame count was wrong
+    return frames
+
+
+def _pyav_in_order(container, stream, max_frames: int) -> list:
+    """Decode every frame in order, keeping every ``stride``-th; the stride doubles whenever more than
+    ``2 * max_frames`` are kept, so memory stays bounded; then the kept frames are sampled uniformly."""
+    kept, stride = [], 1
+    for position, frame in enumerate(container.decode(stream)):
+        if position % stride == 0:
+            kept.append(frame)
+            if len(kept) > 2 * max_frames:
+                kept, stride = kept[::2], stride * 2
+    return [kept[i] for i in sample_frame_indices(len(kept), max_frames)]
+
+
+def probe_video_file(path: Path) -> tuple[int, int, int] | None:
+    """(frame count, height, width) from a video file's metadata, or None when unknown (no backend, or
+    the container does not say). Used to estimate lengths; decoding errors are raised later, clearly."""
+    backend = _video_backend()
+    try:
+        if isinstance(backend, type):
+            meta = backend(str(path)).metadata
+            return int(meta.num_frames), int(meta.height), int(meta.width)
+        if backend is not None:
+            with backend.open(str(path)) as container:
+                stream = container.streams.video[0]
+                if stream.frames:
+                    return int(stream.frames), int(stream.codec_context.height), int(stream.codec_context.width)
+    except Exception:
+        return None
+    return None
+
+
+def image_size(image) -> tuple[int, int] | None:
+    """(height, width) of an image input without decoding its pixels (None for a URL); the same errors
+    as :func:`load_image` for a missing or unreadable file."""
+    if isinstance(image, Image.Image):
+        return image.size[::-1]
+    if isinstance(image, str) and image.startswith(("http://", "https://")):
+        return None
+    if isinstance(image, (str, os.PathLike)):
+        path = Path(image)
+        if not path.is_file():
+            raise FileNotFoundError(f"image not found: {path}")
+        try:
+            with Image.open(path) as img:  # reads the header only
+                return img.size[::-1]
+        except Exception as err:
+            raise ValueError(f"cannot read image {path}: {err}") from None
+    if isinstance(image, (bytes, bytearray)):
+        try:
+            with Image.open(io.BytesIO(image)) as img:
+                return img.size[::-1]
+        except Exception as err:
+            raise ValueError(f"cannot read image from {len(image)} bytes: {err}") from None
+    return load_image(image).size[::-1]  # an array: its pixels are in memory already
 
 
 def normalize_input(item, index: int = 0) -> dict:
@@ -208,8 +335,9 @@ class TTEProcessor:
         convert = tokenizer.convert_tokens_to_ids
         self.vision_start_id, self.vision_end_id = convert("<|vision_start|>"), convert("<|vision_end|>")
 
-    def __call__(self, item, index: int = 0) -> QueryRecord:
-        """Tokenise one input into a :class:`QueryRecord` with positions."""
+    def __call__(self, item, index: int = 0, max_query_tokens: int | None = None) -> QueryRecord:
+        """Tokenise one input into a :class:`QueryRecord` with positions; text beyond ``max_query_tokens``
+        (default :attr:`max_query_tokens`) is cut from the end with a warning."""
         item = normalize_input(item, index)
         pieces, record = [], QueryRecord(input_ids=None, mm_types=None)
         if item.get("instruction"):
@@ -225,7 +353,7 @@ class TTEProcessor:
             pieces += [self._text(before), *vision, self._text(after.replace(IMAGE_PLACEHOLDER, ""))]
         else:
             pieces += [*vision, self._text(text.replace(IMAGE_PLACEHOLDER, ""))]
-        pieces = self._truncate(pieces, index)
+        pieces = self._truncate(pieces, index, self.max_query_tokens if max_query_tokens is None else max_query_tokens)
         record.input_ids = torch.cat([p[0] for p in pieces])
         record.mm_types = torch.cat([p[1] for p in pieces])
         if record.input_ids.numel() == 0:
@@ -241,9 +369,59 @@ class TTEProcessor:
             limit = self.config.text_config.max_position_embeddings - len(self.think_token_ids) - 1
         return limit
 
-    def _truncate(self, pieces: list, index: int) -> list:
-        """Drop text tokens from the end until the input fits ``max_query_tokens`` (vision blocks whole)."""
-        limit, total = self.max_query_tokens, sum(int(ids.numel()) for ids, _ in pieces)
+    def estimate_length(self, item, index: int = 0, max_query_tokens: int | None = None) -> int:
+        """The input's length in tokens as :meth:`__call__` would make it, without decoding any pixels:
+        exact for text and images (Qwen2-VL's resize rule on the size in the image's header) and for videos
+        given as frames; a video file's from its metadata (an upper bound when it has none)."""
+        item = normalize_input(item, index)
+        count = lambda text: len(self.tokenizer(text, add_special_tokens=False).input_ids)  # noqa: E731
+        total = count(item["instruction"].rstrip("\n") + "\n") if item.get("instruction") else 0
+        vision = 0
+        if item.get("image") is not None:
+            size = image_size(item["image"])
+            vision += 2 + (self._image_tokens(*size) if size else self._image_tokens(None, None))
+        if item.get("video") is not None:
+            vision += 2 + self._video_tokens(item["video"])
+        text = item.get("text") or ""
+        if IMAGE_PLACEHOLDER in text and vision:
+            before, after = text.split(IMAGE_PLACEHOLDER, 1)
+            total += count(before) + count(after.replace(IMAGE_PLACEHOLDER, ""))
+        else:
+            total += count(text.replace(IMAGE_PLACEHOLDER, ""))
+        limit = self.max_query_tokens if max_query_tokens is None else max_query_tokens
+        return min(total + vision, max(limit, vision))
+
+    def _image_tokens(self, height: int | None, width: int | None) -> int:
+        """Placeholder tokens of one image (or video frame) of this size; the most the pixel budget allows
+        when the size is unknown."""
+        ip = self.image_processor
+        min_pixels, max_pixels = _pixel_budget(ip)
+        factor = ip.patch_size * ip.merge_size
+        if height is None:
+            return max_pixels // factor**2
+        height, width = smart_resize(height, width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
+        return (height // ip.patch_size) * (width // ip.patch_size) // self.spatial_merge_size**2
+
+    def _video_tokens(self, video) -> int:
+        max_frames = self.config.video_max_frames
+        shape = None
+        if isinstance(video, (list, tuple)):
+            shape = (len(video), *image_size(video[0])) if video else None
+        elif Path(video).is_dir():
+            files = _frame_files(Path(video))
+            shape = (len(files), *image_size(files[0])) if files else None
+        elif Path(video).is_file():
+            shape = probe_video_file(Path(video))
+        else:
+            raise FileNotFoundError(f"video not found: {video}")
+        n_frames, height, width = shape if shape else (max_frames, None, None)
+        n_frames = min(n_frames, max_frames)
+        n_frames += n_frames % 2
+        return n_frames // self.image_processor.temporal_patch_size * self._image_tokens(height, width)
+
+    def _truncate(self, pieces: list, index: int, limit: int) -> list:
+        """Drop text tokens from the end until the input fits ``limit`` tokens (vision blocks whole)."""
+        total = sum(int(ids.numel()) for ids, _ in pieces)
         if total <= limit:
             return pieces
         excess, pieces = total - limit, list(pieces)
@@ -301,6 +479,18 @@ class TTEProcessor:
     def tokenize_cot(self, text: str) -> list[int]:
         """Token ids of a reasoning trace, ending with the tokenizer's EOS."""
         return self.tokenizer(text, add_special_tokens=False).input_ids + [self.tokenizer.eos_token_id]
+
+
+def append_text(record: QueryRecord, token_ids: list[int]) -> QueryRecord:
+    """The record with ``token_ids`` appended as query text (positions continue after the query)."""
+    ids = torch.tensor(token_ids, dtype=torch.long)
+    n, p = ids.numel(), record.next_position
+    return QueryRecord(input_ids=torch.cat([record.input_ids, ids]),
+                       mm_types=torch.cat([record.mm_types, torch.full((n,), TEXT)]),
+                       pixel_values=record.pixel_values, image_grid_thw=record.image_grid_thw,
+                       pixel_values_videos=record.pixel_values_videos, video_grid_thw=record.video_grid_thw,
+                       positions=torch.cat([record.positions, torch.arange(p, p + n).expand(3, -1)], dim=1),
+                       next_position=p + n)
 
 
 @dataclass
