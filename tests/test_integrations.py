@@ -214,3 +214,118 @@ def test_sentence_transformers_multi_process_pool(checkpoint):
     finally:
         st.stop_multi_process_pool(pool)
     np.testing.assert_allclose(pooled, model.encode_document(texts), atol=1e-5)
+
+
+def _mock_tasks():
+    from mteb.mocks.mock_tasks.classification import MockImageClassificationTask
+    from mteb.mocks.mock_tasks.retrieval import MockAny2AnyRetrievalT2ITask
+    return [MockAny2AnyRetrievalT2ITask(), MockImageClassificationTask()]
+
+
+def _record_encodings(encoder):
+    """Wrap ``encoder.encode`` to keep every call's output, keyed by (task, prompt_type)."""
+    calls, encode = {}, encoder.encode
+
+    def recording(inputs, *, task_metadata, prompt_type=None, **kwargs):
+        out = encode(inputs, task_metadata=task_metadata, prompt_type=prompt_type, **kwargs)
+        calls.setdefault((task_metadata.name, str(prompt_type)), []).append(np.asarray(out))
+        return out
+    encoder.encode = recording
+    return calls
+
+
+def test_mteb_get_model_loads_a_registered_checkpoint(checkpoint, monkeypatch):
+    """The real mteb route: register -> mteb.get_model_meta / mteb.get_model -> mteb.evaluate."""
+    mteb = pytest.importorskip("mteb")
+    from mteb.models.model_meta import ModelMeta
+    from tte_flash.integrations.mteb import TTEFlashMTEB, register
+    model, ckpt, _ = checkpoint
+    with pytest.raises(KeyError, match="not found"):
+        mteb.get_model_meta(f"tte-flash/{ckpt.name}")  # unknown before register
+    meta = register(str(ckpt))
+    assert mteb.get_model_meta(meta.name) is meta and meta.loader is TTEFlashMTEB
+    assert meta.name == f"tte-flash/{ckpt.name}" and meta.revision.startswith("local-")
+    assert meta.n_parameters == sum(p.numel() for p in model.parameters())  # from the safetensors headers
+    assert meta.embed_dim == model.config.text_config.hidden_size and meta.license == "apache-2.0"
+    assert meta.languages == ["eng-Latn"] and set(meta.modalities) == {"text", "image", "video"}
+    assert "arXiv:2510.05014" in meta.citation and "arXiv:2507.04590" in meta.citation
+    assert meta.training_datasets is None  # not recorded: unknown, not "zero-shot"
+    # mteb requires its image/video extras (torchvision, torchcodec) for such a model; this machine has
+    # neither and the tiny tasks below need neither, so only that check is skipped
+    monkeypatch.setattr(ModelMeta, "_missing_dependencies", staticmethod(lambda groups: []))
+    encoder = mteb.get_model(meta.name, think_tokens=4)
+    assert isinstance(encoder, TTEFlashMTEB) and encoder.think_tokens == 4
+    assert encoder.mteb_model_meta.model_name_with_experiment == f"{meta.name} (think_tokens=4)"
+    calls = _record_encodings(encoder)
+    results = mteb.evaluate(encoder, _mock_tasks(), cache=None, show_progress_bar=False)
+    assert {r.task_name for r in results.task_results} == {"MockAny2AnyRetrievalT2I", "MockImageClassification"}
+    # the loaded checkpoint encodes what the in-memory model does (same weights, same K)
+    direct = TTEFlashMTEB(model, think_tokens=4)
+    direct_calls = _record_encodings(direct)
+    mteb.evaluate(direct, _mock_tasks(), cache=None, show_progress_bar=False)
+    assert set(calls) == set(direct_calls) and len(calls) == 3
+    for key in calls:
+        np.testing.assert_allclose(np.concatenate(calls[key]), np.concatenate(direct_calls[key]), atol=1e-5,
+                                   err_msg=str(key))
+
+
+def test_mteb_sentence_transformers_route_is_image_capable(checkpoint):
+    """A SentenceTransformer of this model: mteb's own wrapper declares text only (image tasks refused);
+    sentence_transformer_encoder declares the model's modalities and encodes what TTEFlashMTEB does."""
+    mteb = pytest.importorskip("mteb")
+    pytest.importorskip("sentence_transformers")
+    import json as _json
+    from mteb.models.model_meta import ModelMeta
+    from sentence_transformers import SentenceTransformer
+    from tte_flash.integrations.mteb import TTEFlashMTEB, sentence_transformer_encoder
+    model, ckpt, _ = checkpoint
+    st = SentenceTransformer(str(ckpt), trust_remote_code=True, device="cpu")
+    with pytest.raises(ValueError, match="supports \\['text'\\]"):
+        mteb.evaluate(st, _mock_tasks(), cache=None, show_progress_bar=False)
+    via_st = sentence_transformer_encoder(st)
+    assert set(via_st.mteb_model_meta.modalities) == {"text", "image", "video"}
+    st_calls = _record_encodings(via_st)
+    mteb.evaluate(via_st, _mock_tasks(), cache=None, show_progress_bar=False)
+    native = TTEFlashMTEB(model, use_task_instructions=False)
+    native_calls = _record_encodings(native)
+    mteb.evaluate(native, _mock_tasks(), cache=None, show_progress_bar=False)
+    assert set(st_calls) == set(native_calls) == {("MockAny2AnyRetrievalT2I", "query"),
+                                                  ("MockAny2AnyRetrievalT2I", "document"),
+                                                  ("MockImageClassification", "None")}
+    for key in native_calls:
+        np.testing.assert_allclose(np.concatenate(st_calls[key]), np.concatenate(native_calls[key]), atol=1e-5,
+                                   err_msg=str(key))
+    # the Hub route: mteb reads the modalities of an unregistered model from sentence_bert_config.json
+    files = {name: _json.loads((ckpt / name).read_text()) for name in
+             ("config_sentence_transformers.json", "sentence_bert_config.json", "modules.json", "config.json")}
+    loader, model_type, modalities = ModelMeta._resolve_loader(
+        "org/tte", files["config_sentence_transformers.json"], files["sentence_bert_config.json"],
+        files["modules.json"], files["config.json"])
+    assert loader.__name__ == "SentenceTransformerEncoderWrapper" and set(modalities) == {"text", "image", "video"}
+
+
+def test_mteb_instructions_only_on_queries(checkpoint):
+    """Queries (and symmetric tasks) get the task's instruction, documents none, not even their own prompt
+    or an instruction column (as mteb's GME wrapper); vectors checked against the native API."""
+    pytest.importorskip("mteb")
+    from mteb.types import PromptType
+    from torch.utils.data import DataLoader
+    from tte_flash.integrations.mteb import TTEFlashMTEB
+    model, _, inputs = checkpoint
+    task = _mock_tasks()[0]
+    metadata = task.metadata.model_copy(update={"prompt": {"query": "Find the picture", "document": "Represent it"}})
+    rows = [{"text": "a cat", "instruction": "Row instruction"}, {"image": inputs[1], "instruction": None},
+            {"text": "what is shown?", "image": inputs[1], "instruction": None}]
+    loader = DataLoader(rows, batch_size=2, collate_fn=lambda b: {k: [r.get(k) for r in b] for k in
+                                                                   ("text", "image", "instruction")})
+    encoder = TTEFlashMTEB(model)
+    encode = {t: encoder.encode(loader, task_metadata=metadata, hf_split="test", hf_subset="default", prompt_type=t)
+              for t in (PromptType.query, PromptType.document, None)}
+    plain = [{k: v for k, v in r.items() if k != "instruction" and v is not None} for r in rows]
+    expected_query = np.concatenate([model.encode_query(plain[:1], instruction="Row instruction"),
+                                     model.encode_query(plain[1:], instruction="Find the picture")])
+    np.testing.assert_allclose(encode[PromptType.query], expected_query, atol=1e-5)
+    np.testing.assert_allclose(encode[PromptType.document], model.encode_document(plain), atol=1e-5)
+    assert np.abs(encode[PromptType.document] - model.encode_document(plain, instruction="Represent it")).max() > 1e-4
+    # symmetric tasks (no prompt_type) embed as queries: the query prompt of a per-role prompt dict
+    np.testing.assert_allclose(encode[None], expected_query, atol=1e-5)

@@ -1,56 +1,83 @@
 """MTEB 2.x: ``TTEFlashMTEB``, an encoder (``mteb.models.EncoderProtocol``) for text, image, video and
-fused inputs.
+fused inputs, and the ``ModelMeta`` that lets ``mteb.get_model`` load it.
 
     import mteb
-    from tte_flash.integrations.mteb import TTEFlashMTEB
-    encoder = TTEFlashMTEB("ckpt")             # or TTEFlashMTEB(model) for a loaded TTEFlashModel
+    from tte_flash.integrations.mteb import TTEFlashMTEB, register
+    meta = register("ckpt")                    # or a Hub id; mteb.get_model(meta.name) now loads it
+    encoder = mteb.get_model(meta.name)        # == TTEFlashMTEB("ckpt") with the full ModelMeta
     mteb.evaluate(encoder, mteb.get_tasks(tasks=[...]))
+
+mteb resolves a name through its registry (``mteb.models.model_implementations.MODEL_REGISTRY``,
+built from the ``ModelMeta`` objects shipped with mteb); a name it does not know is read from the Hub
+as a sentence-transformers model (``ModelMeta.from_hub``). :func:`register` adds this model's
+``ModelMeta`` (``loader=TTEFlashMTEB``, license, languages, parameters, modalities, citation) to that
+registry for the running process: there is no public registration API in mteb 2.26.
 
 Each MTEB batch (a dict of columns) becomes one TTE-Flash input per row: ``text`` (or ``query``/
 ``title``+``body``), ``image``, ``video`` (torchcodec decoder, frame tensor, list of PIL images, or a
 path) and ``instruction``. Role: ``prompt_type="document"`` (the corpus side of retrieval) embeds with
-no think tokens; queries and symmetric tasks (classification, clustering, STS: ``prompt_type`` None)
-embed with ``think_tokens`` (default ``config.default_think_tokens``), as MMEB treats those inputs as
-queries. The task's instruction (``get_instruction``) is used when the batch has none.
+no think tokens and no instruction (as mteb's GME wrapper does); queries and symmetric tasks
+(classification, clustering, STS: ``prompt_type`` None) embed with ``think_tokens`` (default
+``config.default_think_tokens``) and the task's instruction (``get_instruction``) unless the batch has
+one, as MMEB treats those inputs as queries.
+
+The sentence-transformers route: :func:`sentence_transformer_encoder` wraps a ``SentenceTransformer``
+of this model for mteb with its image and video modalities (mteb's own wrapper of an in-memory
+``SentenceTransformer`` declares text only) and the same roles.
 """
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+from typing import get_args
+
 import numpy as np
 import torch
+from mteb.abstasks.task_metadata import TaskType
 from mteb.models.abs_encoder import AbsEncoder
 from mteb.models.model_meta import ModelMeta
 from mteb.types import PromptType
 from PIL import Image
 
+from ..card import CITATION, DEFAULT_LANGUAGES, DEFAULT_LICENSE, _hub_id
+from ..configuration import TTEFlashConfig
 from ..modeling import TTEFlashModel
+from .st_files import DOCUMENT_PROMPT, PROMPTS, QUERY_PROMPT
 
 DOCUMENT_TYPES = {PromptType.document} | ({PromptType.passage} if hasattr(PromptType, "passage") else set())
+MTEB_MODALITIES = ["text", "image", "video"]  # what mteb calls them; "message" is a sentence-transformers input form
 
 
 class TTEFlashMTEB(AbsEncoder):
     """MTEB encoder around a :class:`TTEFlashModel` (or a checkpoint path / Hub id)."""
 
-    def __init__(self, model_name: str | TTEFlashModel, revision: str | None = None, *, device: str | None = None,
-                 think_tokens: int | None = None, use_task_instructions: bool = True, **kwargs):
+    def __init__(self, model_name: str | TTEFlashModel, revision: str | None = None, *, path: str | None = None,
+                 device: str | None = None, think_tokens: int | None = None, use_task_instructions: bool = True,
+                 **kwargs):
+        """``model_name``: a loaded model, a checkpoint directory or a Hub id; ``path`` (what
+        :func:`register` passes for a local checkpoint): load from there, ``model_name`` only names it."""
         if isinstance(model_name, TTEFlashModel):
-            self.model, name = model_name, "tte-flash/in-memory"
+            self.model = model_name
+            self.mteb_model_meta = model_meta(model=model_name)
         else:
-            self.model, name = TTEFlashModel.from_pretrained(model_name, revision=revision), str(model_name)
+            self.model = TTEFlashModel.from_pretrained(path) if path else \
+                TTEFlashModel.from_pretrained(model_name, revision=revision)
+            self.mteb_model_meta = model_meta(path or model_name, revision, model=self.model,
+                                              name=model_name if path else None)
         if device is not None:
             self.model.to(device)
         self.think_tokens = self.model.config.default_think_tokens if think_tokens is None else think_tokens
         self.model._check_think_tokens(self.think_tokens)
         self.use_task_instructions = use_task_instructions
-        self.mteb_model_meta = _model_meta(name if "/" in name else f"tte-flash/{name}", revision, self.model)
 
     def encode(self, inputs, *, task_metadata, hf_split: str, hf_subset: str,
                prompt_type: PromptType | None = None, **kwargs) -> np.ndarray:
         is_document = prompt_type in DOCUMENT_TYPES
         think_tokens = 0 if is_document else self.think_tokens
-        instruction = self._instruction(task_metadata, prompt_type)
+        instruction = None if is_document else self._instruction(task_metadata, prompt_type)
         batch_size = kwargs.get("batch_size", 32)
-        chunks = [self.model.encode(batch_items(batch, instruction), think_tokens=think_tokens,
-                                    batch_size=batch_size, show_progress_bar=False)
+        chunks = [self.model.encode(batch_items(batch, instruction, use_batch_instruction=not is_document),
+                                    think_tokens=think_tokens, batch_size=batch_size, show_progress_bar=False)
                   for batch in inputs]
         hidden = self.model.config.text_config.hidden_size
         return np.concatenate(chunks) if chunks else np.zeros((0, hidden), dtype=np.float32)
@@ -59,13 +86,17 @@ class TTEFlashMTEB(AbsEncoder):
         if not self.use_task_instructions:
             return None
         try:
-            return self.get_instruction(task_metadata, prompt_type) or None
+            instruction = self.get_instruction(task_metadata, prompt_type)
         except Exception:  # older/newer AbsEncoder without this helper, or no prompt for this task
             return None
+        if isinstance(instruction, dict):  # per-role prompts and no role (a symmetric task): the query's
+            instruction = instruction.get(PromptType.query.value)
+        return instruction if isinstance(instruction, str) and instruction else None
 
 
-def batch_items(batch: dict, instruction: str | None = None) -> list[dict]:
-    """One TTE-Flash input dict per row of an MTEB batch (dict of columns)."""
+def batch_items(batch: dict, instruction: str | None = None, *, use_batch_instruction: bool = True) -> list[dict]:
+    """One TTE-Flash input dict per row of an MTEB batch (dict of columns); a row's own ``instruction``
+    column wins over ``instruction`` unless ``use_batch_instruction`` is off (documents)."""
     n = len(next(v for v in batch.values() if hasattr(v, "__len__")))
     items = []
     for i in range(n):
@@ -77,7 +108,8 @@ def batch_items(batch: dict, instruction: str | None = None) -> list[dict]:
             item["image"] = _image(batch["image"][i])
         if batch.get("video") is not None and batch["video"][i] is not None:
             item["video"] = video_frames(batch["video"][i])
-        row_instruction = (batch.get("instruction") or [None] * n)[i] or instruction
+        row_instruction = ((batch.get("instruction") or [None] * n)[i] if use_batch_instruction else None) \
+            or instruction
         if row_instruction:
             item["instruction"] = row_instruction
         items.append(item)
@@ -121,12 +153,121 @@ def _tensor_to_pil(frame: torch.Tensor) -> Image.Image:
     return Image.fromarray(array.squeeze(-1) if array.shape[-1] == 1 else array).convert("RGB")
 
 
-def _model_meta(name: str, revision: str | None, model: TTEFlashModel) -> ModelMeta:
-    fields = dict(name=name, revision=revision or "local", release_date=None, languages=None,
-                  loader=None, n_parameters=sum(p.numel() for p in model.parameters()), memory_usage_mb=None,
-                  max_tokens=None, embed_dim=model.config.text_config.hidden_size, license=None,
-                  open_weights=True, public_training_code=None, public_training_data=None, framework=["PyTorch"],
-                  reference=None, similarity_fn_name="cosine", use_instructions=True, training_datasets=None,
-                  modalities=["text", "image", "video"])
+def model_meta(source: str | None = None, revision: str | None = None, *, model: TTEFlashModel | None = None,
+               name: str | None = None, license: str | None = None, languages: list[str] | None = None,
+               training_datasets: set[str] | None = None, **overrides) -> ModelMeta:
+    """mteb's ``ModelMeta`` for a TTE-Flash checkpoint (directory or Hub id) or a loaded ``model``.
+
+    ``loader`` is :class:`TTEFlashMTEB`. Read from the checkpoint: embedding size, max tokens, parameter
+    count and size (safetensors headers, nothing loaded), and from its model card (``README.md``) the
+    license, languages and ``base_model``; else the card's defaults (``tte_flash.card``). ``name``:
+    the Hub id, else ``tte-flash/<directory name>``. ``revision`` of a local checkpoint: a digest of its
+    config and weight files (size, mtime), so mteb's result cache tells retrained weights apart.
+    ``training_datasets``: the mteb task names the training data overlaps (``set()``: none, the model
+    is zero-shot on all; None: unknown), as mteb defines the field; not guessed from file names.
+    """
+    if source is None and model is None:
+        raise ValueError("model_meta needs a checkpoint (directory or Hub id) or a loaded model")
+    config = model.config if model is not None else _load_config(source, revision)
+    local = source is not None and Path(source).is_dir()
+    hub_id = None if local or source is None else _hub_id(source)
+    card = _card_data(source, revision) if source is not None else {}
+    weights = _weights_info(Path(source)) if local else {}
+    if model is not None:
+        weights["n_parameters"] = sum(p.numel() for p in model.parameters())
+    name = name or hub_id or f"tte-flash/{Path(source).name if source else 'in-memory'}"
+    if local and revision is None:
+        revision = _local_revision(Path(source))
+    language_codes = languages or card.get("language") or DEFAULT_LANGUAGES
+    base_model = card.get("base_model") or _hub_id(getattr(config, "backbone_name_or_path", None))
+    fields = dict(
+        loader=TTEFlashMTEB, loader_kwargs={"path": str(Path(source).resolve())} if local else {},
+        name=name, revision=revision or ("in-memory" if source is None else None), release_date=None,
+        languages=_iso_languages(language_codes), n_parameters=weights.get("n_parameters"),
+        memory_usage_mb=weights.get("memory_usage_mb"), max_tokens=_max_tokens(config),
+        embed_dim=config.text_config.hidden_size, license=license or card.get("license") or DEFAULT_LICENSE,
+        open_weights=True, public_training_code=None, public_training_data=None,
+        framework=["PyTorch", "Sentence Transformers"], reference=f"https://huggingface.co/{hub_id}" if hub_id else None,
+        similarity_fn_name="cosine", use_instructions=True, training_datasets=training_datasets,
+        adapted_from=base_model[0] if isinstance(base_model, list) else base_model,
+        modalities=list(MTEB_MODALITIES), model_type=["dense"], citation=CITATION, **overrides)
     accepted = set(getattr(ModelMeta, "model_fields", fields))
     return ModelMeta(**{k: v for k, v in fields.items() if k in accepted})
+
+
+def register(source: str, revision: str | None = None, **kwargs) -> ModelMeta:
+    """Add the ``ModelMeta`` of ``source`` (see :func:`model_meta`) to mteb's model registry, so that
+    ``mteb.get_model(meta.name)`` and ``mteb.get_model_meta(meta.name)`` find it in this process."""
+    from mteb.models.model_implementations import MODEL_REGISTRY  # the dict mteb.get_model_meta reads
+    meta = model_meta(source, revision, **kwargs)
+    MODEL_REGISTRY[meta.name] = meta
+    return meta
+
+
+def sentence_transformer_encoder(model, **kwargs):
+    """mteb's ``SentenceTransformerEncoderWrapper`` around a ``SentenceTransformer`` of this model,
+    declaring the modalities the model supports (mteb 2.26 declares text only for an in-memory
+    ``SentenceTransformer``, and refuses image tasks) and mapping every task type to a role: retrieval
+    queries and symmetric tasks (``prompt_type`` None: classification, clustering, STS) embed as
+    queries (think tokens), retrieval documents as documents. Task instructions are not used on this
+    route (mteb passes only prompts to sentence-transformers)."""
+    from mteb.models.sentence_transformer_wrapper import SentenceTransformerEncoderWrapper
+    wrapper = SentenceTransformerEncoderWrapper(model, **kwargs)
+    supported = [m for m in ("text", "image", "audio", "video") if m in model.modalities]
+    wrapper.mteb_model_meta = wrapper.mteb_model_meta.model_copy(update={
+        "modalities": supported, "citation": CITATION, "use_instructions": False})
+    roles = {f"{task_type}-{role}": prompt for task_type in get_args(TaskType)
+             for role, prompt in (("query", QUERY_PROMPT), ("document", DOCUMENT_PROMPT))}
+    wrapper.model_prompts = {**PROMPTS, **roles, **{t: QUERY_PROMPT for t in get_args(TaskType)}}
+    return wrapper
+
+
+def _load_config(source: str, revision: str | None) -> TTEFlashConfig:
+    try:
+        return TTEFlashConfig.from_pretrained(source, revision=revision)
+    except OSError as err:
+        raise FileNotFoundError(f"no TTE-Flash checkpoint at {source!r}: {str(err).splitlines()[0]}") from None
+
+
+def _card_data(source: str, revision: str | None) -> dict:
+    """The model card's metadata (README.md of a directory or Hub repo), {} when there is none."""
+    from huggingface_hub import ModelCard
+    path = Path(source) / "README.md"
+    try:
+        card = ModelCard.load(path) if path.is_file() else ModelCard.load(source, ignore_metadata_errors=True)
+    except Exception:  # no card, offline, or not a Hub id: the defaults apply
+        return {}
+    return card.data.to_dict()
+
+
+def _weights_info(directory: Path) -> dict:
+    """Parameter count and size in MiB from the safetensors headers (nothing is loaded)."""
+    from safetensors import safe_open
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        return {}
+    n_parameters = 0
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            n_parameters += sum(int(np.prod(handle.get_slice(key).get_shape())) for key in handle.keys())
+    return {"n_parameters": n_parameters, "memory_usage_mb": round(sum(f.stat().st_size for f in files) / 2**20, 2)}
+
+
+def _local_revision(directory: Path) -> str:
+    digest = hashlib.sha1((directory / "config.json").read_bytes())
+    for file in sorted(directory.glob("*.safetensors")):
+        stat = file.stat()
+        digest.update(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return f"local-{digest.hexdigest()[:12]}"
+
+
+def _iso_languages(codes) -> list[str] | None:
+    """Hub language codes ("en") as mteb's ISO 639-3 + script codes ("eng-Latn")."""
+    from mteb.languages.iso_mappings import _hf_langs_to_iso_lang_scripts  # what ModelMeta.from_hub uses
+    return _hf_langs_to_iso_lang_scripts([codes] if isinstance(codes, str) else list(codes))
+
+
+def _max_tokens(config) -> int | None:
+    if config.max_query_tokens is not None:
+        return config.max_query_tokens
+    return getattr(config.text_config, "max_position_embeddings", None)

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..modeling import TTEFlashModel, _as_dict
-from .st_files import DOCUMENT_PROMPT, QUERY_PROMPT, ST_MODULE_CONFIG, write_sentence_transformers_files
+from .st_files import DOCUMENT_PROMPT, MODALITIES, QUERY_PROMPT, ST_MODULE_CONFIG, write_sentence_transformers_files
 
 try:
     from sentence_transformers.base.modules import InputModule  # sentence-transformers >= 6
@@ -58,7 +58,7 @@ class TTEFlashST(InputModule or torch.nn.Module):
     def modalities(self) -> list:
         # "message" lets sentence-transformers pass mixed batches (text, images, fused dicts) through;
         # chat-message inputs themselves are not supported (the processor raises a clear error).
-        return ["text", "image", "video", "message"]
+        return list(MODALITIES)
 
     def think_tokens_for(self, prompt: str | None, task: str | None, think_tokens: int | None) -> int:
         """K for a batch: an explicit ``think_tokens``, else by role (query: default K, document: 0)."""

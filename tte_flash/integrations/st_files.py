@@ -6,6 +6,10 @@ installed. The prompts ``query``/``document`` are markers, not text: sentence-tr
 module only the prompt string, and the module reads these two as "encode as query" (think tokens,
 ``config.default_think_tokens``) and "encode as document" (no think tokens). Any other prompt string
 is used as the instruction.
+
+``sentence_bert_config.json`` lists the input modalities (``modality_config``, the layout of
+sentence-transformers' own multimodal modules): the module ignores it, and mteb reads it to declare a
+Hub model's modalities (``ModelMeta.from_hub``), so image and video tasks are not refused.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ PROMPTS = {"query": QUERY_PROMPT, "document": DOCUMENT_PROMPT}
 ST_MODULE_FILE = "tte_flash_integrations_sentence_transformers"  # flat name written by remote_code
 ST_MODULE_CLASS = "TTEFlashST"
 ST_MODULE_CONFIG = "sentence_bert_config.json"
+MODALITIES = ("text", "image", "video", "message")  # as TTEFlashST.modalities
 
 
 def write_sentence_transformers_files(save_directory: str | os.PathLike) -> list[str]:
@@ -36,7 +41,8 @@ def write_sentence_transformers_files(save_directory: str | os.PathLike) -> list
             "default_prompt_name": None,
             "similarity_fn_name": "cosine",
         },
-        ST_MODULE_CONFIG: {},
+        ST_MODULE_CONFIG: {"modality_config": {
+            modality: {"method": "forward", "method_output_name": "sentence_embedding"} for modality in MODALITIES}},
     }
     for name, content in files.items():
         (save_directory / name).write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
