@@ -170,6 +170,9 @@ def test_cli_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):  # no default model: random weights are never used by accident
         main(["--data", str(tmp_path / "missing.jsonl")])
     assert "--model" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # mmeb-file needs --data
+        main(["--model", "tiny"])
+    assert "--data is required" in capsys.readouterr().err
     assert main(["--model", "tiny", "--data", str(tmp_path / "missing.jsonl")]) == 2
     assert "missing.jsonl" in capsys.readouterr().err
     (tmp_path / "eval.jsonl").write_text(json.dumps({"qry_text": "q", "qry_img_path": "gone.png",

@@ -427,6 +427,7 @@ def test_every_loader_scores_as_the_spec_says(fixture_root, tmp_path, table):
         assert tasks["MomentSeeker"]["hit@1"] == pytest.approx(2 / 3)
         assert tasks["ViDoRe_arxivqa"]["ndcg_linear@5"] == pytest.approx((2 / (2 + 1 / math.log2(3)) + 0) / 2)
     assert any("labels of the test file" in n for n in summary["tasks"]["UCF101"]["notes"])
+    assert "- UCF101: label set: the 3 labels of the test file" in (tmp_path / "summary.md").read_text()
     assert any("without a positive qrel" in n for n in summary["tasks"]["ViDoRe_arxivqa"]["notes"])
 
 
@@ -455,6 +456,19 @@ def test_resume_missing_and_broken_tasks(fixture_root, tmp_path):
     result = mmeb.run_benchmark(model, broken, tmp_path / "out2", tasks=["MSR-VTT"])
     assert result["tasks"]["MSR-VTT"]["status"] == "error" and "frame folder not found" in result["tasks"]["MSR-VTT"]["reason"]
     assert result["aggregate"]["overall"]["score"] is None
+
+
+def test_test_file_locations(tmp_path):
+    task = mmeb.TASKS["Video-MME"]
+    with pytest.raises(mmeb.MissingTask, match="Video-MME/test-"):
+        mmeb.annotation_files(tmp_path, task)
+    _parquet(tmp_path / "video-tasks" / "Video-MME" / "videomme" / "test-00000-of-00001.parquet", [{"a": 1}])
+    assert [p.parent.name for p in mmeb.annotation_files(tmp_path, task)] == ["videomme"]  # one config folder
+    _parquet(tmp_path / "video-tasks" / "Video-MME" / "other" / "test-00000-of-00001.parquet", [{"a": 1}])
+    with pytest.raises(mmeb.MissingTask):  # two: ambiguous, not guessed
+        mmeb.annotation_files(tmp_path, task)
+    (tmp_path / "video-tasks" / "Video-MME" / "test.jsonl").write_text('{"a": 2}\n')
+    assert mmeb.read_rows(mmeb.annotation_files(tmp_path, task)) == [{"a": 2}]
 
 
 def test_cli_with_the_tiny_model(fixture_root, tmp_path, capsys):

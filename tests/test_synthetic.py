@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from tte_flash.data import EVAL_COLUMNS, TRAIN_COLUMNS, eval_example, load_rows, train_example
-from tte_flash.synthetic import COLOURS, PALETTE, generate, main, shortcut_baselines
+from tte_flash.synthetic import COLOURS, PALETTE, generate, main, shortcut_baselines, shortcut_metrics, shortcut_summary
 
 STEP = {"right": (0, 1), "left": (0, -1), "up": (-1, 0), "down": (1, 0),
         "right of": (0, 1), "left of": (0, -1), "above": (-1, 0), "below": (1, 0)}
@@ -115,6 +115,31 @@ def test_shortcuts_catch_a_biased_set(tmp_path):
     shortcuts = shortcut_baselines(rows, tmp_path)
     assert shortcuts["majority_colour"] == 1.0 and shortcuts["most_frequent_answer"] == 1.0
     assert shortcuts["present_in_image"] == pytest.approx(0.5)  # red and one other colour present
+
+
+def test_shortcut_summary_picks_the_best_rule(tmp_path):
+    rows = []
+    for i in range(12):  # the positive is always the colour the query names
+        colours = [COLOURS[(i + j) % 8] for j in range(4)]
+        rows.append({"qry_text": f"the {colours[0]} one", "qry_img_path": "", "tgt_text": colours, "tgt_img_path": [""] * 4})
+    summary = shortcut_summary(rows, tmp_path)
+    rules = shortcut_metrics(rows, tmp_path)
+    assert summary["shortcuts"] == rules
+    for metric in ("hit@1", "ndcg@5"):
+        best = max(rules.values(), key=lambda m: m[metric])[metric]
+        assert summary["shortcut_best"][metric] == best
+        assert rules[summary["shortcut_best_name"][metric]][metric] == best
+    assert summary["shortcut_best"]["hit@1"] == 1.0  # named_in_query, first_named
+    assert rules["random"]["hit@1"] == pytest.approx(0.25)
+
+
+def test_synthetic_does_not_import_the_evaluator():
+    """The shortcut rules live here; the evaluator reports them. No import cycle between the two."""
+    import subprocess
+    import sys
+    code = "import sys, tte_flash.synthetic; print('tte_flash.evaluate' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "False"
 
 
 def test_deterministic_by_seed(tmp_path):

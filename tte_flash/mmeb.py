@@ -282,8 +282,12 @@ def annotation_files(data_root, task: Task, part: str | None = None) -> list[Pat
     """The test file(s) of ``task`` (``part``: ``queries``/``qrels``/``corpus`` of a visdoc task)."""
     directory, subset, split = task.annotation
     base = Path(data_root) / directory / (part or subset or "")
-    for folder in (base, base / "data", base / split):
-        for pattern in (f"{split}-*.parquet", f"{split}.parquet", f"{split}.jsonl", f"{split}.json", "*.parquet"):
+    folders = [base, base / "data", base / split]
+    if not (part or subset) and base.is_dir():  # one config folder of another name (e.g. a Hub download)
+        configs = [d for d in base.iterdir() if d.is_dir() and any(d.glob(f"{split}-*.parquet"))]
+        folders += configs if len(configs) == 1 else []
+    for folder in folders:
+        for pattern in (f"{split}-*.parquet", f"{split}.parquet", f"{split}.jsonl", f"{split}.json"):
             files = sorted(folder.glob(pattern)) if folder.is_dir() else []
             if files:
                 return files
@@ -763,7 +767,11 @@ def format_markdown(summary: dict, selected: list[Task]) -> str:
             score = f"{100 * r['score']:.1f}" if r["status"] == "done" else r["status"].upper()
             lines.append(f"| {task.category} | {task.name} | {task.metric} | {score} | {r.get('num_pred', '')} |")
         lines.append("")
+    notes = [f"- {r['task']}: {note}" for r in results.values() if r["status"] == "done" for note in r.get("notes", [])]
+    if notes:
+        lines += ["## Notes (where a task's setup differs from VLM2Vec's run)", "", *notes, ""]
     problems = [r for r in results.values() if r["status"] != "done"]
     if problems:
-        lines += ["## Not scored", ""] + [f"- {r['task']} ({r['status']}): {r['reason']}" for r in problems]
+        lines += ["## Not scored (left out of every mean)", ""]
+        lines += [f"- {r['task']} ({r['status']}): {r['reason']}" for r in problems]
     return "\n".join(lines)
