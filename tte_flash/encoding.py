@@ -204,7 +204,7 @@ def _check_settings(output: Path, settings: dict, overwrite: bool):
             diff = {k: (previous or {}).get(k) for k in settings if (previous or {}).get(k) != settings[k]}
             raise ValueError(f"{output} holds embeddings made with other settings ({diff}); use another --output "
                              "directory or overwrite=True (--overwrite)")
-        if previous != settings:
+        if overwrite:
             for stale in itertools.chain(output.glob("shard-*.npy"), output.glob("shard-*.json"), [path]):
                 stale.unlink()
     elif output.exists() and any(output.iterdir()):
