@@ -3,6 +3,7 @@ import json
 import re
 
 import numpy as np
+import pytest
 from huggingface_hub import ModelCard
 
 from tte_flash import TTEFlashModel
@@ -106,3 +107,72 @@ def test_push_to_hub_uploads_generated_card(tiny_model, tmp_path, monkeypatch):
     assert not any(name.endswith((".bin", ".pkl", ".pt")) for name in uploaded)
     card = uploaded["README.md"].decode()
     assert 'from_pretrained("me/tte-tiny")' in card and "hit@1" in card
+
+
+LATENCY = {"rows": [{"device": "cpu", "config": "K=16", "batch_size": 4, "median_ms": 12.5, "p90_ms": 14.0}]}
+
+
+def test_full_card_validates_offline_and_reports_what_was_recorded(tiny_model, tmp_path):
+    from tte_flash.card import validate_card
+    (tmp_path / "eval_results.json").write_text(json.dumps(EVAL))
+    (tmp_path / "latency_results.json").write_text(json.dumps(LATENCY))
+    (tmp_path / "cot_probe.json").write_text(json.dumps({"n": 40, "answer": 0.125}))
+    (tmp_path / "train_summary.json").write_text(json.dumps(
+        {"train_data": ["TIGER-Lab/MMEB-train", "data/train.jsonl", "/abs/other.parquet"], "train_rows": 12}))
+    tiny_model.save_pretrained(tmp_path)
+    tiny_model.config.backbone_name_or_path = "Qwen/Qwen2-VL-2B-Instruct"
+    try:
+        path = write_model_card(tmp_path, tiny_model.config, model_id="me/tte-tiny")
+    finally:
+        tiny_model.config.backbone_name_or_path = None
+    card = validate_card(path)  # offline: YAML, ModelCardData round trip incl. model-index, field shapes
+    data = card.data.to_dict()
+    assert data["language"] == ["en"] and data["datasets"] == ["TIGER-Lab/MMEB-train"]  # local files are not
+    assert data["base_model"] == "Qwen/Qwen2-VL-2B-Instruct" and data["library_name"] == "sentence-transformers"
+    text = card.text
+    n_parameters = sum(p.numel() for p in tiny_model.parameters())
+    assert f"| Parameters | {n_parameters:,} |" in text
+    assert f"| Embedding dimension | {tiny_model.config.text_config.hidden_size} |" in text
+    assert "| cpu | K=16 | 4 | 12.5 | 14.0 |" in text  # the latency table
+    assert "right answer for 12% of 40 evaluation queries" in text  # limitations from the probe, not fixed text
+    citation = re.search(r"## Citation\n.*?```bibtex\n(.*?)```", text, re.S).group(1)
+    assert citation.count("@article{") == 2 and citation.count("{") == citation.count("}")
+    assert "arXiv:2510.05014" in citation and "arXiv:2507.04590" in citation and "Think Then Embed" in citation
+    sections = re.findall(r"^## (.+)$", text, re.M)
+    assert sections == ["Model details", "Think-token settings", "Usage", "Training", "Evaluation", "Latency",
+                        "Limitations", "Citation"]
+
+
+def test_validate_card_names_every_problem():
+    from tte_flash.card import validate_card
+    bad = ("---\nlicense: Apache 2.0\nlanguage: [english]\nbase_model: ./ckpt\n"
+           "datasets: [/data/train.jsonl, org/data]\ntags: [1, ok]\nmodel-index:\n- name: m\n  results:\n"
+           "  - task: {type: feature-extraction}\n    metrics: [{type: hit@1, value: 0.5}]\n---\ntext\n")
+    with pytest.raises(ValueError) as error:
+        validate_card(bad)
+    message = str(error.value)
+    for expected in ("model-index: does not parse", "license: 'Apache 2.0'", "language: 'english'", "tags: 1",
+                     "base_model: './ckpt'", "datasets: '/data/train.jsonl'"):
+        assert expected in message, (expected, message)
+    assert "org/data" not in message
+    with pytest.raises(ValueError, match="does not parse"):
+        validate_card("---\nlicense: [unclosed\n---\ntext\n")
+    with pytest.raises(ValueError, match="does not parse"):
+        validate_card("---\n- a list\n---\ntext\n")
+
+
+def test_sentence_transformers_snippet_of_the_card_runs(tiny_model, tmp_path):
+    pytest.importorskip("sentence_transformers")
+    tiny_model.save_pretrained(tmp_path)
+    snippets = re.findall(r"```python\n(.*?)```", (tmp_path / "README.md").read_text(), re.S)
+    assert len(snippets) == 2 and "SentenceTransformer(" in snippets[1]
+    namespace = {}
+    exec(compile(snippets[1], "README.md", "exec"), namespace)  # noqa: S102 - the card's own snippet
+    np.testing.assert_allclose(namespace["d"], tiny_model.encode_document(["a red car", "a bus"]), atol=1e-5)
+    image = namespace["image"]
+    native_q = tiny_model.encode_query([{"text": "Which vehicle is second-closest to the camera?", "image": image}])
+    np.testing.assert_allclose(namespace["q"], native_q, atol=1e-5)
+    # without the sentence-transformers files there is no such snippet, and the Hub library is transformers
+    path = write_model_card(tmp_path, tiny_model.config, sentence_transformers=False)
+    card = ModelCard.load(path)
+    assert "SentenceTransformer(" not in card.text and card.data.library_name == "transformers"

@@ -328,36 +328,38 @@ def validate_card(card) -> ModelCard:
     ISO codes; ``tags`` strings; ``base_model`` and ``datasets`` Hub ids (``owner/name``, not paths).
     The Hub's own ``ModelCard.validate`` (online) also checks the ids against its lists.
     """
+    import yaml
+    from huggingface_hub.repocard import REGEX_YAML_BLOCK
     from huggingface_hub.repocard_data import eval_results_to_model_index
-    if not isinstance(card, ModelCard):
-        text = Path(card).read_text(encoding="utf-8") if isinstance(card, Path) or (
-            isinstance(card, str) and "\n" not in card and Path(card).is_file()) else str(card)
-        try:
-            card = ModelCard(text, ignore_metadata_errors=False)
-        except Exception as err:  # a YAML error, or a header that is not a mapping
-            raise ValueError(f"model card: the metadata header does not parse: {err}") from None
-    data = card.data.to_dict()
+    text = card.content if isinstance(card, ModelCard) else (
+        Path(card).read_text(encoding="utf-8") if isinstance(card, Path) or (
+            isinstance(card, str) and "\n" not in card and Path(card).is_file()) else str(card))
     problems = []
+    try:
+        card = ModelCard(text, ignore_metadata_errors=False)
+    except Exception as strict_error:  # a YAML error, a header that is not a mapping, or a bad model-index
+        try:
+            card = ModelCard(text, ignore_metadata_errors=True)
+        except Exception as err:
+            raise ValueError(f"model card: the metadata header does not parse: {err}") from None
+        problems.append(f"model-index: does not parse: {str(strict_error).split('. Pass')[0]}")
+    header = REGEX_YAML_BLOCK.search(text)
+    raw = (yaml.safe_load(header.group(2)) if header else None) or {}
     for key in ("license", "library_name", "pipeline_tag"):
-        value = data.get(key)
+        value = raw.get(key)
         if value is not None and not (isinstance(value, str) and TAG.match(value)):
             problems.append(f"{key}: {value!r} is not a lowercase id")
     for key, pattern, what in (("language", LANGUAGE, "an ISO language code"), ("tags", None, "a string"),
                                ("base_model", HUB_ID, "a Hub id (owner/name)"),
                                ("datasets", HUB_ID, "a Hub dataset id (owner/name)")):
-        values = data.get(key)
+        values = raw.get(key)
         for value in [values] if isinstance(values, str) else values or []:
             if not isinstance(value, str) or (pattern is not None and not pattern.match(value)):
                 problems.append(f"{key}: {value!r} is not {what}")
-    if "model-index" in data:
-        try:
-            reparsed = ModelCardData(**data)
-            rebuilt = eval_results_to_model_index(reparsed.model_name, reparsed.eval_results)
-        except Exception as err:
-            problems.append(f"model-index: does not parse: {err}")
-        else:
-            if _canonical(rebuilt) != _canonical(data["model-index"]):
-                problems.append("model-index: entries change in a ModelCardData round trip (fields it drops?)")
+    if raw.get("model-index") and not any(p.startswith("model-index") for p in problems):
+        rebuilt = eval_results_to_model_index(card.data.model_name, card.data.eval_results)
+        if _canonical(rebuilt) != _canonical(raw["model-index"]):
+            problems.append("model-index: entries change in a ModelCardData round trip (fields it drops?)")
     if problems:
         raise ValueError("model card metadata:\n  " + "\n  ".join(problems))
     return card
