@@ -2,6 +2,10 @@
 
     python -m tte_flash.evaluate --model runs/tiny --data data/eval.jsonl --image_root data \\
         --think_tokens 0 4 16 --output results.json [--mode explicit-cot --max_cot_tokens 128]
+    python -m tte_flash.evaluate --benchmark mmeb-v2 --model runs/tiny --data_root MMEB_V2 --output DIR
+
+The second form runs the 78 MMEB-V2 tasks of a local copy (:mod:`tte_flash.mmeb`, docs/mmeb.md); the
+rest of this page is about the first, one file of MMEB-eval rows.
 
 Each row (``qry_text``, ``qry_img_path``, ``tgt_text``, ``tgt_img_path``; positive first) gives one
 query, encoded with ``think_tokens`` K (``mode="latent"``) or through a generated trace
@@ -17,7 +21,7 @@ NDCG@k with one relevant candidate at rank r is ``1/log2(r + 1)`` if r <= k else
 The output JSON is ``{"runs": [{dataset, mode, think_tokens, metrics: {"hit@1", "ndcg@5"}, shortcut_best,
 ...}], "shortcuts": {...}, ...}``, the form ``tte_flash.card`` reads. Shortcut baselines
 (:func:`tte_flash.synthetic.shortcut_metrics`: answer priors, query-mention and colour rules) are
-reported beside every score.
+reported beside every score; the rules live with the synthetic data, not here.
 """
 from __future__ import annotations
 
