@@ -60,7 +60,7 @@ from tte_flash.attention import resolve_backend  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # warm-up rounds, minimum timed rounds, and the time budget of one group's timed rounds (seconds)
-RUN_DEFAULTS = {"tiny": (1, 6, 5.0), None: (2, 6, 60.0)}
+RUN_DEFAULTS = {"tiny": (1, 6, 15.0), None: (2, 6, 60.0)}
 
 
 # ---------------------------------------------------------------------------------------------- run
@@ -147,7 +147,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "a 95%% CI of a median)")
     p.add_argument("--max-seconds", "--max_seconds", type=float, default=None,
                    help="time budget of one group's timed rounds: no new round starts after it (default by preset: "
-                        "tiny 5, else 60)")
+                        "tiny 15, else 60)")
     p.add_argument("--precision", type=float, default=0.01,
                    help="end a group early once every ratio's 95%% CI is within this fraction of its median "
                         "(default 0.01; 0: always use the whole budget)")
