@@ -329,3 +329,27 @@ def test_mteb_instructions_only_on_queries(checkpoint):
     assert np.abs(encode[PromptType.document] - model.encode_document(plain, instruction="Represent it")).max() > 1e-4
     # symmetric tasks (no prompt_type) embed as queries: the query prompt of a per-role prompt dict
     np.testing.assert_allclose(encode[None], expected_query, atol=1e-5)
+
+
+def test_mteb_model_meta_reads_the_card_and_rejects_bad_input(checkpoint, tmp_path):
+    pytest.importorskip("mteb")
+    import shutil
+    from tte_flash.card import write_model_card
+    from tte_flash.integrations.mteb import model_meta, register
+    model, ckpt, _ = checkpoint
+    copy = tmp_path / "ckpt-de"
+    shutil.copytree(ckpt, copy)
+    write_model_card(copy, model.config, license="mit", languages=["de", "en"])
+    meta = model_meta(str(copy), training_datasets=set())
+    assert meta.license == "mit" and meta.languages == ["deu-Latn", "eng-Latn"] and meta.training_datasets == set()
+    before = meta.revision
+    weights = copy / "model.safetensors"
+    weights.write_bytes(weights.read_bytes())  # retrained weights: a new revision for mteb's result cache
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    assert model_meta(str(copy)).revision != before
+    (tmp_path / "qwen").mkdir()
+    (tmp_path / "qwen" / "config.json").write_text(json.dumps({"model_type": "qwen2_vl"}))
+    with pytest.raises(ValueError, match="'qwen2_vl' checkpoint, not a TTE-Flash"):
+        register(str(tmp_path / "qwen"))
+    with pytest.raises(FileNotFoundError, match="no TTE-Flash checkpoint"):
+        register(str(tmp_path / "missing"))

@@ -224,9 +224,13 @@ def sentence_transformer_encoder(model, **kwargs):
 
 def _load_config(source: str, revision: str | None) -> TTEFlashConfig:
     try:
-        return TTEFlashConfig.from_pretrained(source, revision=revision)
+        config_dict, _ = TTEFlashConfig.get_config_dict(source, revision=revision)
     except OSError as err:
         raise FileNotFoundError(f"no TTE-Flash checkpoint at {source!r}: {str(err).splitlines()[0]}") from None
+    if config_dict.get("model_type") != TTEFlashConfig.model_type:
+        raise ValueError(f"{source} is a {config_dict.get('model_type')!r} checkpoint, not a TTE-Flash "
+                         f"({TTEFlashConfig.model_type!r}) one")
+    return TTEFlashConfig.from_dict(config_dict)
 
 
 def _card_data(source: str, revision: str | None) -> dict:
