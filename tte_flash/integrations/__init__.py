@@ -5,7 +5,9 @@
 * :mod:`.sentence_transformers` - ``TTEFlashST``, a sentence-transformers input module, and the
   ``modules.json`` / ``config_sentence_transformers.json`` a checkpoint needs for
   ``SentenceTransformer(dir, trust_remote_code=True)``;
-* :mod:`.mteb` - ``TTEFlashMTEB``, an MTEB 2.x encoder for text, image, video and fused inputs.
+* :mod:`.mteb` - ``TTEFlashMTEB``, an MTEB 2.x encoder for text, image, video and fused inputs, its
+  ``ModelMeta`` and ``register`` (so ``mteb.get_model`` loads a checkpoint), and
+  ``sentence_transformer_encoder`` (mteb over a ``SentenceTransformer`` of this model, images included).
 
 :func:`write_integration_files` is the one call ``TTEFlashModel.save_pretrained`` makes. Only the
 standard library is imported here; sentence-transformers and mteb are imported by their own modules.
