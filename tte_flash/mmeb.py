@@ -358,6 +358,8 @@ def _load_image(task, root, num_frames, limit):
                 keys.append(text)
         else:  # image candidates (with the target instruction and, where given, a caption)
             captions = texts if texts and texts[0].strip() else [""] * len(paths)
+            if len(captions) != len(paths):
+                raise ValueError(f"{task.name}: a row has {len(paths)} tgt_img_path but {len(captions)} tgt_text")
             for path, caption in zip(paths, captions):
                 key = path if task.parser == "image_t2i" else f"{path}:{caption.strip(chr(34))}"
                 candidates.setdefault(key, {"text": _text(row.get("tgt_inst") or "", caption) or None,
