@@ -116,15 +116,23 @@ def ranking_metrics(scores, relevance: dict, ks=(1, 5, 10)) -> dict[str, float]:
     """
     if not relevance:
         raise ValueError("a query needs at least one relevant candidate")
-    order = sorted(scores, key=lambda key: (-float(scores[key]), relevance.get(key, 0)))
-    gains = [relevance.get(key, 0) for key in order]
-    ideal = sorted(relevance.values(), reverse=True)
+    keys = list(scores)
+    return _ranked_metrics(np.array([float(scores[k]) for k in keys], dtype=np.float64),
+                           np.array([relevance.get(k, 0) for k in keys], dtype=np.float64),
+                           sorted(relevance.values(), reverse=True), ks)
+
+
+def _ranked_metrics(scores: np.ndarray, gains: np.ndarray, ideal: list, ks) -> dict[str, float]:
+    """:func:`ranking_metrics` on arrays: ``scores`` and ``gains`` (0: not relevant) per candidate,
+    ``ideal`` the relevant grades, highest first."""
+    top = gains[np.lexsort((gains, -scores))[:max(ks)]]  # by score, high first; ties: lower gain first
+    discount = 1 / np.log2(np.arange(2, max(ks) + 2))
+    ideal = np.asarray(ideal[:max(ks)], dtype=np.float64)
     out = {}
     for k in ks:
-        dcg = sum(g / math.log2(i + 2) for i, g in enumerate(gains[:k]))
-        idcg = sum(g / math.log2(i + 2) for i, g in enumerate(ideal[:k]))
-        out[f"hit@{k}"] = float(any(g > 0 for g in gains[:k]))
-        out[f"ndcg_linear@{k}"] = dcg / idcg
+        out[f"hit@{k}"] = float((top[:k] > 0).any())
+        out[f"ndcg_linear@{k}"] = float((top[:k] * discount[:len(top[:k])]).sum() /
+                                        (ideal[:k] * discount[:len(ideal[:k])]).sum())
     return out
 
 
@@ -621,8 +629,13 @@ def score_task(data: TaskData, q_emb: torch.Tensor, c_emb: torch.Tensor, keys: l
     column = {k: i for i, k in enumerate(keys)}
     per_query = []
     for i, relevant in enumerate(data.relevance):
-        pool = data.local[i] if data.local is not None else keys
-        per_query.append(ranking_metrics({k: sim[i, column[k]] for k in pool}, relevant))
+        if not relevant:
+            raise ValueError(f"query {i} has no relevant candidate")
+        pool = np.array([column[k] for k in data.local[i]]) if data.local is not None else np.arange(len(keys))
+        gains = np.zeros(len(keys))
+        gains[[column[k] for k in relevant if k in column]] = [g for k, g in relevant.items() if k in column]
+        per_query.append(_ranked_metrics(sim[i, pool], gains[pool], sorted(relevant.values(), reverse=True),
+                                         (1, 5, 10)))
     return mean_metrics(per_query)
 
 
