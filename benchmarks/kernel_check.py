@@ -1,0 +1,151 @@
+"""Kernel correctness at the model's shapes: the fused TTE kernel in bf16/fp16 against float64, forward and grads.
+
+Random packings of TTE samples (odd query and COT lengths, K in {0, 4, 16, 32}, some samples without COT) at
+Qwen2-VL-2B's attention shapes (12 query heads over 2 KV heads, head dim 128; also 64), every flag combination.
+The reference is explicit float64 softmax attention on the dense mask (:func:`tte_flash.mask.dense_mask`), on
+the same (rounded) inputs. A case passes when, for the output and each of dQ, dK, dV, the kernel's error
+(max abs, relative to the reference's max abs) is at most ``2 x`` that of the same computation done by PyTorch's
+plain attention computed in the low dtype throughout, plus ``--slack`` (the criterion of FlashAttention's
+tests: as accurate as a straightforward low-precision implementation); PyTorch SDPA's error in the low dtype
+(which keeps fp32 inside) is recorded beside it.
+
+    python benchmarks/kernel_check.py --out results/             # GPU: full shapes, ~4k-token packings
+    python benchmarks/kernel_check.py --tiny                     # CPU under TRITON_INTERPRET=1: the code path
+
+Exit status 1 when any case fails. Writes JSON rows when ``--out`` is given.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tte_flash.mask import COT, EMB, QUERY, THINK, dense_mask  # noqa: E402
+
+
+def random_packing(tokens: int, gen: torch.Generator, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Samples of (query 20-400, think K, emb, COT 0-200) tokens packed up to ``tokens`` (the last one cut)."""
+    seq, types, sample = [], [], 0
+    while len(seq) < tokens:
+        query = int(torch.randint(1, 400, (1,), generator=gen))
+        think = [0, 4, 16, 32][int(torch.randint(0, 4, (1,), generator=gen))]
+        cot = 0 if bool(torch.rand(1, generator=gen) < 0.3) else int(torch.randint(1, 200, (1,), generator=gen))
+        for token_type, n in ((QUERY, query), (THINK, think), (EMB, 1), (COT, cot)):
+            seq += [sample] * n
+            types += [token_type] * n
+        sample += 1
+    return (torch.tensor(seq[:tokens], dtype=torch.int32, device=device),
+            torch.tensor(types[:tokens], dtype=torch.uint8, device=device))
+
+
+def dense_attention(q, k, v, mask, scale):
+    """Explicit softmax attention, every op in q's dtype (the reference in float64; in a 16-bit dtype the
+    low-precision baseline, as FlashAttention's tests build theirs)."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    probs = (torch.einsum("ihd,jhd->hij", q, k) * scale).masked_fill(~mask, float("-inf")).softmax(-1)
+    return torch.einsum("hij,jhd->ihd", probs, v)
+
+
+def sdpa(q, k, v, mask, scale):
+    return torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=scale,
+        enable_gqa=q.shape[1] != k.shape[1]).transpose(0, 1)
+
+
+def _grads(fn, inputs, d_out):
+    leaves = [x.detach().clone().requires_grad_() for x in inputs]
+    out = fn(*leaves)
+    return [out.detach(), *torch.autograd.grad(out, leaves, d_out.to(out.dtype))]
+
+
+def check_case(tokens, q_heads, kv_heads, head_dim, dtype, think_bidirectional, cot_sees_query, seed, device,
+               slack) -> dict:
+    from tte_flash.kernels import tte_attention
+    gen = torch.Generator().manual_seed(seed)
+    seq_ids, types = random_packing(tokens, gen, device)
+    q, k, v = (torch.randn(tokens, h, head_dim, generator=gen).to(device, dtype)
+               for h in (q_heads, kv_heads, kv_heads))
+    d_out = torch.randn(tokens, q_heads, head_dim, generator=gen).to(device)
+    scale = head_dim ** -0.5
+    flags = dict(think_bidirectional=think_bidirectional, cot_sees_query=cot_sees_query)
+    mask = dense_mask(seq_ids, types, **flags)
+    reference = _grads(lambda a, b, c: dense_attention(a, b, c, mask, scale), [x.double() for x in (q, k, v)],
+                       d_out.double())
+    kernel = _grads(lambda a, b, c: tte_attention(a, b, c, seq_ids, types, scale=scale, **flags), [q, k, v], d_out)
+    # the baseline: the same attention computed in the low dtype throughout; PyTorch SDPA's error beside it
+    baseline = _grads(lambda a, b, c: dense_attention(a, b, c, mask, scale), [q, k, v], d_out)
+    framework = _grads(lambda a, b, c: sdpa(a, b, c, mask, scale), [q, k, v], d_out)
+    row = {"tokens": tokens, "samples": int(seq_ids[-1]) + 1, "q_heads": q_heads, "kv_heads": kv_heads,
+           "head_dim": head_dim, "dtype": str(dtype)[6:], "think_bidirectional": think_bidirectional,
+           "cot_sees_query": cot_sees_query, "seed": seed, "ok": True}
+    for name, got, base, torch_sdpa, want in zip(("out", "dq", "dk", "dv"), kernel, baseline, framework, reference):
+        size = want.abs().max().clamp(min=1e-12)
+        err = float((got.double() - want).abs().max() / size)
+        base_err = float((base.double() - want).abs().max() / size)
+        finite = bool(torch.isfinite(got).all())
+        row[f"{name}_err"], row[f"{name}_baseline_err"] = err, base_err
+        row[f"{name}_sdpa_err"] = float((torch_sdpa.double() - want).abs().max() / size)
+        if not finite or err > 2 * base_err + slack:
+            row["ok"] = False
+            row.setdefault("failed", []).append(name if finite else f"{name} (non-finite)")
+    return row
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tiny", action="store_true", help="small sizes (the CPU default, under the interpreter)")
+    p.add_argument("--tokens", type=int, nargs="+", default=None, help="packing sizes (default 1021 4093; tiny 97)")
+    p.add_argument("--head-dims", "--head_dims", type=int, nargs="+", default=None)
+    p.add_argument("--dtypes", nargs="+", choices=("bfloat16", "float16"), default=["bfloat16", "float16"])
+    p.add_argument("--seeds", type=int, default=2, help="random packings per shape")
+    p.add_argument("--slack", type=float, default=1e-3, help="absolute allowance on the relative error")
+    p.add_argument("--out", type=Path, default=None, help="directory for kernel_check.json")
+    args = p.parse_args(argv)
+    tiny = args.tiny or not torch.cuda.is_available()
+    args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.tokens = args.tokens or ([97] if tiny else [1021, 4093])
+    args.head_dims = args.head_dims or ([32] if tiny else [128, 64])
+    args.heads = (4, 2) if tiny else (12, 2)
+    if tiny and args.seeds > 1:
+        args.seeds = 1
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    rows, start = [], time.perf_counter()
+    cases = list(itertools.product(args.tokens, args.head_dims, args.dtypes, (False, True), (True, False),
+                                   range(args.seeds)))
+    for n, (tokens, head_dim, dtype, bidir, sees_query, seed) in enumerate(cases, 1):
+        row = check_case(tokens, *args.heads, head_dim, getattr(torch, dtype), bidir, sees_query, seed,
+                         args.device, args.slack)
+        rows.append(row)
+        print(f"  [{n}/{len(cases)}] T={tokens} d={head_dim} {dtype} bidir={bidir} cot_sees_query={sees_query} "
+              f"seed={seed}: {'ok' if row['ok'] else 'FAILED ' + ','.join(row['failed'])} "
+              f"(out {row['out_err']:.1e} vs {row['out_baseline_err']:.1e}, dk {row['dk_err']:.1e} vs "
+              f"{row['dk_baseline_err']:.1e}; SDPA {row['out_sdpa_err']:.1e}, {row['dk_sdpa_err']:.1e})", file=sys.stderr)
+    failed = [r for r in rows if not r["ok"]]
+    summary = {"cases": len(rows), "failed": len(failed), "seconds": round(time.perf_counter() - start, 1),
+               "device": args.device}
+    print(f"kernel_check: {len(rows) - len(failed)}/{len(rows)} cases within 2x the plain low-precision error + "
+          f"{args.slack}")
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "kernel_check.json").write_text(json.dumps({"summary": summary, "rows": rows}, indent=1))
+    return {"summary": summary, "rows": rows}
+
+
+if __name__ == "__main__":
+    sys.exit(1 if main()["summary"]["failed"] else 0)
