@@ -339,9 +339,11 @@ def test_mteb_model_meta_reads_the_card_and_rejects_bad_input(checkpoint, tmp_pa
     model, ckpt, _ = checkpoint
     copy = tmp_path / "ckpt-de"
     shutil.copytree(ckpt, copy)
-    write_model_card(copy, model.config, license="mit", languages=["de", "en"])
+    write_model_card(copy, model.config, license="mit", languages=["de", "en"], datasets=["TIGER-Lab/MMEB-train"])
     meta = model_meta(str(copy), training_datasets=set())
     assert meta.license == "mit" and meta.languages == ["deu-Latn", "eng-Latn"] and meta.training_datasets == set()
+    assert meta.public_training_data == "https://huggingface.co/datasets/TIGER-Lab/MMEB-train"
+    assert model_meta(str(ckpt)).public_training_data is None  # no datasets recorded
     before = meta.revision
     weights = copy / "model.safetensors"
     weights.write_bytes(weights.read_bytes())  # retrained weights: a new revision for mteb's result cache
