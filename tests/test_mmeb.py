@@ -476,7 +476,9 @@ def test_cli_with_the_tiny_model(fixture_root, tmp_path, capsys):
     args = ["--benchmark", "mmeb-v2", "--model", "tiny", "--data_root", str(root), "--output", str(tmp_path),
             "--tasks", "CIRR", "MSR-VTT", "ViDoRe_arxivqa", "--think_tokens", "2", "--batch_size", "4"]
     assert main(args) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
+    assert "[2/3] MSR-VTT: hit@1" in captured.err  # one progress line per task
     assert "image RET" in printed and "| RET | MSR-VTT | hit@1 |" in printed and "visdoc VDRv1" in printed
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert {r["status"] for r in summary["tasks"].values()} == {"done"}
@@ -484,6 +486,7 @@ def test_cli_with_the_tiny_model(fixture_root, tmp_path, capsys):
     for r in summary["tasks"].values():
         assert 0.0 <= r["score"] <= 1.0
     assert main(args) == 0  # resumed
+    assert "read back from" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("extra, message", [

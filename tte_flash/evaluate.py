@@ -295,7 +295,8 @@ def _main_mmeb_v2(args) -> int:
         summary = mmeb.run_benchmark(model, args.data_root, args.output, tasks=args.tasks, fingerprint=fingerprint,
                                      overwrite=args.overwrite, think_tokens=think_tokens, mode=args.mode[0],
                                      max_cot_tokens=args.max_cot_tokens, batch_size=args.batch_size,
-                                     num_frames=args.num_frames, limit=args.limit, reasoner=reasoner)
+                                     num_frames=args.num_frames, limit=args.limit, reasoner=reasoner,
+                                     progress=lambda line: print(line, file=sys.stderr, flush=True))
     except (ValueError, FileNotFoundError, ImportError) as err:
         print(f"tte_flash.evaluate: error: {err}", file=sys.stderr)
         return 2

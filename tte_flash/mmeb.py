@@ -692,11 +692,12 @@ def _stored(path: Path, fingerprint: dict, overwrite: bool):
 
 
 def run_benchmark(model, data_root, output_dir, tasks=None, fingerprint: dict | None = None, overwrite=False,
-                  **eval_kwargs) -> dict:
+                  progress=None, **eval_kwargs) -> dict:
     """Every selected task, resumably: a task whose score file exists with the same ``fingerprint`` is
     read back, not recomputed. A task whose test file is missing is reported as missing; one that
     fails (a missing frame, a bad row) as an error with the message. Both are left out of the means.
-    Writes ``summary.json`` and ``summary.md`` under ``output_dir``; returns the summary."""
+    Writes ``summary.json`` and ``summary.md`` under ``output_dir``; returns the summary.
+    ``progress``: called with one line per task (default: the module logger at INFO)."""
     data_root = Path(data_root)
     if not data_root.is_dir():
         raise FileNotFoundError(f"--data_root {data_root} is not a folder")
@@ -705,26 +706,29 @@ def run_benchmark(model, data_root, output_dir, tasks=None, fingerprint: dict | 
     selected = select_tasks(tasks)
     for task in selected:  # refuse another run's files before any work
         _stored(score_path(output_dir, task), fingerprint, overwrite)
+    progress = progress or logger.info
     results = {}
-    for task in selected:
-        path = score_path(output_dir, task)
+    for number, task in enumerate(selected, 1):
+        path, where = score_path(output_dir, task), f"[{number}/{len(selected)}] {task.name}"
         stored = _stored(path, fingerprint, overwrite)
         if stored is not None:
-            logger.info("%s: read back from %s", task.name, path)
             results[task.name] = {**stored, "status": "done", "resumed": True}
+            progress(f"{where}: {task.metric} {stored['score']:.4f} (read back from {path})")
             continue
         try:
             result = evaluate_task(model, task, data_root, **eval_kwargs)
         except MissingTask as err:
             results[task.name] = {"task": task.name, "status": "missing", "reason": str(err)}
+            progress(f"{where}: MISSING: {err}")
             continue
         except (FileNotFoundError, ValueError, KeyError, IndexError) as err:
             results[task.name] = {"task": task.name, "status": "error", "reason": f"{type(err).__name__}: {err}"}
-            logger.error("%s failed: %s", task.name, err)
+            progress(f"{where}: ERROR: {type(err).__name__}: {err}")
             continue
         write_json_atomic(path, {**result, "fingerprint": fingerprint})
         results[task.name] = {**result, "status": "done", "resumed": False}
-        logger.info("%s: %s = %.4f", task.name, task.metric, result["score"])
+        progress(f"{where}: {task.metric} {result['score']:.4f} ({result['num_pred']} queries, "
+                 f"{result['num_candidates']} candidates, {result['seconds']:.1f} s)")
     summary = {"benchmark": "MMEB-V2", "fingerprint": fingerprint, "aggregate": aggregate(results, selected),
                "tasks": results}
     write_json_atomic(Path(output_dir) / "summary.json", summary)
