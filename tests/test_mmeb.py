@@ -346,7 +346,7 @@ class IdModel:
 
     def __init__(self, table):
         self.table = torch.as_tensor(table, dtype=torch.float32)
-        self.calls = 0
+        self.calls, self.document_calls, self.query_budgets = 0, 0, []
 
     def ids(self, item):
         found = []
@@ -369,10 +369,12 @@ class IdModel:
         self.calls += 1
         return torch.stack([sum(self.table[i] for i in self.ids(item)) for item in items])
 
-    def encode_query(self, items, **kwargs):
+    def encode_query(self, items, think_tokens=0, **kwargs):
+        self.query_budgets.append(think_tokens)
         return self._encode(items)
 
     def encode_document(self, items, **kwargs):
+        self.document_calls += 1
         return self._encode(items)
 
     @staticmethod
@@ -458,6 +460,26 @@ def test_resume_missing_and_broken_tasks(fixture_root, tmp_path):
     assert result["aggregate"]["overall"]["score"] is None
 
 
+def test_several_budgets_share_the_candidates(fixture_root, tmp_path):
+    root, _ = fixture_root
+    model = IdModel(ORACLE)
+    tasks = ["ImageNet-1K", "MSR-VTT"]
+    summaries = mmeb.run_benchmark(model, root, tmp_path, tasks=tasks, think_tokens=[0, 4])
+    assert model.document_calls == 2 and model.query_budgets == [0, 4, 0, 4]  # per task: documents once, each K
+    assert set(summaries) == {0, 4}
+    for k in (0, 4):
+        stored = json.loads((tmp_path / f"k{k}" / "video" / "MSR-VTT_score.json").read_text())
+        assert stored["think_tokens"] == k and stored["fingerprint"]["think_tokens"] == k
+        assert json.loads((tmp_path / f"k{k}" / "summary.json").read_text())["aggregate"] == summaries[k]["aggregate"]
+    single = mmeb.run_benchmark(IdModel(ORACLE), root, tmp_path / "single", tasks=tasks, think_tokens=4)
+    assert single["aggregate"] == summaries[4]["aggregate"]
+    # one K already done: only the other is computed, documents encoded once more
+    (tmp_path / "k4" / "video" / "MSR-VTT_score.json").unlink()
+    again = IdModel(ORACLE)
+    mmeb.run_benchmark(again, root, tmp_path, tasks=tasks, think_tokens=[0, 4])
+    assert again.query_budgets == [4] and again.document_calls == 1
+
+
 def test_test_file_locations(tmp_path):
     task = mmeb.TASKS["Video-MME"]
     with pytest.raises(mmeb.MissingTask, match="Video-MME/test-"):
@@ -478,7 +500,7 @@ def test_cli_with_the_tiny_model(fixture_root, tmp_path, capsys):
     assert main(args) == 0
     captured = capsys.readouterr()
     printed = captured.out
-    assert "[2/3] MSR-VTT: hit@1" in captured.err  # one progress line per task
+    assert "[2/3] MSR-VTT K=2: hit@1" in captured.err  # one progress line per task
     assert "image RET" in printed and "| RET | MSR-VTT | hit@1 |" in printed and "visdoc VDRv1" in printed
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert {r["status"] for r in summary["tasks"].values()} == {"done"}
@@ -486,12 +508,20 @@ def test_cli_with_the_tiny_model(fixture_root, tmp_path, capsys):
     for r in summary["tasks"].values():
         assert 0.0 <= r["score"] <= 1.0
     assert main(args) == 0  # resumed
-    assert "read back from" in capsys.readouterr().err
+    assert "(read back)" in capsys.readouterr().err
+    two = ["--benchmark", "mmeb-v2", "--model", "tiny", "--data_root", str(root), "--output", str(tmp_path / "two"),
+           "--tasks", "MSR-VTT", "--think_tokens", "0", "2"]
+    assert main(two) == 0
+    for k in (0, 2):
+        assert json.loads((tmp_path / "two" / f"k{k}" / "summary.json").read_text())["fingerprint"]["think_tokens"] == k
+    assert "k2/summary.json" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("extra, message", [
     ([], "--data_root is required"),
-    (["--data_root", "x", "--output", "o", "--think_tokens", "0", "4"], "one --think_tokens value"),
+    (["--data_root", "x", "--output", "o", "--mode", "latent", "explicit-cot"], "one --mode per run"),
+    (["--data_root", "x", "--output", "o", "--think_tokens", "auto"], "auto is not supported"),
+    (["--data_root", "missing", "--output", "o"], "--data_root missing is not a folder"),
     (["--data_root", "x", "--output", "o", "--data", "f.jsonl"], "--data is for --benchmark mmeb-file"),
     (["--data_root", "x", "--output", "o", "--tasks", "nope"], "unknown MMEB-V2 task 'nope'"),
 ])

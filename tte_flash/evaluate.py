@@ -239,7 +239,8 @@ def main(argv=None) -> int:
     parser.add_argument("--max_cot_tokens", "--max-cot-tokens", type=int, default=128)
     parser.add_argument("--batch_size", "--batch-size", type=int, default=32)
     parser.add_argument("--output", default=None, help="mmeb-file: write the results JSON here; mmeb-v2: the results "
-                                                       "folder (per-task score files, summary.json, summary.md)")
+                                                       "folder (per-task score files, summary.json, summary.md; "
+                                                       "one k<K> sub-folder per K when several are given)")
     parser.add_argument("--dataset", default=None, help="name in the results (default: meta.json name or file stem)")
     parser.add_argument("--limit", type=int, default=None, help="evaluate the first N rows only")
     parser.add_argument("--no_shortcut", "--no-shortcut", action="store_true", help="skip the shortcut baselines")
@@ -279,9 +280,8 @@ def _main_mmeb_v2(args) -> int:
     problems = [text for bad, text in (
         (args.data_root is None, "--data_root is required"), (args.output is None, "--output (a folder) is required"),
         (args.data is not None, "--data is for --benchmark mmeb-file; give the MMEB-V2 copy as --data_root"),
-        (args.think_tokens is not None and len(args.think_tokens) > 1, "one --think_tokens value per run (one "
-         "results folder per K)"), (len(args.mode) > 1, "one --mode per run"),
-        (args.think_tokens == ["auto"], "--think_tokens auto is not supported for mmeb-v2")) if bad]
+        (len(args.mode) > 1, "one --mode per run"),
+        ("auto" in (args.think_tokens or []), "--think_tokens auto is not supported for mmeb-v2")) if bad]
     if problems:
         print(f"tte_flash.evaluate: error: --benchmark mmeb-v2: {'; '.join(problems)}", file=sys.stderr)
         return 2
@@ -289,7 +289,8 @@ def _main_mmeb_v2(args) -> int:
         mmeb.select_tasks(args.tasks)  # a typo fails before the model loads
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         model = load_model(args.model, device)
-        think_tokens = args.think_tokens[0] if args.think_tokens else model.config.default_think_tokens
+        budgets = args.think_tokens or [model.config.default_think_tokens]
+        think_tokens = budgets if len(budgets) > 1 else budgets[0]  # several: one results folder per K
         reasoner = load_model(args.reasoner, device) if args.reasoner else None
         fingerprint = {"model": args.model, "model_id": _model_id(args.model, model), "reasoner": args.reasoner}
         summary = mmeb.run_benchmark(model, args.data_root, args.output, tasks=args.tasks, fingerprint=fingerprint,
@@ -300,9 +301,13 @@ def _main_mmeb_v2(args) -> int:
     except (ValueError, FileNotFoundError, ImportError) as err:
         print(f"tte_flash.evaluate: error: {err}", file=sys.stderr)
         return 2
-    print((Path(args.output) / "summary.md").read_text(encoding="utf-8"))
-    print(f"wrote {Path(args.output) / 'summary.json'} and per-task scores under {args.output}/<modality>/")
-    return 1 if any(r["status"] == "error" for r in summary["tasks"].values()) else 0
+    summaries = summary if isinstance(think_tokens, list) else {think_tokens: summary}
+    for k, one in summaries.items():
+        folder = Path(args.output) / f"k{k}" if isinstance(think_tokens, list) else Path(args.output)
+        print((folder / "summary.md").read_text(encoding="utf-8"))
+        print(f"wrote {folder / 'summary.json'} and per-task scores under {folder}/<modality>/")
+    failed = any(r["status"] == "error" for one in summaries.values() for r in one["tasks"].values())
+    return 1 if failed else 0
 
 
 def _model_id(name: str, model) -> str:

@@ -640,8 +640,9 @@ def score_task(data: TaskData, q_emb: torch.Tensor, c_emb: torch.Tensor, keys: l
 
 
 def evaluate_task(model, task: Task, data_root, think_tokens=0, mode="latent", max_cot_tokens=128, batch_size=32,
-                  num_frames=8, limit=None, show_progress_bar=None, reasoner=None) -> dict:
-    """Load, encode and score one task; returns its score dict (VLM2Vec's ``*_score.json`` keys and more)."""
+                  num_frames=8, limit=None, show_progress_bar=None, reasoner=None):
+    """Load, encode and score one task; returns its score dict (VLM2Vec's ``*_score.json`` keys and more).
+    ``think_tokens`` a list: ``{K: score dict}``, the candidates encoded once for every K."""
     start = time.perf_counter()
     data = load_task(task, data_root, num_frames=num_frames, limit=limit)
     if not data.queries:
@@ -649,15 +650,21 @@ def evaluate_task(model, task: Task, data_root, think_tokens=0, mode="latent", m
     keys = list(data.candidates)
     c_emb = model.encode_document([data.candidates[k] for k in keys], batch_size=batch_size, convert_to_tensor=True,
                                   show_progress_bar=show_progress_bar)
+    document_seconds = time.perf_counter() - start
     extra = {"reasoner": reasoner} if reasoner is not None and mode == "explicit-cot" else {}
-    q_emb = model.encode_query(data.queries, think_tokens=think_tokens, mode=mode, max_cot_tokens=max_cot_tokens,
-                               batch_size=batch_size, convert_to_tensor=True, show_progress_bar=show_progress_bar,
-                               **extra)
-    metrics = score_task(data, q_emb, c_emb, keys, model.similarity)
-    return {"task": task.name, "modality": task.modality, "category": task.category, "metric": task.metric,
-            "score": metrics[task.metric], **metrics, "num_pred": len(data.queries), "num_data": len(data.queries),
-            "num_candidates": len(keys), "eval_type": task.eval_type, "notes": data.notes,
-            "seconds": round(time.perf_counter() - start, 3)}
+    results = {}
+    for k in (think_tokens if isinstance(think_tokens, (list, tuple)) else [think_tokens]):
+        start = time.perf_counter()
+        q_emb = model.encode_query(data.queries, think_tokens=k, mode=mode, max_cot_tokens=max_cot_tokens,
+                                   batch_size=batch_size, convert_to_tensor=True, show_progress_bar=show_progress_bar,
+                                   **extra)
+        metrics = score_task(data, q_emb, c_emb, keys, model.similarity)
+        results[k] = {"task": task.name, "modality": task.modality, "category": task.category, "metric": task.metric,
+                      "score": metrics[task.metric], **metrics, "num_pred": len(data.queries),
+                      "num_data": len(data.queries), "num_candidates": len(keys), "eval_type": task.eval_type,
+                      "think_tokens": k, "notes": data.notes, "document_seconds": round(document_seconds, 3),
+                      "query_seconds": round(time.perf_counter() - start, 3)}
+    return results if isinstance(think_tokens, (list, tuple)) else results[think_tokens]
 
 
 # ---------------------------------------------------------------------------------------- the benchmark
@@ -692,48 +699,67 @@ def _stored(path: Path, fingerprint: dict, overwrite: bool):
 
 
 def run_benchmark(model, data_root, output_dir, tasks=None, fingerprint: dict | None = None, overwrite=False,
-                  progress=None, **eval_kwargs) -> dict:
+                  progress=None, think_tokens=0, **eval_kwargs):
     """Every selected task, resumably: a task whose score file exists with the same ``fingerprint`` is
     read back, not recomputed. A task whose test file is missing is reported as missing; one that
     fails (a missing frame, a bad row) as an error with the message. Both are left out of the means.
     Writes ``summary.json`` and ``summary.md`` under ``output_dir``; returns the summary.
+
+    ``think_tokens`` a list of budgets: one results folder per K (``output_dir/k<K>``), the candidates
+    encoded once per task for all of them; returns ``{K: summary}``.
     ``progress``: called with one line per task (default: the module logger at INFO)."""
     data_root = Path(data_root)
     if not data_root.is_dir():
         raise FileNotFoundError(f"--data_root {data_root} is not a folder")
-    fingerprint = {**(fingerprint or {}), **{k: eval_kwargs.get(k) for k in
-                                             ("think_tokens", "mode", "max_cot_tokens", "num_frames", "limit")}}
+    several = isinstance(think_tokens, (list, tuple))
+    budgets = list(dict.fromkeys(think_tokens)) if several else [think_tokens]
+    folders = {k: Path(output_dir) / f"k{k}" if several else Path(output_dir) for k in budgets}
+    fingerprints = {k: {**(fingerprint or {}), "think_tokens": k, **{name: eval_kwargs.get(name) for name in
+                                                                      ("mode", "max_cot_tokens", "num_frames", "limit")}}
+                    for k in budgets}
     selected = select_tasks(tasks)
     for task in selected:  # refuse another run's files before any work
-        _stored(score_path(output_dir, task), fingerprint, overwrite)
+        for k in budgets:
+            _stored(score_path(folders[k], task), fingerprints[k], overwrite)
     progress = progress or logger.info
-    results = {}
+    results = {k: {} for k in budgets}
     for number, task in enumerate(selected, 1):
-        path, where = score_path(output_dir, task), f"[{number}/{len(selected)}] {task.name}"
-        stored = _stored(path, fingerprint, overwrite)
-        if stored is not None:
-            results[task.name] = {**stored, "status": "done", "resumed": True}
-            progress(f"{where}: {task.metric} {stored['score']:.4f} (read back from {path})")
+        where = f"[{number}/{len(selected)}] {task.name}"
+        todo = []
+        for k in budgets:
+            stored = _stored(score_path(folders[k], task), fingerprints[k], overwrite)
+            if stored is None:
+                todo.append(k)
+                continue
+            results[k][task.name] = {**stored, "status": "done", "resumed": True}
+            progress(f"{where} K={k}: {task.metric} {stored['score']:.4f} (read back)")
+        if not todo:
             continue
         try:
-            result = evaluate_task(model, task, data_root, **eval_kwargs)
+            computed = evaluate_task(model, task, data_root, think_tokens=todo, **eval_kwargs)
         except MissingTask as err:
-            results[task.name] = {"task": task.name, "status": "missing", "reason": str(err)}
+            for k in todo:
+                results[k][task.name] = {"task": task.name, "status": "missing", "reason": str(err)}
             progress(f"{where}: MISSING: {err}")
             continue
         except (FileNotFoundError, ValueError, KeyError, IndexError) as err:
-            results[task.name] = {"task": task.name, "status": "error", "reason": f"{type(err).__name__}: {err}"}
+            for k in todo:
+                results[k][task.name] = {"task": task.name, "status": "error", "reason": f"{type(err).__name__}: {err}"}
             progress(f"{where}: ERROR: {type(err).__name__}: {err}")
             continue
-        write_json_atomic(path, {**result, "fingerprint": fingerprint})
-        results[task.name] = {**result, "status": "done", "resumed": False}
-        progress(f"{where}: {task.metric} {result['score']:.4f} ({result['num_pred']} queries, "
-                 f"{result['num_candidates']} candidates, {result['seconds']:.1f} s)")
-    summary = {"benchmark": "MMEB-V2", "fingerprint": fingerprint, "aggregate": aggregate(results, selected),
-               "tasks": results}
-    write_json_atomic(Path(output_dir) / "summary.json", summary)
-    (Path(output_dir) / "summary.md").write_text(format_markdown(summary, selected) + "\n", encoding="utf-8")
-    return summary
+        for k, result in computed.items():
+            write_json_atomic(score_path(folders[k], task), {**result, "fingerprint": fingerprints[k]})
+            results[k][task.name] = {**result, "status": "done", "resumed": False}
+            progress(f"{where} K={k}: {task.metric} {result['score']:.4f} ({result['num_pred']} queries, "
+                     f"{result['num_candidates']} candidates, {result['document_seconds'] + result['query_seconds']:.1f} s)")
+    summaries = {}
+    for k in budgets:
+        summary = {"benchmark": "MMEB-V2", "fingerprint": fingerprints[k], "aggregate": aggregate(results[k], selected),
+                   "tasks": results[k]}
+        write_json_atomic(folders[k] / "summary.json", summary)
+        (folders[k] / "summary.md").write_text(format_markdown(summary, selected) + "\n", encoding="utf-8")
+        summaries[k] = summary
+    return summaries if several else summaries[think_tokens]
 
 
 def aggregate(results: dict, selected: list[Task]) -> dict:
@@ -766,7 +792,8 @@ def format_markdown(summary: dict, selected: list[Task]) -> str:
     """One table per modality (its tasks, then each category mean and the modality mean), the
     aggregated row as the paper lays it out, and the missing / failed tasks. Scores x 100."""
     agg, results = summary["aggregate"], summary["tasks"]
-    lines = ["# MMEB-V2", "", "Scores x 100; `a (n/N)`: mean over the n of N tasks that finished.", ""]
+    setting = ", ".join(f"{k} {v}" for k, v in summary["fingerprint"].items() if v is not None)
+    lines = ["# MMEB-V2", "", setting, "", "Scores x 100; `a (n/N)`: mean over the n of N tasks that finished.", ""]
     header = ["Overall"]
     row = [_cell(agg["overall"])]
     for modality, categories in CATEGORIES.items():
