@@ -59,8 +59,8 @@ from _latency_workload import (ATTN_CHOICES, Bench, Config, build_bench, embed, 
 from tte_flash.attention import resolve_backend  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# warm-up rounds, minimum timed rounds, and the time budget of one group's timed rounds (seconds)
-RUN_DEFAULTS = {"tiny": (1, 6, 15.0), None: (2, 6, 60.0)}
+# warm-up rounds, minimum timed rounds (6: the fewest with a 95% CI of a median), one group's budget (seconds)
+RUN_DEFAULTS = {"tiny": (1, 6, 15.0), None: (1, 6, 60.0)}
 
 
 # ---------------------------------------------------------------------------------------------- run
@@ -140,8 +140,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cot-tokens", "--cot_tokens", type=int, nargs="*", default=[32, 128],
                    help="explicit-CoT trace lengths N (none: skip explicit CoT)")
     p.add_argument("--batch-sizes", "--batch_sizes", type=int, nargs="+", default=[1, 8])
-    p.add_argument("--warmup", type=int, default=None, help="untimed warm-up rounds per group (default by preset: "
-                                                            "tiny 1, else 2)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="untimed warm-up rounds per group, each config once per round (default 1)")
     p.add_argument("--repeats", type=int, default=None,
                    help="minimum timed rounds per group, even past --max-seconds (default 6: the fewest that give "
                         "a 95%% CI of a median)")
