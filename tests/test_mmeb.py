@@ -1,6 +1,7 @@
 """MMEB-V2 runner: the ranking metrics against hand computations, sklearn and pytrec_eval; every loader on
 a tiny copy of the published layout (built here, on the fly); scores against an independent recomputation
 from the fixture's own spec; resume, missing and broken tasks; the CLI with the real tiny model."""
+import dataclasses
 import hashlib
 import json
 import math
@@ -478,6 +479,35 @@ def test_several_budgets_share_the_candidates(fixture_root, tmp_path):
     again = IdModel(ORACLE)
     mmeb.run_benchmark(again, root, tmp_path, tasks=tasks, think_tokens=[0, 4])
     assert again.query_budgets == [4] and again.document_calls == 1
+
+
+def test_label_lists_from_vlm2vec_file(tmp_path, capsys):
+    source = tmp_path / "video_classification_utils.py"
+    source.write_text('raise SystemExit("a labels file is read, never run")\n'
+                      "BREAKFAST_LABELS = ['pancake', 'tea']\nK700_LABELS = ['abseiling', 'air drumming', 'yoga']\n"
+                      "UCF101_LABELS = ['Archery']\nHMDB51_LABELS = ['brush_hair', 'cartwheel']\nSSV2_LABELS = ['x']\n"
+                      "VIDEOCLS_LABEL_MAPPING = {'Kinetics-700': K700_LABELS, 'SmthSmthV2': SSV2_LABELS, "
+                      "'UCF101': UCF101_LABELS, 'HMDB51': HMDB51_LABELS, 'Breakfast': BREAKFAST_LABELS}\n")
+    assert mmeb.main(["--write_labels", str(source), "--data_root", str(tmp_path / "data")]) == 0
+    assert "K700: 3 labels" in capsys.readouterr().out
+    assert (tmp_path / "data/video-tasks/Kinetics-700/labels.txt").read_text() == "abseiling\nair drumming\nyoga\n"
+    assert (tmp_path / "data/video-tasks/Breakfast/labels.txt").read_text() == "pancake\ntea\n"
+    assert mmeb.main(["--write_labels", str(source), "--data_root", str(tmp_path / "data")]) == 2  # never overwritten
+    assert "exists" in capsys.readouterr().err
+    source.write_text("K700_LABELS = ['a']\n")
+    assert mmeb.main(["--write_labels", str(source), "--data_root", str(tmp_path / "x")]) == 2
+    assert "VIDEOCLS_LABEL_MAPPING" in capsys.readouterr().err
+
+
+def test_query_cap_of_a_task(fixture_root):
+    root, _ = fixture_root
+    task = mmeb.TASKS["SmthSmthV2"]
+    assert task.max_queries == 1000  # VLM2Vec's num_sample_per_subset for SSv2
+    assert len(mmeb.load_task(task, root).queries) == 3
+    capped = dataclasses.replace(task, max_queries=2)
+    assert len(mmeb.load_task(capped, root).queries) == 2
+    assert len(mmeb.load_task(capped, root, limit=1).queries) == 1
+    assert len(mmeb.load_task(capped, root, limit=5).queries) == 2
 
 
 def test_test_file_locations(tmp_path):

@@ -19,6 +19,8 @@ imported by :mod:`tte_flash.evaluate` and the shortcut baselines of :mod:`tte_fl
 """
 from __future__ import annotations
 
+import ast
+import dataclasses
 import hashlib
 import json
 import logging
@@ -151,6 +153,7 @@ class Task:
     eval_type: str     # local: rank the query's own candidates; global: rank the whole pool
     annotation: tuple  # (dir under data_root, subset or None, split): where the test file lives
     media: str         # image_root / frame_root under data_root
+    max_queries: int | None = None  # VLM2Vec's num_sample_per_subset: only the first N rows are evaluated
 
     @property
     def metric(self) -> str:
@@ -168,9 +171,9 @@ def _image(category, parser, names):
     return [Task(n, "image", category, parser, "local", ("image-tasks", n, "test"), "image-tasks") for n in names]
 
 
-def _video(category, parser, name, hf_dir, media, eval_type, subset=None, split="test"):
+def _video(category, parser, name, hf_dir, media, eval_type, subset=None, split="test", max_queries=None):
     return Task(name, "video", category, parser, eval_type, (f"video-tasks/{hf_dir}", subset, split),
-                f"video-tasks/frames/{media}")
+                f"video-tasks/frames/{media}", max_queries)
 
 
 def _visdoc(category, parser, name, hf_dir, media):
@@ -187,7 +190,7 @@ TASKS: dict[str, Task] = {t.name: t for t in [
     *_image("RET", "image_t2i", ["VisDial", "MSCOCO_t2i", "VisualNews_t2i", "WebQA", "EDIS", "Wiki-SS-NQ"]),
     *_image("RET", "image_i2i_vg", ["CIRR", "NIGHTS", "OVEN", "FashionIQ"]),
     *_image("VG", "image_i2i_vg", ["MSCOCO", "RefCOCO", "RefCOCO-Matching", "Visual7W-Pointing"]),
-    _video("CLS", "ssv2", "SmthSmthV2", "SmthSmthV2", "video_cls/SSv2", "local"),
+    _video("CLS", "ssv2", "SmthSmthV2", "SmthSmthV2", "video_cls/SSv2", "local", max_queries=1000),
     _video("CLS", "video_cls", "HMDB51", "HMDB51", "video_cls/HMDB51", "global"),
     _video("CLS", "video_cls", "UCF101", "UCF101", "video_cls/UCF101", "global"),
     _video("CLS", "video_cls", "K700", "Kinetics-700", "video_cls/K700", "global"),
@@ -341,6 +344,7 @@ def _require(rows, columns, task):
 def load_task(task: Task, data_root, num_frames: int = 8, limit: int | None = None) -> TaskData:
     """Queries, candidates and relevance of one task, read from ``data_root`` in VLM2Vec's layout."""
     loader = globals()[f"_load_{task.parser}"]
+    limit = min(x for x in (limit, task.max_queries) if x) if (limit or task.max_queries) else None
     return loader(task, Path(data_root), num_frames, limit)
 
 
@@ -540,8 +544,8 @@ def _load_video_qa(task, root, num_frames, limit):
 
 def _subset_files(root, task, subset):
     try:
-        return annotation_files(root, Task(task.name, task.modality, task.category, task.parser, task.eval_type,
-                                           (task.annotation[0], subset, task.annotation[2]), task.media))
+        return annotation_files(root, dataclasses.replace(task, annotation=(task.annotation[0], subset,
+                                                                             task.annotation[2])))
     except MissingTask:
         return []
 
@@ -619,6 +623,37 @@ def _page(media: Path, task: Task, row):
     if isinstance(image, dict) and image.get("bytes"):
         return image["bytes"]
     raise FileNotFoundError(f"{task.name}: page image not found: {path} (and the corpus row has no image bytes)")
+
+
+def write_label_lists(vlm2vec_labels_file, data_root, overwrite: bool = False) -> dict[str, Path]:
+    """Write ``video-tasks/<dir>/labels.txt`` for the four global video classification tasks from a copy
+    of VLM2Vec's ``src/data/eval_dataset/video_classification_utils.py`` (read as data with ``ast``, never
+    run): the class lists VLM2Vec ranks against. Returns ``{task: written file}``."""
+    source = Path(vlm2vec_labels_file)
+    tree = ast.parse(source.read_text(encoding="utf-8"), filename=str(source))
+    lists, mapping = {}, None
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            name = node.targets[0].id
+            if isinstance(node.value, ast.List):
+                lists[name] = ast.literal_eval(node.value)
+            elif name == "VIDEOCLS_LABEL_MAPPING" and isinstance(node.value, ast.Dict):
+                mapping = {ast.literal_eval(k): v.id for k, v in zip(node.value.keys, node.value.values)
+                           if isinstance(v, ast.Name)}
+    if mapping is None:
+        raise ValueError(f"{source}: no VIDEOCLS_LABEL_MAPPING dict of label lists")
+    written = {}
+    for task in (t for t in TASKS.values() if t.parser == "video_cls"):
+        hf_dir = task.annotation[0].split("/", 1)[1]
+        if hf_dir not in mapping or mapping[hf_dir] not in lists:
+            raise ValueError(f"{source}: no label list for {hf_dir} in VIDEOCLS_LABEL_MAPPING")
+        path = Path(data_root) / task.annotation[0] / "labels.txt"
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{path} exists (pass overwrite=True / --overwrite to replace it)")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("\n".join(lists[mapping[hf_dir]]) + "\n", encoding="utf-8")
+        written[task.name] = path
+    return written
 
 
 # ---------------------------------------------------------------------------------------- scoring a task
@@ -821,3 +856,28 @@ def format_markdown(summary: dict, selected: list[Task]) -> str:
         lines += ["## Not scored (left out of every mean)", ""]
         lines += [f"- {r['task']} ({r['status']}): {r['reason']}" for r in problems]
     return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    """``python -m tte_flash.mmeb --write_labels VLM2VEC_FILE --data_root DIR``: the class lists of the
+    video classification tasks (see :func:`write_label_lists`). Evaluation is ``tte_flash.evaluate``."""
+    import argparse
+    import sys
+    parser = argparse.ArgumentParser(prog="python -m tte_flash.mmeb", description=main.__doc__.split("\n")[0])
+    parser.add_argument("--write_labels", "--write-labels", required=True, metavar="VLM2VEC_FILE",
+                        help="VLM2Vec's src/data/eval_dataset/video_classification_utils.py")
+    parser.add_argument("--data_root", "--data-root", required=True)
+    parser.add_argument("--overwrite", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        written = write_label_lists(args.write_labels, args.data_root, overwrite=args.overwrite)
+    except (OSError, SyntaxError, ValueError) as err:
+        print(f"tte_flash.mmeb: error: {err}", file=sys.stderr)
+        return 2
+    for task, path in written.items():
+        print(f"{task}: {len(path.read_text(encoding='utf-8').splitlines())} labels -> {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
