@@ -355,3 +355,19 @@ def test_mteb_model_meta_reads_the_card_and_rejects_bad_input(checkpoint, tmp_pa
         register(str(tmp_path / "qwen"))
     with pytest.raises(FileNotFoundError, match="no TTE-Flash checkpoint"):
         register(str(tmp_path / "missing"))
+    (copy / "README.md").write_text("---\nlicense: [unclosed\n---\n# notes\n")
+    with pytest.raises(ValueError, match="README.md: the model card's metadata does not parse"):
+        model_meta(str(copy))
+
+
+def test_sentence_transformer_encoder_refuses_other_models():
+    pytest.importorskip("mteb")
+    st = pytest.importorskip("sentence_transformers")
+    try:
+        from sentence_transformers.base.modules import Normalize  # sentence-transformers >= 6
+    except ImportError:
+        from sentence_transformers.models import Normalize
+    from tte_flash.integrations.mteb import sentence_transformer_encoder
+    other = st.SentenceTransformer(modules=[Normalize()], device="cpu")
+    with pytest.raises(ValueError, match="first module is Normalize"):
+        sentence_transformer_encoder(other)

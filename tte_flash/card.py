@@ -196,7 +196,7 @@ def _training_text(training) -> str:
     return "\n".join(lines) + "\n\nRecipe: `python training/train.py` (see the TTE-Flash repository's training/README.md)."
 
 
-def _hub_id(name) -> str | None:
+def hub_id(name) -> str | None:
     """``name`` when it reads as a Hub repository id (``owner/name``, not a local path), else None."""
     name = str(name or "")
     parts = name.split("/")
@@ -210,7 +210,7 @@ DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".tsv", ".txt", ".arrow"
 
 def _dataset_ids(train_data) -> list[str] | None:
     """The training data entries that are Hub dataset ids (``owner/name``), not local files."""
-    ids = [str(d) for d in train_data or [] if _hub_id(d) and not str(d).lower().endswith(DATA_SUFFIXES)]
+    ids = [str(d) for d in train_data or [] if hub_id(d) and not str(d).lower().endswith(DATA_SUFFIXES)]
     return ids or None
 
 
@@ -240,7 +240,7 @@ def build_model_card(config, *, model_id: str = "path/to/this/model", eval_resul
     ``datasets``: Hub dataset ids (default: the recorded training data that are Hub ids)."""
     languages = list(languages or DEFAULT_LANGUAGES)
     datasets = datasets or _dataset_ids((training or {}).get("train_data"))
-    base_model = _hub_id(getattr(config, "backbone_name_or_path", None))
+    base_model = hub_id(getattr(config, "backbone_name_or_path", None))
     rows = eval_rows(eval_results)
     document_retrieval = any(r["metric"].lower().startswith("ndcg") for r in rows) and \
         not any(r["metric"].lower().startswith("hit") for r in rows)
@@ -289,13 +289,13 @@ def write_model_card(directory, config, *, model_id: str | None = None, force: b
         return None
     found = read_results(directory)
     options = {"eval_results": found.get("eval"), "latency": found.get("latency"), "training": found.get("training"),
-               "cot_probe": found.get("cot_probe"), "n_parameters": _parameter_count(directory),
+               "cot_probe": found.get("cot_probe"), "n_parameters": parameter_count(directory),
                "sentence_transformers": (Path(directory) / "modules.json").is_file(), **kwargs}
     build_model_card(config, model_id=model_id or str(directory), **options).save(path)
     return path
 
 
-def _parameter_count(directory) -> int | None:
+def parameter_count(directory) -> int | None:
     """Parameters in the directory's safetensors files (headers only), None when there are none."""
     files = sorted(Path(directory).glob("*.safetensors"))
     if not files:

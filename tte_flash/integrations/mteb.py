@@ -28,6 +28,7 @@ of this model for mteb with its image and video modalities (mteb's own wrapper o
 from __future__ import annotations
 
 import hashlib
+import warnings
 from pathlib import Path
 from typing import get_args
 
@@ -39,7 +40,7 @@ from mteb.models.model_meta import ModelMeta
 from mteb.types import PromptType
 from PIL import Image
 
-from ..card import CITATION, DEFAULT_LANGUAGES, DEFAULT_LICENSE, _hub_id
+from ..card import CITATION, DEFAULT_LANGUAGES, DEFAULT_LICENSE, hub_id, parameter_count
 from ..configuration import TTEFlashConfig
 from ..modeling import TTEFlashModel
 from .st_files import DOCUMENT_PROMPT, PROMPTS, QUERY_PROMPT
@@ -170,16 +171,16 @@ def model_meta(source: str | None = None, revision: str | None = None, *, model:
         raise ValueError("model_meta needs a checkpoint (directory or Hub id) or a loaded model")
     config = model.config if model is not None else _load_config(source, revision)
     local = source is not None and Path(source).is_dir()
-    hub_id = None if local or source is None else _hub_id(source)
-    card = _card_data(source, revision) if source is not None else {}
+    repo_id = None if local or source is None else hub_id(source)
+    card = _card_data(source) if source is not None else {}
     weights = _weights_info(Path(source)) if local else {}
     if model is not None:
         weights["n_parameters"] = sum(p.numel() for p in model.parameters())
-    name = name or hub_id or f"tte-flash/{Path(source).name if source else 'in-memory'}"
+    name = name or repo_id or f"tte-flash/{Path(source).name if source else 'in-memory'}"
     if local and revision is None:
         revision = _local_revision(Path(source))
     language_codes = languages or card.get("language") or DEFAULT_LANGUAGES
-    base_model = card.get("base_model") or _hub_id(getattr(config, "backbone_name_or_path", None))
+    base_model = card.get("base_model") or hub_id(getattr(config, "backbone_name_or_path", None))
     fields = dict(
         loader=TTEFlashMTEB, loader_kwargs={"path": str(Path(source).resolve())} if local else {},
         name=name, revision=revision or ("in-memory" if source is None else None), release_date=None,
@@ -188,7 +189,7 @@ def model_meta(source: str | None = None, revision: str | None = None, *, model:
         embed_dim=config.text_config.hidden_size, license=license or card.get("license") or DEFAULT_LICENSE,
         open_weights=True, public_training_code=None, public_training_data=", ".join(
             f"https://huggingface.co/datasets/{d}" for d in card.get("datasets") or []) or None,
-        framework=["PyTorch", "Sentence Transformers"], reference=f"https://huggingface.co/{hub_id}" if hub_id else None,
+        framework=["PyTorch", "Sentence Transformers"], reference=f"https://huggingface.co/{repo_id}" if repo_id else None,
         similarity_fn_name="cosine", use_instructions=True, training_datasets=training_datasets,
         adapted_from=base_model[0] if isinstance(base_model, list) else base_model,
         modalities=list(MTEB_MODALITIES), model_type=["dense"], citation=CITATION, **overrides)
@@ -213,8 +214,11 @@ def sentence_transformer_encoder(model, **kwargs):
     queries (think tokens), retrieval documents as documents. Task instructions are not used on this
     route (mteb passes only prompts to sentence-transformers)."""
     from mteb.models.sentence_transformer_wrapper import SentenceTransformerEncoderWrapper
+    if type(model[0]).__name__ != "TTEFlashST":  # the package's class or a remote-code copy of it
+        raise ValueError(f"sentence_transformer_encoder wraps a SentenceTransformer of a TTE-Flash model; this one's "
+                         f"first module is {type(model[0]).__name__}")
     wrapper = SentenceTransformerEncoderWrapper(model, **kwargs)
-    supported = [m for m in ("text", "image", "audio", "video") if m in model.modalities]
+    supported = [m for m in ("text", "image", "audio", "video") if m in getattr(model, "modalities", MTEB_MODALITIES)]
     wrapper.mteb_model_meta = wrapper.mteb_model_meta.model_copy(update={
         "modalities": supported, "citation": CITATION, "use_instructions": False})
     roles = {f"{task_type}-{role}": prompt for task_type in get_args(TaskType)
@@ -234,28 +238,33 @@ def _load_config(source: str, revision: str | None) -> TTEFlashConfig:
     return TTEFlashConfig.from_dict(config_dict)
 
 
-def _card_data(source: str, revision: str | None) -> dict:
-    """The model card's metadata (README.md of a directory or Hub repo), {} when there is none."""
+def _card_data(source: str) -> dict:
+    """The model card's metadata (README.md of a directory, else of the Hub repo), {} when there is none."""
     from huggingface_hub import ModelCard
     path = Path(source) / "README.md"
+    if Path(source).is_dir():
+        if not path.is_file():
+            return {}
+        try:
+            return ModelCard.load(path, ignore_metadata_errors=True).data.to_dict()
+        except Exception as err:  # a YAML error: the card's license and languages cannot be read
+            raise ValueError(f"{path}: the model card's metadata does not parse ({err}); fix it or "
+                             f"regenerate it with `tte-flash card {source} --force`") from None
     try:
-        card = ModelCard.load(path) if path.is_file() else ModelCard.load(source, ignore_metadata_errors=True)
-    except Exception:  # no card, offline, or not a Hub id: the defaults apply
+        return ModelCard.load(source, ignore_metadata_errors=True).data.to_dict()
+    except Exception as err:  # no card on the Hub, or offline
+        warnings.warn(f"mteb ModelMeta of {source}: no model card read ({type(err).__name__}); license and "
+                      "languages are the tte-flash defaults, pass license=/languages= if they differ", stacklevel=3)
         return {}
-    return card.data.to_dict()
 
 
 def _weights_info(directory: Path) -> dict:
     """Parameter count and size in MiB from the safetensors headers (nothing is loaded)."""
-    from safetensors import safe_open
     files = sorted(directory.glob("*.safetensors"))
     if not files:
         return {}
-    n_parameters = 0
-    for file in files:
-        with safe_open(str(file), framework="pt") as handle:
-            n_parameters += sum(int(np.prod(handle.get_slice(key).get_shape())) for key in handle.keys())
-    return {"n_parameters": n_parameters, "memory_usage_mb": round(sum(f.stat().st_size for f in files) / 2**20, 2)}
+    return {"n_parameters": parameter_count(directory),
+            "memory_usage_mb": round(sum(f.stat().st_size for f in files) / 2**20, 2)}
 
 
 def _local_revision(directory: Path) -> str:
