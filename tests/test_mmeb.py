@@ -510,6 +510,14 @@ def test_query_cap_of_a_task(fixture_root):
     assert len(mmeb.load_task(capped, root, limit=5).queries) == 2
 
 
+def test_a_test_file_without_a_column_is_an_error_naming_it(tmp_path):
+    _parquet(tmp_path / "video-tasks" / "Video-MME" / "test-00000-of-00001.parquet",
+             [{"videoID": "v", "question": "why?", "answer": "A"}])
+    result = mmeb.run_benchmark(IdModel(ORACLE), tmp_path, tmp_path / "out", tasks=["Video-MME"])
+    assert result["tasks"]["Video-MME"]["status"] == "error"
+    assert "Video-MME: the test file lacks column(s) ['options']" in result["tasks"]["Video-MME"]["reason"]
+
+
 def test_test_file_locations(tmp_path):
     task = mmeb.TASKS["Video-MME"]
     with pytest.raises(mmeb.MissingTask, match="Video-MME/test-"):

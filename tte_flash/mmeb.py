@@ -507,37 +507,75 @@ def _load_momentseeker(task, root, num_frames, limit):
     return TaskData(queries, relevance, candidates, local, [])
 
 
-def _qa(task, root, num_frames, folder, question, options, answer, texts=None):
-    """One multiple-choice video question: candidates named by their option string."""
-    video = frames(root / task.media / folder, num_frames)
-    texts = texts or options
-    return {"text": _text(VIDEO_QA_PROMPT, question), "video": video}, options, texts, answer
-
-
 def _options_block(question, options):
     """VLM2Vec's ``qa_template``: the question, then ``Options:`` and ``(A) ...`` lines."""
     return "\n".join([question, "Options:", *[f"({chr(65 + i)}) {o}" for i, o in enumerate(options)]])
 
 
+def _strip_letter(option: str) -> str:
+    """``"B. a dog"`` -> ``"a dog"`` (the candidate text VLM2Vec embeds for Video-MME and EgoSchema)."""
+    return option[option.find(". "):].strip(". ")
+
+
+# One multiple-choice row -> (frame folder, question text, option names, option texts, answer name).
+# Options are named (and deduplicated) by their string as VLM2Vec names them; the texts are what is embedded.
+def _videomme(r):
+    options = list(r["options"])
+    return r["videoID"], r["question"] + "\n" + "\n".join(options), options, [_strip_letter(o) for o in options], \
+        options["ABCD".index(r["answer"])]
+
+
+def _nextqa(r):
+    options = [r[f"a{i}"] for i in range(5)]
+    return str(r["video"]), _options_block(r["question"], options), options, options, options[int(r["answer"])]
+
+
+def _egoschema(r):
+    options = list(r["option"])
+    return str(r["video_idx"]), r["question"] + " ".join(options), options, [_strip_letter(o) for o in options], \
+        options[int(r["answer"])]
+
+
+def _mvbench(r):
+    options = [f"({chr(65 + i)}) {c}" for i, c in enumerate(r["candidates"])]
+    answer = options[list(r["candidates"]).index(r["answer"])] if r["answer"] in r["candidates"] else r["answer"]
+    return f"{r['subset']}/{r['video']}", _options_block(r["question"], list(r["candidates"])), options, options, answer
+
+
+def _activitynetqa(r):
+    return f"v_{r['video_name']}", r["question"] + "? (A) yes; (B) no.", ["yes", "no"], ["yes", "no"], r["answer"]
+
+
+_QA_ROW = {  # parser: (row function, columns it reads)
+    "videomme": (_videomme, ("videoID", "question", "options", "answer")),
+    "nextqa": (_nextqa, ("video", "question", "answer", "a0", "a1", "a2", "a3", "a4")),
+    "egoschema": (_egoschema, ("video_idx", "question", "option", "answer")),
+    "mvbench": (_mvbench, ("video", "question", "candidates", "answer")),
+    "activitynetqa": (_activitynetqa, ("video_name", "question", "answer")),
+}
+
+
 def _load_video_qa(task, root, num_frames, limit):
-    files = ([f for s in MVBENCH_SUBSETS for f in _subset_files(root, task, s)] if task.parser == "mvbench"
-             else annotation_files(root, task))
-    if not files:
-        raise MissingTask(f"no test file for {task.name} under {root / task.annotation[0]}/<subset>/")
-    rows = []
-    for f in files:
-        subset = f.parent.name if task.parser == "mvbench" else None
-        rows += [{**r, "subset": r.get("subset", subset)} for r in load_rows(f)]
+    """Multiple-choice video QA: each query ranks its own options (Hit@1)."""
+    if task.parser == "mvbench":  # one folder per subset; the subset names the frame folder
+        files = [f for subset in MVBENCH_SUBSETS for f in _subset_files(root, task, subset)]
+        if not files:
+            raise MissingTask(f"no test file for {task.name}: expected {root / task.annotation[0]}/<subset>/"
+                              f"{task.annotation[2]}-*.parquet for its 20 subsets")
+        rows = [{**r, "subset": f.parent.name} for f in files for r in load_rows(f)]
+    else:
+        rows = read_rows(annotation_files(root, task))
     rows = _head(rows, limit)
+    parse, columns = _QA_ROW[task.parser]
+    _require(rows, columns, task)
     queries, relevance, local, candidates = [], [], [], {}
     for row in rows:
-        query, keys, texts, answer = _QA_ROW[task.parser](task, root, num_frames, row)
-        if answer not in keys:
-            raise ValueError(f"{task.name}: answer {answer!r} is not among the options {keys}")
-        for key, text in zip(keys, texts):
-            candidates.setdefault(key, {"text": text})
-        queries.append(query)
-        local.append(list(keys))
+        folder, question, names, texts, answer = parse(row)
+        if answer not in names:
+            raise ValueError(f"{task.name}: answer {answer!r} is not among the options {names}")
+        candidates.update({n: {"text": t} for n, t in zip(names, texts) if n not in candidates})
+        queries.append({"text": _text(VIDEO_QA_PROMPT, question), "video": frames(root / task.media / folder, num_frames)})
+        local.append(names)
         relevance.append({answer: 1})
     return TaskData(queries, relevance, candidates, local, [])
 
@@ -550,28 +588,6 @@ def _subset_files(root, task, subset):
         return []
 
 
-def _strip_letter(option: str) -> str:
-    return option[option.find(". "):].strip(". ")
-
-
-_QA_ROW = {
-    "videomme": lambda task, root, n, r: _qa(task, root, n, r["videoID"], r["question"] + "\n" + "\n".join(r["options"]),
-                                             list(r["options"]), r["options"]["ABCD".index(r["answer"])],
-                                             [_strip_letter(o) for o in r["options"]]),
-    "nextqa": lambda task, root, n, r: _qa(task, root, n, str(r["video"]),
-                                           _options_block(r["question"], [r[f"a{i}"] for i in range(5)]),
-                                           [r[f"a{i}"] for i in range(5)], r[f"a{int(r['answer'])}"]),
-    "egoschema": lambda task, root, n, r: _qa(task, root, n, str(r["video_idx"]), r["question"] + " ".join(r["option"]),
-                                              list(r["option"]), r["option"][int(r["answer"])],
-                                              [_strip_letter(o) for o in r["option"]]),
-    "mvbench": lambda task, root, n, r: _qa(task, root, n, f"{r['subset']}/{r['video']}",
-                                            _options_block(r["question"], list(r["candidates"])),
-                                            [f"({chr(65 + i)}) {c}" for i, c in enumerate(r["candidates"])],
-                                            f"({chr(65 + list(r['candidates']).index(r['answer']))}) {r['answer']}"
-                                            if r["answer"] in r["candidates"] else r["answer"]),
-    "activitynetqa": lambda task, root, n, r: _qa(task, root, n, f"v_{r['video_name']}",
-                                                  r["question"] + "? (A) yes; (B) no.", ["yes", "no"], r["answer"]),
-}
 _load_videomme = _load_nextqa = _load_egoschema = _load_mvbench = _load_activitynetqa = _load_video_qa
 
 
