@@ -161,6 +161,16 @@ def test_validate_card_names_every_problem():
         validate_card("---\n- a list\n---\ntext\n")
 
 
+def test_bad_card_options_are_refused_before_writing(tiny_model, tmp_path):
+    from tte_flash.card import build_model_card, validate_card
+    validate_card(build_model_card(tiny_model.config, license="mit", languages=["fr"]))
+    with pytest.raises(ValueError, match="license: 'Apache 2.0'"):
+        write_model_card(tmp_path, tiny_model.config, license="Apache 2.0")
+    with pytest.raises(ValueError, match="datasets: '../data/x' is not a Hub dataset id"):
+        write_model_card(tmp_path, tiny_model.config, datasets=["../data/x"])
+    assert not (tmp_path / "README.md").exists()
+
+
 def test_sentence_transformers_snippet_of_the_card_runs(tiny_model, tmp_path):
     pytest.importorskip("sentence_transformers")
     tiny_model.save_pretrained(tmp_path)
