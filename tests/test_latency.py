@@ -152,7 +152,7 @@ def test_rounds_stop_at_precision_or_budget(timing):
 def cli_run(latency, tmp_path_factory):
     out = tmp_path_factory.mktemp("latency")
     argv = ["--device", "cpu", "--think_tokens", "3", "--cot-tokens", "4", "--batch-sizes", "1", "2",
-            "--repeats", "6", "--max-seconds", "0", "--warmup", "0", "--image-size", "96x64",
+            "--repeats", "6", "--max-seconds", "0", "--precision", "0", "--warmup", "0", "--image-size", "96x64",
             "--sweep-query-length", "100", "150",
             "--json", str(out / "latency.json"), "--plot", str(out / "latency.png")]
     return latency.main(argv), out
