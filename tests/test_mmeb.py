@@ -565,5 +565,6 @@ def test_cli_with_the_tiny_model(fixture_root, tmp_path, capsys):
 ])
 def test_cli_errors(extra, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "x").mkdir()
     assert main(["--benchmark", "mmeb-v2", "--model", "tiny", *extra]) == 2
     assert message in capsys.readouterr().err

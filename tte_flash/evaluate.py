@@ -280,6 +280,7 @@ def _main_mmeb_v2(args) -> int:
     problems = [text for bad, text in (
         (args.data_root is None, "--data_root is required"), (args.output is None, "--output (a folder) is required"),
         (args.data is not None, "--data is for --benchmark mmeb-file; give the MMEB-V2 copy as --data_root"),
+        (args.data_root is not None and not Path(args.data_root).is_dir(), f"--data_root {args.data_root} is not a folder"),
         (len(args.mode) > 1, "one --mode per run"),
         ("auto" in (args.think_tokens or []), "--think_tokens auto is not supported for mmeb-v2")) if bad]
     if problems:
