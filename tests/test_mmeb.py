@@ -555,6 +555,14 @@ def test_cli_with_the_tiny_model(fixture_root, tmp_path, capsys):
     assert "k2/summary.json" in capsys.readouterr().out
 
 
+def test_explicit_cot_mode_with_the_tiny_model(fixture_root, tmp_path, tiny_model):
+    root, _ = fixture_root
+    summary = mmeb.run_benchmark(tiny_model, root, tmp_path, tasks=["MSVD", "ViDoRe_arxivqa"], think_tokens=0,
+                                 mode="explicit-cot", max_cot_tokens=2, limit=1)
+    assert {r["status"] for r in summary["tasks"].values()} == {"done"}
+    assert summary["fingerprint"]["mode"] == "explicit-cot" and summary["tasks"]["MSVD"]["num_pred"] == 1
+
+
 @pytest.mark.parametrize("extra, message", [
     ([], "--data_root is required"),
     (["--data_root", "x", "--output", "o", "--mode", "latent", "explicit-cot"], "one --mode per run"),
