@@ -27,7 +27,9 @@ DEFAULT_LICENSE = "apache-2.0"  # Qwen2-VL-2B's license; pass license= for a bac
 DEFAULT_LANGUAGES = ["en"]  # the training and evaluation data of this package are English
 CITATION = """@article{cui2025thinkthenembed,
   title = {Think Then Embed: Generative Context Improves Multimodal Embedding},
-  author = {Cui, Xuanming and Cheng, Jianpeng and Chen, Hong-you and Shukla, Satya Narayan and Awasthi, Abhijeet and Pan, Xichen and Ahuja, Chaitanya and Mishra, Shlok Kumar and Yang, Yonghuan and Xiao, Jun and Guo, Qi and Lim, Ser-Nam and Singh, Aashu and Fan, Xiangjun},
+  author = {Cui, Xuanming and Cheng, Jianpeng and Chen, Hong-you and Shukla, Satya Narayan and
+            Awasthi, Abhijeet and Pan, Xichen and Ahuja, Chaitanya and Mishra, Shlok Kumar and
+            Yang, Yonghuan and Xiao, Jun and Guo, Qi and Lim, Ser-Nam and Singh, Aashu and Fan, Xiangjun},
   journal = {arXiv preprint arXiv:2510.05014},
   year = {2025}
 }

@@ -162,8 +162,9 @@ def model_meta(source: str | None = None, revision: str | None = None, *, model:
     ``loader`` is :class:`TTEFlashMTEB`. Read from the checkpoint: embedding size, max tokens, parameter
     count and size (safetensors headers, nothing loaded), and from its model card (``README.md``) the
     license, languages and ``base_model``; else the card's defaults (``tte_flash.card``). ``name``:
-    the Hub id, else ``tte-flash/<directory name>``. ``public_training_data``: the card's ``datasets``. ``revision`` of a local checkpoint: a digest of its
-    config and weight files (size, mtime), so mteb's result cache tells retrained weights apart.
+    the Hub id, else ``tte-flash/<directory name>``. ``public_training_data``: the card's ``datasets``.
+    ``revision`` of a local checkpoint: a digest of its config and weight files (size, mtime), so
+    mteb's result cache tells retrained weights apart.
     ``training_datasets``: the mteb task names the training data overlaps (``set()``: none, the model
     is zero-shot on all; None: unknown), as mteb defines the field; not guessed from file names.
     """
@@ -189,7 +190,8 @@ def model_meta(source: str | None = None, revision: str | None = None, *, model:
         embed_dim=config.text_config.hidden_size, license=license or card.get("license") or DEFAULT_LICENSE,
         open_weights=True, public_training_code=None, public_training_data=", ".join(
             f"https://huggingface.co/datasets/{d}" for d in card.get("datasets") or []) or None,
-        framework=["PyTorch", "Sentence Transformers"], reference=f"https://huggingface.co/{repo_id}" if repo_id else None,
+        framework=["PyTorch", "Sentence Transformers"],
+        reference=f"https://huggingface.co/{repo_id}" if repo_id else None,
         similarity_fn_name="cosine", use_instructions=True, training_datasets=training_datasets,
         adapted_from=base_model[0] if isinstance(base_model, list) else base_model,
         modalities=list(MTEB_MODALITIES), model_type=["dense"], citation=CITATION, **overrides)
