@@ -127,6 +127,8 @@ def test_full_card_validates_offline_and_reports_what_was_recorded(tiny_model, t
         tiny_model.config.backbone_name_or_path = None
     card = validate_card(path)  # offline: YAML, ModelCardData round trip incl. model-index, field shapes
     data = card.data.to_dict()
+    from huggingface_hub import metadata_load
+    assert metadata_load(path) == data  # the raw YAML (huggingface_hub's own reader) is what ModelCardData holds
     assert data["language"] == ["en"] and data["datasets"] == ["TIGER-Lab/MMEB-train"]  # local files are not
     assert data["base_model"] == "Qwen/Qwen2-VL-2B-Instruct" and data["library_name"] == "sentence-transformers"
     text = card.text
