@@ -474,11 +474,18 @@ def test_several_budgets_share_the_candidates(fixture_root, tmp_path):
         assert json.loads((tmp_path / f"k{k}" / "summary.json").read_text())["aggregate"] == summaries[k]["aggregate"]
     single = mmeb.run_benchmark(IdModel(ORACLE), root, tmp_path / "single", tasks=tasks, think_tokens=4)
     assert single["aggregate"] == summaries[4]["aggregate"]
-    # one K already done: only the other is computed, documents encoded once more
+    # one K already done: only the other is computed; the candidates come from the cache
     (tmp_path / "k4" / "video" / "MSR-VTT_score.json").unlink()
     again = IdModel(ORACLE)
-    mmeb.run_benchmark(again, root, tmp_path, tasks=tasks, think_tokens=[0, 4])
-    assert again.query_budgets == [4] and again.document_calls == 1
+    assert mmeb.run_benchmark(again, root, tmp_path, tasks=tasks, think_tokens=[0, 4])[4]["aggregate"] == \
+        summaries[4]["aggregate"]
+    assert again.query_budgets == [4] and again.document_calls == 0
+    # a new K reuses every task's candidates; a torn cache file is recomputed, not trusted
+    (tmp_path / ".cache" / "ImageNet-1K.candidates.pt").write_bytes(b"torn")
+    third = IdModel(ORACLE)
+    assert mmeb.run_benchmark(third, root, tmp_path, tasks=tasks, think_tokens=[0, 4, 8])[8]["aggregate"] == \
+        summaries[4]["aggregate"]  # the oracle does not depend on K
+    assert third.query_budgets == [8, 8] and third.document_calls == 1
 
 
 def test_label_lists_from_vlm2vec_file(tmp_path, capsys):
@@ -535,6 +542,7 @@ def test_cli_with_the_tiny_model(fixture_root, tmp_path, capsys):
     root, _ = fixture_root
     args = ["--benchmark", "mmeb-v2", "--model", "tiny", "--data_root", str(root), "--output", str(tmp_path),
             "--tasks", "CIRR", "MSR-VTT", "ViDoRe_arxivqa", "--think_tokens", "2", "--batch_size", "4"]
+    torch.manual_seed(0)  # the random preset: the same weights in both runs
     assert main(args) == 0
     captured = capsys.readouterr()
     printed = captured.out
@@ -545,8 +553,11 @@ def test_cli_with_the_tiny_model(fixture_root, tmp_path, capsys):
     assert summary["fingerprint"]["think_tokens"] == 2 and summary["fingerprint"]["model"] == "tiny"
     for r in summary["tasks"].values():
         assert 0.0 <= r["score"] <= 1.0
+    torch.manual_seed(0)
     assert main(args) == 0  # resumed
     assert "(read back)" in capsys.readouterr().err
+    torch.manual_seed(1)  # other weights, same config: refused, nothing overwritten
+    assert main(args) == 2 and "another model or setting" in capsys.readouterr().err
     two = ["--benchmark", "mmeb-v2", "--model", "tiny", "--data_root", str(root), "--output", str(tmp_path / "two"),
            "--tasks", "MSR-VTT", "--think_tokens", "0", "2"]
     assert main(two) == 0

@@ -312,12 +312,14 @@ def _main_mmeb_v2(args) -> int:
 
 
 def _model_id(name: str, model) -> str:
-    """A short hash of the model's config and, for a directory, its weight files' names, sizes and
-    times: a resumed MMEB-V2 run reuses scores only of the same model."""
+    """A short hash of the model's config and a checksum of its weights (each tensor's sum and sum of
+    squares): a resumed MMEB-V2 run reuses scores and embeddings only of the same model."""
     import hashlib
     parts = [json.dumps(model.config.to_dict(), sort_keys=True, default=str)]
-    if Path(name).is_dir():
-        parts += [f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in sorted(Path(name).glob("*.safetensors"))]
+    with torch.no_grad():
+        for pname, param in model.state_dict().items():
+            value = param.detach().double()
+            parts.append(f"{pname}:{tuple(param.shape)}:{float(value.sum()):.10e}:{float((value * value).sum()):.10e}")
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 

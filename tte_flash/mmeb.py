@@ -691,16 +691,24 @@ def score_task(data: TaskData, q_emb: torch.Tensor, c_emb: torch.Tensor, keys: l
 
 
 def evaluate_task(model, task: Task, data_root, think_tokens=0, mode="latent", max_cot_tokens=128, batch_size=32,
-                  num_frames=8, limit=None, show_progress_bar=None, reasoner=None):
+                  num_frames=8, limit=None, show_progress_bar=None, reasoner=None, cache=None, cache_key=None):
     """Load, encode and score one task; returns its score dict (VLM2Vec's ``*_score.json`` keys and more).
-    ``think_tokens`` a list: ``{K: score dict}``, the candidates encoded once for every K."""
+    ``think_tokens`` a list: ``{K: score dict}``, the candidates encoded once for every K.
+    ``cache``: a file for the candidate embeddings, reused when ``cache_key`` and the candidates match."""
     start = time.perf_counter()
     data = load_task(task, data_root, num_frames=num_frames, limit=limit)
     if not data.queries:
         raise ValueError(f"{task.name}: no queries in the test file")
     keys = list(data.candidates)
-    c_emb = model.encode_document([data.candidates[k] for k in keys], batch_size=batch_size, convert_to_tensor=True,
-                                  show_progress_bar=show_progress_bar)
+    c_emb = _cached_candidates(cache, cache_key, keys)
+    if c_emb is None:
+        c_emb = model.encode_document([data.candidates[k] for k in keys], batch_size=batch_size,
+                                      convert_to_tensor=True, show_progress_bar=show_progress_bar)
+        if cache is not None:
+            Path(cache).parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(cache).with_name(f".{Path(cache).name}.{os.getpid()}.tmp")
+            torch.save({"cache_key": cache_key, "keys": keys, "embeddings": c_emb.detach().cpu()}, tmp)
+            os.replace(tmp, cache)
     document_seconds = time.perf_counter() - start
     extra = {"reasoner": reasoner} if reasoner is not None and mode == "explicit-cot" else {}
     results = {}
@@ -716,6 +724,20 @@ def evaluate_task(model, task: Task, data_root, think_tokens=0, mode="latent", m
                       "think_tokens": k, "notes": data.notes, "document_seconds": round(document_seconds, 3),
                       "query_seconds": round(time.perf_counter() - start, 3)}
     return results if isinstance(think_tokens, (list, tuple)) else results[think_tokens]
+
+
+def _cached_candidates(cache, cache_key, keys):
+    """The cached candidate embeddings when the file holds these candidates for this key, else None."""
+    if cache is None or not Path(cache).is_file():
+        return None
+    try:
+        stored = torch.load(cache, map_location="cpu", weights_only=True)
+    except Exception as err:  # a torn or foreign file: recompute
+        logger.warning("ignoring the embedding cache %s: %s", cache, err)
+        return None
+    if stored.get("cache_key") != cache_key or stored.get("keys") != keys:
+        return None
+    return stored["embeddings"]
 
 
 # ---------------------------------------------------------------------------------------- the benchmark
@@ -757,7 +779,9 @@ def run_benchmark(model, data_root, output_dir, tasks=None, fingerprint: dict | 
     Writes ``summary.json`` and ``summary.md`` under ``output_dir``; returns the summary.
 
     ``think_tokens`` a list of budgets: one results folder per K (``output_dir/k<K>``), the candidates
-    encoded once per task for all of them; returns ``{K: summary}``.
+    encoded once per task for all of them; returns ``{K: summary}``. Candidate embeddings are kept in
+    ``output_dir/.cache/<task>.candidates.pt`` (documents take no think tokens): a rerun with another K,
+    or after a crash in the queries, does not encode them again.
     ``progress``: called with one line per task (default: the module logger at INFO)."""
     data_root = Path(data_root)
     if not data_root.is_dir():
@@ -786,8 +810,10 @@ def run_benchmark(model, data_root, output_dir, tasks=None, fingerprint: dict | 
             progress(f"{where} K={k}: {task.metric} {stored['score']:.4f} (read back)")
         if not todo:
             continue
+        cache_key = {k: v for k, v in fingerprints[todo[0]].items() if k not in ("think_tokens", "mode", "max_cot_tokens")}
         try:
-            computed = evaluate_task(model, task, data_root, think_tokens=todo, **eval_kwargs)
+            computed = evaluate_task(model, task, data_root, think_tokens=todo, cache_key=cache_key,
+                                     cache=Path(output_dir) / ".cache" / f"{task.name}.candidates.pt", **eval_kwargs)
         except MissingTask as err:
             for k in todo:
                 results[k][task.name] = {"task": task.name, "status": "missing", "reason": str(err)}
