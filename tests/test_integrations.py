@@ -253,6 +253,9 @@ def test_mteb_get_model_loads_a_registered_checkpoint(checkpoint, monkeypatch):
     # mteb requires its image/video extras (torchvision, torchcodec) for such a model; this machine has
     # neither and the tiny tasks below need neither, so only that check is skipped
     monkeypatch.setattr(ModelMeta, "_missing_dependencies", staticmethod(lambda groups: []))
+    with pytest.raises(TypeError, match="unknown options \\['think_token'\\]"):
+        mteb.get_model(meta.name, think_token=4)  # a misspelt option is not silently ignored
+    assert meta.max_tokens == model.processor.max_query_tokens  # the limit the processor truncates at
     encoder = mteb.get_model(meta.name, think_tokens=4)
     assert isinstance(encoder, TTEFlashMTEB) and encoder.think_tokens == 4
     assert encoder.mteb_model_meta.model_name_with_experiment == f"{meta.name} (think_tokens=4)"

@@ -56,7 +56,13 @@ class TTEFlashMTEB(AbsEncoder):
                  device: str | None = None, think_tokens: int | None = None, use_task_instructions: bool = True,
                  **kwargs):
         """``model_name``: a loaded model, a checkpoint directory or a Hub id; ``path`` (what
-        :func:`register` passes for a local checkpoint): load from there, ``model_name`` only names it."""
+        :func:`register` passes for a local checkpoint): load from there, ``model_name`` only names it.
+        Other keyword arguments (``mteb.get_model(name, **kwargs)`` passes them here) are refused, so a
+        misspelt option is an error rather than ignored; ``embed_dim`` is accepted when it is the model's."""
+        embed_dim = kwargs.pop("embed_dim", None)
+        if kwargs:
+            raise TypeError(f"TTEFlashMTEB got unknown options {sorted(kwargs)}; it takes path, device, "
+                            "think_tokens, use_task_instructions")
         if isinstance(model_name, TTEFlashModel):
             self.model = model_name
             self.mteb_model_meta = model_meta(model=model_name)
@@ -65,6 +71,9 @@ class TTEFlashMTEB(AbsEncoder):
                 TTEFlashModel.from_pretrained(model_name, revision=revision)
             self.mteb_model_meta = model_meta(path or model_name, revision, model=self.model,
                                               name=model_name if path else None)
+        if embed_dim is not None and embed_dim != self.model.config.text_config.hidden_size:
+            raise ValueError(f"embed_dim={embed_dim}: this model embeds in {self.model.config.text_config.hidden_size} "
+                             "dimensions only")
         if device is not None:
             self.model.to(device)
         self.think_tokens = self.model.config.default_think_tokens if think_tokens is None else think_tokens
@@ -284,6 +293,8 @@ def _iso_languages(codes) -> list[str] | None:
 
 
 def _max_tokens(config) -> int | None:
+    """Query tokens before the think and ``<emb>`` tokens (``config.max_query_tokens``' rule)."""
     if config.max_query_tokens is not None:
         return config.max_query_tokens
-    return getattr(config.text_config, "max_position_embeddings", None)
+    positions = getattr(config.text_config, "max_position_embeddings", None)
+    return None if positions is None else positions - config.max_think_tokens - 1
