@@ -370,3 +370,31 @@ def test_cli_encode_resumes_after_a_bad_line(tmp_path, capsys):
     np.testing.assert_allclose(read_shards(tmp_path / "embs"), np.load(tmp_path / "all.npy"), atol=1e-6)
     assert cli_main(["encode", "--input", str(tmp_path / "missing.jsonl"), "--model", "tiny-instruct"]) == 2
     assert "input file not found" in capsys.readouterr().err
+
+
+def test_cli_devices_runs_one_part_per_device(tmp_path, monkeypatch, capsys):
+    """--devices starts `python -m tte_flash encode ... --part i/N --device d` per device (run in-process here)."""
+    import subprocess
+
+    import tte_flash.cli as cli
+    launched = []
+
+    class InProcess:
+        def __init__(self, command):
+            assert command[1:3] == ["-m", "tte_flash"]
+            launched.append(command[3:])
+            self.code = cli.main(command[3:])
+
+        def wait(self):
+            return self.code
+    monkeypatch.setattr(subprocess, "Popen", InProcess)
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps(f"query {i}") + "\n" for i in range(7)))
+    common = ["--input", str(corpus), "--model", "tiny-instruct", "--think_tokens", "2", "--max_length", "40"]
+    assert cli.main(["encode", *common, "--output", str(tmp_path / "embs"), "--shard_size", "2",
+                     "--devices", "cpu,cpu"]) == 0
+    assert [c[-4:] for c in launched] == [["--part", "0/2", "--device", "cpu"], ["--part", "1/2", "--device", "cpu"]]
+    assert cli.main(["encode", *common, "--output", str(tmp_path / "all.npy")]) == 0
+    np.testing.assert_allclose(read_shards(tmp_path / "embs"), np.load(tmp_path / "all.npy"), atol=1e-6)
+    assert cli.main(["encode", *common, "--output", str(tmp_path / "x.npy"), "--devices", "cpu,cpu"]) == 2
+    assert "--devices needs a shard directory" in capsys.readouterr().err
