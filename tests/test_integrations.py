@@ -242,7 +242,9 @@ def test_mteb_get_model_loads_a_registered_checkpoint(checkpoint, monkeypatch):
     model, ckpt, _ = checkpoint
     with pytest.raises(KeyError, match="not found"):
         mteb.get_model_meta(f"tte-flash/{ckpt.name}")  # unknown before register
+    from mteb.models.model_implementations import MODEL_REGISTRY
     meta = register(str(ckpt))
+    monkeypatch.setitem(MODEL_REGISTRY, meta.name, meta)  # removed again after the test
     assert mteb.get_model_meta(meta.name) is meta and meta.loader is TTEFlashMTEB
     assert meta.name == f"tte-flash/{ckpt.name}" and meta.revision.startswith("local-")
     assert meta.n_parameters == sum(p.numel() for p in model.parameters())  # from the safetensors headers
