@@ -268,6 +268,8 @@ def parse_args(argv=None):
     p.add_argument("--dtypes", nargs="+", choices=("bfloat16", "float16", "float32"), default=None)
     p.add_argument("--head-dims", "--head_dims", type=int, nargs="+", default=None)
     p.add_argument("--kernels", nargs="+", default=None, help="only these kernel functions (e.g. _fwd_kernel)")
+    p.add_argument("--maxnreg", type=int, default=None,
+                   help="what-if: cap registers per thread in every launch (ptxas then spills what does not fit)")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
     p.add_argument("--json", type=Path, default=None, help="write the rows and the summary here")
     return p.parse_args(argv)
@@ -290,6 +292,10 @@ def main(argv=None) -> dict:
             raise SystemExit(f"compile_check: no launch of {sorted(unknown)}; launched: "
                              f"{sorted({j.kernel for j in jobs})}")
         jobs = [j for j in jobs if j.kernel in args.kernels]
+    if args.maxnreg:
+        for job in jobs:
+            job.options["maxnreg"] = args.maxnreg
+            job.config += f" r{args.maxnreg}"
     print(f"compile_check: {len(jobs)} launches captured ({', '.join(sorted({j.kernel for j in jobs}))}); "
           f"compiling with {args.workers} worker(s)", file=sys.stderr)
     results = []

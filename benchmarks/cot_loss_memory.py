@@ -65,8 +65,8 @@ def run_case(method: str, tokens: int, hidden_size: int, vocab: int, dtype: torc
         _reset_peak_rss()
         before = _proc_kib("VmRSS") * 1024
     start = time.perf_counter()
-    if method == "chunked":
-        loss, _ = linear_cross_entropy(hidden, weight, targets)
+    if method in ("chunked", "liger"):
+        loss, _ = linear_cross_entropy(hidden, weight, targets, backend=method)
     else:
         loss = F.cross_entropy((hidden @ weight.T).float(), targets, reduction="sum")
     loss.backward()
@@ -111,7 +111,10 @@ def main(argv=None) -> dict:
         method, trainable = args.child.split(":")
         print(json.dumps(run_case(method, args.tokens, args.hidden, args.vocab, dtype, trainable == "1", device)))
         return {}
-    cases = [(m, t) for m in (["chunked"] + ([] if args.no_plain else ["plain"])) for t in (False, True)]
+    from tte_flash.losses import _liger_linear_cross_entropy
+    methods = ["chunked"] + (["liger"] if device.type == "cuda" and _liger_linear_cross_entropy() else []) \
+        + ([] if args.no_plain else ["plain"])
+    cases = [(m, t) for m in methods for t in (False, True)]
     rows = []
     for method, trainable in cases:
         if device.type == "cuda":
@@ -139,15 +142,42 @@ def main(argv=None) -> dict:
     meets = frozen["peak_added_bytes"] <= TARGET_GB * 2**30
     print(f"target: chunked, frozen head (LoRA) <= {TARGET_GB} GB: "
           f"{frozen['peak_added_bytes'] / 2**30:.3f} GiB -> {'met' if meets else 'NOT met'}")
+    agreement = check_backends(device, dtype) if "liger" in methods else None
+    if agreement is not None:
+        print(f"liger vs chunked (and float64): {agreement}")
     result = {"meta": {"device": device_name(device), "versions": versions(), "commit": git_commit(),
                        "threads": torch.get_num_threads(), "target_gb": TARGET_GB},
-              "rows": rows, "target_met": meets}
+              "rows": rows, "target_met": meets, "backend_agreement": agreement}
     if not args.no_save:
         path = args.json or default_results_path("cot-loss-memory", device)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=1))
         print(f"wrote {path}", file=sys.stderr)
+    if agreement is not None and not agreement["ok"]:
+        raise SystemExit("cot_loss_memory: Liger's loss or gradients disagree with the float64 loss (see above)")
     return result
+
+
+def check_backends(device: torch.device, dtype: torch.dtype, tokens: int = 1031, hidden_size: int = 256,
+                   vocab: int = 32003) -> dict:
+    """Liger's and the chunked loss against float64 on the same (rounded) inputs: value and both gradients,
+    as relative max errors; ``ok`` when Liger's are within 2x the chunked path's + 1e-3."""
+    from tte_flash.losses import linear_cross_entropy
+    gen = torch.Generator(device=device).manual_seed(1)
+    h = torch.empty(tokens, hidden_size, device=device, dtype=dtype).normal_(generator=gen)
+    w = torch.empty(vocab, hidden_size, device=device, dtype=dtype).normal_(std=0.05, generator=gen)
+    t = torch.randint(0, vocab, (tokens,), device=device, generator=gen)
+    h64, w64 = h.double().requires_grad_(), w.double().requires_grad_()
+    ref = F.cross_entropy(h64 @ w64.T, t, reduction="sum")
+    want = [ref.detach(), *torch.autograd.grad(ref, (h64, w64))]
+    errors = {}
+    for backend in ("chunked", "liger"):
+        hb, wb = h.clone().requires_grad_(), w.clone().requires_grad_()
+        loss, _ = linear_cross_entropy(hb, wb, t, backend=backend)
+        got = [loss.detach(), *torch.autograd.grad(loss, (hb, wb))]
+        errors[backend] = [float((g.double() - r).abs().max() / r.abs().max()) for g, r in zip(got, want)]
+    ok = all(lg <= 2 * ch + 1e-3 for lg, ch in zip(errors["liger"], errors["chunked"]))
+    return {"ok": ok, "relative_errors [loss, d_hidden, d_weight]": errors}
 
 
 if __name__ == "__main__":

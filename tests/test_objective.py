@@ -249,3 +249,15 @@ def test_model_cot_loss_is_the_full_logits_loss(fresh_tiny, rng):
     out = model.tte_forward(batch, return_cot_logits=True)
     torch.testing.assert_close(out.cot_loss, F.cross_entropy(out.cot_logits, batch.cot_targets))
     torch.testing.assert_close(out.cot_accuracy, (out.cot_logits.argmax(-1) == batch.cot_targets).float().mean())
+
+
+def test_linear_cross_entropy_backend_errors_are_clear():
+    """An unknown backend, and Liger where it cannot run (a CPU tensor), fail with a message naming the fix."""
+    from tte_flash.losses import linear_cross_entropy
+    hidden, weight, targets = torch.randn(3, 8), torch.randn(11, 8), torch.tensor([1, 2, 3])
+    with pytest.raises(ValueError, match="backend must be"):
+        linear_cross_entropy(hidden, weight, targets, backend="fused")
+    with pytest.raises(RuntimeError, match="liger-kernel"):
+        linear_cross_entropy(hidden, weight, targets, backend="liger")
+    auto, _ = linear_cross_entropy(hidden, weight, targets)  # auto on a CPU: the chunked path
+    torch.testing.assert_close(auto, F.cross_entropy(hidden @ weight.T, targets, reduction="sum"))

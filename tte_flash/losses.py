@@ -11,6 +11,8 @@ with gradients averaged by DDP, gives the loss and gradients of one process on t
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -148,11 +150,38 @@ def _logsumexp_(logits: torch.Tensor) -> torch.Tensor:
     return logits.sub_(peak).exp_().sum(-1).log_().add_(peak.squeeze(-1))
 
 
+def _liger_linear_cross_entropy():
+    """Liger-Kernel's fused linear cross-entropy, when installed in a version that also returns the token
+    accuracy (the COT accuracy is logged); else None."""
+    try:
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+    except ImportError:
+        return None
+    if "return_token_accuracy" not in inspect.signature(liger_fused_linear_cross_entropy).parameters:
+        return None
+    return liger_fused_linear_cross_entropy
+
+
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         chunk_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                         chunk_rows: int | None = None, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """(summed NLL, number of greedy hits) of the LM head ``weight`` (V, H) applied to ``hidden`` (M, H)
     against ``targets`` (M,), never holding more than one chunk of logits: the COT loss at a 151,936-token
-    vocabulary without materialising (M, V) fp32 logits. Gradients equal the plain loss's (tested)."""
+    vocabulary without materialising (M, V) fp32 logits. Gradients equal the plain loss's (tested).
+
+    ``backend``: ``"chunked"`` (PyTorch, any device), ``"liger"`` (Liger-Kernel's fused Triton kernel; CUDA,
+    ``pip install liger-kernel``), or ``"auto"``: Liger on CUDA when a recent enough version is installed, else
+    chunked. ``benchmarks/gpu_suite.py`` checks the two agree on a GPU.
+    """
+    if backend not in ("auto", "chunked", "liger"):
+        raise ValueError(f"backend must be 'auto', 'chunked' or 'liger', got {backend!r}")
     if hidden.shape[0] == 0:
         return (hidden.sum() + weight.sum()) * 0.0, torch.zeros((), dtype=torch.long, device=hidden.device)
+    liger = _liger_linear_cross_entropy() if backend != "chunked" and hidden.is_cuda else None
+    if backend == "liger" and liger is None:
+        raise RuntimeError("backend='liger' needs a CUDA tensor and liger-kernel with return_token_accuracy "
+                           "(pip install -U liger-kernel); backend='chunked' runs anywhere")
+    if liger is not None:
+        out = liger(hidden, weight, targets, reduction="sum", return_token_accuracy=True)
+        correct = (out.token_accuracy.detach().float() * targets.numel()).round().long()
+        return out.loss, correct
     return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_rows or _chunk_rows(weight.shape[0]))

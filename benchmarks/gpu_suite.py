@@ -1,0 +1,266 @@
+"""Every GPU check and benchmark in one command, results in one folder (DESIGN.md §9, §11).
+
+    python benchmarks/gpu_suite.py                      # on a GPU: about 20-25 minutes on one H100
+    python benchmarks/gpu_suite.py --out benchmarks/results/h100-2026-12-01/
+    python benchmarks/gpu_suite.py --dry-run            # any machine: every part starts and finishes, tiny sizes
+    python benchmarks/gpu_suite.py --parts kernel attention
+
+Parts, in order (each in its own process with a time limit, its log in ``<out>/<part>.log``):
+
+* ``compile``   - ``compile_check.py``: every kernel launch compiled for sm_90/sm_80 (registers, spills, smem);
+* ``kernel``    - ``kernel_check.py``: bf16/fp16 kernel vs float64 on random packings at the model's shapes,
+                  forward and grads, every flag; **a failure here fails the suite** (wrong results);
+* ``attention`` - ``attention.py``: the kernel vs SDPA dense-mask, FlexAttention and FA2 varlen (if installed),
+                  train and inference layouts, 4k-16k tokens;
+* ``cot_loss``  - ``cot_loss_memory.py``: peak memory of the COT loss at 151,936 tokens of vocabulary;
+* ``latency``   - ``latency.py``: Qwen2-VL-2B K 0/4/16/32 vs explicit CoT N 64/128/256 at batch 1/8/64;
+* ``train``     - ``train_step.py``: the 2B recipe step (LoRA, grad cache, K=16 + COT) at batch 128.
+
+Writes ``<out>/summary.json`` and ``<out>/SUMMARY.md`` (device, versions, commit, each part's status and
+headline numbers against the targets) beside each part's own JSON/plots. Exit status 1 when a part fails or
+crashes, 0 otherwise. Default ``<out>``: ``benchmarks/results/<device>-<date>/`` (``dry-run-<device>-<date>``
+with ``--dry-run``). Commit the folder: ``git add benchmarks/results/<folder>``.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from benchmarks._common import device_slug, git_commit, versions  # noqa: E402
+
+PARTS = ("compile", "kernel", "attention", "cot_loss", "latency", "train")
+
+
+@dataclass
+class Part:
+    name: str
+    argv: list  # script and arguments, relative to benchmarks/
+    limit_s: int  # killed after this many seconds
+    gating: bool = False  # a failure means wrong results (the suite fails loudly), not just a missing number
+
+
+def plan(out: Path, dry_run: bool) -> list[Part]:
+    """The commands of each part: full sizes on a GPU, the smallest that exercise every code path in a dry run."""
+    o = str(out)
+    if dry_run:
+        return [
+            Part("compile", ["compile_check.py", "--kernels", "_fwd_kernel", "--targets", "90",
+                             "--json", f"{o}/compile_check.json"], 300, gating=True),
+            Part("kernel", ["kernel_check.py", "--tiny", "--dtypes", "bfloat16", "--out", o], 600, gating=True),
+            Part("attention", ["attention.py", "--device", "cpu", "--tiny", "--layouts", "train",
+                               "--modes", "fwd", "--warmup", "0", "--repeats", "1",
+                               "--output", f"{o}/attention.json"], 600),
+            Part("cot_loss", ["cot_loss_memory.py", "--tokens", "64", "--hidden", "64", "--vocab", "1000",
+                              "--no-plain", "--json", f"{o}/cot_loss_memory.json"], 300),
+            Part("latency", ["latency.py", "--preset", "tiny", "--think-tokens", "0", "16", "--cot-tokens", "8",
+                             "--batch-sizes", "1", "--warmup", "0", "--repeats", "2", "--max-seconds", "1",
+                             "--json", f"{o}/latency.json", "--plot", f"{o}/latency.png"], 600),
+            Part("train", ["train_step.py", "--preset", "tiny", "--batch-size", "2", "--cot-tokens", "8",
+                           "--steps", "1", "--json", f"{o}/train_step.json"], 300),
+        ]
+    return [
+        Part("compile", ["compile_check.py", "--json", f"{o}/compile_check.json"], 300, gating=True),
+        Part("kernel", ["kernel_check.py", "--out", o], 300, gating=True),
+        Part("attention", ["attention.py", "--output", f"{o}/attention.json"], 420),
+        Part("cot_loss", ["cot_loss_memory.py", "--json", f"{o}/cot_loss_memory.json"], 120),
+        Part("latency", ["latency.py", "--preset", "qwen2-vl-2b", "--think-tokens", "0", "4", "16", "32",
+                         "--cot-tokens", "64", "128", "256", "--batch-sizes", "1", "8", "64", "--max-seconds", "8",
+                         "--json", f"{o}/latency.json", "--plot", f"{o}/latency.png"], 540),
+        Part("train", ["train_step.py", "--preset", "qwen2-vl-2b", "--batch-size", "128", "--grad-cache-chunk",
+                       "16", "--steps", "3", "--json", f"{o}/train_step.json"], 420),
+    ]
+
+
+def run_part(part: Part, out: Path, env: dict) -> dict:
+    cmd = [sys.executable, str(BENCH / part.argv[0]), *part.argv[1:]]
+    log = out / f"{part.name}.log"
+    print(f"[{part.name}] {' '.join(cmd[1:])}  (limit {part.limit_s} s, log {log})", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    with open(log, "w") as f:
+        f.write("$ " + " ".join(cmd) + "\n")
+        f.flush()
+        try:
+            rc = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT,
+                                timeout=part.limit_s).returncode
+            status = "ok" if rc == 0 else "failed"
+        except subprocess.TimeoutExpired:
+            rc, status = None, "timed out"
+    seconds = round(time.perf_counter() - start, 1)
+    tail = log.read_text(errors="replace").strip().splitlines()[-15:]
+    print(f"[{part.name}] {status} in {seconds} s" + ("" if status == "ok" else ":\n    " + "\n    ".join(tail)),
+          file=sys.stderr, flush=True)
+    return {"part": part.name, "status": status, "returncode": rc, "seconds": seconds, "gating": part.gating,
+            "command": " ".join(["python", "benchmarks/" + part.argv[0], *part.argv[1:]]), "log_tail": tail}
+
+
+# -------------------------------------------------------------------------------------------------------------
+# Headline numbers from each part's JSON (missing or changed formats give "-" rather than a crash)
+# -------------------------------------------------------------------------------------------------------------
+
+def _load(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def headlines(out: Path) -> dict:
+    found = {}
+    data = _load(out / "compile_check.json")
+    if data:
+        found["compile"] = data.get("summary")
+    data = _load(out / "kernel_check.json")
+    if data:
+        rows = data.get("rows", [])
+        found["kernel"] = {"cases": len(rows), "failed": sum(not r.get("ok") for r in rows),
+                           "worst_out_err": max((r.get("out_err", 0) for r in rows), default=None),
+                           "worst_grad_err": max((max(r.get("dq_err", 0), r.get("dk_err", 0), r.get("dv_err", 0))
+                                                  for r in rows), default=None)}
+    data = _load(out / "attention.json")
+    if isinstance(data, list):
+        found["attention"] = _attention_ratios(data)
+    data = _load(out / "cot_loss_memory.json")
+    if data:
+        found["cot_loss"] = [{k: r.get(k) for k in ("method", "head_trainable", "peak_added_bytes", "seconds")}
+                             for r in data.get("rows", [])]
+    data = _load(out / "latency.json")
+    if data:
+        found["latency"] = data.get("targets")
+    data = _load(out / "train_step.json")
+    if data:
+        found["train"] = data.get("summary")
+    return found
+
+
+def _attention_ratios(rows: list) -> list:
+    """fwd+bwd useful TFLOP/s of tte-triton over each other provider, per layout and size."""
+    def key(r):
+        return r.get("layout"), r.get("tokens"), r.get("mode")
+    ours = {key(r): r for r in rows if r.get("provider") == "tte-triton"}
+    ratios = []
+    for r in rows:
+        mine = ours.get(key(r))
+        if r.get("provider") == "tte-triton" or mine is None or not r.get("tflops") or not mine.get("tflops"):
+            continue
+        ratios.append({"layout": r.get("layout"), "tokens": r.get("tokens"), "mode": r.get("mode"),
+                       "vs": r.get("provider"), "ratio": round(mine["tflops"] / r["tflops"], 3)})
+    return ratios
+
+
+def write_summary(out: Path, meta: dict, results: list, found: dict) -> None:
+    summary = {"meta": meta, "parts": results, "headlines": found}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    lines = [f"# GPU suite: {meta['device']} ({meta['date']})", "",
+             f"commit `{meta['commit']}`, torch {meta['versions'].get('torch')}, triton "
+             f"{meta['versions'].get('triton')}, transformers {meta['versions'].get('transformers')}, "
+             f"flash_attn {meta['versions'].get('flash_attn')}" + (" — **dry run** (tiny sizes)" if meta["dry_run"]
+                                                                    else ""), "",
+             "| part | status | seconds | command |", "|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r['part']} | {r['status']} | {r['seconds']} | `{r['command']}` |")
+    if "compile" in found and found["compile"]:
+        lines += ["", "## Compile gate", "", ", ".join(f"{k} {v}" for k, v in found["compile"].items())]
+    if "kernel" in found:
+        k = found["kernel"]
+        lines += ["", "## Kernel correctness (vs float64)", "",
+                  f"{k['cases'] - k['failed']}/{k['cases']} cases pass; worst relative error: output "
+                  f"{k['worst_out_err']:.2e}, grads {k['worst_grad_err']:.2e}"]
+    if found.get("attention"):
+        lines += ["", "## Attention: TTE kernel useful TFLOP/s over each provider", "",
+                  "| layout | tokens | mode | vs | ratio |", "|---|---|---|---|---|"]
+        lines += [f"| {r['layout']} | {r['tokens']} | {r['mode']} | {r['vs']} | {r['ratio']} |"
+                  for r in found["attention"]]
+    if found.get("cot_loss"):
+        lines += ["", "## COT loss peak memory", "", "| method | head | added GiB | s |", "|---|---|---|---|"]
+        lines += [f"| {r['method']} | {'trainable' if r['head_trainable'] else 'frozen'} | "
+                  f"{(r['peak_added_bytes'] or 0) / 2**30:.3f} | {r['seconds']} |" for r in found["cot_loss"]]
+    if found.get("latency"):
+        lines += ["", "## Latency targets", "", "| target | batch | value | met | applies |", "|---|---|---|---|---|"]
+        lines += [f"| {t.get('target')} | {t.get('batch_size')} | {_fmt(t.get('value'))} | {t.get('met')} | "
+                  f"{t.get('applies')} |" for t in found["latency"]]
+    if found.get("train"):
+        lines += ["", "## Training step", "", ", ".join(f"{k} {_fmt(v)}" for k, v in found["train"].items())]
+    (out / "SUMMARY.md").write_text("\n".join(lines) + "\n")
+
+
+def _fmt(value):
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def environment(dry_run: bool) -> dict:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.machine()})",
+            "date": datetime.date.today().isoformat(), "commit": git_commit(), "versions": versions(),
+            "python": platform.python_version(), "dry_run": dry_run}
+    if device.type == "cuda":
+        meta["capability"] = ".".join(map(str, torch.cuda.get_device_capability(device)))
+        meta["cuda"] = torch.version.cuda
+    if shutil.which("nvidia-smi"):
+        smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm",
+                              "--format=csv,noheader"], capture_output=True, text=True)
+        meta["nvidia_smi"] = smi.stdout.strip()
+    return meta
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results/<device>-<date>)")
+    p.add_argument("--dry-run", "--dry_run", action="store_true",
+                   help="tiny sizes: check that every part starts and finishes (the default without a GPU)")
+    p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
+    p.add_argument("--continue-on-failure", "--continue_on_failure", action="store_true",
+                   help="run the benchmarks even when the kernel check fails (default: stop, results are wrong)")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available() and not args.dry_run:
+        print("gpu_suite: no CUDA device here; running the dry run (tiny sizes) instead", file=sys.stderr)
+        args.dry_run = True
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    meta = environment(args.dry_run)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    out = args.out or REPO / "benchmarks" / "results" / (
+        ("dry-run-" if args.dry_run else "") + f"{device_slug(device)}-{meta['date']}")
+    out.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)  # each script decides (the kernel/attention checks set it without CUDA)
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    results, start = [], time.perf_counter()
+    for part in plan(out, args.dry_run):
+        if part.name not in args.parts:
+            continue
+        results.append(run_part(part, out, env))
+        write_summary(out, meta, results, headlines(out))  # after every part: a crash later keeps what was done
+        if part.name == "kernel" and results[-1]["status"] != "ok" and not args.continue_on_failure:
+            print("gpu_suite: the kernel check FAILED (wrong results); stopping. See "
+                  f"{out / 'kernel.log'}; --continue-on-failure runs the benchmarks anyway", file=sys.stderr)
+            break
+    bad = [r for r in results if r["status"] != "ok"]
+    print(f"\ngpu_suite: {len(results) - len(bad)}/{len(results)} parts ok in {time.perf_counter() - start:.0f} s; "
+          f"results in {out} (SUMMARY.md)", file=sys.stderr)
+    for r in bad:
+        print(f"  {r['part']}: {r['status']}{' (WRONG RESULTS)' if r['gating'] else ''} -> {out / (r['part'] + '.log')}",
+              file=sys.stderr)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""The GPU path proven on a CPU (DESIGN.md §11): the compile gate, the kernel check, the COT-loss memory and
+training-step benchmarks, and the one-command GPU suite in its dry run."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def _script(name, *args, timeout=900):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    return subprocess.run([sys.executable, str(REPO / "benchmarks" / name), *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="triton (and its ptxas) is Linux-only")
+def test_compile_gate_every_shipped_config_compiles_for_sm90_and_sm80_without_spills(tmp_path):
+    """CI subset of the gate (bf16, head dim 128, default flags, every kernel x shipped config, sm_90 and
+    sm_80): compiles with Triton's own compiler, no spill on sm_90, shared memory within each target's limit."""
+    done = _script("compile_check.py", "--json", str(tmp_path / "gate.json"))
+    report = json.loads((tmp_path / "gate.json").read_text())
+    rows, summary = report["rows"], report["summary"]
+    assert {r["kernel"] for r in rows} >= {"_fwd_kernel", "_bwd_dq_kernel"}, rows
+    assert {r["target"] for r in rows} == {90, 80}
+    assert all(r["ok"] and r["registers"] and r["shared"] for r in rows), [r for r in rows if not r["ok"]]
+    # Hopper tensor cores: every 16-bit sm_90 kernel is lowered to wgmma, none on sm_80
+    assert all(r["wgmma"] == (r["target"] == 90) for r in rows)
+    failures = [f"{r['kernel']} sm_{r['target']} {r['config']}: {r['problems']}" for r in rows if r["problems"]]
+    assert summary["failed"] == 0 and done.returncode == 0, "\n".join(failures) + done.stdout[-3000:]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="triton (and its ptxas) is Linux-only")
+def test_compile_gate_catches_a_spilling_config(tmp_path):
+    """A register cap below what the forward needs (128 a thread) makes ptxas spill: the gate must say so and
+    exit non-zero (the gate is not vacuous)."""
+    done = _script("compile_check.py", "--kernels", "_fwd_kernel", "--targets", "90", "--maxnreg", "128",
+                   "--workers", "1", "--json", str(tmp_path / "gate.json"))
+    rows = json.loads((tmp_path / "gate.json").read_text())["rows"]
+    assert done.returncode == 1
+    assert rows and all(r["spill_stores"] > 0 and "spills on sm_90" in r["problems"] for r in rows)
+
+
+def test_kernel_check_passes_the_kernel_and_fails_a_wrong_one(monkeypatch):
+    """The suite's correctness check: the real kernel passes on a random multi-sample packing; the kernel with
+    the other mask flags (think tokens causal instead of bidirectional, COT seeing the query) fails it."""
+    from benchmarks import kernel_check
+    import tte_flash.kernels as kernels
+    case = dict(tokens=83, q_heads=4, kv_heads=2, head_dim=16, dtype=torch.bfloat16, think_bidirectional=True,
+                cot_sees_query=False, seed=3, device="cpu", slack=1e-3, longest=30)
+    good = kernel_check.check_case(**case)
+    assert good["samples"] >= 3 and good["ok"], good
+    real = kernels.tte_attention
+
+    def wrong_mask(q, k, v, seq_ids, types, *, think_bidirectional, cot_sees_query, **kw):
+        return real(q, k, v, seq_ids, types, think_bidirectional=not think_bidirectional,
+                    cot_sees_query=not cot_sees_query, **kw)
+    monkeypatch.setattr(kernels, "tte_attention", wrong_mask)
+    bad = kernel_check.check_case(**case)
+    assert not bad["ok"] and "out" in bad["failed"]
+
+
+def test_cot_loss_memory_benchmark_runs_and_both_losses_agree(tmp_path):
+    """The benchmark end to end at small sizes: a row per method and head setting, the chunked and plain losses
+    equal, the JSON written with the target verdict."""
+    out = tmp_path / "cot.json"
+    done = _script("cot_loss_memory.py", "--tokens", "300", "--hidden", "32", "--vocab", "5003", "--dtype",
+                   "float32", "--json", str(out))
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    rows = {(r["method"], r["head_trainable"]): r for r in result["rows"]}
+    assert set(rows) == {("chunked", False), ("chunked", True), ("plain", False), ("plain", True)}
+    assert rows["chunked", False]["loss_per_token"] == pytest.approx(rows["plain", False]["loss_per_token"], rel=1e-5)
+    assert all(r["peak_added_bytes"] >= 0 for r in rows.values()) and "target_met" in result
+
+
+def test_train_step_counts_the_work_it_times():
+    """train_step's token, patch and pair counts equal an independent count from the records and the mask rule."""
+    from benchmarks.train_step import _workload, synthetic_examples
+    from tte_flash import TTEFlashModel
+    from tte_flash.collator import TrainCollator
+    model = TTEFlashModel.from_preset("tiny")
+    collator = TrainCollator(model.processor, think_budgets=(4,), max_cot_tokens=12, packed=False)
+    batch = collator(synthetic_examples(3, 0, (56, 84), cot_words=5))["train_batch"]
+    tokens, patches, pairs = _workload(batch)
+    want_tokens = want_pairs = want_patches = 0
+    for query, cot, targets in zip(batch.queries, batch.cots, batch.targets):
+        n_query, n_cot = query.input_ids.numel(), len(cot or [])
+        # query tokens see the causal prefix; think/emb as well (causal); COT tokens see query+think+their prefix
+        prefix = n_query + 4
+        want_pairs += prefix * (prefix + 1) // 2 + (prefix + 1)
+        want_pairs += sum(prefix + j + 1 for j in range(n_cot))
+        want_tokens += prefix + 1 + n_cot
+        want_patches += 0 if query.pixel_values is None else query.pixel_values.shape[0]
+        for target in targets:
+            n = target.input_ids.numel() + 1
+            want_tokens += n
+            want_pairs += n * (n + 1) // 2
+            want_patches += 0 if target.pixel_values is None else target.pixel_values.shape[0]
+    assert (tokens, patches, pairs) == (want_tokens, want_patches, want_pairs)
+
+
+def test_gpu_suite_dry_run_writes_the_summary_and_fails_loudly(tmp_path, monkeypatch):
+    """The one command, dry run, on the quick parts: every part ok, SUMMARY.md and summary.json written with the
+    device, versions and headline numbers; a part that fails makes the suite exit 1 and is named."""
+    from benchmarks import gpu_suite
+    out = tmp_path / "suite"
+    assert gpu_suite.main(["--dry-run", "--out", str(out), "--parts", "cot_loss", "train"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert [p["part"] for p in summary["parts"]] == ["cot_loss", "train"]
+    assert all(p["status"] == "ok" for p in summary["parts"]), summary["parts"]
+    assert summary["meta"]["versions"]["torch"] and summary["headlines"]["train"]["seconds_per_step"] > 0
+    text = (out / "SUMMARY.md").read_text()
+    assert "dry run" in text and "## Training step" in text and "## COT loss peak memory" in text
+
+    failing = gpu_suite.Part("kernel", ["kernel_check.py", "--no-such-option"], 120, gating=True)
+    monkeypatch.setattr(gpu_suite, "plan", lambda out, dry_run: [failing])
+    assert gpu_suite.main(["--dry-run", "--out", str(tmp_path / "bad")]) == 1
+    bad = json.loads((tmp_path / "bad" / "summary.json").read_text())
+    assert bad["parts"][0]["status"] == "failed"
