@@ -10,7 +10,8 @@ parameters. Inputs are synthetic: a query of an image and a sentence, a text pos
     python benchmarks/train_step.py --preset qwen2-vl-2b --batch-size 128 --grad-cache-chunk 16 --steps 3  # GPU
 
 It reports per step: seconds, tokens (text tokens through the language model, vision patches apart),
-tokens/s, peak memory (CUDA: ``max_memory_allocated``; CPU: the process's peak RSS, VmHWM) and, on a GPU with a
+tokens/s, peak memory of the step (CUDA: ``max_memory_allocated``; CPU: the process's peak RSS, VmHWM, reset after
+the model is built: weights, optimizer state and activations, not the build's temporaries) and, on a GPU with a
 known peak, model FLOPs utilisation: 6 x (language-model parameters x tokens) + 4 x (vision parameters x
 patches) + attention, over the step time (the gradient cache's extra forward is not counted as useful work, the
 usual MFU convention). The first step includes autotuning and allocator warm-up: with ``--steps N`` the
@@ -39,12 +40,22 @@ WORDS = ("the red cell is left of the blue one so the answer moves two rows down
          "which lands on a green square near the corner of the grid").split()
 
 
-def _proc_peak_bytes() -> int:
+def _proc_bytes(field: str) -> int:
+    """VmHWM (peak resident memory) or VmRSS of this process, in bytes (Linux)."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+def _reset_peak_rss() -> None:
+    """Start VmHWM afresh from the current RSS, so the step's peak is not the model build's (Linux)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
 
 
 def synthetic_examples(n: int, seed: int, image_size: tuple[int, int] | None, cot_words: int) -> list[dict]:
@@ -118,6 +129,7 @@ def run(args) -> dict:
     t0 = time.perf_counter()
     model = build(args, device, dtype)
     build_s = time.perf_counter() - t0
+    build_peak = _proc_bytes("VmHWM") if device.type == "cpu" else None
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     counts = parameter_counts(model)
     print(f"built {args.preset} in {build_s:.0f} s: language {counts['language'] / 1e9:.2f} B, vision "
@@ -137,6 +149,8 @@ def run(args) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
+        else:
+            _reset_peak_rss()
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         if args.grad_cache_chunk:
@@ -148,7 +162,7 @@ def run(args) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - start
-        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _proc_peak_bytes()
+        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _proc_bytes("VmHWM")
         if not torch.isfinite(loss):
             raise SystemExit(f"train_step: step {step} gave a non-finite loss ({float(loss)})")
         row = {"step": step, "seconds": round(seconds, 3), "text_tokens": text_tokens, "vision_patches": patches,
@@ -175,7 +189,8 @@ def run(args) -> dict:
                      "grad_cache_chunk": args.grad_cache_chunk, "think_tokens": args.think_tokens,
                      "cot_tokens": args.cot_tokens, "lora": not args.no_lora, "image_size": args.image_size,
                      "attn_backend": base.config.attn_backend, "packed": packed, "threads": torch.get_num_threads(),
-                     "parameters": counts, "build_seconds": round(build_s, 1)},
+                     "parameters": counts, "build_seconds": round(build_s, 1),
+                     "build_peak_memory_gb": None if build_peak is None else round(build_peak / 1e9, 2)},
             "steps": steps, "summary": summary}
 
 
