@@ -31,12 +31,16 @@ setup(
         # training/ (Trainer, LoRA, YAML recipes, Parquet data)
         "train": TRAIN,
         # benchmarks/ plots
-        "benchmarks": ["matplotlib"],
+        "benchmarks": ["matplotlib", "scipy"],
         # tests: everything the test suite exercises
         # ecosystem integrations (tte_flash.integrations)
         "sentence-transformers": ["sentence-transformers>=4"],
         "mteb": ["mteb>=2"],
-        "dev": ["pytest", "hypothesis", *TRAIN, "matplotlib", "sentence-transformers>=4", "mteb>=2"],
+        # scikit-learn: the NDCG cross-check of tte_flash.mmeb's metrics (pytrec_eval, when installed, too)
+        "dev": ["pytest", "hypothesis", *TRAIN, "matplotlib", "scipy", "scikit-learn", "sentence-transformers>=4",
+                "mteb>=2"],
+        # Liger-Kernel's fused linear cross-entropy for the COT loss on CUDA (tte_flash.losses)
+        "liger": ["liger-kernel"],
         "flash": ["flash-attn"],
         "video": ["av"],
     },
