@@ -14,7 +14,9 @@ Parts, in order (each in its own process with a time limit, its log in ``<out>/<
                   train and inference layouts, 4k-16k tokens;
 * ``cot_loss``  - ``cot_loss_memory.py``: peak memory of the COT loss at 151,936 tokens of vocabulary;
 * ``latency``   - ``latency.py``: Qwen2-VL-2B K 0/4/16/32 vs explicit CoT N 64/128/256 at batch 1/8/64;
-* ``train``     - ``train_step.py``: the 2B recipe step (LoRA, grad cache, K=16 + COT) at batch 128.
+* ``train``     - ``train_step.py``: the 2B recipe step (LoRA, grad cache, K=16 + COT) at batch 128;
+* ``train_liger`` - the same with Liger-Kernel's RMSNorm/SwiGLU/M-RoPE (only where liger-kernel is installed):
+                  its first loss must equal the plain step's (same seed and inputs) within 1%.
 
 Writes ``<out>/summary.json`` and ``<out>/SUMMARY.md`` (device, versions, commit, each part's status and
 headline numbers against the targets) beside each part's own JSON/plots. Exit status 1 when a part fails or
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import os
 import platform
@@ -43,7 +46,7 @@ import torch  # noqa: E402
 
 from benchmarks._common import device_slug, git_commit, versions  # noqa: E402
 
-PARTS = ("compile", "kernel", "attention", "cot_loss", "latency", "train")
+PARTS = ("compile", "kernel", "attention", "cot_loss", "latency", "train", "train_liger")
 
 
 @dataclass
@@ -84,7 +87,10 @@ def plan(out: Path, dry_run: bool) -> list[Part]:
                          "--json", f"{o}/latency.json", "--plot", f"{o}/latency.png"], 540),
         Part("train", ["train_step.py", "--preset", "qwen2-vl-2b", "--batch-size", "128", "--grad-cache-chunk",
                        "16", "--steps", "3", "--json", f"{o}/train_step.json"], 420),
-    ]
+    ] + ([  # the same steps with Liger-Kernel's RMSNorm/SwiGLU/M-RoPE: equal losses (headlines), tokens/s
+        Part("train_liger", ["train_step.py", "--preset", "qwen2-vl-2b", "--batch-size", "128", "--grad-cache-chunk",
+                             "16", "--steps", "3", "--liger-kernels", "--json", f"{o}/train_step_liger.json"], 420)
+    ] if importlib.util.find_spec("liger_kernel") else [])
 
 
 def run_part(part: Part, out: Path, env: dict) -> dict:
@@ -145,6 +151,13 @@ def headlines(out: Path) -> dict:
     data = _load(out / "train_step.json")
     if data:
         found["train"] = data.get("summary")
+    liger = _load(out / "train_step_liger.json")
+    if data and liger:
+        plain_loss, liger_loss = data["steps"][0]["loss"], liger["steps"][0]["loss"]
+        found["train_liger"] = {**liger.get("summary", {}), "step0_loss": liger_loss, "step0_loss_without": plain_loss,
+                                "losses_agree": abs(liger_loss - plain_loss) <= 1e-2 * abs(plain_loss),
+                                "speedup": round(data["summary"]["seconds_per_step"]
+                                                 / liger["summary"]["seconds_per_step"], 3)}
     return found
 
 
@@ -199,6 +212,9 @@ def write_summary(out: Path, meta: dict, results: list, found: dict) -> None:
                   for t in found["latency"]]
     if found.get("train"):
         lines += ["", "## Training step", "", ", ".join(f"{k} {_fmt(v)}" for k, v in found["train"].items())]
+    if found.get("train_liger"):
+        lines += ["", "## Training step with Liger-Kernel (RMSNorm, SwiGLU, M-RoPE)", "",
+                  ", ".join(f"{k} {_fmt(v)}" for k, v in found["train_liger"].items())]
     (out / "SUMMARY.md").write_text("\n".join(lines) + "\n")
 
 
@@ -257,6 +273,12 @@ def main(argv=None) -> int:
             print("gpu_suite: the kernel check FAILED (wrong results); stopping. See "
                   f"{out / 'kernel.log'}; --continue-on-failure runs the benchmarks anyway", file=sys.stderr)
             break
+    liger = headlines(out).get("train_liger")
+    if liger and not liger["losses_agree"]:
+        results.append({"part": "train_liger (loss check)", "status": "failed", "gating": True, "returncode": None,
+                        "seconds": 0, "command": "-", "log_tail": [f"step-0 loss {liger['step0_loss']} with Liger vs "
+                                                                  f"{liger['step0_loss_without']} without"]})
+        write_summary(out, meta, results, headlines(out))
     bad = [r for r in results if r["status"] != "ok"]
     print(f"\ngpu_suite: {len(results) - len(bad)}/{len(results)} parts ok in {time.perf_counter() - start:.0f} s; "
           f"results in {out} (SUMMARY.md)", file=sys.stderr)

@@ -89,6 +89,9 @@ def build(args, device: torch.device, dtype: torch.dtype):
         torch.set_default_dtype(previous)
     model = model.to(device=device, dtype=dtype)
     model.model.visual.requires_grad_(False)
+    if args.liger_kernels:
+        from tte_flash.training import apply_liger_kernels
+        apply_liger_kernels(model, device.type)
     if model_args.lora:
         model = apply_lora(model, model_args)
     return model.train()
@@ -188,7 +191,8 @@ def run(args) -> dict:
                      "preset": args.preset, "dtype": args.dtype, "batch_size": args.batch_size,
                      "grad_cache_chunk": args.grad_cache_chunk, "think_tokens": args.think_tokens,
                      "cot_tokens": args.cot_tokens, "lora": not args.no_lora, "image_size": args.image_size,
-                     "attn_backend": base.config.attn_backend, "packed": packed, "threads": torch.get_num_threads(),
+                     "attn_backend": base.config.attn_backend, "packed": packed, "liger_kernels": args.liger_kernels,
+                     "threads": torch.get_num_threads(),
                      "parameters": counts, "build_seconds": round(build_s, 1),
                      "build_peak_memory_gb": None if build_peak is None else round(build_peak / 1e9, 2)},
             "steps": steps, "summary": summary}
@@ -232,6 +236,8 @@ def parse_args(argv=None):
     p.add_argument("--cot-tokens", "--cot_tokens", type=int, default=256, help="trace words per query (0: no COT)")
     p.add_argument("--image-size", "--image_size", default="448x336", help="WxH of the query images, or 'none'")
     p.add_argument("--no-lora", "--no_lora", action="store_true", help="train every language-model weight")
+    p.add_argument("--liger-kernels", "--liger_kernels", action="store_true",
+                   help="CUDA: Liger-Kernel's RMSNorm/SwiGLU/M-RoPE/LayerNorm (as training's --liger_kernels)")
     p.add_argument("--steps", type=int, default=1)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)

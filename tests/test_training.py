@@ -183,3 +183,14 @@ def test_ablation_summary_and_report_on_hand_made_results(tmp_path):
     assert "best_fixed_cell: Hit@1 0.150" in table
     assert "| k16_cot | K=16 | 2 | 0.950 (0.900-1.000) | 0.950 | 2.00 | 0.90 | 60 / never |" in table
     assert "| k16_cot | K=0 | 2 | 0.300 (0.200-0.400) | 0.300 | 2.00 | - | - |" in table
+
+
+def test_liger_kernels_flag_errors_name_the_problem(monkeypatch):
+    """--liger_kernels off CUDA, or without liger-kernel installed, fails before training with what to do."""
+    import sys
+    from tte_flash.training import apply_liger_kernels
+    with pytest.raises(ValueError, match="CUDA"):
+        apply_liger_kernels(object(), "cpu")
+    monkeypatch.setitem(sys.modules, "liger_kernel", None)  # import fails as if not installed
+    with pytest.raises(ImportError, match="pip install liger-kernel"):
+        apply_liger_kernels(object(), "cuda")

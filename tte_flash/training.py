@@ -51,6 +51,9 @@ class ModelArguments:
     lora_r: int = 16
     lora_alpha: int = 64
     lora_dropout: float = 0.05
+    liger_kernels: bool = field(default=False, metadata={
+        "help": "CUDA: Liger-Kernel's fused RMSNorm, SwiGLU, M-RoPE and LayerNorm in the model (pip install "
+                "liger-kernel); the COT loss uses Liger's fused linear cross-entropy whenever it is installed"})
 
 
 @dataclass
@@ -216,6 +219,21 @@ def build_model(args: ModelArguments) -> TTEFlashModel:
     return model
 
 
+def apply_liger_kernels(model, device_type: str):
+    """Patch ``model``'s Qwen2-VL modules with Liger-Kernel's fused Triton kernels (RMSNorm, SwiGLU, M-RoPE,
+    the vision tower's LayerNorm); the LM head and its loss are left alone (the COT loss has its own path).
+    CUDA only; ``benchmarks/gpu_suite.py`` compares a step with and without them."""
+    if device_type != "cuda":
+        raise ValueError("--liger_kernels needs a CUDA device (Liger-Kernel's kernels are Triton GPU kernels)")
+    try:
+        from liger_kernel.transformers import apply_liger_kernel_to_qwen2_vl
+    except ImportError as err:
+        raise ImportError("--liger_kernels needs Liger-Kernel: pip install liger-kernel") from err
+    apply_liger_kernel_to_qwen2_vl(rope=True, rms_norm=True, layer_norm=True, swiglu=True, cross_entropy=False,
+                                   fused_linear_cross_entropy=False, model=model)
+    return model
+
+
 def apply_lora(model, args: ModelArguments):
     from peft import LoraConfig, get_peft_model
     targets = r".*language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
@@ -274,6 +292,8 @@ def main(argv=None):
                              max_cot_tokens=data_args.max_cot_tokens, hard_negatives=data_args.hard_negatives,
                              packed=packed, seed=training_args.seed)
     dataset = RowDataset(data_args.train_data, data_args.image_root, data_args.query_with_trace)
+    if model_args.liger_kernels:
+        apply_liger_kernels(model, device_type)
     if model_args.lora:
         model = apply_lora(model, model_args)
     objective = Objective(temperature=temperature, cot_weight=data_args.cot_weight,
