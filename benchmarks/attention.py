@@ -24,8 +24,17 @@ H100: fwd+bwd >= 1.2x FlexAttention and >= 1.0x FA2 varlen causal in useful TFLO
 Rows go to ``benchmarks/results/attention-<device>-<date>.json`` (or ``--output``) with the device,
 versions and commit; a table with ratios (TTE TFLOP/s over each provider's) is printed.
 
+Tile accounting (``--tile-counts``, pure CPU arithmetic on the layout, no kernel launch): per kernel block
+shape, the tiles the kernels visit, how many hold a visible pair, how many evaluate the per-element mask
+(partial) or run mask-free (full), visible pairs over computed pairs, and metadata loads per visited tile,
+for the previous scheme (each program scanned a contiguous key range from O(T) bounds and classified every
+tile from five scalar loads; partial tiles loaded seq ids and types per key) and the block table (one int32
+per tile; partial masks from interval bounds loaded once per program). Rows go to
+``benchmarks/results/attention-tiles-cpu-<date>.json``.
+
     python benchmarks/attention.py                          # GPU: 4k, 8k, 16k tokens, both layouts
     python benchmarks/attention.py --device cpu --tiny      # the code path only, under the interpreter (the CPU default)
+    python benchmarks/attention.py --tile-counts            # tile counts at 4k, 8k, 16k tokens, old vs new scheme
 """
 from __future__ import annotations
 
@@ -154,6 +163,96 @@ def _compiled_flex(flex_attention):
 
 
 # ----------------------------------------------------------------------------------------------------
+# Tile accounting: the previous scheme against the block table, on the CPU
+# ----------------------------------------------------------------------------------------------------
+
+# (kernel, BLOCK_M, BLOCK_N, the side a program owns): the shipped bf16/fp16 head-dim-128 configs, and
+# FlexAttention's default 128 x 128 block for comparison with its block count
+TILE_SHAPES = (("fwd", 128, 64, "rows"), ("dq", 128, 32, "rows"), ("dkdv", 16, 64, "keys"),
+               ("flex-128", 128, 128, "rows"))
+
+
+def _old_scheme_tiles(prepared, block_m, block_n, side):
+    """(row block, key block) of every tile the previous kernels visited, and whether they masked it.
+
+    A program owning a row block scanned keys [min kv_lo rounded down to a key block, max kv_hi) of its
+    rows (a key-block program: rows [min q_lo rounded down, max q_hi)); a tile was mask-free only if all
+    its rows and keys were in one sample, its keys preceded its first row, and no (COT row, EMB key) or,
+    without cot_sees_query, (COT row, QUERY key) pair could be in it (from the end tokens' seq ids/types).
+    """
+    tokens = prepared.seq_ids.numel()
+    own, other = (block_m, block_n) if side == "rows" else (block_n, block_m)
+    lo, hi = (prepared.kv_lo, prepared.kv_hi) if side == "rows" else (prepared.q_lo, prepared.q_hi)
+    owners = -(-tokens // own)
+    pad = owners * own - tokens
+    lo = torch.cat([lo.long(), lo.new_full((pad,), tokens).long()]).view(owners, own).min(1).values // other * other
+    hi = torch.cat([hi.long(), hi.new_zeros(pad).long()]).view(owners, own).max(1).values
+    steps = (hi - lo + other - 1).clamp(min=0) // other  # (owners,)
+    owner = torch.repeat_interleave(torch.arange(owners), steps)
+    start = torch.cumsum(steps, 0) - steps
+    other_block = lo[owner] // other + torch.arange(owner.numel()) - start[owner]
+    row_block, key_block = (owner, other_block) if side == "rows" else (other_block, owner)
+    m0, n0 = row_block * block_m, key_block * block_n
+    seq, types = prepared.seq_ids.long(), prepared.token_types.long()
+    m_last, n_last = (m0 + block_m).clamp(max=tokens) - 1, (n0 + block_n).clamp(max=tokens) - 1
+    row_cot = types[m_last] == COT
+    full = (m0 + block_m <= tokens) & (n0 + block_n - 1 <= m0) & (seq[n0] == seq[m_last])
+    full &= ~(row_cot & (types[n0] <= EMB) & (types[n_last] >= EMB))
+    if not prepared.cot_sees_query:
+        full &= ~(row_cot & (types[n0] == QUERY))
+    return row_block, key_block, ~full
+
+
+def tile_counts(layout: Layout, options: dict) -> list[dict]:
+    """Tile counts of one layout for each shape in TILE_SHAPES, previous scheme and block table."""
+    from tte_flash.kernels import prepare_layout
+    from tte_flash.kernels.block_table import tile_counts as table_counts
+    prepared = prepare_layout(layout.seq_ids.cpu(), layout.token_types.cpu(), **options)
+    rows = []
+    for kernel, block_m, block_n, side in TILE_SHAPES:
+        table = prepared.block_table(block_m, block_n)
+        key_blocks = -(-layout.tokens // block_n)
+        # exact visible pairs of every non-empty tile (the table is checked against the dense mask in tests)
+        tile_ids = (torch.repeat_interleave(torch.arange(len(table.row_offsets) // 2), table.row_offsets[2::2].long()
+                                            - table.row_offsets[:-1:2].long()) * key_blocks + table.row_blocks.long())
+        pairs_of = dict(zip(tile_ids.tolist(), table.tile_pairs.tolist()))
+        row_block, key_block, masked = _old_scheme_tiles(prepared, block_m, block_n, side)
+        old_pairs = torch.tensor([pairs_of.get(t, 0) for t in (row_block * key_blocks + key_block).tolist()])
+        visited = int(masked.numel())
+        old = dict(visited=visited, with_visible_pair=int((old_pairs > 0).sum()), partial=int(masked.sum()),
+                   full=int((~masked).sum()), visible_pairs=int(old_pairs.sum()),
+                   visible_over_computed=int(old_pairs.sum()) / (visited * block_m * block_n),
+                   metadata_loads_per_tile=5 + 2 * int(masked.sum()) / visited)
+        new = {k: v for k, v in table_counts(table).items() if k not in ("block_m", "block_n")}
+        new["metadata_loads_per_tile"] = 1.0
+        for scheme, counts in (("previous", old), ("block-table", new)):
+            rows.append(dict(layout=layout.name, tokens=layout.tokens, samples=len(layout.samples), kernel=kernel,
+                             block_m=block_m, block_n=block_n, program_owns=side, scheme=scheme, **counts, **options))
+    return rows
+
+
+def print_tile_table(rows: list[dict]) -> None:
+    print(f"{'layout':7} {'tokens':>6} {'kernel':8} {'blocks':>7} {'scheme':11} {'visited':>7} {'w/ pair':>7} "
+          f"{'partial':>7} {'full':>6} {'%partial':>8} {'vis/comp':>8} {'meta/tile':>9}")
+    for r in rows:
+        print(f"{r['layout']:7} {r['tokens']:6d} {r['kernel']:8} {r['block_m']:>3}x{r['block_n']:<3} {r['scheme']:11} "
+              f"{r['visited']:7d} {r['with_visible_pair']:7d} {r['partial']:7d} {r['full']:6d} "
+              f"{100 * r['partial'] / max(r['visited'], 1):7.1f}% {r['visible_over_computed']:8.3f} "
+              f"{r['metadata_loads_per_tile']:9.2f}")
+
+
+def run_tile_counts(args) -> list[dict]:
+    options = dict(think_bidirectional=args.think_bidirectional, cot_sees_query=not args.cot_hides_query)
+    environment = dict(**versions(), commit=git_commit(), date=datetime.datetime.now().isoformat(timespec="seconds"))
+    rows = []
+    for layout_name in args.layouts:
+        for tokens in args.tokens:
+            layout = make_layout(layout_name, tokens, "cpu", args.tiny)
+            rows += [dict(row, **environment) for row in tile_counts(layout, options)]
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------
 # Timing
 # ----------------------------------------------------------------------------------------------------
 
@@ -268,9 +367,14 @@ def parse_args(argv=None):
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--output", type=Path, help="JSON rows (default benchmarks/results/attention-<device>-<date>"
-                                                    ".json)")
+                                                    ".json, attention-tiles-cpu-<date>.json with --tile-counts)")
+    parser.add_argument("--tile-counts", action="store_true",
+                        help="count the tiles the kernels visit (previous scheme and block table) on the CPU; "
+                             "no kernel runs")
     given = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(given)
+    if args.tile_counts:  # arithmetic on the layout only: full sizes are cheap anywhere
+        return args
     if torch.device(args.device).type == "cpu" and not args.tiny and not any(a.startswith("--tokens") for a in given):
         print("CPU: tiny sizes (--tiny): full-size layouts take many minutes each under the Triton interpreter; "
               "pass --tokens to run them anyway", file=sys.stderr)
@@ -284,6 +388,14 @@ def parse_args(argv=None):
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
+    if args.tile_counts:
+        rows = run_tile_counts(args)
+        print_tile_table(rows)
+        output = args.output or default_results_path("attention-tiles", torch.device("cpu"))
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(rows, indent=1))
+        print(f"wrote {len(rows)} rows to {output}")
+        return rows
     if torch.device(args.device).type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         raise SystemExit("--device cpu needs TRITON_INTERPRET=1 set before triton is imported")
     rows = run(args)

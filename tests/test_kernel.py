@@ -349,6 +349,42 @@ def test_int64_seq_ids_that_differ_by_2_pow_32_stay_separate_samples():
     torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
 
 
+def _benchmark_module(monkeypatch, name):
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "attention.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    benchmark = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, benchmark)  # dataclasses look their module up there
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the script puts benchmarks/ on sys.path
+    spec.loader.exec_module(benchmark)
+    return benchmark
+
+
+@pytest.mark.parametrize("layout_name", ["train", "infer"])
+def test_benchmark_tile_counts_match_the_dense_mask(tmp_path, monkeypatch, layout_name):
+    """`attention.py --tile-counts`: for every block shape, the block table visits exactly the non-empty tiles
+    of the dense mask and runs mask-free exactly the all-visible ones; the previous scheme's counts are
+    consistent (it visits at least the non-empty tiles, masks at least the not-all-visible ones)."""
+    benchmark = _benchmark_module(monkeypatch, "attention_benchmark_tiles")
+    output = tmp_path / "tiles.json"
+    benchmark.main(["--tile-counts", "--tiny", "--tokens", "150", "--layouts", layout_name, "--output", str(output)])
+    rows = json.loads(output.read_text())
+    layout = benchmark.make_layout(layout_name, 150, "cpu", True)
+    mask = dense_mask(layout.seq_ids, layout.token_types)
+    assert {(r["kernel"], r["scheme"]) for r in rows} == {(k, s) for k, *_ in benchmark.TILE_SHAPES
+                                                          for s in ("previous", "block-table")}
+    for r in rows:
+        pairs = dense_tile_pairs(mask, r["block_m"], r["block_n"])
+        nonempty, all_visible = int((pairs > 0).sum()), int((pairs == r["block_m"] * r["block_n"]).sum())
+        assert r["visible_pairs"] == int(mask.sum()) and r["partial"] + r["full"] == r["visited"]
+        assert r["visible_over_computed"] == pytest.approx(int(mask.sum()) / (r["visited"] * r["block_m"]
+                                                                            * r["block_n"]))
+        if r["scheme"] == "block-table":
+            assert (r["visited"], r["with_visible_pair"], r["full"]) == (nonempty, nonempty, all_visible)
+            assert r["metadata_loads_per_tile"] == 1
+        else:
+            assert r["visited"] >= r["with_visible_pair"] == nonempty and r["full"] <= all_visible
+
+
 def test_benchmark_defaults_to_tiny_sizes_on_cpu(monkeypatch, capsys):
     """`python benchmarks/attention.py` on a CPU picks the tiny sizes (and says so) instead of running
     full-size layouts under the interpreter for minutes; --tokens keeps the user's sizes."""
