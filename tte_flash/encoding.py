@@ -223,13 +223,15 @@ def _check_settings(output: Path, settings: dict, overwrite: bool):
         except ValueError:
             previous = None  # a manifest is written atomically, so this is not ours: say so below
         if previous != settings and not overwrite:
-            diff = {k: (previous or {}).get(k) for k in settings if (previous or {}).get(k) != settings[k]}
+            diff = ", ".join(f"{k}: {(previous or {}).get(k)!r} there, {v!r} now" for k, v in settings.items()
+                             if (previous or {}).get(k) != v)
             raise ValueError(f"{output} holds embeddings made with other settings ({diff}); use another --output "
                              "directory or overwrite=True (--overwrite)")
         if overwrite:
             for stale in itertools.chain(output.glob("shard-*.npy"), output.glob("shard-*.json"), [path]):
                 stale.unlink()
-    elif output.exists() and any(output.iterdir()):
+    # a temporary file alone is another part writing the manifest right now
+    elif output.exists() and any(".tmp-" not in p.name for p in output.iterdir()):
         raise ValueError(f"{output} is not empty and has no {MANIFEST}: not an embeddings directory; "
                          "choose an empty or new directory")
 
