@@ -191,16 +191,22 @@ def frame_image(index):
 
 
 class FakeContainer:
-    """A PyAV container: keyframes every 6 frames, 25 fps, time base 1/12800; counts decoded frames."""
+    """A PyAV container: keyframes every 6 frames, 25 fps, time base 1/12800, packets in decode order
+    (display order with each B-frame pair swapped); counts decoded frames."""
 
-    def __init__(self, n_frames, state_count=True):
-        self.n, self.position, self.decoded = n_frames, 0, 0
+    def __init__(self, n_frames, timestamps=True):
+        self.n, self.position, self.decoded, self.timestamps = n_frames, 0, 0, timestamps
         rate, base = Fraction(25), Fraction(1, 12800)
         self.pts_step = int(1 / (rate * base))
         codec = types.SimpleNamespace(height=84, width=56)
-        stream = types.SimpleNamespace(frames=n_frames if state_count else 0, average_rate=rate, time_base=base,
-                                       start_time=0, codec_context=codec)
+        stream = types.SimpleNamespace(frames=0, average_rate=rate, time_base=base, start_time=0, codec_context=codec)
         self.streams = types.SimpleNamespace(video=[stream])
+
+    def demux(self, stream=None):
+        order = [j for i in range(0, self.n - 1, 2) for j in (i + 1, i)] + ([self.n - 1] if self.n % 2 else [])
+        for i in order:
+            yield types.SimpleNamespace(pts=i * self.pts_step if self.timestamps else None, size=100)
+        yield types.SimpleNamespace(pts=None, size=0)  # the flush packet
 
     def __enter__(self):
         return self
@@ -230,10 +236,10 @@ def sample_all_then_pick(n, max_frames):
 @pytest.fixture
 def fake_av(monkeypatch):
     containers = []
-    settings = {"state_count": True, "n": 100}
+    settings = {"timestamps": True, "n": 100}
 
     def open_(path):
-        containers.append(FakeContainer(settings["n"], settings["state_count"]))
+        containers.append(FakeContainer(settings["n"], settings["timestamps"]))
         return containers[-1]
     monkeypatch.setitem(sys.modules, "torchcodec", None)  # PyAV path even where torchcodec is installed
     monkeypatch.setitem(sys.modules, "torchcodec.decoders", None)
@@ -257,9 +263,9 @@ def test_pyav_seeks_and_decodes_only_sampled_frames(fake_av, tmp_path, n_frames)
         assert containers[-1].decoded <= 8 * 6  # at most a keyframe interval per sampled frame, not all 100
 
 
-def test_pyav_without_a_frame_count_keeps_memory_bounded(fake_av, tmp_path):
+def test_pyav_without_timestamps_keeps_memory_bounded(fake_av, tmp_path):
     containers, settings = fake_av
-    settings.update(n=1000, state_count=False)
+    settings.update(n=1000, timestamps=False)
     clip = tmp_path / "clip.mp4"
     clip.write_bytes(b"")
     frames = load_video_frames(clip, max_frames=8)
@@ -268,6 +274,29 @@ def test_pyav_without_a_frame_count_keeps_memory_bounded(fake_av, tmp_path):
     assert indices[0] == 0 and indices == sorted(set(indices))
     assert max(np.diff(indices)) <= 2 * min(np.diff(indices))  # spread over the clip: 1000 frames / 8
     assert indices[-1] >= 750
+
+
+@pytest.mark.parametrize("name, codec, n_frames", [("a.mp4", "libx264", 97), ("b.webm", "libvpx-vp9", 61),
+                                                   ("c.mkv", "mpeg4", 50)])
+def test_real_pyav_seeking_equals_decoding_everything(tmp_path, name, codec, n_frames):
+    """With PyAV installed (the `video` extra; skipped otherwise): a written clip, B-frames and containers
+    that do not state their frame count included, gives exactly the frames of decode-all-then-sample."""
+    av = pytest.importorskip("av")
+    path = tmp_path / name
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=25)
+        stream.width, stream.height, stream.pix_fmt = 96, 64, "yuv420p"
+        for i in range(n_frames):
+            pixels = np.zeros((64, 96, 3), np.uint8)
+            pixels[..., 0], pixels[:8, :i % 96 + 1, 2] = i * 4 % 256, 255
+            for packet in stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    with av.open(str(path)) as container:
+        everything = [frame.to_image() for frame in container.decode(video=0)]
+    expected = [np.asarray(everything[i]) for i in sample_all_then_pick(len(everything), 8)]
+    assert [np.asarray(f).tolist() for f in load_video_frames(path, 8)] == [e.tolist() for e in expected]
 
 
 def test_torchcodec_decodes_exactly_the_sampled_indices(monkeypatch, tmp_path):

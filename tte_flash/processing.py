@@ -149,9 +149,10 @@ def _video_backend():
 
 
 def decode_video_file(path: Path, max_frames: int) -> list[Image.Image]:
-    """The sampled frames of a video file (:func:`sample_frame_indices`), decoded one by one: torchcodec
-    decodes exactly those frames; PyAV seeks to each (from the nearest keyframe) when the stream states
-    its frame count and rate, else decodes in order keeping at most ``2 * max_frames`` frames."""
+    """The sampled frames of a video file (:func:`sample_frame_indices`), decoded one by one. torchcodec
+    decodes exactly those frames. PyAV reads the packets' timestamps (demuxing, no decoding) to find each
+    sampled frame's, then seeks to the keyframe before it and decodes up to it; a file whose packets carry
+    no timestamps is decoded in order, keeping at most ``2 * max_frames`` frames (sampled from those)."""
     backend = _video_backend()
     if backend is None:
         raise ImportError(f"reading {path} needs PyAV or torchcodec: pip install 'tte-flash[video]' (or pass a "
@@ -164,8 +165,10 @@ def decode_video_file(path: Path, max_frames: int) -> list[Image.Image]:
             return [Image.fromarray(frame.permute(1, 2, 0).numpy()).convert("RGB") for frame in batch]
         with backend.open(str(path)) as container:
             stream = container.streams.video[0]
-            frames = _pyav_seek(container, stream, max_frames) if stream.frames and stream.average_rate else None
-            if frames is None:
+            timestamps = [packet.pts for packet in container.demux(stream) if packet.size]  # display order: sort
+            if timestamps and None not in timestamps:
+                frames = _pyav_seek(container, stream, sorted(timestamps), max_frames)
+            else:
                 container.seek(0)
                 frames = _pyav_in_order(container, stream, max_frames)
             return [frame.to_image().convert("RGB") for frame in frames]
@@ -173,21 +176,16 @@ def decode_video_file(path: Path, max_frames: int) -> list[Image.Image]:
         raise ValueError(f"cannot read video {path}: {err}") from None
 
 
-def _pyav_seek(container, stream, max_frames: int) -> list | None:
-    """The sampled frames by seeking to each one's timestamp; None if the stream does not allow it."""
-    pts_per_frame = 1 / (stream.average_rate * stream.time_base)
-    start, frames = stream.start_time or 0, []
-    for index in sample_frame_indices(stream.frames, max_frames):
-        target = start + index * pts_per_frame
-        container.seek(int(target), stream=stream, backward=True, any_frame=False)
-        for frame in container.decode(stream):
-            if frame.pts is None:
-                return None
-            if frame.pts >= target - pts_per_frame / 2:
-                frames.append(frame)
-                break
-        else:
-            return None  # ran off the end: the stated frame count was wrong
+def _pyav_seek(container, stream, timestamps: list[int], max_frames: int) -> list:
+    """The frames at the sampled indices of ``timestamps`` (every frame's, in display order), by seeking."""
+    frames = []
+    for index in sample_frame_indices(len(timestamps), max_frames):
+        target = timestamps[index]
+        container.seek(target, stream=stream, backward=True, any_frame=False)
+        frame = next((f for f in container.decode(stream) if f.pts is not None and f.pts >= target), None)
+        if frame is None:
+            raise ValueError(f"no frame at timestamp {target} (frame {index} of {len(timestamps)})")
+        frames.append(frame)
     return frames
 
 
@@ -203,9 +201,10 @@ def _pyav_in_order(container, stream, max_frames: int) -> list:
     return [kept[i] for i in sample_frame_indices(len(kept), max_frames)]
 
 
-def probe_video_file(path: Path) -> tuple[int, int, int] | None:
-    """(frame count, height, width) from a video file's metadata, or None when unknown (no backend, or
-    the container does not say). Used to estimate lengths; decoding errors are raised later, clearly."""
+def probe_video_file(path: Path, max_frames: int) -> tuple[int, int, int] | None:
+    """(frame count, height, width) from a video file's header, or None when unknown (no backend, or the
+    container does not say); an unstated frame count counts as ``max_frames``. Used to estimate lengths;
+    decoding errors are raised later, clearly."""
     backend = _video_backend()
     try:
         if isinstance(backend, type):
@@ -214,8 +213,8 @@ def probe_video_file(path: Path) -> tuple[int, int, int] | None:
         if backend is not None:
             with backend.open(str(path)) as container:
                 stream = container.streams.video[0]
-                if stream.frames:
-                    return int(stream.frames), int(stream.codec_context.height), int(stream.codec_context.width)
+                return int(stream.frames or max_frames), int(stream.codec_context.height), \
+                    int(stream.codec_context.width)
     except Exception:
         return None
     return None
@@ -411,7 +410,7 @@ class TTEProcessor:
             files = _frame_files(Path(video))
             shape = (len(files), *image_size(files[0])) if files else None
         elif Path(video).is_file():
-            shape = probe_video_file(Path(video))
+            shape = probe_video_file(Path(video), max_frames)
         else:
             raise FileNotFoundError(f"video not found: {video}")
         n_frames, height, width = shape if shape else (max_frames, None, None)
