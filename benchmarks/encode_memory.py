@@ -15,7 +15,11 @@ bounded by its capacity (1024 entries); ``ONEDNN_PRIMITIVE_CACHE_CAPACITY=0`` tu
 caller's memory, not encode's); ``--repo DIR`` runs the workers against another checkout (e.g. a
 ``git worktree`` of an older commit) to compare implementations.
 
+``--video`` (needs PyAV) measures a video file instead: a 30 s 640x360 30 fps H.264 clip, peak RSS of
+``load_video_frames`` (8 sampled frames, seeking) against decoding every frame and then sampling.
+
     python benchmarks/encode_memory.py                       # 1k, 3k, 10k; writes benchmarks/results/
+    python benchmarks/encode_memory.py --video --no-save     # the video clip
     python benchmarks/encode_memory.py --sizes 1000 3000 10000 100000 --no-save
     git worktree add /tmp/before <commit> && python benchmarks/encode_memory.py --repo /tmp/before --tag before
 """
@@ -77,6 +81,56 @@ def worker(args) -> dict:
             "tte_flash": str(Path(tte_flash.__file__).parent)}
 
 
+def write_clip(path: Path, seconds: int = 30, fps: int = 30, width: int = 640, height: int = 360):
+    import av
+    import numpy as np
+    base = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for i in range(seconds * fps):
+            frame = av.VideoFrame.from_ndarray(np.roll(base, 3 * i, axis=1), format="rgb24")  # a panning picture
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def video_worker(args) -> dict:
+    """Runs in its own process: one way of reading 8 frames of the clip."""
+    if args.repo:
+        sys.path.insert(0, str(Path(args.repo).resolve()))
+    import av
+
+    from tte_flash.processing import load_video_frames, sample_frame_indices
+    before, start = peak_rss_mib(), time.perf_counter()
+    if args.video_worker == "decode-all":
+        with av.open(args.clip) as container:
+            frames = [frame.to_image().convert("RGB") for frame in container.decode(video=0)]
+        frames = [frames[i] for i in sample_frame_indices(len(frames), 8)]
+    else:
+        frames = load_video_frames(Path(args.clip), 8)
+    return {"method": args.video_worker, "frames": len(frames), "peak_rss_mib": round(peak_rss_mib(), 1),
+            "growth_mib": round(peak_rss_mib() - before, 1), "seconds": round(time.perf_counter() - start, 2)}
+
+
+def video_main(args) -> list[dict]:
+    import tempfile
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        clip = Path(tmp) / "clip.mp4"
+        write_clip(clip)
+        print(f"{'method':>16s} {'peak RSS MiB':>13s} {'growth MiB':>11s} {'seconds':>8s}")
+        for method in ("decode-all", "load_video_frames"):
+            command = [sys.executable, __file__, "--video_worker", method, "--clip", str(clip)] + (
+                ["--repo", args.repo] if args.repo else [])
+            done = subprocess.run(command, capture_output=True, text=True, check=True)
+            row = json.loads(done.stdout.strip().splitlines()[-1])
+            rows.append(row)
+            print(f"{method:>16s} {row['peak_rss_mib']:13.1f} {row['growth_mib']:11.1f} {row['seconds']:8.2f}")
+    return rows
+
+
 def slope_mib_per_1k(rows: list[dict]) -> float:
     """Least-squares slope of peak RSS against N, in MiB per 1,000 inputs."""
     xs, ys = [r["n"] for r in rows], [r["peak_rss_mib"] for r in rows]
@@ -95,11 +149,22 @@ def main(argv=None) -> int:
     parser.add_argument("--tag", default=None, help="a name for this run in the results file")
     parser.add_argument("--output", default=None, help="JSON path (default benchmarks/results/encode-memory-...)")
     parser.add_argument("--no-save", action="store_true")
+    parser.add_argument("--video", action="store_true", help="measure reading 8 frames of a video file (PyAV)")
     parser.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--video_worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--clip", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker is not None:
         print(json.dumps(worker(args)))
         return 0
+    if args.video_worker is not None:
+        print(json.dumps(video_worker(args)))
+        return 0
+    if args.video:
+        rows = video_main(args)
+        import av
+        return save(args, {"benchmark": "encode_memory_video", "clip": "30 s, 640x360, 30 fps, H.264", "rows": rows,
+                           "pyav": av.__version__})
     if any(n < 1 for n in args.sizes) or len(args.sizes) < 2:
         parser.error("--sizes needs at least two positive sizes")
     rows = []
@@ -120,22 +185,26 @@ def main(argv=None) -> int:
     spread = max(r["peak_rss_mib"] for r in rows) / min(r["peak_rss_mib"] for r in rows) - 1
     print(f"slope: {slope:.2f} MiB per 1k inputs; largest peak {100 * spread:.1f}% over the smallest "
           f"(target: flat within 10%)")
-    if not args.no_save:
-        sys.path.insert(0, str(HERE))
-        from _common import RESULTS, git_commit, versions
-        result = {"benchmark": "encode_memory", "tag": args.tag, "repo": args.repo, "preset": args.preset,
-                  "source": args.source,
-                  "batch_size": args.batch_size, "rows": rows, "slope_mib_per_1k": round(slope, 3),
-                  "peak_spread": round(spread, 4), "device": "cpu", "cpu": platform.processor() or platform.machine(),
-                  "omp_threads": env["OMP_NUM_THREADS"],
-                  "onednn_primitive_cache_capacity": os.environ.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY"),
-                  "versions": versions(), "commit": git_commit(),
-                  "date": datetime.date.today().isoformat()}
-        path = Path(args.output) if args.output else RESULTS / (
-            f"encode-memory-cpu-{args.preset}{'-' + args.tag if args.tag else ''}-{result['date']}.json")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=1) + "\n")
-        print(f"wrote {path}")
+    return save(args, {"benchmark": "encode_memory", "preset": args.preset, "source": args.source,
+                       "batch_size": args.batch_size, "rows": rows, "slope_mib_per_1k": round(slope, 3),
+                       "peak_spread": round(spread, 4), "omp_threads": env["OMP_NUM_THREADS"],
+                       "onednn_primitive_cache_capacity": os.environ.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY")})
+
+
+def save(args, result: dict) -> int:
+    """Write the result with the machine, versions and commit (unless --no-save)."""
+    if args.no_save:
+        return 0
+    sys.path.insert(0, str(HERE))
+    from _common import RESULTS, git_commit, versions
+    result = {**result, "tag": args.tag, "repo": args.repo, "device": "cpu",
+              "cpu": platform.processor() or platform.machine(), "versions": versions(), "commit": git_commit(),
+              "date": datetime.date.today().isoformat()}
+    kind = "encode-memory-video" if args.video else f"encode-memory-cpu-{args.preset}"
+    path = Path(args.output) if args.output else RESULTS / f"{kind}{'-' + args.tag if args.tag else ''}-{result['date']}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {path}")
     return 0
 
 
