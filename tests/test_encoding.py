@@ -123,6 +123,9 @@ def test_length_estimate_is_exact(tiny_model, rng, tmp_path):
         {"video": str(tmp_path), "instruction": "Watch."}, {"video": frames[:1] * 11}]
     for i, item in enumerate(items):
         assert processor.estimate_length(item, i) == processor(item, i).input_ids.numel(), item
+    # a URL is not fetched to estimate: it counts as the largest image the pixel budget allows
+    largest = processor({"image": random_image(rng, 224, 224)}).input_ids.numel()
+    assert processor.estimate_length("https://example.com/x.png") == largest
     long_text = {"image": image, "text": " ".join(["word"] * 300)}
     with pytest.warns(UserWarning, match="max_query_tokens=120"):
         assert processor.estimate_length(long_text, 0, 120) == processor(long_text, 0, 120).input_ids.numel() == 120

@@ -5,6 +5,9 @@
 placeholders, the vision tensors, and M-RoPE positions. :func:`collate` lays records out as
 ``[query][think x K][<emb>][cot]`` (DESIGN.md §3-§4) in a packed batch (one row, padding-free) or a
 padded batch, with the per-token ``seq_ids``/``token_types`` the attention needs.
+:meth:`TTEProcessor.estimate_length` gives an input's length without decoding pixels (for batching by a
+token budget, ``tte_flash.encoding``). Videos keep ``video_max_frames`` frames spread uniformly
+(:func:`sample_frame_indices`), and only those are read or decoded.
 
 Choices: a plain string is text unless it ends in an image or video file extension and either has no
 whitespace or names an existing file, then it is a path (or, for an image, an http(s) URL); a
@@ -371,9 +374,12 @@ class TTEProcessor:
     def estimate_length(self, item, index: int = 0, max_query_tokens: int | None = None) -> int:
         """The input's length in tokens as :meth:`__call__` would make it, without decoding any pixels:
         exact for text and images (Qwen2-VL's resize rule on the size in the image's header) and for videos
-        given as frames; a video file's from its metadata (an upper bound when it has none)."""
+        given as frames; a video file's from its header (frame size, and frame count when it states one);
+        the pixel budget's most where a size is unknown (a URL)."""
         item = normalize_input(item, index)
-        count = lambda text: len(self.tokenizer(text, add_special_tokens=False).input_ids)  # noqa: E731
+
+        def count(text: str) -> int:
+            return len(self.tokenizer(text, add_special_tokens=False).input_ids)
         total = count(item["instruction"].rstrip("\n") + "\n") if item.get("instruction") else 0
         vision = 0
         if item.get("image") is not None:
@@ -402,21 +408,20 @@ class TTEProcessor:
         return (height // ip.patch_size) * (width // ip.patch_size) // self.spatial_merge_size**2
 
     def _video_tokens(self, video) -> int:
-        max_frames = self.config.video_max_frames
-        shape = None
+        max_frames, n_frames, size = self.config.video_max_frames, self.config.video_max_frames, None
         if isinstance(video, (list, tuple)):
-            shape = (len(video), *image_size(video[0])) if video else None
+            n_frames, size = len(video), image_size(video[0]) if video else None
         elif Path(video).is_dir():
             files = _frame_files(Path(video))
-            shape = (len(files), *image_size(files[0])) if files else None
+            n_frames, size = len(files), image_size(files[0]) if files else None
         elif Path(video).is_file():
-            shape = probe_video_file(Path(video), max_frames)
+            probed = probe_video_file(Path(video), max_frames)
+            n_frames, size = probed[0] if probed else max_frames, probed[1:] if probed else None
         else:
             raise FileNotFoundError(f"video not found: {video}")
-        n_frames, height, width = shape if shape else (max_frames, None, None)
         n_frames = min(n_frames, max_frames)
         n_frames += n_frames % 2
-        return n_frames // self.image_processor.temporal_patch_size * self._image_tokens(height, width)
+        return n_frames // self.image_processor.temporal_patch_size * self._image_tokens(*(size or (None, None)))
 
     def _truncate(self, pieces: list, index: int, limit: int) -> list:
         """Drop text tokens from the end until the input fits ``limit`` tokens (vision blocks whole)."""
