@@ -430,3 +430,15 @@ def test_cli_devices_runs_one_part_per_device(tmp_path, monkeypatch, capsys):
     np.testing.assert_allclose(read_shards(tmp_path / "embs"), np.load(tmp_path / "all.npy"), atol=1e-6)
     assert cli.main(["encode", *common, "--output", str(tmp_path / "x.npy"), "--devices", "cpu,cpu"]) == 2
     assert "--devices needs a shard directory" in capsys.readouterr().err
+
+
+def test_cli_encode_reads_parquet_columns(tmp_path, rng):
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+    texts = [f"row {i} " + "z" * int(rng.integers(0, 20)) for i in range(6)]
+    pq.write_table(pa.table({"id": list(range(6)), "text": texts}), tmp_path / "corpus.parquet")
+    assert cli_main(["encode", "--input", str(tmp_path / "corpus.parquet"), "--model", "tiny-instruct",
+                     "--output", str(tmp_path / "p.npy"), "--think_tokens", "2"]) == 0
+    from tte_flash import TTEFlashModel
+    expected = TTEFlashModel.from_preset("tiny-instruct").encode_query(texts, think_tokens=2)
+    np.testing.assert_allclose(np.load(tmp_path / "p.npy"), expected, atol=1e-6)

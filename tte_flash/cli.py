@@ -85,11 +85,23 @@ def iter_jsonl(path: str):
                     raise ValueError(f"{path}:{number}: not JSON ({err.msg})") from None
 
 
+def iter_parquet(path: str):
+    """The rows of a Parquet file (its text/image/video/instruction columns), streamed with ``datasets``."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"input file not found: {path}")
+    from datasets import load_dataset
+
+    from tte_flash.encoding import iter_inputs
+    return iter_inputs(load_dataset("parquet", data_files=path, split="train", streaming=True))
+
+
 def read_inputs(values: list[str], input_file: str | None):
-    """Positional inputs, then the lines of ``input_file``, as one lazy stream."""
+    """Positional inputs, then the rows of ``input_file`` (JSONL, or Parquet by its suffix), as one lazy stream."""
     if not values and not input_file:
         raise ValueError("nothing to encode: pass texts / image paths, or --input FILE.jsonl")
-    return itertools.chain(values, iter_jsonl(input_file) if input_file else [])
+    rows = [] if not input_file else iter_parquet(input_file) if input_file.endswith(".parquet") \
+        else iter_jsonl(input_file)
+    return itertools.chain(values, rows)
 
 
 def _part(value: str) -> tuple[int, int]:
@@ -227,8 +239,8 @@ def main(argv=None) -> int:
     enc = commands.add_parser("encode", help="embed inputs into a .npy file or a directory of shards (resumable)")
     enc.add_argument("inputs", nargs="*", help="texts or image/video paths")
     enc.add_argument("--input", "--input_file", "--input-file", dest="input_file",
-                     help="JSONL: one input per line (a string or a dict with text/image/video/instruction), "
-                          "read lazily")
+                     help="JSONL: one input per line (a string or a dict with text/image/video/instruction); or "
+                          "a .parquet file (its text/image/video/instruction columns); read lazily")
     enc.add_argument("--model", required=True, help="a trained checkpoint directory or Hub id (presets other than "
                                                      "tiny-instruct have random weights)")
     enc.add_argument("--role", choices=("query", "document"), default="query")

@@ -87,7 +87,9 @@ def iter_inputs(inputs) -> Iterator:
     """The raw inputs of a list, an iterable or a ``datasets.Dataset`` (whose rows keep only the columns
     ``text``/``image``/``video``/``instruction``; ``None`` cells are dropped), read lazily."""
     if _is_dataset(inputs):
-        columns = [c for c in (inputs.column_names or []) if c in INPUT_KEYS]
+        if inputs.column_names is None:  # a streaming dataset that does not know its columns yet
+            return ({k: v for k, v in row.items() if k in INPUT_KEYS and v is not None} for row in inputs)
+        columns = [c for c in inputs.column_names if c in INPUT_KEYS]
         if not set(columns) & {"text", "image", "video"}:
             raise ValueError(f"the dataset has no text, image or video column (columns: {inputs.column_names}); "
                              "rename one with dataset.rename_column")
