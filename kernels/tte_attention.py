@@ -424,17 +424,27 @@ _CONFIGS = {
     ("dq", 8): ((256, KernelConfig(16, 16, 4, 1)),),
     ("dkdv", 8): ((256, KernelConfig(16, 16, 8, 1)),),
 }
+# Before Hopper (sm_80: no wgmma, operands in registers): the 16-bit forward's Hopper tiles spill there
+_PRE_HOPPER_CONFIGS = {
+    ("fwd", 2): ((64, KernelConfig(128, 64, 8, 3)), (128, KernelConfig(128, 32, 8, 3)),
+                 (256, KernelConfig(64, 32, 8, 2))),
+}
 _INTERPRET_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16}  # several tiles per sample in the small tests
 
 
 def _kernel_config(kernel_name: str, dtype: torch.dtype, head_dim: int, blocks=None) -> KernelConfig:
-    """The launch config: fixed ``blocks`` (``{"BLOCK_M", "BLOCK_N"}``; 16 x 16 when interpreting) or the shipped one."""
+    """The launch config: fixed ``blocks`` (``{"BLOCK_M", "BLOCK_N"}``; 16 x 16 when interpreting), else the
+    shipped one for the dtype, head dim and target (pre-Hopper GPUs get their own forward tiles)."""
     if blocks is None and _INTERPRET:
         blocks = _INTERPRET_BLOCKS
     if blocks is not None:
         return KernelConfig(blocks["BLOCK_M"], blocks["BLOCK_N"], 4, 2)
     block_d = max(16, triton.next_power_of_2(head_dim))
-    return next(config for largest, config in _CONFIGS[kernel_name, dtype.itemsize] if block_d <= largest)
+    configs = _CONFIGS
+    arch = triton.runtime.driver.active.get_current_target().arch  # e.g. 90; a string on ROCm
+    if isinstance(arch, int) and arch < 90:
+        configs = {**_CONFIGS, **_PRE_HOPPER_CONFIGS}
+    return next(config for largest, config in configs[kernel_name, dtype.itemsize] if block_d <= largest)
 
 
 def _launch(kernel, grid, args, config: KernelConfig, **constexprs):

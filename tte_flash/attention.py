@@ -2,7 +2,9 @@
 
 * ``reference``: PyTorch SDPA on a dense boolean mask built by :func:`tte_flash.mask.dense_mask`.
   Works on every device and layout (packed, padded, COT segments); the CPU path and the oracle.
-* ``triton``: the fused kernel :func:`tte_flash.kernels.tte_attention`, mask computed in-kernel.
+* ``triton``: the fused kernel :func:`tte_flash.kernels.tte_attention`, mask computed in-kernel from
+  O(T) intervals, tiles chosen from a block table built once per forward. Every dtype launches on CUDA
+  (fp16/bf16 on tensor cores; fp32 and fp64 with small tiles and exact FMA dots, much slower).
 
 The backend is chosen per call by :func:`resolve_backend`: an explicit choice on the model wins, then
 the ``TTE_FLASH_ATTN`` environment variable, then ``triton`` on CUDA and ``reference`` elsewhere.
@@ -52,8 +54,9 @@ class TTELayout:
     _kernel_layout: object | None = None
 
     def kernel_layout(self):
-        """The Triton kernel's checked layout and tile bounds over the flattened (B*L) tokens, built once
-        per forward (the checks sync with the host) and shared by every layer."""
+        """The Triton kernel's checked layout over the flattened (B*L) tokens: mask intervals, and block
+        tables built on first use; made once per forward (the checks sync with the host) and shared by every
+        layer and head."""
         if self._kernel_layout is None:
             from .kernels import prepare_layout
             self._kernel_layout = prepare_layout(self.seq_ids.reshape(-1), self.token_types.reshape(-1),
