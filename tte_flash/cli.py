@@ -99,6 +99,8 @@ def read_inputs(values: list[str], input_file: str | None):
     """Positional inputs, then the rows of ``input_file`` (JSONL, or Parquet by its suffix), as one lazy stream."""
     if not values and not input_file:
         raise ValueError("nothing to encode: pass texts / image paths, or --input FILE.jsonl")
+    if input_file and not Path(input_file).is_file():  # before the model loads, not at the first row
+        raise FileNotFoundError(f"input file not found: {input_file}")
     rows = [] if not input_file else iter_parquet(input_file) if input_file.endswith(".parquet") \
         else iter_jsonl(input_file)
     return itertools.chain(values, rows)
@@ -130,8 +132,8 @@ def encode(args) -> int:
         kwargs["think_tokens"] = args.think_tokens
     if shards:
         result = model.encode_to_shards(items, args.output, role=args.role, shard_size=args.shard_size,
-                                        model_name=args.model,
-                                        part=args.part, overwrite=args.overwrite, show_progress_bar=True, **kwargs)
+                                        model_name=args.model, part=args.part, overwrite=args.overwrite,
+                                        show_progress_bar=True, **kwargs)
         dim = result["settings"]["dim"]
         print(f"{args.output}: {result['total']} x {dim} {args.role} embeddings in {result['num_shards']} shards "
               f"({result['encoded_now']} encoded by this run; read them with tte_flash.encoding.read_shards)")
