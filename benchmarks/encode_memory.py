@@ -102,7 +102,7 @@ def video_worker(args) -> dict:
         sys.path.insert(0, str(Path(args.repo).resolve()))
     import av
 
-    from tte_flash.processing import load_video_frames, sample_frame_indices
+    from tte_flash.media import load_video_frames, sample_frame_indices
     before, start = peak_rss_mib(), time.perf_counter()
     if args.video_worker == "decode-all":
         with av.open(args.clip) as container:

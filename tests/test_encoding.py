@@ -18,7 +18,8 @@ from PIL import Image
 import tte_flash.encoding as encoding
 from tte_flash.cli import main as cli_main
 from tte_flash.encoding import plan_batches, read_shards
-from tte_flash.processing import collate, load_video_frames
+from tte_flash.media import load_video_frames
+from tte_flash.processing import collate
 
 
 def per_input_reference(model, items, think_tokens, limit=None):
