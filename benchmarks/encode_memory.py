@@ -11,9 +11,9 @@ The table gives peak RSS, growth over the warm-up peak, and the slope of a least
 (N, peak) in MiB per 1k inputs. What stays in memory by design: the output array (N x hidden x 4 bytes:
 0.25 MiB per 1k inputs at the tiny preset's 64 dims). What else grows, outside this package: oneDNN's
 primitive cache, one entry per new vision-tower input shape (images of random sizes make new shapes),
-bounded by its capacity (1024 entries); ``ONEDNN_PRIMITIVE_CACHE_CAPACITY=0`` turns it off to show the rest. ``--source list`` materialises the inputs first (the
-caller's memory, not encode's); ``--repo DIR`` runs the workers against another checkout (e.g. a
-``git worktree`` of an older commit) to compare implementations.
+bounded by its capacity (1024 entries); ``ONEDNN_PRIMITIVE_CACHE_CAPACITY=0`` turns it off to show the rest.
+``--source list`` materialises the inputs first (the caller's memory, not encode's); ``--repo DIR`` runs the
+workers against another checkout (e.g. ``git archive <commit> | tar -x -C DIR``) to compare implementations.
 
 ``--video`` (needs PyAV) measures a video file instead: a 30 s 640x360 30 fps H.264 clip, peak RSS of
 ``load_video_frames`` (8 sampled frames, seeking) against decoding every frame and then sampling.
@@ -21,7 +21,8 @@ caller's memory, not encode's); ``--repo DIR`` runs the workers against another 
     python benchmarks/encode_memory.py                       # 1k, 3k, 10k; writes benchmarks/results/
     python benchmarks/encode_memory.py --video --no-save     # the video clip
     python benchmarks/encode_memory.py --sizes 1000 3000 10000 100000 --no-save
-    git worktree add /tmp/before <commit> && python benchmarks/encode_memory.py --repo /tmp/before --tag before
+    mkdir /tmp/before && git archive ea1a46e | tar -x -C /tmp/before        # the eager encode
+    python benchmarks/encode_memory.py --repo /tmp/before --tag before
 """
 from __future__ import annotations
 
@@ -201,7 +202,8 @@ def save(args, result: dict) -> int:
               "cpu": platform.processor() or platform.machine(), "versions": versions(), "commit": git_commit(),
               "date": datetime.date.today().isoformat()}
     kind = "encode-memory-video" if args.video else f"encode-memory-cpu-{args.preset}"
-    path = Path(args.output) if args.output else RESULTS / f"{kind}{'-' + args.tag if args.tag else ''}-{result['date']}.json"
+    name = f"{kind}{'-' + args.tag if args.tag else ''}-{result['date']}.json"
+    path = Path(args.output) if args.output else RESULTS / name
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {path}")

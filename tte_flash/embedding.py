@@ -114,16 +114,20 @@ class EmbeddingMixin:
         if packed is None:
             packed = resolve_backend(self.config.attn_backend, self.device) == "triton"
         self.eval()
-        extra = max_cot_tokens if mode == "explicit-cot" else 0
+        appended = think_tokens + 1 + (max_cot_tokens if mode == "explicit-cot" else 0)  # [trace][think][<emb>]
+
+        def estimate(item, index):
+            return self.processor.estimate_length(item, index, query_limit) + appended
+
+        def encode_batch(batch):
+            return self._encode_batch(batch, think_tokens, packed, query_limit, mode, max_cot_tokens, reasoner)
         total = 1 if single else (len(inputs) if hasattr(inputs, "__len__") else None)
+        n_batches = 2 if total is None else -(-total // batch_size)
         with tqdm(total=total, desc="Encoding", unit="input",
-                  disable=not show_progress(show_progress_bar, 2 if total is None else -(-total // batch_size))) as bar:
-            chunks = list(stream_embeddings(
-                items, batch_size=batch_size, max_batch_tokens=max_batch_tokens, packed=packed,
-                instruction=instruction, progress=bar,
-                estimate=lambda item, i: self.processor.estimate_length(item, i, query_limit) + extra + think_tokens + 1,
-                encode_batch=lambda batch: self._encode_batch(batch, think_tokens, packed, query_limit, mode,
-                                                              max_cot_tokens, reasoner)))
+                  disable=not show_progress(show_progress_bar, n_batches)) as bar:
+            chunks = list(stream_embeddings(items, estimate=estimate, encode_batch=encode_batch, batch_size=batch_size,
+                                            max_batch_tokens=max_batch_tokens, packed=packed, instruction=instruction,
+                                            progress=bar))
         hidden = self.config.text_config.hidden_size
         out = torch.cat(chunks) if chunks else torch.empty(0, hidden)
         if truncate_dim is not None:
