@@ -261,8 +261,9 @@ def encode_to_shards(model, inputs, output: str | os.PathLike, *, role: str = "q
     output = Path(output)
     encode = model.encode_query if role == "query" else model.encode_document
     think_tokens = encode_kwargs.pop("think_tokens", None)
-    if think_tokens is None:
-        think_tokens = model.config.default_think_tokens if role == "query" else 0
+    if think_tokens is None:  # what encode_query / encode_document would use
+        explicit = encode_kwargs.get("mode") == "explicit-cot"
+        think_tokens = model.config.default_think_tokens if role == "query" and not explicit else 0
     dim = encode_kwargs.get("truncate_dim") or model.config.text_config.hidden_size
     settings = {"format": FORMAT, "model": model_name or model.config.name_or_path,
                 "role": role, "think_tokens": think_tokens, "dim": dim, "shard_size": shard_size,
