@@ -47,8 +47,11 @@ import torch
 from .processing import INPUT_KEYS, normalize_input
 
 DEFAULT_MAX_BATCH_TOKENS = 16384  # tokens per batch (padded: inputs x longest input; packed: the sum)
-WINDOW_BATCHES = 8  # inputs read ahead and sorted together: this many batches' worth, at least MIN_WINDOW
-MIN_WINDOW = 256
+# Inputs read ahead and sorted by length together: this many batches' worth, at least MIN_WINDOW. Only the raw
+# inputs of a window are held (paths, texts, or the caller's images); a bigger window pads less (at the tiny
+# preset, 256 inputs: 20% slower than sorting everything at once; 1024: as fast).
+WINDOW_BATCHES = 32
+MIN_WINDOW = 1024
 MANIFEST = "manifest.json"
 FORMAT = "tte-flash-embeddings/1"
 
