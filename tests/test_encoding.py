@@ -357,13 +357,15 @@ def test_shards_equal_encode_and_resume_redoes_only_missing(tiny_model, rng, tmp
     np.testing.assert_allclose(read_shards(out), expected, atol=1e-6)
 
 
-def test_shards_refuse_changed_inputs_or_settings(tiny_model, tmp_path):
+def test_shards_refuse_changed_inputs_or_settings(tiny_model, fresh_tiny, tmp_path):
     out = tmp_path / "embs"
     tiny_model.encode_to_shards([f"d{i}" for i in range(7)], out, role="document", shard_size=3)
     with pytest.raises(ValueError, match="shard 0 was made from other inputs"):
         tiny_model.encode_to_shards(["changed"] + [f"d{i}" for i in range(1, 7)], out, role="document", shard_size=3)
     with pytest.raises(ValueError, match="other settings \\(think_tokens: 0 there, 2 now\\)"):
         tiny_model.encode_to_shards([f"d{i}" for i in range(7)], out, role="document", shard_size=3, think_tokens=2)
+    with pytest.raises(ValueError, match="other settings \\(weights: "):  # another checkpoint: never mixed in
+        fresh_tiny().encode_to_shards([f"d{i}" for i in range(7)], out, role="document", shard_size=3)
     result = tiny_model.encode_to_shards(["x", "y"], out, role="document", shard_size=3, overwrite=True)
     assert result["total"] == 2 and read_shards(out).shape == (2, 64)
     (tmp_path / "busy").mkdir()

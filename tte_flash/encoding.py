@@ -220,6 +220,17 @@ def _done_shard(output: Path, index: int, dim: int) -> dict | None:
     return meta if shape == (meta.get("count"), dim) else None
 
 
+def weights_fingerprint(model) -> str:
+    """A short hash of the model's weights (64 evenly spaced values of every tensor, exact bytes): the same
+    checkpoint on any device gives the same value; another checkpoint, or a random preset loaded again, not."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        flat = tensor.detach().flatten()
+        sample = flat[::max(1, flat.numel() // 64)][:64].float().cpu().numpy()
+        digest.update(f"{name}{tuple(tensor.shape)}".encode() + sample.tobytes())
+    return digest.hexdigest()[:16]
+
+
 def _check_settings(output: Path, settings: dict, overwrite: bool):
     path = output / MANIFEST
     if path.is_file():
@@ -269,7 +280,7 @@ def encode_to_shards(model, inputs, output: str | os.PathLike, *, role: str = "q
         think_tokens = model.config.default_think_tokens if role == "query" and not explicit else 0
     dim = encode_kwargs.get("truncate_dim") or model.config.text_config.hidden_size
     settings = {"format": FORMAT, "model": model_name or model.config.name_or_path,
-                "role": role, "think_tokens": think_tokens, "dim": dim, "shard_size": shard_size,
+                "weights": weights_fingerprint(model), "role": role, "think_tokens": think_tokens, "dim": dim, "shard_size": shard_size,
                 **{k: encode_kwargs.get(k) for k in ("max_length", "instruction", "normalize_embeddings",
                                                      "truncate_dim", "mode")}}
     _check_settings(output, settings, overwrite)
