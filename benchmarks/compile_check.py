@@ -29,7 +29,7 @@ import re
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
@@ -41,14 +41,19 @@ SHIPPED_DTYPES = ("bfloat16", "float16")
 
 
 @dataclass
-class Job:
-    """One kernel launch to compile: what the launcher passed, as Triton's JIT would have compiled it."""
+class Case:
+    """Which launch: kernel, target (compute capability), dtype, head dim, mask flags, block config."""
     kernel: str
     target: int
     dtype: str
     head_dim: int
     flags: str
     config: str
+
+
+@dataclass
+class Job(Case):
+    """One kernel launch to compile: what the launcher passed, as Triton's JIT would have compiled it."""
     signature: dict
     constexprs: dict
     attrs: dict
@@ -56,13 +61,7 @@ class Job:
 
 
 @dataclass
-class Result:
-    kernel: str
-    target: int
-    dtype: str
-    head_dim: int
-    flags: str
-    config: str
+class Result(Case):
     ok: bool = False
     registers: int | None = None
     spill_stores: int | None = None
@@ -196,7 +195,7 @@ def compile_job(job: Job) -> Result:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    result = Result(**{k: getattr(job, k) for k in ("kernel", "target", "dtype", "head_dim", "flags", "config")})
+    result = Result(**{f.name: getattr(job, f.name) for f in fields(Case)})
     fn = getattr(importlib.import_module(KERNEL_MODULE), job.kernel)
     knobs.compilation.always_compile = True  # the ptxas log below comes only from a real compile
     knobs.nvidia.dump_ptxas_log = True
