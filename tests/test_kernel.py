@@ -93,10 +93,17 @@ def packings(draw, max_samples=6):
 @pytest.mark.slow
 @settings(max_examples=15, deadline=None)
 @given(samples=packings(), heads=st.sampled_from([(1, 1), (2, 2), (2, 1), (4, 2), (6, 1)]),
-       head_dim=st.sampled_from([16, 32]), think_bidirectional=st.booleans(), cot_sees_query=st.booleans())
-def test_matches_oracle_fp32(samples, heads, head_dim, think_bidirectional, cot_sees_query):
+       head_dim=st.sampled_from([16, 32]), think_bidirectional=st.booleans(), cot_sees_query=st.booleans(),
+       blocks=st.sampled_from([None, (32, 16), (16, 32), (64, 32), (32, 64)]))
+def test_matches_oracle_fp32(samples, heads, head_dim, think_bidirectional, cot_sees_query, blocks):
+    """Random packings, GQA groups and block shapes (each its own block table) against the float64 oracle."""
+    attention = tte_attention
+    if blocks is not None:
+        def attention(q, k, v, seq_ids, token_types, **options):
+            layout = kernel_module.prepare_layout(seq_ids, token_types, **options)
+            return _launch_with(q, k, v, layout, {"BLOCK_M": blocks[0], "BLOCK_N": blocks[1]})
     assert_matches_oracle(samples, *heads, head_dim, torch.float32, think_bidirectional=think_bidirectional,
-                          cot_sees_query=cot_sees_query)
+                          cot_sees_query=cot_sees_query, attention=attention)
 
 
 @pytest.mark.parametrize("think_bidirectional, cot_sees_query", [(False, True), (True, False)])
