@@ -10,8 +10,8 @@ Triton's own ptxas), shared memory (kernel metadata) and whether the TTGIR uses 
 It fails (exit status 1) on a compile error, a spill on sm_90 in a shipped (16-bit) config, or shared memory
 over the target's per-block limit. sm_80 spills are reported, not gated.
 
-    python benchmarks/compile_check.py                 # CI subset: bf16, head dim 128, default flags, both targets
-    python benchmarks/compile_check.py --full          # every dtype x head dim x flag x config x target
+    python benchmarks/compile_check.py                 # CI subset: bf16/fp16 x head dim 64/128, default flags, both targets
+    python benchmarks/compile_check.py --full          # also every mask-flag combination
     python benchmarks/compile_check.py --full --json benchmarks/results/compile-<date>.json
 
 Runs on any Linux machine with the triton wheel (ptxas ships in it); ``TRITON_INTERPRET`` must be unset.
@@ -124,11 +124,8 @@ def _intercepted(capability: int, sink: list):
     def every_config(self, *args, **kwargs):
         kwargs.pop("warmup", None)
         grid = kwargs.pop("grid")
-        for config in self.configs:
-            sink_len = len(sink)
+        for config in self.configs:  # every autotune config is a shipped config
             self.fn.run(*args, grid=grid, warmup=True, **kwargs, **config.all_kwargs())
-            for i in range(sink_len, len(sink)):
-                sink[i] = (*sink[i], config)
 
     saved = JITFunction._do_compile, Autotuner.run
     previous = driver._active  # None on a machine without a GPU (no default driver can be created)
@@ -141,8 +138,11 @@ def _intercepted(capability: int, sink: list):
         driver._active = previous
 
 
-def _config_label(options, config) -> str:
-    blocks = "x".join(str(v) for k, v in sorted(config.kwargs.items())) if config is not None else "fixed"
+def _config_label(fn, constexprs, options) -> str:
+    """``BLOCK_MxBLOCK_N w<warps> s<stages>`` of a launch, from its constexprs (fixed or autotuned alike)."""
+    names = [p.name for p in fn.params]
+    named = {names[path[0]]: value for path, value in constexprs.items() if len(path) == 1}
+    blocks = "x".join(str(named[k]) for k in ("BLOCK_M", "BLOCK_N") if k in named) or "-"
     return f"{blocks} w{options.num_warps} s{options.num_stages}"
 
 
@@ -171,10 +171,9 @@ def capture(capabilities, dtypes, head_dims, flag_sets) -> list[Job]:
             out, lse = kernels._attention_forward(q, k, v, layout, scale=head_dim ** -0.5)
             kernels._attention_backward(torch.randn_like(q), q, k, v, out, lse, layout, scale=head_dim ** -0.5)
         for entry in sink:
-            fn, signature, constexprs, options, attrs = entry[:5]
-            config = entry[5] if len(entry) > 5 else None
+            fn, signature, constexprs, options, attrs = entry
             jobs.append(Job(kernel=fn.__name__, target=cc, dtype=dtype_name, head_dim=head_dim, flags=flags,
-                            config=_config_label(options, config), signature=dict(signature),
+                            config=_config_label(fn, constexprs, options), signature=dict(signature),
                             constexprs=dict(constexprs), attrs=dict(attrs), options=dict(options.__dict__)))
     return jobs
 
@@ -262,9 +261,11 @@ def summary(results: list[Result]) -> dict:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--full", action="store_true", help="every dtype x head dim x flags (default: the CI subset)")
+    p.add_argument("--full", action="store_true", help="every mask-flag combination too (default: the CI subset, "
+                                                       "default flags)")
     p.add_argument("--targets", type=int, nargs="+", choices=sorted(SMEM_LIMIT), default=None)
-    p.add_argument("--dtypes", nargs="+", choices=("bfloat16", "float16", "float32"), default=None)
+    p.add_argument("--dtypes", nargs="+", choices=("bfloat16", "float16", "float32", "float64"),
+                   default=None)
     p.add_argument("--head-dims", "--head_dims", type=int, nargs="+", default=None)
     p.add_argument("--kernels", nargs="+", default=None, help="only these kernel functions (e.g. _fwd_kernel)")
     p.add_argument("--maxnreg", type=int, default=None,
@@ -277,8 +278,8 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     targets = args.targets or [90, 80]
-    dtypes = args.dtypes or (list(SHIPPED_DTYPES) if args.full else ["bfloat16"])
-    head_dims = args.head_dims or ([64, 128] if args.full else [128])
+    dtypes = args.dtypes or list(SHIPPED_DTYPES)
+    head_dims = args.head_dims or [64, 128]
     flag_sets = list(itertools.product((False, True), (True, False))) if args.full else [(False, True)]
     for d in head_dims:
         if not 1 <= d <= 256:

@@ -23,8 +23,8 @@ def _script(name, *args, timeout=900):
 
 @pytest.mark.skipif(sys.platform != "linux", reason="triton (and its ptxas) is Linux-only")
 def test_compile_gate_every_shipped_config_compiles_for_sm90_and_sm80_without_spills(tmp_path):
-    """CI subset of the gate (bf16, head dim 128, default flags, every kernel x shipped config, sm_90 and
-    sm_80): compiles with Triton's own compiler, no spill on sm_90, shared memory within each target's limit."""
+    """CI subset of the gate (bf16/fp16 x head dim 64/128, default flags, every kernel's shipped config, sm_90
+    and sm_80): compiles with Triton's own compiler, no spill on sm_90, shared memory within each target's limit."""
     done = _script("compile_check.py", "--json", str(tmp_path / "gate.json"))
     report = json.loads((tmp_path / "gate.json").read_text())
     rows, summary = report["rows"], report["summary"]
@@ -41,7 +41,8 @@ def test_compile_gate_every_shipped_config_compiles_for_sm90_and_sm80_without_sp
 def test_compile_gate_catches_a_spilling_config(tmp_path):
     """A register cap below what the forward needs (128 a thread) makes ptxas spill: the gate must say so and
     exit non-zero (the gate is not vacuous)."""
-    done = _script("compile_check.py", "--kernels", "_fwd_kernel", "--targets", "90", "--maxnreg", "128",
+    done = _script("compile_check.py", "--kernels", "_fwd_kernel", "--targets", "90", "--dtypes", "bfloat16",
+                   "--head-dims", "128", "--maxnreg", "128",
                    "--workers", "1", "--json", str(tmp_path / "gate.json"))
     rows = json.loads((tmp_path / "gate.json").read_text())["rows"]
     assert done.returncode == 1
