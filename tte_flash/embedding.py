@@ -108,7 +108,7 @@ class EmbeddingMixin:
                                  f"got {value!r}")
         query_limit = self._query_limit(think_tokens, max_length)
         single = isinstance(inputs, SINGLE_INPUT_TYPES)
-        items = iter([inputs]) if single else iter_inputs(inputs)
+        items = [inputs] if single else iter_inputs(inputs)
         if device is not None:
             self.to(device)
         if packed is None:
