@@ -587,3 +587,31 @@ def test_cli_errors(extra, message, capsys, tmp_path, monkeypatch):
     (tmp_path / "x").mkdir()
     assert main(["--benchmark", "mmeb-v2", "--model", "tiny", *extra]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_model_card_shows_the_mmeb_v2_runs_saved_beside_the_checkpoint(fixture_root, tmp_path, capsys):
+    """Runs written to ``DIR/mmeb-v2`` (two K) appear in DIR's card: a row per K with the overall and per-modality
+    means of summary.json (x 100, partial means with their task counts) and a model-index entry per K."""
+    from huggingface_hub import metadata_load
+    from tte_flash import TTEFlashModel
+    from tte_flash.card import write_model_card
+    root, _ = fixture_root
+    torch.manual_seed(0)
+    model = TTEFlashModel.from_preset("tiny")
+    model.save_pretrained(tmp_path)
+    args = ["--benchmark", "mmeb-v2", "--model", str(tmp_path), "--data_root", str(root), "--output",
+            str(tmp_path / "mmeb-v2"), "--tasks", "CIRR", "MSR-VTT", "--think_tokens", "0", "2", "--batch_size", "4"]
+    assert main(args) == 0
+    capsys.readouterr()
+    write_model_card(tmp_path, model.config)
+    text = (tmp_path / "README.md").read_text()
+    results = metadata_load(tmp_path / "README.md")["model-index"][0]["results"]
+    index = [(r["dataset"], m) for r in results for m in r["metrics"]]  # results of one dataset share an entry
+    for k in (0, 2):
+        overall = json.loads((tmp_path / "mmeb-v2" / f"k{k}" / "summary.json").read_text())["aggregate"]["overall"]
+        assert (overall["n"], overall["of"]) == (2, 2)
+        assert f"| {k} | latent | {100 * overall['score']:.1f} |" in text
+        entry = [(d, m) for d, m in index if m["name"].startswith(f"MMEB-V2 overall (K={k},")]
+        assert len(entry) == 1 and entry[0][0]["type"] == "TIGER-Lab/MMEB-V2"
+        assert entry[0][1]["value"] == pytest.approx(round(100 * overall["score"], 2))
+    assert "| visual documents |" in text and "(1/" not in text  # no visdoc task run: "-", not a partial mean

@@ -168,16 +168,67 @@ def eval_rows(results: dict | list | None) -> list[dict]:
     return rows
 
 
-def _evaluation_table(rows) -> str:
+def _evaluation_table(rows, mmeb_v2: str = "") -> str:
     if not rows:
-        return "Not evaluated yet: run `python -m tte_flash.evaluate --model DIR --data eval.jsonl --output " \
-               "DIR/eval_results.json`, then `tte-flash card DIR`."
+        return mmeb_v2 or "Not evaluated yet: run `python -m tte_flash.evaluate --model DIR --data eval.jsonl " \
+                          "--output DIR/eval_results.json` (or `--benchmark mmeb-v2 --data_root MMEB_V2 --output " \
+                          "DIR/mmeb-v2`), then `tte-flash card DIR`."
     lines = ["| dataset | mode | think tokens | metric | value | best no-reasoning shortcut |", "|---|---|---|---|---|---|"]
     for r in rows:
         shortcut = "" if r["shortcut"] is None else f"{r['shortcut']:.4f}"
         lines.append(f"| {r['dataset']} | {r['mode']} | {r['think_tokens']} | {r['metric']} | {r['value']:.4f} | "
                      f"{shortcut} |")
+    return "\n".join(lines) + (f"\n\n{mmeb_v2}" if mmeb_v2 else "")
+
+
+MMEB_V2_DIR = "mmeb-v2"  # ``--output DIR/mmeb-v2`` of ``--benchmark mmeb-v2`` puts its scores in DIR's card
+
+
+def read_mmeb_v2(directory) -> dict:
+    """``{K: summary}`` of the MMEB-V2 runs saved under ``directory/mmeb-v2`` (one K: ``summary.json``; several:
+    ``k<K>/summary.json``), as ``tte_flash.mmeb.run_benchmark`` writes them; {} when there are none."""
+    root = Path(directory) / MMEB_V2_DIR
+    found = {}
+    for path in [root / "summary.json", *sorted(root.glob("k*/summary.json"))]:
+        if path.is_file():
+            summary = json.loads(path.read_text())
+            found[(summary.get("fingerprint") or {}).get("think_tokens")] = summary
+    return found
+
+
+def _mmeb_v2_table(summaries: dict) -> str:
+    """MMEB-V2 scores x 100 per K: overall and per modality; a partial mean shows its tasks (n/of)."""
+    if not summaries:
+        return ""
+    def cell(entry):
+        if not entry or entry.get("score") is None:
+            return "-"
+        value = f"{100 * entry['score']:.1f}"
+        return value if entry["n"] == entry["of"] else f"{value} ({entry['n']}/{entry['of']} tasks)"
+    lines = ["MMEB-V2 (`python -m tte_flash.evaluate --benchmark mmeb-v2 ... --output DIR/mmeb-v2`; Hit@1 for image "
+             "and video tasks, NDCG@5 for visual documents, x 100):", "",
+             "| think tokens | mode | overall | image | video | visual documents |", "|---|---|---|---|---|---|"]
+    for k, summary in sorted(summaries.items(), key=lambda item: (item[0] is None, item[0] or 0)):
+        agg = summary.get("aggregate") or {}
+        modalities = agg.get("modalities") or {}
+        mode = (summary.get("fingerprint") or {}).get("mode") or "latent"
+        lines.append(f"| {k} | {mode} | {cell(agg.get('overall'))} | {cell(modalities.get('image'))} | "
+                     f"{cell(modalities.get('video'))} | {cell(modalities.get('visdoc'))} |")
     return "\n".join(lines)
+
+
+def _mmeb_v2_index(summaries: dict) -> list:
+    """model-index entries for the overall MMEB-V2 score of each K (only complete or partial means that exist)."""
+    entries = []
+    for k, summary in summaries.items():
+        overall = (summary.get("aggregate") or {}).get("overall") or {}
+        if overall.get("score") is None:
+            continue
+        entries.append(EvalResult(task_type="feature-extraction", dataset_type="TIGER-Lab/MMEB-V2",
+                                  dataset_name="MMEB-V2", metric_type="mmeb_v2_overall",
+                                  metric_value=round(100 * overall["score"], 2),
+                                  metric_name=f"MMEB-V2 overall (K={k}, {overall['n']}/{overall['of']} tasks)"))
+    return entries
 
 
 def _latency_table(latency) -> str:
@@ -236,9 +287,10 @@ def _limitations(config, training, cot_probe) -> str:
 
 def build_model_card(config, *, model_id: str = "path/to/this/model", eval_results=None, latency=None,
                      training=None, cot_probe=None, license: str = DEFAULT_LICENSE, datasets=None,
-                     languages=None, n_parameters: int | None = None,
-                     sentence_transformers: bool = False) -> ModelCard:
-    """A ``ModelCard`` for a checkpoint with ``config``; results are ``tte_flash.evaluate`` JSON.
+                     languages=None, n_parameters: int | None = None, sentence_transformers: bool = False,
+                     mmeb_v2=None) -> ModelCard:
+    """A ``ModelCard`` for a checkpoint with ``config``; results are ``tte_flash.evaluate`` JSON, ``mmeb_v2``
+    ``{K: summary}`` of MMEB-V2 runs (:func:`read_mmeb_v2`).
     ``datasets``: Hub dataset ids (default: the recorded training data that are Hub ids)."""
     languages = list(languages or DEFAULT_LANGUAGES)
     datasets = datasets or _dataset_ids((training or {}).get("train_data"))
@@ -254,6 +306,7 @@ def build_model_card(config, *, model_id: str = "path/to/this/model", eval_resul
                         dataset_type=r["dataset"], dataset_name=r["dataset"], metric_type=r["metric"],
                         metric_value=round(r["value"], 4),
                         metric_name=f"{r['metric']} ({r['mode']}, K={r['think_tokens']})") for r in rows]
+    index += _mmeb_v2_index(mmeb_v2 or {})
     # the Hub knows these libraries (widget, "use this model" snippet); the checkpoint loads with either
     # (trust_remote_code) as well as with tte_flash
     data = ModelCardData(library_name="sentence-transformers" if sentence_transformers else "transformers",
@@ -267,7 +320,8 @@ def build_model_card(config, *, model_id: str = "path/to/this/model", eval_resul
                                    max_think=config.max_think_tokens, default_k=config.default_think_tokens,
                                    details_rows=details, settings_rows=_settings_rows(config),
                                    sentence_transformers=sentence_transformers, training=_training_text(training),
-                                   evaluation=_evaluation_table(rows), latency=_latency_table(latency),
+                                   evaluation=_evaluation_table(rows, _mmeb_v2_table(mmeb_v2 or {})),
+                                   latency=_latency_table(latency),
                                    limitations=_limitations(config, training, cot_probe), citation=CITATION)
 
 
@@ -294,7 +348,8 @@ def write_model_card(directory, config, *, model_id: str | None = None, force: b
     found = read_results(directory)
     options = {"eval_results": found.get("eval"), "latency": found.get("latency"), "training": found.get("training"),
                "cot_probe": found.get("cot_probe"), "n_parameters": parameter_count(directory),
-               "sentence_transformers": (Path(directory) / "modules.json").is_file(), **kwargs}
+               "sentence_transformers": (Path(directory) / "modules.json").is_file(),
+               "mmeb_v2": read_mmeb_v2(directory), **kwargs}
     card = validate_card(build_model_card(config, model_id=model_id or str(directory), **options))
     card.save(path)
     return path
