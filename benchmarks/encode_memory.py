@@ -9,9 +9,9 @@ of the process, torch's allocations, Python objects and PIL buffers alike) and t
 
 The table gives peak RSS, growth over the warm-up peak, and the slope of a least-squares line through
 (N, peak) in MiB per 1k inputs. What stays in memory by design: the output array (N x hidden x 4 bytes:
-0.25 MiB per 1k inputs at the tiny preset's 64 dims). What else grows, outside this package: oneDNN's
-primitive cache, one entry per new vision-tower input shape (images of random sizes make new shapes),
-bounded by its capacity (1024 entries); ``ONEDNN_PRIMITIVE_CACHE_CAPACITY=0`` turns it off to show the rest.
+0.25 MiB per 1k inputs at the tiny preset's 64 dims). The rest of the slope is native memory, not Python
+objects (tracemalloc stays flat): the C allocator's fragmentation and library caches keyed by tensor
+shape, such as oneDNN's primitive cache (``ONEDNN_PRIMITIVE_CACHE_CAPACITY=0`` turns it off).
 ``--source list`` materialises the inputs first (the caller's memory, not encode's); ``--repo DIR`` runs the
 workers against another checkout (e.g. ``git archive <commit> | tar -x -C DIR``) to compare implementations.
 
