@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from .data import EVAL_COLUMNS, eval_example, load_rows
-from .mmeb import TIES, hit_at_k, ndcg_at_k, pad_scores, ranks  # noqa: F401  (the metrics' public home here)
+from .ranking import TIES, hit_at_k, ndcg_at_k, pad_scores, ranks  # noqa: F401  (re-exported: evaluate's metrics)
 
 logger = logging.getLogger("tte_flash.evaluate")
 

@@ -46,7 +46,7 @@ import numpy as np
 from PIL import Image
 
 from .data import EVAL_COLUMNS, load_rows, resolve_media
-from .mmeb import hit_at_k, ndcg_at_k, pad_scores
+from .ranking import hit_at_k, ndcg_at_k, pad_scores
 from .world import PALETTE as WORLD_PALETTE
 
 PALETTE = {  # name -> RGB: nine colours far apart in RGB
