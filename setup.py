@@ -42,6 +42,7 @@ setup(
         # Liger-Kernel's fused linear cross-entropy for the COT loss on CUDA (tte_flash.losses)
         "liger": ["liger-kernel"],
         "flash": ["flash-attn"],
+        # video files: PyAV (seeks to the sampled frames); torchcodec is used instead when it is installed
         "video": ["av"],
     },
     entry_points={"console_scripts": ["tte-flash = tte_flash.cli:main"]},

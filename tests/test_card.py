@@ -85,6 +85,21 @@ def test_card_command_keeps_a_hand_written_readme_unless_forced(tiny_model, tmp_
     assert cli_main(["card", str(tmp_path)]) == 0  # a generated card is regenerated without --force
 
 
+def test_card_command_sets_license_languages_and_datasets(tiny_model, tmp_path, capsys):
+    """`tte-flash card --license --language --datasets` reach the card's metadata; a bad license id is a clear
+    error and leaves the previous card in place."""
+    from huggingface_hub import metadata_load
+    from tte_flash.cli import main as cli_main
+    tiny_model.save_pretrained(tmp_path)
+    assert cli_main(["card", str(tmp_path), "--license", "mit", "--language", "en", "fr",
+                     "--datasets", "TIGER-Lab/MMEB-train"]) == 0
+    meta = metadata_load(tmp_path / "README.md")
+    assert (meta["license"], meta["language"], meta["datasets"]) == ("mit", ["en", "fr"], ["TIGER-Lab/MMEB-train"])
+    before = (tmp_path / "README.md").read_text()
+    assert cli_main(["card", str(tmp_path), "--license", "Apache 2.0"]) == 2
+    assert "license" in capsys.readouterr().err and (tmp_path / "README.md").read_text() == before
+
+
 def test_push_to_hub_uploads_generated_card(tiny_model, tmp_path, monkeypatch):
     uploaded = {}
 

@@ -210,7 +210,9 @@ def card_command(args) -> int:
     if config_dict.get("model_type") != "tte_flash":
         raise ValueError(f"{args.run_dir} holds a {config_dict.get('model_type')!r} model, not TTE-Flash")
     config = TTEFlashConfig.from_pretrained(args.run_dir)
-    path = write_model_card(args.run_dir, config, model_id=args.model_id, force=args.force)
+    options = {name: value for name, value in (("license", args.license), ("languages", args.language),
+                                               ("datasets", args.datasets)) if value is not None}
+    path = write_model_card(args.run_dir, config, model_id=args.model_id, force=args.force, **options)
     if path is None:
         print(f"{Path(args.run_dir) / 'README.md'} was not written by tte-flash: kept as it is (--force replaces it)",
               file=sys.stderr)
@@ -279,6 +281,10 @@ def main(argv=None) -> int:
     card.add_argument("run_dir")
     card.add_argument("--model_id", "--model-id", default=None, help="Hub id to show in the usage snippet")
     card.add_argument("--force", action="store_true", help="replace a README.md that tte-flash did not write")
+    card.add_argument("--license", default=None, help="Hub license id (default apache-2.0, Qwen2-VL-2B's)")
+    card.add_argument("--language", nargs="+", default=None, help="ISO 639-1 codes of the training data (default en)")
+    card.add_argument("--datasets", nargs="+", default=None,
+                      help="Hub dataset ids of the training data (default: those recorded in train_summary.json)")
     card.set_defaults(func=card_command)
 
     for name, func, text in (("evaluate", evaluate_command, "Hit@1 / NDCG@5 on MMEB-eval rows"),
