@@ -4,6 +4,10 @@
     python benchmarks/gpu_suite.py --out benchmarks/results/h100-2026-12-01/
     python benchmarks/gpu_suite.py --dry-run            # any machine: every part starts and finishes, tiny sizes
     python benchmarks/gpu_suite.py --parts kernel attention
+    python benchmarks/gpu_suite.py --quick              # headline sizes only: about 10 minutes (a 15-minute loan)
+    # with at most 10 minutes a command: two calls into one folder (the second keeps the first's parts)
+    python benchmarks/gpu_suite.py --out R --parts compile kernel attention cot_loss
+    python benchmarks/gpu_suite.py --out R --parts latency train train_liger
 
 Parts, in order (each in its own process with a time limit, its log in ``<out>/<part>.log``):
 
@@ -57,9 +61,24 @@ class Part:
     gating: bool = False  # a failure means wrong results (the suite fails loudly), not just a missing number
 
 
-def plan(out: Path, dry_run: bool) -> list[Part]:
-    """The commands of each part: full sizes on a GPU, the smallest that exercise every code path in a dry run."""
+def plan(out: Path, dry_run: bool, quick: bool = False) -> list[Part]:
+    """The commands of each part: full sizes on a GPU (``quick``: the headline sizes only), the smallest that
+    exercise every code path in a dry run."""
     o = str(out)
+    if quick and not dry_run:
+        return [
+            Part("compile", ["compile_check.py", "--json", f"{o}/compile_check.json"], 120, gating=True),
+            Part("kernel", ["kernel_check.py", "--tokens", "4093", "--head-dims", "128", "--seeds", "1",
+                            "--out", o], 150, gating=True),
+            Part("attention", ["attention.py", "--tokens", "4096", "16384", "--modes", "fwd+bwd",
+                               "--output", f"{o}/attention.json"], 150),
+            Part("cot_loss", ["cot_loss_memory.py", "--json", f"{o}/cot_loss_memory.json"], 60),
+            Part("latency", ["latency.py", "--preset", "qwen2-vl-2b", "--think-tokens", "0", "16", "--cot-tokens",
+                             "128", "--batch-sizes", "1", "8", "--max-seconds", "5", "--precision", "0.02",
+                             "--json", f"{o}/latency.json", "--plot", f"{o}/latency.png"], 180),
+            Part("train", ["train_step.py", "--preset", "qwen2-vl-2b", "--batch-size", "64", "--grad-cache-chunk",
+                           "16", "--steps", "2", "--json", f"{o}/train_step.json"], 180),
+        ]
     if dry_run:
         return [
             Part("compile", ["compile_check.py", "--kernels", "_fwd_kernel", "--targets", "90",
@@ -177,6 +196,8 @@ def _attention_ratios(rows: list) -> list:
 
 
 def write_summary(out: Path, meta: dict, results: list, found: dict) -> None:
+    order = {name: i for i, name in enumerate(PARTS)}
+    results = sorted(results, key=lambda r: order.get(r["part"], len(PARTS)))
     summary = {"meta": meta, "parts": results, "headlines": found}
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     lines = [f"# GPU suite: {meta['device']} ({meta['date']})", "",
@@ -243,7 +264,10 @@ def parse_args(argv=None):
     p.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results/<device>-<date>)")
     p.add_argument("--dry-run", "--dry_run", action="store_true",
                    help="tiny sizes: check that every part starts and finishes (the default without a GPU)")
-    p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
+    p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
+                   help="run only these; parts already in --out's summary.json from an earlier call are kept")
+    p.add_argument("--quick", action="store_true",
+                   help="headline sizes only (about 10 minutes on an H100: fits one 15-minute device loan)")
     p.add_argument("--continue-on-failure", "--continue_on_failure", action="store_true",
                    help="run the benchmarks even when the kernel check fails (default: stop, results are wrong)")
     args = p.parse_args(argv)
@@ -263,8 +287,10 @@ def main(argv=None) -> int:
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)  # each script decides (the kernel/attention checks set it without CUDA)
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    results, start = [], time.perf_counter()
-    for part in plan(out, args.dry_run):
+    # parts run earlier into the same folder (a GPU session may split the suite over several calls) are kept
+    previous = (_load(out / "summary.json") or {}).get("parts", [])
+    results, start = [r for r in previous if r["part"] not in args.parts], time.perf_counter()
+    for part in plan(out, args.dry_run, args.quick):
         if part.name not in args.parts:
             continue
         results.append(run_part(part, out, env))
@@ -279,7 +305,7 @@ def main(argv=None) -> int:
                         "seconds": 0, "command": "-", "log_tail": [f"step-0 loss {liger['step0_loss']} with Liger vs "
                                                                   f"{liger['step0_loss_without']} without"]})
         write_summary(out, meta, results, headlines(out))
-    bad = [r for r in results if r["status"] != "ok"]
+    bad = [r for r in results if r["status"] != "ok" and r["part"] in args.parts]
     print(f"\ngpu_suite: {len(results) - len(bad)}/{len(results)} parts ok in {time.perf_counter() - start:.0f} s; "
           f"results in {out} (SUMMARY.md)", file=sys.stderr)
     for r in bad:

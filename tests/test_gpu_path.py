@@ -121,8 +121,13 @@ def test_gpu_suite_dry_run_writes_the_summary_and_fails_loudly(tmp_path, monkeyp
     text = (out / "SUMMARY.md").read_text()
     assert "dry run" in text and "## Training step" in text and "## COT loss peak memory" in text
 
+    # a later call into the same folder (a GPU loan allows 10 minutes a command) keeps the parts run before
+    assert gpu_suite.main(["--dry-run", "--out", str(out), "--parts", "cot_loss"]) == 0
+    again = json.loads((out / "summary.json").read_text())
+    assert [p["part"] for p in again["parts"]] == ["cot_loss", "train"] and "train" in again["headlines"]
+
     failing = gpu_suite.Part("kernel", ["kernel_check.py", "--no-such-option"], 120, gating=True)
-    monkeypatch.setattr(gpu_suite, "plan", lambda out, dry_run: [failing])
+    monkeypatch.setattr(gpu_suite, "plan", lambda out, dry_run, quick: [failing])
     assert gpu_suite.main(["--dry-run", "--out", str(tmp_path / "bad")]) == 1
     bad = json.loads((tmp_path / "bad" / "summary.json").read_text())
     assert bad["parts"][0]["status"] == "failed"
