@@ -85,10 +85,11 @@ def test_aggregate_by_hand():
     results = {"ImageNet-1K": {"status": "done", "score": 0.5}, "N24News": {"status": "done", "score": 0.25},
                "OK-VQA": {"status": "missing"}, "MSR-VTT": {"status": "done", "score": 1.0}}
     agg = mmeb.aggregate(results, selected)
-    assert agg["categories"]["image:CLS"] == {"score": 0.375, "n": 2, "of": 2}
-    assert agg["categories"]["image:QA"] == {"score": None, "n": 0, "of": 1}  # missing: not a 0
-    assert agg["modalities"]["image"] == {"score": 0.375, "n": 2, "of": 3}
-    assert agg["overall"] == {"score": pytest.approx(1.75 / 3), "n": 3, "of": 4}
+    # "of": the benchmark's tasks in the group (MMEB-V2: image CLS 10, QA 10, 36 image tasks, 78 in all)
+    assert agg["categories"]["image:CLS"] == {"score": 0.375, "n": 2, "selected": 2, "of": 10}
+    assert agg["categories"]["image:QA"] == {"score": None, "n": 0, "selected": 1, "of": 10}  # missing: not a 0
+    assert agg["modalities"]["image"] == {"score": 0.375, "n": 2, "selected": 3, "of": 36}
+    assert agg["overall"] == {"score": pytest.approx(1.75 / 3), "n": 3, "selected": 4, "of": 78}
 
 
 # ---------------------------------------------------------------------------------------- fixtures in the published layout
@@ -440,7 +441,8 @@ def test_resume_missing_and_broken_tasks(fixture_root, tmp_path):
     tasks = ["ImageNet-1K", "MSR-VTT", "ViDoRe_arxivqa", "N24News"]  # N24News has no files here
     first = mmeb.run_benchmark(model, root, tmp_path, tasks=tasks, fingerprint={"model": "a"}, think_tokens=0)
     assert first["tasks"]["N24News"]["status"] == "missing" and "N24News" in first["tasks"]["N24News"]["reason"]
-    assert first["aggregate"]["overall"]["n"] == 3 and first["aggregate"]["overall"]["of"] == 4
+    overall = first["aggregate"]["overall"]
+    assert (overall["n"], overall["selected"], overall["of"]) == (3, 4, 78)  # a subset's mean says it is partial
     markdown = (tmp_path / "summary.md").read_text()
     assert "N24News (missing)" in markdown and "MISSING" in markdown
     stored = json.loads((tmp_path / "image" / "ImageNet-1K_score.json").read_text())
@@ -591,10 +593,11 @@ def test_cli_errors(extra, message, capsys, tmp_path, monkeypatch):
 
 def test_model_card_shows_the_mmeb_v2_runs_saved_beside_the_checkpoint(fixture_root, tmp_path, capsys):
     """Runs written to ``DIR/mmeb-v2`` (two K) appear in DIR's card: a row per K with the overall and per-modality
-    means of summary.json (x 100, partial means with their task counts) and a model-index entry per K."""
+    means of summary.json (x 100); a subset of the tasks is marked partial (2/78) and stays out of the model-index,
+    which gets only complete runs without --limit."""
     from huggingface_hub import metadata_load
     from tte_flash import TTEFlashModel
-    from tte_flash.card import write_model_card
+    from tte_flash.card import _mmeb_v2_index, write_model_card
     root, _ = fixture_root
     torch.manual_seed(0)
     model = TTEFlashModel.from_preset("tiny")
@@ -605,13 +608,17 @@ def test_model_card_shows_the_mmeb_v2_runs_saved_beside_the_checkpoint(fixture_r
     capsys.readouterr()
     write_model_card(tmp_path, model.config)
     text = (tmp_path / "README.md").read_text()
-    results = metadata_load(tmp_path / "README.md")["model-index"][0]["results"]
-    index = [(r["dataset"], m) for r in results for m in r["metrics"]]  # results of one dataset share an entry
+    summaries = {}
     for k in (0, 2):
-        overall = json.loads((tmp_path / "mmeb-v2" / f"k{k}" / "summary.json").read_text())["aggregate"]["overall"]
-        assert (overall["n"], overall["of"]) == (2, 2)
-        assert f"| {k} | latent | {100 * overall['score']:.1f} |" in text
-        entry = [(d, m) for d, m in index if m["name"].startswith(f"MMEB-V2 overall (K={k},")]
-        assert len(entry) == 1 and entry[0][0]["type"] == "TIGER-Lab/MMEB-V2"
-        assert entry[0][1]["value"] == pytest.approx(round(100 * overall["score"], 2))
-    assert "| visual documents |" in text and "(1/" not in text  # no visdoc task run: "-", not a partial mean
+        summaries[k] = json.loads((tmp_path / "mmeb-v2" / f"k{k}" / "summary.json").read_text())
+        overall = summaries[k]["aggregate"]["overall"]
+        assert (overall["n"], overall["of"]) == (2, 78)
+        assert f"| {k} | latent | {100 * overall['score']:.1f} (2/78 tasks) |" in text
+    assert "MMEB-V2" not in str(metadata_load(tmp_path / "README.md").get("model-index"))
+    # a complete run is published (one entry per K); the same with --limit is not
+    complete = {"fingerprint": {"think_tokens": 2, "limit": None},
+                "aggregate": {"overall": {"score": 0.5, "n": 78, "selected": 78, "of": 78}}}
+    entries = _mmeb_v2_index({2: complete})
+    assert [(e.dataset_type, e.metric_value, e.metric_name) for e in entries] == [
+        ("TIGER-Lab/MMEB-V2", 50.0, "MMEB-V2 overall (K=2, 78/78 tasks)")]
+    assert _mmeb_v2_index({2: {**complete, "fingerprint": {"think_tokens": 2, "limit": 5}}}) == []

@@ -211,18 +211,23 @@ def _mmeb_v2_table(summaries: dict) -> str:
     for k, summary in sorted(summaries.items(), key=lambda item: (item[0] is None, item[0] or 0)):
         agg = summary.get("aggregate") or {}
         modalities = agg.get("modalities") or {}
-        mode = (summary.get("fingerprint") or {}).get("mode") or "latent"
+        fingerprint = summary.get("fingerprint") or {}
+        mode = fingerprint.get("mode") or "latent"
+        if fingerprint.get("limit"):
+            mode += f", first {fingerprint['limit']} queries a task (not the benchmark's score)"
         lines.append(f"| {k} | {mode} | {cell(agg.get('overall'))} | {cell(modalities.get('image'))} | "
                      f"{cell(modalities.get('video'))} | {cell(modalities.get('visdoc'))} |")
     return "\n".join(lines)
 
 
 def _mmeb_v2_index(summaries: dict) -> list:
-    """model-index entries for the overall MMEB-V2 score of each K (only complete or partial means that exist)."""
+    """model-index entries for the overall MMEB-V2 score of each K: only a complete run (every task of the
+    benchmark scored, no ``--limit``); a partial one is in the card's table, marked, never in the metadata."""
     entries = []
     for k, summary in summaries.items():
         overall = (summary.get("aggregate") or {}).get("overall") or {}
-        if overall.get("score") is None:
+        complete = overall.get("score") is not None and overall.get("n") == overall.get("of")
+        if not complete or (summary.get("fingerprint") or {}).get("limit"):
             continue
         entries.append(EvalResult(task_type="feature-extraction", dataset_type="TIGER-Lab/MMEB-V2",
                                   dataset_name="MMEB-V2", metric_type="mmeb_v2_overall",

@@ -204,21 +204,25 @@ def run_benchmark(model, data_root, output_dir, tasks=None, fingerprint: dict | 
 
 
 def aggregate(results: dict, selected: list[Task]) -> dict:
-    """Mean main metric per category, per modality and overall, over finished tasks, with the counts
-    (``n`` finished of ``of`` selected): a group with missing tasks is partial, never padded with 0."""
-    def mean(group):
+    """Mean main metric per category, per modality and overall, over finished tasks, with the counts: ``n``
+    finished, ``selected`` asked for, ``of`` in the benchmark (78 overall). A mean over fewer tasks than the
+    benchmark has (a ``--tasks`` subset, missing or failed tasks) is partial and says so; never padded with 0."""
+    def mean(group, every):
         done = [results[t.name]["score"] for t in group if results.get(t.name, {}).get("status") == "done"]
-        return {"score": float(np.mean(done)) if done else None, "n": len(done), "of": len(group)}
-    out = {"overall": mean(selected), "modalities": {}, "categories": {}}
+        return {"score": float(np.mean(done)) if done else None, "n": len(done), "selected": len(group),
+                "of": len(every)}
+    everything = list(TASKS.values())
+    out = {"overall": mean(selected, everything), "modalities": {}, "categories": {}}
     for modality, categories in CATEGORIES.items():
         in_modality = [t for t in selected if t.modality == modality]
         if not in_modality:
             continue
-        out["modalities"][modality] = mean(in_modality)
+        out["modalities"][modality] = mean(in_modality, [t for t in everything if t.modality == modality])
         for category in categories:
             group = [t for t in in_modality if t.category == category]
             if group:
-                out["categories"][f"{modality}:{category}"] = mean(group)
+                out["categories"][f"{modality}:{category}"] = mean(
+                    group, [t for t in everything if t.modality == modality and t.category == category])
     return out
 
 
