@@ -95,6 +95,10 @@ def test_card_command_sets_license_languages_and_datasets(tiny_model, tmp_path, 
                      "--datasets", "TIGER-Lab/MMEB-train"]) == 0
     meta = metadata_load(tmp_path / "README.md")
     assert (meta["license"], meta["language"], meta["datasets"]) == ("mit", ["en", "fr"], ["TIGER-Lab/MMEB-train"])
+    assert cli_main(["card", str(tmp_path)]) == 0  # regenerated: what was chosen stays
+    type(tiny_model).from_pretrained(tmp_path).save_pretrained(tmp_path)  # so does a save into the same folder
+    meta = metadata_load(tmp_path / "README.md")
+    assert (meta["license"], meta["language"], meta["datasets"]) == ("mit", ["en", "fr"], ["TIGER-Lab/MMEB-train"])
     before = (tmp_path / "README.md").read_text()
     assert cli_main(["card", str(tmp_path), "--license", "Apache 2.0"]) == 2
     assert "license" in capsys.readouterr().err and (tmp_path / "README.md").read_text() == before

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import re
 
-from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub import EvalResult, ModelCard, ModelCardData, metadata_load
 
 DEFAULT_LICENSE = "apache-2.0"  # Qwen2-VL-2B's license; pass license= for a backbone under another
 DEFAULT_LANGUAGES = ["en"]  # the training and evaluation data of this package are English
@@ -350,6 +350,7 @@ def write_model_card(directory, config, *, model_id: str | None = None, force: b
     path = Path(directory) / "README.md"
     if path.is_file() and CARD_MARKER not in path.read_text() and not force:
         return None
+    kwargs = {**_chosen_before(path), **kwargs}
     found = read_results(directory)
     options = {"eval_results": found.get("eval"), "latency": found.get("latency"), "training": found.get("training"),
                "cot_probe": found.get("cot_probe"), "n_parameters": parameter_count(directory),
@@ -358,6 +359,19 @@ def write_model_card(directory, config, *, model_id: str | None = None, force: b
     card = validate_card(build_model_card(config, model_id=model_id or str(directory), **options))
     card.save(path)
     return path
+
+
+def _chosen_before(path: Path) -> dict:
+    """license / languages / datasets of the card tte-flash generated at ``path`` before, so that a regeneration
+    (``tte-flash card DIR`` again, or a save into DIR) keeps what ``--license/--language/--datasets`` set."""
+    if not path.is_file() or CARD_MARKER not in path.read_text(encoding="utf-8", errors="replace"):
+        return {}
+    try:
+        meta = metadata_load(path) or {}
+    except Exception:  # an unreadable header: regenerate from the defaults
+        return {}
+    chosen = {"license": meta.get("license"), "languages": meta.get("language"), "datasets": meta.get("datasets")}
+    return {k: v for k, v in chosen.items() if v}
 
 
 def parameter_count(directory) -> int | None:

@@ -281,7 +281,8 @@ def main(argv=None) -> int:
     card.add_argument("run_dir")
     card.add_argument("--model_id", "--model-id", default=None, help="Hub id to show in the usage snippet")
     card.add_argument("--force", action="store_true", help="replace a README.md that tte-flash did not write")
-    card.add_argument("--license", default=None, help="Hub license id (default apache-2.0, Qwen2-VL-2B's)")
+    card.add_argument("--license", default=None, help="Hub license id (default apache-2.0, Qwen2-VL-2B's; what was set "
+                      "before in this folder's generated card is kept)")
     card.add_argument("--language", nargs="+", default=None, help="ISO 639-1 codes of the training data (default en)")
     card.add_argument("--datasets", nargs="+", default=None,
                       help="Hub dataset ids of the training data (default: those recorded in train_summary.json)")
