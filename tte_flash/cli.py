@@ -247,7 +247,8 @@ def main(argv=None) -> int:
                           "a .parquet file (its text/image/video/instruction columns); read lazily")
     enc.add_argument("--model", required=True, help="a trained checkpoint directory or Hub id (presets other than "
                                                      "tiny-instruct have random weights)")
-    enc.add_argument("--role", choices=("query", "document"), default="query")
+    enc.add_argument("--role", choices=("query", "document"), default="query",
+                     help="query (default: with think tokens) or document (a corpus to search: no think tokens)")
     enc.add_argument("--think_tokens", "--think-tokens", type=int, default=None)
     enc.add_argument("--instruction", default=None, help="prepended to every input")
     enc.add_argument("--batch_size", "--batch-size", type=int, default=32, help="most inputs per batch")

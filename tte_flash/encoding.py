@@ -38,6 +38,7 @@ import itertools
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -311,8 +312,12 @@ def encode_to_shards(model, inputs, output: str | os.PathLike, *, role: str = "q
                 raise ValueError(f"{output}: shard {index} was made from other inputs than inputs {total}.."
                                  f"{total + shard.count - 1} now; use another --output directory or --overwrite")
         else:
-            vectors = encode(iter(shard), think_tokens=think_tokens, convert_to_numpy=True,
-                             show_progress_bar=show_progress_bar, **encode_kwargs)
+            try:
+                vectors = encode(iter(shard), think_tokens=think_tokens, convert_to_numpy=True,
+                                 show_progress_bar=show_progress_bar, **encode_kwargs)
+            except ValueError as err:  # "input i: ..." counts within the shard: name the input of the whole run
+                message = re.sub(r"^input (\d+):", lambda m: f"input {int(m.group(1)) + total}:", str(err))
+                raise ValueError(message) from None
             array_path, meta_path = _shard_paths(output, index)
             _atomic_write_bytes(array_path, lambda h: np.save(h, vectors.astype(np.float32, copy=False)))
             _write_json(meta_path, {"index": index, "start": total, "count": shard.count, "sha256": shard.sha256})
