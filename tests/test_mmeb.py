@@ -591,6 +591,15 @@ def test_cli_errors(extra, message, capsys, tmp_path, monkeypatch):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag, value", [("--limit", "0"), ("--limit", "-1"), ("--num_frames", "0"),
+                                         ("--batch_size", "0"), ("--max_cot_tokens", "x")])
+def test_counts_below_one_are_refused(flag, value, capsys):
+    """--limit 0 used to score every row and --limit -1 all but the last, silently; counts must be >= 1."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--benchmark", "mmeb-v2", "--model", "tiny", "--data_root", "x", "--output", "o", flag, value])
+    assert exit_info.value.code == 2 and flag in capsys.readouterr().err
+
+
 def test_model_card_shows_the_mmeb_v2_runs_saved_beside_the_checkpoint(fixture_root, tmp_path, capsys):
     """Runs written to ``DIR/mmeb-v2`` (two K) appear in DIR's card: a row per K with the overall and per-modality
     means of summary.json (x 100); a subset of the tasks is marked partial (2/78) and stays out of the model-index,

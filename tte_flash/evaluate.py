@@ -215,6 +215,17 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _at_least_one(text: str) -> int:
+    """argparse type: an integer >= 1 (0 or a negative count would silently change what is evaluated)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tte_flash.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="a trained checkpoint directory or Hub id (or a preset: "
@@ -228,7 +239,7 @@ def main(argv=None) -> int:
     parser.add_argument("--tasks", nargs="+", default=None,
                         help="mmeb-v2: task names, modalities (image, video, visdoc) or modality:category "
                              "(e.g. video:QA); default all 78")
-    parser.add_argument("--num_frames", "--num-frames", type=int, default=8,
+    parser.add_argument("--num_frames", "--num-frames", type=_at_least_one, default=8,
                         help="mmeb-v2: frames sampled per video (VLM2Vec: 8)")
     parser.add_argument("--overwrite", action="store_true",
                         help="mmeb-v2: recompute tasks whose score files hold another model's or setting's scores")
@@ -236,13 +247,13 @@ def main(argv=None) -> int:
     parser.add_argument("--think_tokens", "--think-tokens", nargs="+", type=_think_budget, default=None,
                         help="one or more budgets K (default: the model's default_think_tokens)")
     parser.add_argument("--mode", nargs="+", choices=MODES, default=["latent"])
-    parser.add_argument("--max_cot_tokens", "--max-cot-tokens", type=int, default=128)
-    parser.add_argument("--batch_size", "--batch-size", type=int, default=32)
+    parser.add_argument("--max_cot_tokens", "--max-cot-tokens", type=_at_least_one, default=128)
+    parser.add_argument("--batch_size", "--batch-size", type=_at_least_one, default=32)
     parser.add_argument("--output", default=None, help="mmeb-file: write the results JSON here; mmeb-v2: the results "
                                                        "folder (per-task score files, summary.json, summary.md; "
                                                        "one k<K> sub-folder per K when several are given)")
     parser.add_argument("--dataset", default=None, help="name in the results (default: meta.json name or file stem)")
-    parser.add_argument("--limit", type=int, default=None, help="evaluate the first N rows only")
+    parser.add_argument("--limit", type=_at_least_one, default=None, help="evaluate the first N rows only")
     parser.add_argument("--no_shortcut", "--no-shortcut", action="store_true", help="skip the shortcut baselines")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--reasoner", default=None,
