@@ -112,8 +112,21 @@ def plan(out: Path, dry_run: bool, quick: bool = False) -> list[Part]:
     ] if importlib.util.find_spec("liger_kernel") else [])
 
 
+def part_outputs(part: Part) -> list[Path]:
+    """The result files a part writes (after --json / --output / --plot; kernel_check.json in --out)."""
+    argv, found = part.argv, []
+    for i, arg in enumerate(argv[:-1]):
+        if arg in ("--json", "--output", "--plot"):
+            found.append(Path(argv[i + 1]))
+        elif arg == "--out":
+            found.append(Path(argv[i + 1]) / "kernel_check.json")
+    return found
+
+
 def run_part(part: Part, out: Path, env: dict) -> dict:
     cmd = [sys.executable, str(BENCH / part.argv[0]), *part.argv[1:]]
+    for stale in part_outputs(part):  # an earlier run's numbers must never stand for this run's
+        stale.unlink(missing_ok=True)
     log = out / f"{part.name}.log"
     print(f"[{part.name}] {' '.join(cmd[1:])}  (limit {part.limit_s} s, log {log})", file=sys.stderr, flush=True)
     start = time.perf_counter()
@@ -283,6 +296,9 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     out = args.out or REPO / "benchmarks" / "results" / (
         ("dry-run-" if args.dry_run else "") + f"{device_slug(device)}-{meta['date']}")
+    if out.exists() and not out.is_dir():
+        print(f"gpu_suite: --out {out} is a file; give a folder for the results", file=sys.stderr)
+        return 2
     out.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)  # each script decides (the kernel/attention checks set it without CUDA)

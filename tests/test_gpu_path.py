@@ -121,8 +121,12 @@ def test_gpu_suite_dry_run_writes_the_summary_and_fails_loudly(tmp_path, monkeyp
     text = (out / "SUMMARY.md").read_text()
     assert "dry run" in text and "## Training step" in text and "## COT loss peak memory" in text
 
-    # a later call into the same folder (a GPU loan allows 10 minutes a command) keeps the parts run before
+    # a later call into the same folder (a GPU loan allows 10 minutes a command) keeps the parts run before;
+    # a part run again never shows the earlier run's numbers (its files are removed before it starts)
+    (out / "cot_loss_memory.json").write_text('{"rows": [{"method": "stale"}]}')
     assert gpu_suite.main(["--dry-run", "--out", str(out), "--parts", "cot_loss"]) == 0
+    assert "stale" not in (out / "cot_loss_memory.json").read_text()
+    assert gpu_suite.main(["--dry-run", "--out", str(out / "SUMMARY.md")]) == 2  # a file, not a folder
     again = json.loads((out / "summary.json").read_text())
     assert [p["part"] for p in again["parts"]] == ["cot_loss", "train"] and "train" in again["headlines"]
 
