@@ -57,6 +57,7 @@ from _latency_workload import (ATTN_CHOICES, Bench, Config, build_bench, embed, 
                                make_queries, records_of_length, setup)
 
 from tte_flash.attention import resolve_backend  # noqa: E402
+from tte_flash.loading import available_presets  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # warm-up rounds, minimum timed rounds (6: the fewest with a 95% CI of a median), one group's budget (seconds)
@@ -130,7 +131,7 @@ def run_configs(bench: Bench, records: list, configs: list[Config], args, flops:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--preset", default="tiny", help="model architecture (random init): tiny | qwen2-vl-2b")
+    p.add_argument("--preset", choices=available_presets(), default="tiny", help="model architecture (random init): tiny | qwen2-vl-2b")
     p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--attn", choices=ATTN_CHOICES, default=None,

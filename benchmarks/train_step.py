@@ -34,6 +34,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from benchmarks._common import default_results_path, device_name, git_commit, versions  # noqa: E402
+from tte_flash.loading import available_presets  # noqa: E402
 
 TARGET_CPU_GB = 20.0  # issue 10: the 2B step at batch 2 fits in 20 GB on a CPU
 WORDS = ("the red cell is left of the blue one so the answer moves two rows down and then one column right "
@@ -223,7 +224,7 @@ def _peak_flops(device: torch.device, dtype: str) -> float | None:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="qwen2-vl-2b", help="architecture (random init): qwen2-vl-2b | small | tiny")
+    p.add_argument("--preset", choices=available_presets(), default="qwen2-vl-2b", help="architecture (random init): qwen2-vl-2b | small | tiny")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
     p.add_argument("--attn", choices=("auto", "triton", "reference"), default="auto")

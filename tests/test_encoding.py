@@ -374,6 +374,12 @@ def test_shards_refuse_changed_inputs_or_settings(tiny_model, fresh_tiny, tmp_pa
         tiny_model.encode_to_shards(["a"], tmp_path / "busy")
     with pytest.raises(ValueError, match="nothing to encode"):
         tiny_model.encode_to_shards([], tmp_path / "empty")
+    (tmp_path / "a.jsonl").write_text("x\n")
+    with pytest.raises(ValueError, match="is a file"):
+        tiny_model.encode_to_shards(["a"], tmp_path / "a.jsonl")
+    (out / "manifest.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="not a manifest tte-flash wrote"):
+        read_shards(out)
     bad = [f"d{i}" for i in range(7)] + [{"text": "x", "imag": "y.png"}]  # input 7 sits in shard 2 (at 1 there)
     with pytest.raises(ValueError, match=r"^input 7: unknown keys \['imag'\]"):
         tiny_model.encode_to_shards(bad, tmp_path / "bad", role="document", shard_size=3)

@@ -304,6 +304,9 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError, ImportError) as err:  # clear message, no stack trace
         print(f"tte-flash {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # complete shards are kept; the same command resumes
+        print(f"tte-flash {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -283,6 +283,8 @@ def encode_to_shards(model, inputs, output: str | os.PathLike, *, role: str = "q
     if encode_kwargs.get("think_tokens") == "auto":
         raise ValueError("think_tokens='auto' is not supported when writing shards; pass an int")
     output = Path(output)
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"{output} is a file: shards go into a directory (or give an .npy path for one file)")
     encode = model.encode_query if role == "query" else model.encode_document
     think_tokens = encode_kwargs.pop("think_tokens", None)
     if think_tokens is None:  # what encode_query / encode_document would use
@@ -343,6 +345,10 @@ def read_shards(output: str | os.PathLike) -> np.ndarray:
         manifest = json.loads((output / MANIFEST).read_text())
     except FileNotFoundError:
         raise FileNotFoundError(f"no {MANIFEST} in {output}: not an embeddings directory") from None
+    except ValueError:
+        manifest = None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("settings"), dict):
+        raise ValueError(f"{output / MANIFEST} is not a manifest tte-flash wrote (unreadable JSON or other content)")
     settings = manifest["settings"]
     if "total" not in manifest:
         raise ValueError(f"{output} is incomplete: no run has reached the end of the input yet (rerun to resume)")
