@@ -562,10 +562,15 @@ def test_cli_with_the_tiny_model(fixture_root, tmp_path, capsys):
     assert main(args) == 2 and "another model or setting" in capsys.readouterr().err
     two = ["--benchmark", "mmeb-v2", "--model", "tiny", "--data_root", str(root), "--output", str(tmp_path / "two"),
            "--tasks", "MSR-VTT", "--think_tokens", "0", "2"]
+    torch.manual_seed(3)
     assert main(two) == 0
     for k in (0, 2):
         assert json.loads((tmp_path / "two" / f"k{k}" / "summary.json").read_text())["fingerprint"]["think_tokens"] == k
     assert "k2/summary.json" in capsys.readouterr().out
+    torch.manual_seed(3)  # one of those K again into the same folder: read back from its k2 folder, not recomputed
+    assert main(two[:-2] + ["2"]) == 0
+    assert "MSR-VTT K=2: hit@1" in capsys.readouterr().err.split("(read back)")[0]
+    assert not (tmp_path / "two" / "summary.json").exists()
 
 
 def test_explicit_cot_mode_with_the_tiny_model(fixture_root, tmp_path, tiny_model):
@@ -583,6 +588,7 @@ def test_explicit_cot_mode_with_the_tiny_model(fixture_root, tmp_path, tiny_mode
     (["--data_root", "missing", "--output", "o"], "--data_root missing is not a folder"),
     (["--data_root", "x", "--output", "o", "--data", "f.jsonl"], "--data is for --benchmark mmeb-file"),
     (["--data_root", "x", "--output", "o", "--tasks", "nope"], "unknown MMEB-V2 task 'nope'"),
+    (["--data_root", "x", "--output", "o", "--tasks", "imagenet-1k"], "did you mean ImageNet-1K"),
 ])
 def test_cli_errors(extra, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

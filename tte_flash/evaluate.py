@@ -315,7 +315,7 @@ def _main_mmeb_v2(args) -> int:
         return 2
     summaries = summary if isinstance(think_tokens, list) else {think_tokens: summary}
     for k, one in summaries.items():
-        folder = Path(args.output) / f"k{k}" if isinstance(think_tokens, list) else Path(args.output)
+        folder = mmeb.results_folder(args.output, k, isinstance(think_tokens, list))
         print((folder / "summary.md").read_text(encoding="utf-8"))
         print(f"wrote {folder / 'summary.json'} and per-task scores under {folder}/<modality>/")
     failed = any(r["status"] == "error" for one in summaries.values() for r in one["tasks"].values())

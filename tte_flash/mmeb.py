@@ -152,7 +152,7 @@ def run_benchmark(model, data_root, output_dir, tasks=None, fingerprint: dict | 
         raise FileNotFoundError(f"--data_root {data_root} is not a folder")
     several = isinstance(think_tokens, (list, tuple))
     budgets = list(dict.fromkeys(think_tokens)) if several else [think_tokens]
-    folders = {k: Path(output_dir) / f"k{k}" if several else Path(output_dir) for k in budgets}
+    folders = {k: results_folder(output_dir, k, several) for k in budgets}
     fingerprints = {k: {**(fingerprint or {}), "think_tokens": k, **{name: eval_kwargs.get(name) for name in
                                                                       ("mode", "max_cot_tokens", "num_frames", "limit")}}
                     for k in budgets}
@@ -201,6 +201,13 @@ def run_benchmark(model, data_root, output_dir, tasks=None, fingerprint: dict | 
         (folders[k] / "summary.md").write_text(format_markdown(summary, selected) + "\n", encoding="utf-8")
         summaries[k] = summary
     return summaries if several else summaries[think_tokens]
+
+
+def results_folder(output_dir, think_tokens: int, several: bool) -> Path:
+    """Where a run's results for one K go: with several K, ``output_dir/k<K>``; with one, ``output_dir`` itself,
+    or its ``k<K>`` folder when an earlier run with several K made one (so its finished tasks are read back)."""
+    nested = Path(output_dir) / f"k{think_tokens}"
+    return nested if several or nested.is_dir() else Path(output_dir)
 
 
 def aggregate(results: dict, selected: list[Task]) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import difflib
 import hashlib
 import json
 import os
@@ -143,7 +144,10 @@ def select_tasks(names=None) -> list[Task]:
             modality, _, category = name.partition(":")
             picked = [t for t in TASKS.values() if t.modality == modality and (not category or t.category == category)]
         if not picked:
-            raise ValueError(f"unknown MMEB-V2 task {name!r}: give a task name (e.g. ImageNet-1K, MSR-VTT, "
+            folded = {t.lower(): t for t in TASKS}
+            close = [folded[m] for m in difflib.get_close_matches(name.lower(), list(folded), n=3, cutoff=0.6)]
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise ValueError(f"unknown MMEB-V2 task {name!r}{hint}: give a task name (e.g. ImageNet-1K, MSR-VTT, "
                              f"ViDoRe_arxivqa), a modality (image, video, visdoc) or modality:category (e.g. video:QA)")
         chosen += [t for t in picked if t not in chosen]
     return chosen

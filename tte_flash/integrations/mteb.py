@@ -243,6 +243,8 @@ def _load_config(source: str, revision: str | None) -> TTEFlashConfig:
         config_dict, _ = TTEFlashConfig.get_config_dict(source, revision=revision)
     except OSError as err:
         raise FileNotFoundError(f"no TTE-Flash checkpoint at {source!r}: {str(err).splitlines()[0]}") from None
+    if config_dict.get("model_type") is None:
+        raise FileNotFoundError(f"no TTE-Flash checkpoint at {source!r}: no config.json with a model_type there")
     if config_dict.get("model_type") != TTEFlashConfig.model_type:
         raise ValueError(f"{source} is a {config_dict.get('model_type')!r} checkpoint, not a TTE-Flash "
                          f"({TTEFlashConfig.model_type!r}) one")
