@@ -374,6 +374,7 @@ def test_shards_refuse_changed_inputs_or_settings(tiny_model, fresh_tiny, tmp_pa
         tiny_model.encode_to_shards(["a"], tmp_path / "busy")
     with pytest.raises(ValueError, match="nothing to encode"):
         tiny_model.encode_to_shards([], tmp_path / "empty")
+    assert not (tmp_path / "empty").exists()  # nothing left behind
     (tmp_path / "a.jsonl").write_text("x\n")
     with pytest.raises(ValueError, match="is a file"):
         tiny_model.encode_to_shards(["a"], tmp_path / "a.jsonl")

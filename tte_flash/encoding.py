@@ -296,9 +296,11 @@ def encode_to_shards(model, inputs, output: str | os.PathLike, *, role: str = "q
                 **{k: encode_kwargs.get(k) for k in ("max_length", "instruction", "normalize_embeddings",
                                                      "truncate_dim", "mode")}}
     _check_settings(output, settings, overwrite)
+    created = not output.exists()
     output.mkdir(parents=True, exist_ok=True)
     manifest_path = output / MANIFEST
-    if not manifest_path.is_file():
+    fresh = not manifest_path.is_file()
+    if fresh:
         _write_json(manifest_path, {"settings": settings})
     items, total, encoded = iter(iter_inputs(inputs)), 0, 0
     for index in itertools.count():
@@ -328,6 +330,10 @@ def encode_to_shards(model, inputs, output: str | os.PathLike, *, role: str = "q
         if shard.count < shard_size:
             break
     if total == 0:
+        if fresh:  # leave nothing behind for an empty input
+            manifest_path.unlink(missing_ok=True)
+            if created and not any(output.iterdir()):
+                output.rmdir()
         raise ValueError("nothing to encode: the input is empty")
     manifest = {"settings": settings, "total": total, "num_shards": -(-total // shard_size)}
     _write_json(manifest_path, manifest)
