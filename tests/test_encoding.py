@@ -443,6 +443,9 @@ def test_cli_devices_runs_one_part_per_device(tmp_path, monkeypatch, capsys):
     np.testing.assert_allclose(read_shards(tmp_path / "embs"), np.load(tmp_path / "all.npy"), atol=1e-6)
     assert cli.main(["encode", *common, "--output", str(tmp_path / "x.npy"), "--devices", "cpu,cpu"]) == 2
     assert "--devices needs a shard directory" in capsys.readouterr().err
+    before = (tmp_path / "all.npy").read_bytes()
+    assert cli.main(["encode", *common, "--think_tokens", "0", "--output", str(tmp_path / "all.npy")]) == 2
+    assert "--overwrite" in capsys.readouterr().err and (tmp_path / "all.npy").read_bytes() == before
 
 
 def test_cli_encode_reads_parquet_columns(tmp_path, rng):

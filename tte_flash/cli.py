@@ -122,6 +122,8 @@ def encode(args) -> int:
     shards = not args.output.endswith(".npy")
     if not shards and args.part != (0, 1):
         raise ValueError("--part needs a shard directory as --output (not a .npy file)")
+    if not shards and Path(args.output).exists() and not args.overwrite:
+        raise ValueError(f"{args.output} exists; --overwrite replaces it")
     items = read_inputs(args.inputs, args.input_file)
     model = load_model(args.model)
     kwargs = {"batch_size": args.batch_size, "max_length": args.max_length, "instruction": args.instruction,
@@ -136,7 +138,7 @@ def encode(args) -> int:
                                         show_progress_bar=True, **kwargs)
         dim = result["settings"]["dim"]
         print(f"{args.output}: {result['total']} x {dim} {args.role} embeddings in {result['num_shards']} shards "
-              f"({result['encoded_now']} encoded by this run; read them with tte_flash.encoding.read_shards)")
+              f"({result['encoded_now']} encoded by this run; read them with tte_flash.read_shards)")
         return 0
     role = model.encode_query if args.role == "query" else model.encode_document
     vectors = role(items, show_progress_bar=True, **kwargs)
@@ -260,7 +262,7 @@ def main(argv=None) -> int:
     enc.add_argument("--output", default="embeddings.npy",
                      help="a .npy file, or a directory of .npy shards + manifest.json (resumed if rerun)")
     enc.add_argument("--shard_size", "--shard-size", type=int, default=10_000, help="embeddings per shard")
-    enc.add_argument("--overwrite", action="store_true", help="replace a shard directory made with other settings")
+    enc.add_argument("--overwrite", action="store_true", help="replace a shard directory made with other settings, or an existing .npy")
     enc.add_argument("--device", default=None, help="e.g. cuda:0 (default: where the model loads)")
     enc.add_argument("--part", type=_part, default=(0, 1),
                      help="I/N: encode only shards I, I+N, ... (N processes share one --output directory)")
