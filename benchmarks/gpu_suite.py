@@ -4,8 +4,11 @@
     python benchmarks/gpu_suite.py --out benchmarks/results/h100-2026-12-01/
     python benchmarks/gpu_suite.py --dry-run            # any machine: every part starts and finishes, tiny sizes
     python benchmarks/gpu_suite.py --parts kernel attention
-    python benchmarks/gpu_suite.py --quick              # headline sizes only: about 10 minutes (a 15-minute loan)
-    # with at most 10 minutes a command: two calls into one folder (the second keeps the first's parts)
+    # a device loan of 15 minutes, 10 a command: --quick (headline sizes, estimated 8-10 minutes) in two calls
+    # into one folder (a call keeps the parts an earlier call put there)
+    python benchmarks/gpu_suite.py --quick --out R --parts compile kernel attention
+    python benchmarks/gpu_suite.py --quick --out R --parts cot_loss latency train
+    # the full suite (estimated 20-25 minutes) over calls the same way
     python benchmarks/gpu_suite.py --out R --parts compile kernel attention cot_loss
     python benchmarks/gpu_suite.py --out R --parts latency train train_liger
 
@@ -282,7 +285,8 @@ def parse_args(argv=None):
     p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
                    help="run only these; parts already in --out's summary.json from an earlier call are kept")
     p.add_argument("--quick", action="store_true",
-                   help="headline sizes only (about 10 minutes on an H100: fits one 15-minute device loan)")
+                   help="headline sizes only (estimated 8-10 minutes on an H100; with a 10-minute limit a command, "
+                        "run it as two --parts calls into one --out)")
     p.add_argument("--continue-on-failure", "--continue_on_failure", action="store_true",
                    help="run the benchmarks even when the kernel check fails (default: stop, results are wrong)")
     args = p.parse_args(argv)
