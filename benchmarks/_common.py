@@ -50,3 +50,27 @@ def git_commit() -> str | None:
 def default_results_path(kind: str, device: torch.device) -> Path:
     """``benchmarks/results/<kind>-<device>-<date>.json``."""
     return RESULTS / f"{kind}-{device_slug(device)}-{datetime.date.today().isoformat()}.json"
+
+
+def proc_memory_bytes(field: str) -> int | None:
+    """``VmRSS`` (resident now) or ``VmHWM`` (peak resident) of this process in bytes, from /proc/self/status;
+    None where that is unavailable (not Linux)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        return None
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Start VmHWM afresh from the current RSS (Linux ``clear_refs``), so a peak measured next is not an earlier
+    phase's; False where that is unavailable."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -28,22 +27,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from benchmarks._common import default_results_path, device_name, git_commit, versions  # noqa: E402
+from benchmarks._common import (default_results_path, device_name, git_commit, proc_memory_bytes,  # noqa: E402
+                               reset_peak_rss, versions)
 
 TARGET_GB = 0.5  # issue 10: the fused COT loss at H 1536, V 151,936, 4,096 tokens
 
 
-def _proc_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
-def _reset_peak_rss() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current RSS
+def _status_bytes(field: str) -> int:
+    value = proc_memory_bytes(field)
+    if value is None:
+        raise RuntimeError(f"no {field} in /proc/self/status: the CPU measurement needs Linux")
+    return value
 
 
 def run_case(method: str, tokens: int, hidden_size: int, vocab: int, dtype: torch.dtype, head_trainable: bool,
@@ -62,8 +56,9 @@ def run_case(method: str, tokens: int, hidden_size: int, vocab: int, dtype: torc
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
     else:
-        _reset_peak_rss()
-        before = _proc_kib("VmRSS") * 1024
+        if not reset_peak_rss():
+            raise RuntimeError("cannot reset the peak RSS (/proc/self/clear_refs): the CPU measurement needs Linux")
+        before = _status_bytes("VmRSS")
     start = time.perf_counter()
     if method in ("chunked", "liger"):
         loss, _ = linear_cross_entropy(hidden, weight, targets, backend=method)
@@ -74,7 +69,7 @@ def run_case(method: str, tokens: int, hidden_size: int, vocab: int, dtype: torc
         torch.cuda.synchronize(device)
         peak = torch.cuda.max_memory_allocated(device) - before
     else:
-        peak = _proc_kib("VmHWM") * 1024 - before
+        peak = _status_bytes("VmHWM") - before
     # the gradients themselves (hidden's, and the head's when trainable) are outputs, counted in the peak
     return {"method": method, "tokens": tokens, "hidden": hidden_size, "vocab": vocab, "dtype": str(dtype)[6:],
             "head_trainable": head_trainable, "peak_added_bytes": int(peak),

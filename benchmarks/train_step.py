@@ -33,30 +33,13 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from benchmarks._common import default_results_path, device_name, git_commit, versions  # noqa: E402
+from benchmarks._common import (default_results_path, device_name, git_commit, proc_memory_bytes,  # noqa: E402
+                               reset_peak_rss, versions)
 from tte_flash.loading import available_presets  # noqa: E402
 
 TARGET_CPU_GB = 20.0  # issue 10: the 2B step at batch 2 fits in 20 GB on a CPU
 WORDS = ("the red cell is left of the blue one so the answer moves two rows down and then one column right "
          "which lands on a green square near the corner of the grid").split()
-
-
-def _proc_bytes(field: str) -> int:
-    """VmHWM (peak resident memory) or VmRSS of this process, in bytes (Linux)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def _reset_peak_rss() -> None:
-    """Start VmHWM afresh from the current RSS, so the step's peak is not the model build's (Linux)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
 
 
 def synthetic_examples(n: int, seed: int, image_size: tuple[int, int] | None, cot_words: int) -> list[dict]:
@@ -133,7 +116,7 @@ def run(args) -> dict:
     t0 = time.perf_counter()
     model = build(args, device, dtype)
     build_s = time.perf_counter() - t0
-    build_peak = _proc_bytes("VmHWM") if device.type == "cpu" else None
+    build_peak = (proc_memory_bytes("VmHWM") or 0) if device.type == "cpu" else None
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     counts = parameter_counts(model)
     print(f"built {args.preset} in {build_s:.0f} s: language {counts['language'] / 1e9:.2f} B, vision "
@@ -154,7 +137,7 @@ def run(args) -> dict:
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
         else:
-            _reset_peak_rss()
+            reset_peak_rss()  # the step's peak, not the model build's
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         if args.grad_cache_chunk:
@@ -166,7 +149,7 @@ def run(args) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - start
-        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _proc_bytes("VmHWM")
+        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else (proc_memory_bytes("VmHWM") or 0)
         if not torch.isfinite(loss):
             raise SystemExit(f"train_step: step {step} gave a non-finite loss ({float(loss)})")
         row = {"step": step, "seconds": round(seconds, 3), "text_tokens": text_tokens, "vision_patches": patches,
