@@ -11,6 +11,7 @@ with gradients averaged by DDP, gives the loss and gradients of one process on t
 """
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -150,6 +151,7 @@ def _logsumexp_(logits: torch.Tensor) -> torch.Tensor:
     return logits.sub_(peak).exp_().sum(-1).log_().add_(peak.squeeze(-1))
 
 
+@functools.cache  # looked up once: it is consulted on every COT loss
 def _liger_linear_cross_entropy():
     """Liger-Kernel's fused linear cross-entropy, when installed in a version that also returns the token
     accuracy (the COT accuracy is logged); else None."""
