@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from .attention import resolve_backend
 from .encoding import DEFAULT_MAX_BATCH_TOKENS, encode_to_shards, iter_inputs, show_progress, stream_embeddings
 from .processing import SINGLE_INPUT_TYPES, append_text, collate
+from .ranking import check_finite
 
 MODES = ("latent", "explicit-cot")
 
@@ -169,16 +170,22 @@ class EmbeddingMixin:
             if any(len(t) > r for t, r in zip(traces, room)):
                 warnings.warn(f"query + trace longer than {query_limit} tokens: the trace is cut", stacklevel=2)
             records = [append_text(r, t[:max(n, 0)]) for r, t, n in zip(records, traces, room)]
-        return self.tte_forward(self._collate(records, think_tokens, packed=packed)).embeddings.float().cpu()
+        embeddings = self.tte_forward(self._collate(records, think_tokens, packed=packed)).embeddings.float().cpu()
+        # a NaN/inf embedding is an error naming the inputs, never a vector that ranks (one isfinite per batch)
+        return check_finite(embeddings, f"embeddings (think_tokens={think_tokens}, mode={mode})",
+                            names=[index for index, _ in batch], label="input")
 
     @staticmethod
     def similarity(queries, documents) -> torch.Tensor:
-        """Cosine similarity, float32 ``[n_queries, n_docs]`` (tensors or numpy arrays, 1-D or 2-D)."""
+        """Cosine similarity, float32 ``[n_queries, n_docs]`` (tensors or numpy arrays, 1-D or 2-D).
+        A NaN or inf in an embedding raises ``tte_flash.ranking.NonFiniteScoresError`` naming its row."""
         q, d = (torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x).float()
                 for x in (queries, documents))
         q, d = q.reshape(-1, q.shape[-1]), d.reshape(-1, d.shape[-1])
         if q.shape[-1] != d.shape[-1]:
             raise ValueError(f"embedding sizes differ: queries {q.shape[-1]}, documents {d.shape[-1]}")
+        check_finite(q, "similarity: the query embeddings", label="query")
+        check_finite(d, "similarity: the document embeddings", label="document")
         return F.normalize(q, dim=-1) @ F.normalize(d, dim=-1).T
 
     def _check_think_tokens(self, think_tokens):

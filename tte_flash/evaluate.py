@@ -17,6 +17,9 @@ so a model that gives all candidates one score gets Hit@1 = 0, not 1 (``ties="ex
 mean over random tie orders; the shortcut baselines use it, so they are never understated). VLM2Vec's
 ``argmax`` instead credits the positive on an exact tie (it is candidate 0); scores can differ only there.
 NDCG@k with one relevant candidate at rank r is ``1/log2(r + 1)`` if r <= k else 0 (IDCG = 1).
+**NaN or inf is an error, never a rank** (:func:`tte_flash.ranking.check_finite`): a checkpoint with non-finite
+weights is refused when it loads, and a NaN or inf embedding or score stops the run with a message naming the
+inputs or rows (the CLI: exit status 2).
 
 The output JSON is ``{"runs": [{dataset, mode, think_tokens, metrics: {"hit@1", "ndcg@5"}, shortcut_best,
 ...}], "shortcuts": {...}, ...}``, the form ``tte_flash.card`` reads. Shortcut baselines
@@ -37,7 +40,8 @@ from pathlib import Path
 import torch
 
 from .data import EVAL_COLUMNS, eval_example, load_rows
-from .ranking import TIES, hit_at_k, ndcg_at_k, pad_scores, ranks  # noqa: F401  (re-exported: evaluate's metrics)
+from .ranking import (TIES, NonFiniteScoresError, check_finite, hit_at_k, ndcg_at_k,  # noqa: F401
+                      nonfinite_context, pad_scores, ranks)  # (re-exported: evaluate's metrics)
 
 logger = logging.getLogger("tte_flash.evaluate")
 
@@ -80,8 +84,9 @@ def evaluate_many(model, rows_or_path, image_root=None, think_tokens=(0,), modes
     rows = rows[:limit] if limit else rows
     queries, documents, index = _inputs(rows, image_root)
     start = time.perf_counter()
-    doc_emb = model.encode_document(documents, batch_size=batch_size, convert_to_tensor=True,
-                                    show_progress_bar=show_progress_bar)
+    with nonfinite_context("encoding the candidates (input i: the i-th unique candidate)"):
+        doc_emb = model.encode_document(documents, batch_size=batch_size, convert_to_tensor=True,
+                                        show_progress_bar=show_progress_bar)
     document_seconds = time.perf_counter() - start
     out = {"dataset": dataset, "n": len(rows), "n_documents": len(documents),
            "document_seconds": round(document_seconds, 4)}
@@ -94,11 +99,14 @@ def evaluate_many(model, rows_or_path, image_root=None, think_tokens=(0,), modes
         for k in think_tokens:
             start = time.perf_counter()
             extra = {"reasoner": reasoner} if mode == "explicit-cot" and reasoner is not None else {}
-            q_emb = model.encode_query(queries, think_tokens=k, mode=mode, max_cot_tokens=max_cot_tokens,
-                                       batch_size=batch_size, convert_to_tensor=True, **extra,
-                                       show_progress_bar=show_progress_bar)
+            with nonfinite_context(f"encoding the queries ({mode}, K={k}; input i: evaluation row i + 1)"):
+                q_emb = model.encode_query(queries, think_tokens=k, mode=mode, max_cot_tokens=max_cot_tokens,
+                                           batch_size=batch_size, convert_to_tensor=True, **extra,
+                                           show_progress_bar=show_progress_bar)
             query_seconds = time.perf_counter() - start
             scores = candidate_scores(model.similarity(q_emb, doc_emb), index)
+            check_finite(scores, f"scores ({mode}, K={k})", names=range(1, len(rows) + 1), label="evaluation row",
+                         padding=True)  # NaN or inf is an error naming the rows, never a rank
             run = {"dataset": dataset, "mode": mode, "think_tokens": k, "n": len(rows),
                    "metrics": {"hit@1": hit_at_k(scores, 1), "ndcg@5": ndcg_at_k(scores, 5)},
                    "chance": {"hit@1": chance}, "seconds": round(query_seconds + document_seconds, 4),
@@ -191,7 +199,22 @@ def load_model(name: str, device=None):
         model = TTEFlashModel.from_backbone(name)
     else:
         model = TTEFlashModel.from_pretrained(name)
+    check_weights(model, name)
     return model.to(device) if device else model
+
+
+def check_weights(model, name: str = "the model") -> None:
+    """:class:`NonFiniteScoresError` if a weight of ``model`` is NaN or inf (naming the tensors): such a
+    checkpoint gives NaN embeddings, which must never be scored. One ``isfinite().all()`` per tensor."""
+    with torch.no_grad():
+        bad = [pname for pname, tensor in model.state_dict().items()
+               if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+    if bad:
+        total = len(model.state_dict())
+        shown = ", ".join(bad[:5]) + (f", and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise NonFiniteScoresError(f"{name}: {len(bad)} of {total} weight tensors hold NaN or inf values ({shown}): "
+                                   "a diverged training run or a corrupted checkpoint; its embeddings and scores "
+                                   "would be NaN, so it is not evaluated", names=bad)
 
 
 def _think_budget(value: str):

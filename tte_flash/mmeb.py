@@ -30,8 +30,8 @@ import torch
 
 from .mmeb_data import (CATEGORIES, TASKS, MissingTask, Task, TaskData, annotation_files,  # noqa: F401
                         load_task, read_rows, select_tasks, write_label_lists)
-from .ranking import (TIES, _ranked_metrics, hit_at_k, mean_metrics, ndcg_at_k, pad_scores,  # noqa: F401
-                      ranking_metrics, ranks)
+from .ranking import (TIES, NonFiniteScoresError, _ranked_metrics, check_finite, hit_at_k,  # noqa: F401
+                      mean_metrics, ndcg_at_k, nonfinite_context, pad_scores, ranking_metrics, ranks)
 
 logger = logging.getLogger("tte_flash.mmeb")
 
@@ -39,8 +39,10 @@ logger = logging.getLogger("tte_flash.mmeb")
 # ---------------------------------------------------------------------------------------- scoring a task
 
 def score_task(data: TaskData, q_emb: torch.Tensor, c_emb: torch.Tensor, keys: list, similarity) -> dict:
-    """Per-query ranking metrics from query and candidate embeddings (``keys`` name ``c_emb``'s rows)."""
+    """Per-query ranking metrics from query and candidate embeddings (``keys`` name ``c_emb``'s rows).
+    NaN or inf in a similarity: :class:`NonFiniteScoresError` naming the queries (never a score)."""
     sim = similarity(q_emb, c_emb).double().cpu().numpy()
+    check_finite(sim, "similarities of the queries to the candidates", label="query")
     column = {k: i for i, k in enumerate(keys)}
     per_query = []
     for i, relevant in enumerate(data.relevance):
@@ -66,8 +68,10 @@ def evaluate_task(model, task: Task, data_root, think_tokens=0, mode="latent", m
     keys = list(data.candidates)
     c_emb = _cached_candidates(cache, cache_key, keys)
     if c_emb is None:
-        c_emb = model.encode_document([data.candidates[k] for k in keys], batch_size=batch_size,
-                                      convert_to_tensor=True, show_progress_bar=show_progress_bar)
+        with nonfinite_context(f"{task.name}, candidates"):
+            c_emb = model.encode_document([data.candidates[k] for k in keys], batch_size=batch_size,
+                                          convert_to_tensor=True, show_progress_bar=show_progress_bar)
+        check_finite(c_emb, f"{task.name}, candidate embeddings", names=keys, label="candidate")
         if cache is not None:
             Path(cache).parent.mkdir(parents=True, exist_ok=True)
             tmp = Path(cache).with_name(f".{Path(cache).name}.{os.getpid()}.tmp")
@@ -78,10 +82,11 @@ def evaluate_task(model, task: Task, data_root, think_tokens=0, mode="latent", m
     results = {}
     for k in (think_tokens if isinstance(think_tokens, (list, tuple)) else [think_tokens]):
         start = time.perf_counter()
-        q_emb = model.encode_query(data.queries, think_tokens=k, mode=mode, max_cot_tokens=max_cot_tokens,
-                                   batch_size=batch_size, convert_to_tensor=True, show_progress_bar=show_progress_bar,
-                                   **extra)
-        metrics = score_task(data, q_emb, c_emb, keys, model.similarity)
+        with nonfinite_context(f"{task.name}, queries, K={k}"):
+            q_emb = model.encode_query(data.queries, think_tokens=k, mode=mode, max_cot_tokens=max_cot_tokens,
+                                       batch_size=batch_size, convert_to_tensor=True,
+                                       show_progress_bar=show_progress_bar, **extra)
+            metrics = score_task(data, q_emb, c_emb, keys, model.similarity)
         results[k] = {"task": task.name, "modality": task.modality, "category": task.category, "metric": task.metric,
                       "score": metrics[task.metric], **metrics, "num_pred": len(data.queries),
                       "num_data": len(data.queries), "num_candidates": len(keys), "eval_type": task.eval_type,
@@ -101,7 +106,11 @@ def _cached_candidates(cache, cache_key, keys):
         return None
     if stored.get("cache_key") != cache_key or stored.get("keys") != keys:
         return None
-    return stored["embeddings"]
+    embeddings = stored.get("embeddings")
+    if not isinstance(embeddings, torch.Tensor) or not bool(torch.isfinite(embeddings).all()):
+        logger.warning("ignoring the embedding cache %s: it holds NaN or inf (or no) embeddings", cache)
+        return None
+    return embeddings
 
 
 # ---------------------------------------------------------------------------------------- the benchmark
@@ -139,7 +148,8 @@ def run_benchmark(model, data_root, output_dir, tasks=None, fingerprint: dict | 
                   progress=None, think_tokens=0, **eval_kwargs):
     """Every selected task, resumably: a task whose score file exists with the same ``fingerprint`` is
     read back, not recomputed. A task whose test file is missing is reported as missing; one that
-    fails (a missing frame, a bad row) as an error with the message. Both are left out of the means.
+    fails (a missing frame, a bad row, NaN or inf embeddings or scores) as an error with the message.
+    Both are left out of the means: a non-finite score is never a rank, 0 or 1.
     Writes ``summary.json`` and ``summary.md`` under ``output_dir``; returns the summary.
 
     ``think_tokens`` a list of budgets: one results folder per K (``output_dir/k<K>``), the candidates

@@ -1,14 +1,88 @@
 """Ranking metrics of the evaluators: Hit@k / NDCG@k with the positive in column 0 and tie handling (the
 MMEB-v1-style file evaluator, :mod:`tte_flash.evaluate`, and the shortcut baselines of :mod:`tte_flash.synthetic`),
-and graded-relevance metrics over a candidate pool (MMEB-V2, :mod:`tte_flash.mmeb`)."""
+and graded-relevance metrics over a candidate pool (MMEB-V2, :mod:`tte_flash.mmeb`).
+
+**Non-finite values are errors, never ranks**: :func:`check_finite` is the one rule. Every metric here,
+``similarity`` and the encode paths of the model, the file evaluator and the MMEB-V2 runner call it, and it
+raises :class:`NonFiniteScoresError` naming the rows (queries / inputs) that hold NaN or inf. Without it a
+NaN model would score a perfect Hit@1 (NaN compares false, so no candidate ranks above the positive).
+The one allowed exception is padding: ``-inf`` after a row's last candidate (:func:`pad_scores`)."""
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
 import torch
 
 TIES = ("pessimistic", "optimistic", "expected")
+SHOWN = 5  # rows listed by name in a NonFiniteScoresError
+
+LIKELY_CAUSE = ("the model that produced them most likely has NaN/inf weights or activations: a diverged training "
+                "run (too high a learning rate, a NaN loss) or a corrupted checkpoint; check it with "
+                "`all(p.isfinite().all() for p in model.parameters())`")
+
+
+# ---------------------------------------------------------------------------------------- non-finite values
+
+class NonFiniteScoresError(ValueError):
+    """Scores or embeddings hold NaN or inf: they cannot be ranked. ``rows``: the 0-based indices of the
+    rows that do; ``names``: their names (query ids, input indices, evaluation rows) where the caller gave them."""
+
+    def __init__(self, message: str, rows=(), names=()):
+        super().__init__(message)
+        self.rows, self.names = list(rows), list(names)
+
+
+def check_finite(values, what: str = "scores", names=None, label: str = "row", padding: bool = False):
+    """Raise :class:`NonFiniteScoresError` if ``values`` (scores or embeddings: a tensor, array or nested
+    list, ``[n, ...]``; a 1-D one is one row) hold NaN or +/-inf; return ``values`` otherwise.
+
+    The message says how many rows, names the first few (``names[i]`` for row i, else its index, each
+    as ``f"{label} {name}"``) with what they hold, and the likely cause. ``padding=True`` (scores with the
+    positive in column 0, padded by :func:`pad_scores`): a ``-inf`` after a row's last finite candidate
+    is padding, not an error. Cost: one ``isfinite(...).all()`` when everything is finite.
+    """
+    t = values if isinstance(values, torch.Tensor) else torch.as_tensor(np.asarray(values, dtype=np.float64))
+    if not t.is_floating_point():
+        return values
+    rows = t.detach().reshape(1, -1) if t.ndim < 2 else t.detach().reshape(t.shape[0], -1)
+    bad = ~torch.isfinite(rows)
+    if not bool(bad.any()):
+        return values
+    if padding:
+        tail = torch.isneginf(rows).flip(1).int().cummin(1).values.flip(1).bool()  # -inf from here to the end
+        tail[:, 0] = False  # the positive is never padding
+        bad &= ~tail
+        if not bool(bad.any()):
+            return values
+    bad_rows = bad.any(1).nonzero().flatten().tolist()
+    names = list(range(len(rows))) if names is None else list(names)
+    if len(names) != len(rows):
+        names = list(range(len(rows)))
+
+    def kinds(i):
+        r = rows[i][bad[i]]
+        found = [kind for kind, hit in (("NaN", torch.isnan(r).any()), ("+inf", torch.isposinf(r).any()),
+                                        ("-inf", torch.isneginf(r).any())) if hit]
+        return "/".join(found)
+    shown = ", ".join(f"{label} {names[i]}: {kinds(i)}" for i in bad_rows[:SHOWN])
+    more = f", and {len(bad_rows) - SHOWN} more" if len(bad_rows) > SHOWN else ""
+    note = (" (-inf is only padding: after a row's last candidate, never the positive in column 0)"
+            if padding and bool(torch.isneginf(rows[bad]).any()) else "")
+    raise NonFiniteScoresError(
+        f"{what}: {len(bad_rows)} of {len(rows)} rows hold NaN or inf values ({shown}{more}){note} and cannot be "
+        f"ranked; {LIKELY_CAUSE}",
+        rows=bad_rows, names=[names[i] for i in bad_rows])
+
+
+@contextlib.contextmanager
+def nonfinite_context(where: str):
+    """A :class:`NonFiniteScoresError` raised inside is raised again with ``where`` (what was being done) in front."""
+    try:
+        yield
+    except NonFiniteScoresError as err:
+        raise NonFiniteScoresError(f"{where}: {err}", rows=err.rows, names=err.names) from None
 
 
 # ---------------------------------------------------------------------------------------- metrics: positive in column 0
@@ -19,6 +93,7 @@ def _greater_equal(scores) -> tuple[torch.Tensor, torch.Tensor]:
     if scores.ndim != 2 or scores.shape[1] < 1:
         raise ValueError(f"scores must be [n_queries, n_candidates] with the positive in column 0, got "
                          f"shape {tuple(scores.shape)}")
+    check_finite(scores, "scores", padding=True)
     positive, others = scores[:, :1], scores[:, 1:]
     return (others > positive).sum(1), (others == positive).sum(1)
 
@@ -97,6 +172,7 @@ def ranking_metrics(scores, relevance: dict, ks=(1, 5, 10)) -> dict[str, float]:
 def _ranked_metrics(scores: np.ndarray, gains: np.ndarray, ideal: list, ks) -> dict[str, float]:
     """:func:`ranking_metrics` on arrays: ``scores`` and ``gains`` (0: not relevant) per candidate,
     ``ideal`` the relevant grades, highest first."""
+    check_finite(scores, "scores of one query")
     top = gains[np.lexsort((gains, -scores))[:max(ks)]]  # by score, high first; ties: lower gain first
     discount = 1 / np.log2(np.arange(2, max(ks) + 2))
     ideal = np.asarray(ideal[:max(ks)], dtype=np.float64)
