@@ -2,6 +2,7 @@
 
     python training/pretrain.py --output_dir runs/tiny-instruct --max_steps 6000 --seed 0      # the shipped preset
     python training/pretrain.py --output_dir runs/pilot --max_steps 50 --rope_theta 10000      # any Qwen2VLConfig choice
+    bash training/build_tiny_reasoner.sh                     # the tiny-reasoner preset: deeper, one-word hops, a hop curriculum
 
 Stage 1 of the CPU world, like a real VLM's pretraining + instruction tuning in one: next-token loss
 on the answer of ``[image][prompt] -> answer`` samples drawn on the fly from :class:`tte_flash.world.World`
@@ -37,7 +38,7 @@ from transformers import (AutoTokenizer, Qwen2VLConfig, Qwen2VLForConditionalGen
 from tte_flash.modeling import TTEFlashModel
 from tte_flash.processing import collate
 from tte_flash.tokenization import train_word_tokenizer
-from tte_flash.world import TASK_WEIGHTS, World, corpus_text, evaluate_backbone
+from tte_flash.world import ALL_EVAL_KINDS, EVAL_KINDS, TASKS, World, corpus_text, evaluate_backbone
 
 logger = logging.getLogger("tte_flash.pretrain")
 
@@ -56,13 +57,14 @@ Left and right, up and down, above and below, top and bottom, inside and outside
 class WorldStream(torch.utils.data.IterableDataset):
     """Endless world samples; each dataloader worker gets its own seeded stream."""
 
-    def __init__(self, seed: int, task_weights: dict | None = None, multi_questions: bool = True):
-        self.seed, self.task_weights, self.multi_questions = seed, task_weights, multi_questions
+    def __init__(self, seed: int, task_weights: dict | None = None, multi_questions: bool = True,
+                 max_hops: int | None = None):
+        self.seed, self.task_weights, self.multi_questions, self.max_hops = seed, task_weights, multi_questions, max_hops
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         world = World(seed=[self.seed, 0 if info is None else info.id], task_weights=self.task_weights,
-                      multi_questions=self.multi_questions)
+                      multi_questions=self.multi_questions, max_hops=self.max_hops)
         while True:
             yield world.sample()
 
@@ -100,6 +102,15 @@ class PretrainTrainer(Trainer):
         self.model_accepts_loss_kwargs = False
         self._accuracy: list[float] = []
 
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        # A checkpoint holds Qwen2-VL's original key layout (TTEFlashModel.save_pretrained), which Trainer's
+        # own resume would load as is, matching no key and silently keeping the fresh weights: load it
+        # through from_pretrained (which converts the layout) and copy every tensor, strictly.
+        model = self.model if model is None else model
+        loaded = TTEFlashModel.from_pretrained(resume_from_checkpoint)
+        model.load_state_dict(loaded.state_dict(), strict=True)
+        logger.info("loaded the weights of %s", resume_from_checkpoint)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         out = model.tte_forward(inputs["batch"])
         self._accuracy.append(float(out.cot_accuracy))
@@ -115,12 +126,12 @@ class PretrainTrainer(Trainer):
 class EvalCallback(TrainerCallback):
     """Greedy answers to held-out world questions every ``every`` steps (and at the end)."""
 
-    def __init__(self, every: int, n: int, history: list):
-        self.every, self.n, self.history = every, n, history
+    def __init__(self, every: int, n: int, history: list, kinds=EVAL_KINDS):
+        self.every, self.n, self.history, self.kinds = every, n, history, tuple(kinds)
 
     def _run(self, model, step):
         start = time.perf_counter()
-        result = evaluate_backbone(model, n=self.n)
+        result = evaluate_backbone(model, n=self.n, kinds=self.kinds)
         model.train()
         result.update(step=step, seconds=round(time.perf_counter() - start, 1))
         self.history.append(result)
@@ -132,6 +143,15 @@ class EvalCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         self._run(model, state.global_step)
+
+
+class StopAt(TrainerCallback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            control.should_training_stop = True
 
 
 def architecture(args) -> dict:
@@ -180,16 +200,26 @@ def parse_args(argv=None):
     p.add_argument("--eval_steps", type=int, default=500)
     p.add_argument("--eval_n", type=int, default=100, help="held-out questions per kind at each evaluation")
     p.add_argument("--save_steps", type=int, default=1000)
-    p.add_argument("--resume_from_checkpoint", default=None)
+    p.add_argument("--logging_steps", type=int, default=50)
+    p.add_argument("--stop_at_step", type=int, default=None,
+                   help="end the run after this step (and its checkpoint), as a kill would; for testing resumption")
+    p.add_argument("--resume_from_checkpoint", default=None,
+                   help="a Trainer checkpoint directory, or 'auto': the last one under output_dir/checkpoints if any")
     p.add_argument("--init_from", default=None,
                    help="start from this exported backbone (a later stage; the architecture flags are then ignored)")
     p.add_argument("--vocab_size", type=int, default=2048, help="BPE vocabulary (before special tokens)")
+    p.add_argument("--corpus_size", type=int, default=20000, help="world samples the tokenizer is trained on")
     p.add_argument("--prompt_loss", action="store_true",
                    help="next-token loss on the question too, not only on the answer")
     p.add_argument("--multi_questions", action=argparse.BooleanOptionalAction, default=True,
                    help="some text samples ask several questions (--no-multi_questions: one each)")
     p.add_argument("--task_weights", type=_task_weights, default=None,
-                   help="mix of world tasks, e.g. cell=0.3,text=0.2,move=0.3 (default: tte_flash.world.TASK_WEIGHTS)")
+                   help="mix of world tasks, e.g. cell=0.3,text=0.2,move=0.3 (default: tte_flash.world.TASK_WEIGHTS; "
+                        "also move_short, text_short)")
+    p.add_argument("--max_hops", type=int, default=None,
+                   help="cap the hops of move/move_short/text/text_short (a curriculum stage; default: no cap)")
+    p.add_argument("--eval_kinds", nargs="+", default=list(EVAL_KINDS), choices=ALL_EVAL_KINDS,
+                   help="held-out question kinds evaluated every --eval_steps (tte_flash.world)")
     # architecture: Qwen2VLConfig fields
     p.add_argument("--hidden_size", type=int, default=128)
     p.add_argument("--intermediate_size", type=int, default=384)
@@ -208,10 +238,17 @@ def _task_weights(text: str) -> dict[str, float]:
     weights = {}
     for part in text.split(","):
         name, _, value = part.partition("=")
-        if name.strip() not in TASK_WEIGHTS:
-            raise argparse.ArgumentTypeError(f"unknown world task {name.strip()!r}; tasks: {sorted(TASK_WEIGHTS)}")
+        if name.strip() not in TASKS:
+            raise argparse.ArgumentTypeError(f"unknown world task {name.strip()!r}; tasks: {sorted(TASKS)}")
         weights[name.strip()] = float(value)
     return weights
+
+
+def last_checkpoint(folder: Path) -> str | None:
+    """The Trainer checkpoint with the highest step under ``folder`` (``checkpoint-N``), or None."""
+    steps = [(int(p.name.split("-")[1]), p) for p in Path(folder).glob("checkpoint-*")
+             if p.name.split("-")[1].isdigit() and (p / "trainer_state.json").is_file()]
+    return str(max(steps)[1]) if steps else None
 
 
 def _commit() -> str | None:
@@ -236,8 +273,14 @@ def main(argv=None):
         model = TTEFlashModel.from_backbone(args.init_from, max_think_tokens=0, image_min_pixels=3136,
                                             image_max_pixels=50176)
     else:
-        corpus = corpus_text(20000, seed=args.seed, task_weights=args.task_weights, multi_questions=args.multi_questions)
-        tokenizer = train_word_tokenizer(corpus + ENGLISH, args.vocab_size)
+        saved = out / "checkpoints" / "backbone_tokenizer"  # kept for a resumed run: the same vocabulary for sure
+        if saved.is_dir():
+            tokenizer = AutoTokenizer.from_pretrained(saved)
+        else:
+            corpus = corpus_text(args.corpus_size, seed=args.seed, task_weights=args.task_weights,
+                                 multi_questions=args.multi_questions, max_hops=args.max_hops)
+            tokenizer = train_word_tokenizer(corpus + ENGLISH, args.vocab_size)
+            tokenizer.save_pretrained(saved)
         base_tokenizer = copy.deepcopy(tokenizer)  # the backbone's tokenizer: no TTE tokens
         model = TTEFlashModel.from_spec(architecture(args), tokenizer)
     n_params = sum(p.numel() for p in model.parameters())
@@ -247,15 +290,21 @@ def main(argv=None):
     training_args = TrainingArguments(
         output_dir=str(out / "checkpoints"), max_steps=args.max_steps, per_device_train_batch_size=args.batch_size,
         learning_rate=args.learning_rate, warmup_steps=args.warmup_steps, lr_scheduler_type="cosine",
-        weight_decay=args.weight_decay, logging_steps=50, save_strategy="steps", save_steps=args.save_steps,
+        weight_decay=args.weight_decay, logging_steps=args.logging_steps, save_strategy="steps", save_steps=args.save_steps,
         save_total_limit=1, report_to="none", use_cpu=True, seed=args.seed, dataloader_num_workers=0,
         remove_unused_columns=False, disable_tqdm=True)
-    trainer = PretrainTrainer(model=model, args=training_args, train_dataset=WorldStream(args.seed, args.task_weights, args.multi_questions),
+    stream = WorldStream(args.seed, args.task_weights, args.multi_questions, args.max_hops)
+    trainer = PretrainTrainer(model=model, args=training_args, train_dataset=stream,
                               data_collator=PretrainCollator(model.processor, args.prompt_loss),
-                              callbacks=[EvalCallback(args.eval_steps, args.eval_n, history)])
-    result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+                              callbacks=[EvalCallback(args.eval_steps, args.eval_n, history, args.eval_kinds)]
+                              + ([StopAt(args.stop_at_step)] if args.stop_at_step else []))
+    resume = args.resume_from_checkpoint
+    if resume == "auto":
+        resume = last_checkpoint(out / "checkpoints")
+        logger.info("resuming from %s", resume) if resume else logger.info("no checkpoint to resume from: a fresh start")
+    result = trainer.train(resume_from_checkpoint=resume)
     export_backbone(model, base_tokenizer, out)
-    summary = {"args": vars(args), "parameters": n_params, "vocabulary": len(base_tokenizer),
+    summary = {"args": vars(args), "resumed_from": resume, "parameters": n_params, "vocabulary": len(base_tokenizer),
                "seconds": round(time.perf_counter() - start, 1), "evaluations": history,
                "final": history[-1] if history else None, "train_metrics": result.metrics,
                "log_history": trainer.state.log_history, "commit": _commit(),

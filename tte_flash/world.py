@@ -17,6 +17,16 @@ answer given ``[image][prompt]``. The world is broader than any evaluation task 
 * ``text``: facts, then a 1- or 2-hop question ("Ann's hat is red. ... Q: What colour is Bob's hat?"),
   half of the 1-hop ones with 2-4 questions.
 
+Tasks added for the ``tiny-reasoner`` preset (not in the default :data:`TASK_WEIGHTS`, which is unchanged):
+
+* ``move_short``: a 1- or 2-hop move answered in one word, no trace ("What colour is the cell left of the
+  navy cell? Answer with one word." -> "purple.");
+* ``text_short``: a 1- or 2-hop text question answered in one word ("... Q: What colour is the thing Ann
+  has? Answer with one word." -> "red.").
+
+``World(max_hops=1)`` caps the hops of ``move``, ``move_short``, ``text`` and ``text_short`` (a curriculum
+stage); ``max_hops=None`` (the default) leaves every task exactly as before, draw for draw.
+
 Everything is drawn from one ``numpy`` generator, so a seed fixes the stream.
 """
 from __future__ import annotations
@@ -43,6 +53,11 @@ THINGS = ("cat", "dog", "cup", "hat", "box", "pen", "key", "bag", "car", "map", 
           "ring", "kite")
 TASK_WEIGHTS = {"cells": 0.25, "cell": 0.1, "cell_short": 0.05, "locate": 0.05, "describe": 0.1, "move": 0.2,
                 "count": 0.05, "text": 0.2}
+EXTRA_TASKS = ("move_short", "text_short")  # valid task names beyond TASK_WEIGHTS' keys (tiny-reasoner's mix)
+TASKS = tuple(TASK_WEIGHTS) + EXTRA_TASKS
+MOVE_HOPS = (0.1, 0.4, 0.35, 0.15)  # the trace task's hop distribution, 0-3 hops
+SHORT_HOPS = (0.0, 0.5, 0.5)  # the one-word move task's, 1-2 hops
+ONE_WORD = " Answer with one word."
 
 CELL_QUESTIONS = ("What colour is the cell in row {r}, column {c}?", "Which colour is the cell at row {r}, column {c}?",
                   "What is the colour of row {r}, column {c}?", "Name the colour at row {r} column {c}.",
@@ -82,8 +97,9 @@ class World:
     """An endless stream of world samples: ``World(seed).sample()`` -> dict(image, prompt, answer, task)."""
 
     def __init__(self, seed: int = 0, colours: tuple[str, ...] = COLOURS, task_weights: dict | None = None,
-                 multi_questions: bool = True):
+                 multi_questions: bool = True, max_hops: int | None = None):
         self.rng = np.random.default_rng(seed)
+        self.max_hops = max_hops  # None: every task as it always was; 0/1/2: a curriculum stage's cap
         self.multi_questions = multi_questions  # some text samples ask about several people (dense supervision)
         self.colours = tuple(colours)
         weights = task_weights or TASK_WEIGHTS
@@ -160,8 +176,56 @@ class World:
             return self._grid_sample(grid, f"Describe row {r + 1}.", rows[r])
         return self._grid_sample(grid, self._pick(("Describe the grid.", "Describe the image.")), " ".join(rows))
 
+    def _hops(self, probs) -> int:
+        probs = np.array(probs, dtype=float)
+        if self.max_hops is not None:
+            probs[self.max_hops + 1:] = 0
+            if probs.sum() == 0:  # e.g. the one-word move task at max_hops 0: its easiest level
+                probs[min(self.max_hops, len(probs) - 1)] = 1
+        return int(self.rng.choice(len(probs), p=probs / probs.sum()))
+
+    def _walk_setup(self, hops: int, from_colour_p: float = 0.75):
+        """A grid, a start cell (a uniquely coloured one with probability ``from_colour_p`` where the grid
+        has one) and ``hops`` moves that stay on the grid, never undoing the previous one."""
+        for _ in range(100):
+            grid = self.grid()
+            n_rows, n_cols = len(grid), len(grid[0])
+            unique = self._unique_cells(grid)
+            from_colour = bool(unique) and self.rng.random() < from_colour_p
+            start = unique[self._pick(sorted(unique))] if from_colour else \
+                (int(self.rng.integers(n_rows)), int(self.rng.integers(n_cols)))
+            moves = []
+            for _ in range(hops):
+                options = [m for m in MOVES if (not moves or OPPOSITE[m] != moves[-1])
+                           and 0 <= walk(start, moves + [m])[-1][0] < n_rows
+                           and 0 <= walk(start, moves + [m])[-1][1] < n_cols]
+                if not options:
+                    break
+                moves.append(self._pick(options))
+            if len(moves) == hops:
+                break
+        return grid, start, moves, from_colour
+
+    def _move_short(self, hops: int | None = None):
+        """A 1- or 2-hop move answered in one word: no trace, the reasoning has to happen inside."""
+        hops = self._hops(SHORT_HOPS) if hops is None else hops
+        grid, start, moves, from_colour = self._walk_setup(hops, from_colour_p=0.85)
+        cells = walk(start, moves)
+        answer = grid[cells[-1][0]][cells[-1][1]]
+        place = f"the {grid[start[0]][start[1]]} cell" if from_colour else f"row {start[0] + 1}, column {start[1] + 1}"
+        if hops == 0:
+            question = f"What colour is {place}?"
+        elif hops == 1 and self.rng.random() < 0.7:
+            question = f"What colour is the cell {RELATION[moves[0]]} {place}?"
+        else:
+            question = f"Start at {place}, move {', then '.join(moves)}. What colour is that cell?"
+        return self._grid_sample(grid, question + ONE_WORD, f"{answer}.")
+
     def _move(self):
-        hops = int(self.rng.choice(4, p=[0.1, 0.4, 0.35, 0.15]))
+        if self.max_hops is None:
+            hops = int(self.rng.choice(4, p=list(MOVE_HOPS)))
+        else:
+            hops = self._hops(MOVE_HOPS)
         for _ in range(100):
             grid = self.grid()
             n_rows, n_cols = len(grid), len(grid[0])
@@ -216,7 +280,7 @@ class World:
         people = [NAMES[i] for i in self.rng.permutation(len(NAMES))[:n]]
         colours = [self.colours[i] for i in self.rng.permutation(len(self.colours))[:n]]
         asked = int(self.rng.integers(n))
-        if self.rng.random() < 0.5:
+        if self.rng.random() < 0.5 or self.max_hops is not None and self.max_hops < 2:
             thing = self._pick(THINGS)
             facts = [f"{p}'s {thing} is {c}." for p, c in zip(people, colours)]
             asked_all = [asked] + ([int(i) for i in self.rng.permutation(n) if i != asked][:int(self.rng.integers(1, 4))]
@@ -234,10 +298,33 @@ class World:
         facts = [facts[i] for i in self.rng.permutation(len(facts))]
         return {"grid": None, "image": None, "prompt": " ".join(facts) + " " + question, "answer": answer}
 
+    def _text_short(self, hops: int | None = None):
+        """One text question, 1 hop (a person's thing) or 2 (the thing a person has), answered in one word."""
+        hops = self._hops((0.0, 0.5, 0.5)) if hops is None else hops
+        n = int(self.rng.integers(2, 9))
+        people = [NAMES[i] for i in self.rng.permutation(len(NAMES))[:n]]
+        colours = [self.colours[i] for i in self.rng.permutation(len(self.colours))[:n]]
+        asked = int(self.rng.integers(n))
+        if hops <= 1:
+            thing = self._pick(THINGS)
+            facts = [f"{p}'s {thing} is {c}." for p, c in zip(people, colours)]
+            question = self._pick(("Q: What colour is {p}'s {t}?", "Q: Which colour is {p}'s {t}?"))
+            question = question.format(p=people[asked], t=thing)
+        else:
+            things = [THINGS[i] for i in self.rng.permutation(len(THINGS))[:n]]
+            facts = [f"{p} has the {t}." for p, t in zip(people, things)]
+            facts += [f"The {t} is {c}." for t, c in zip(things, colours)]
+            question = self._pick(("Q: What colour is the thing {p} has?", "Q: Which colour is the thing {p} has?"))
+            question = question.format(p=people[asked])
+        facts = [facts[i] for i in self.rng.permutation(len(facts))]
+        return {"grid": None, "image": None, "prompt": " ".join(facts) + " " + question + ONE_WORD,
+                "answer": f"{colours[asked]}."}
 
-def corpus_text(n: int, seed: int = 0, task_weights: dict | None = None, multi_questions: bool = True) -> list[str]:
+
+def corpus_text(n: int, seed: int = 0, task_weights: dict | None = None, multi_questions: bool = True,
+                max_hops: int | None = None) -> list[str]:
     """``n`` world samples as plain text (prompt + answer), for training a tokenizer."""
-    world = World(seed, task_weights=task_weights, multi_questions=multi_questions)
+    world = World(seed, task_weights=task_weights, multi_questions=multi_questions, max_hops=max_hops)
     return [f"{s['prompt']} {s['answer']}" for s in (world.sample() for _ in range(n))]
 
 
@@ -245,14 +332,27 @@ def corpus_text(n: int, seed: int = 0, task_weights: dict | None = None, multi_q
 # ---------------------------------------------------------------------------------------- evaluation
 
 EVAL_KINDS = ("position_3x3", "position_any", "move1_trace", "move2_trace", "count", "text")
+# Kinds added for tiny-reasoner (issue 15), measured with ``evaluate_backbone(model, kinds=REASONER_EVAL_KINDS)``:
+# locate (right = the reply names the right position), one-word answers to 1- and 2-hop grid moves and text.
+NEW_EVAL_KINDS = ("locate", "move1_short", "move2_short", "text1_short", "text2_short")
+ALL_EVAL_KINDS = EVAL_KINDS + NEW_EVAL_KINDS  # the index of a kind seeds its stream: append only
+REASONER_EVAL_KINDS = ("position_any", "locate", "move1_trace", "move2_trace", "move1_short", "move2_short",
+                       "text", "text1_short", "text2_short")
 
 
 def eval_questions(kind: str, n: int, seed: int = 1_000_003) -> list[dict]:
     """``n`` held-out questions of one kind (a seed stream training never uses), with the answer colour
     (or count) that a correct reply must end with."""
-    world = World(seed=[seed, EVAL_KINDS.index(kind)], multi_questions=False)
+    world = World(seed=[seed, ALL_EVAL_KINDS.index(kind)], multi_questions=False)
     out = []
     while len(out) < n:
+        if kind in NEW_EVAL_KINDS:
+            hops = 2 if kind.startswith(("move2", "text2")) else 1
+            s = world._locate() if kind == "locate" else \
+                world._move_short(hops) if kind.startswith("move") else world._text_short(hops)
+            s["final"] = s["answer"].rstrip(".").split(" is at ")[-1] if kind == "locate" else last_word(s["answer"])
+            out.append(s)
+            continue
         if kind in ("position_3x3", "position_any"):
             grid = world.grid(3, 3) if kind == "position_3x3" else world.grid()
             r, c = int(world.rng.integers(len(grid))), int(world.rng.integers(len(grid[0])))
@@ -279,7 +379,7 @@ def evaluate_backbone(model, n: int = 100, kinds=EVAL_KINDS, max_new_tokens: int
     for kind in kinds:
         questions = eval_questions(kind, n)
         replies = generate_replies(model, questions, max_new_tokens, batch_size)
-        finals = [last_word(r) for r in replies]
+        finals = [_final(kind, r) for r in replies]
         result[f"{kind}_answer"] = sum(f == q["final"] for f, q in zip(finals, questions)) / n
         result[f"{kind}_exact"] = sum(r.strip() == q["answer"] for r, q in zip(replies, questions)) / n
         result["examples"][kind] = [(q["prompt"], r, q["answer"]) for q, r in zip(questions[:3], replies[:3])]
@@ -291,6 +391,13 @@ def generate_replies(model, samples, max_new_tokens: int = 64, batch_size: int =
     items = [{"text": s["prompt"]} if s["image"] is None else {"image": s["image"], "text": s["prompt"]}
              for s in samples]
     return model.generate_traces(items, max_new_tokens=max_new_tokens, batch_size=batch_size)
+
+
+def _final(kind: str, reply: str) -> str:
+    """What a reply answers: its last word, or for ``locate`` the position it ends with ("row 1 column 2")."""
+    if kind == "locate":
+        return " ".join(reply.strip().rstrip(".").split()[-4:])
+    return last_word(reply)
 
 
 def last_word(text: str) -> str:
