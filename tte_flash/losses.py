@@ -1,4 +1,4 @@
-"""Training losses (DESIGN.md §5): InfoNCE over ranks and the COT token NLL.
+"""Training losses (DESIGN.md §5): InfoNCE over ranks, the COT token NLL and explicit-to-latent distillation.
 
 ``L = L_contrastive + cot_weight * L_cot``. Both are written so that a data-parallel run on W ranks,
 with gradients averaged by DDP, gives the loss and gradients of one process on the global batch:
@@ -82,6 +82,42 @@ def info_nce(queries: torch.Tensor, targets: torch.Tensor, positive_index: torch
     uniform = torch.isfinite(logits).sum(-1).float().log().mean().detach()
     return loss_sum * size / n_global, {"contrastive_loss": (loss_sum / q.shape[0]).detach(),
                                         "contrastive_accuracy": accuracy, "uniform_loss": uniform}
+
+
+DISTILL_KINDS = ("cosine", "kl")
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str = "cosine",
+                      targets: torch.Tensor | None = None, temperature: float = 0.02) -> tuple[torch.Tensor, dict]:
+    """Pull the latent embeddings ``student`` (n, d) toward ``teacher`` (n, d), the same model's embeddings
+    of query + explicit trace (explicit-to-latent self-distillation, as CODI, arXiv 2502.21074, does
+    for a language model's hidden state). The teacher gets no gradient (it is detached here).
+
+    ``kind="cosine"``: mean over queries of ``1 - cos(student_i, teacher_i)``.
+    ``kind="kl"``: mean over queries of ``KL(p_teacher || p_student)``, where ``p`` is the softmax of the
+    normalised query's scores against ``targets`` (m, d; gathered over ranks) at ``temperature``: the student
+    learns the teacher's in-batch ranking rather than its vector. Scaled for DDP averaging like
+    :func:`info_nce`; the stats hold the unscaled mean.
+    """
+    if kind not in DISTILL_KINDS:
+        raise ValueError(f"distillation kind must be one of {DISTILL_KINDS}, got {kind!r}")
+    if student.shape != teacher.shape:
+        raise ValueError(f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} embeddings differ in shape")
+    size = world()[1]
+    s = F.normalize(student.float(), dim=-1)
+    t = F.normalize(teacher.detach().float(), dim=-1)
+    if kind == "cosine":
+        per_query = 1.0 - (s * t).sum(-1)
+    else:
+        if targets is None:
+            raise ValueError("distillation kind 'kl' needs the targets the queries are ranked against")
+        all_t = gather_with_grad(F.normalize(targets.float(), dim=-1))
+        log_p_student = F.log_softmax(s @ all_t.T / temperature, dim=-1)
+        log_p_teacher = F.log_softmax(t @ all_t.detach().T / temperature, dim=-1)
+        per_query = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(-1)
+    n_global = all_reduce_sum(torch.tensor(float(s.shape[0]), device=s.device))
+    total = per_query.sum()
+    return total * size / n_global.clamp(min=1), {"distill_loss": (total / max(s.shape[0], 1)).detach()}
 
 
 def cot_nll(nll_sum: torch.Tensor, correct: torch.Tensor, n_local: int, n_global: torch.Tensor | None = None):

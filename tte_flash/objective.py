@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .losses import all_reduce_sum, cot_nll, info_nce
+from .losses import all_reduce_sum, cot_nll, distillation_loss, info_nce
 
 
 @dataclass
@@ -41,20 +41,39 @@ class RngState:
 
 @dataclass
 class Objective:
+    """``InfoNCE + cot_weight * COT NLL``, and with a teacher in the batch (``TrainBatch.teacher_queries``:
+    each query with its explicit trace, K=0) ``+ teacher_weight * InfoNCE(teacher) + distill_weight *
+    distillation(latent <emb>, teacher <emb> without gradient)``: explicit-to-latent self-distillation."""
     temperature: float = 0.02
     cot_weight: float = 1.0
     mask_duplicate_targets: bool = True
+    distill_weight: float = 0.0
+    distill_kind: str = "cosine"
+    teacher_weight: float = 1.0
 
     def loss(self, model, train_batch) -> tuple[torch.Tensor, dict]:
         """Loss (scaled for DDP averaging) and logging stats of one plain step."""
         batch, positive, keys, n_queries = train_batch.pack()
         out = model(tte_batch=batch)
-        contrastive, stats = info_nce(out.embeddings[:n_queries], out.embeddings[n_queries:], positive,
-                                      keys if self.mask_duplicate_targets else None, self.temperature)
+        n_teachers = n_queries if train_batch.teacher_queries is not None else 0
+        targets = out.embeddings[n_queries + n_teachers:]
+        keys = keys if self.mask_duplicate_targets else None
+        loss, stats = info_nce(out.embeddings[:n_queries], targets, positive, keys, self.temperature)
+        if n_teachers:
+            teacher = out.embeddings[n_queries:n_queries + n_teachers]
+            if self.teacher_weight > 0:
+                teacher_loss, teacher_stats = info_nce(teacher, targets, positive, keys, self.temperature)
+                loss = loss + self.teacher_weight * teacher_loss
+                stats["teacher_contrastive_loss"] = teacher_stats["contrastive_loss"]
+                stats["teacher_contrastive_accuracy"] = teacher_stats["contrastive_accuracy"]
+            if self.distill_weight > 0:
+                distill, distill_stats = distillation_loss(out.embeddings[:n_queries], teacher, self.distill_kind,
+                                                           targets, self.temperature)
+                loss, stats = loss + self.distill_weight * distill, {**stats, **distill_stats}
         if self.cot_weight <= 0:
-            return contrastive, stats
+            return loss, stats
         cot, cot_stats = self._cot(out, batch)
-        return contrastive + self.cot_weight * cot, {**stats, **cot_stats}
+        return loss + self.cot_weight * cot, {**stats, **cot_stats}
 
     def _cot(self, out, batch, n_global=None):
         if out.cot_nll_sum is None:  # no COT token in this batch (or chunk)
@@ -69,6 +88,9 @@ class Objective:
         ``accelerator.backward``); ``no_sync()`` is a context for all chunks but the last (DDP).
         ``scale`` multiplies what is backpropagated (gradient accumulation).
         """
+        if train_batch.teacher_queries is not None:
+            raise ValueError("explicit-to-latent distillation (--distill_weight) is not available with --grad_cache yet: "
+                             "turn one of them off")
         backward = backward or (lambda tensor: tensor.backward())
         chunks = [range(i, min(i + chunk_size, len(train_batch))) for i in range(0, len(train_batch), chunk_size)]
         packs = [train_batch.pack(c) for c in chunks]

@@ -29,7 +29,7 @@ import torch
 import yaml
 from transformers import HfArgumentParser, Trainer, TrainingArguments
 
-from .collator import TrainCollator
+from .collator import TrainCollator, curriculum_stage, with_trace
 from .data import TRAIN_COLUMNS, load_rows, train_example
 from .modeling import TTEFlashModel, available_presets
 from .objective import Objective
@@ -80,10 +80,23 @@ class DataArguments:
     query_with_trace: bool = field(default=False, metadata={
         "help": "append each row's qry_cot to its query (the embedder of the explicit 'Think Then Embed' "
                 "pipeline, evaluated with --mode explicit-cot --reasoner BACKBONE); implies no COT loss"})
+    distill_weight: float = field(default=0.0, metadata={
+        "help": "explicit-to-latent self-distillation: the same model embeds query + qry_cot at K=0 (the teacher, "
+                "trained by InfoNCE too) and the latent <emb> is pulled toward it (no gradient to the teacher) with "
+                "this weight; 0 turns it off"})
+    distill_kind: str = field(default="cosine", metadata={
+        "help": "cosine: 1 - cos(latent, teacher); kl: KL between the teacher's and the latent's in-batch score "
+                "distributions", "choices": ["cosine", "kl"]})
+    teacher_weight: float = field(default=1.0, metadata={
+        "help": "weight of the teacher's own InfoNCE when --distill_weight > 0 (0: the teacher is not trained)"})
+    curriculum_steps: list[int] = field(default_factory=list, metadata={
+        "help": "explicit-to-latent curriculum: optimizer steps at which the next stage starts; before the first, "
+                "queries carry their whole qry_cot; stage i of n drops the first i/n of its steps (sentences); "
+                "from the last boundary on, none (the plain latent batch). E.g. --curriculum_steps 60 120 180"})
 
 
 class RowDataset(torch.utils.data.Dataset):
-    def __init__(self, paths, image_root, query_with_trace: bool = False):
+    def __init__(self, paths, image_root, query_with_trace: bool = False, needs_trace: bool = False):
         if not paths:
             raise ValueError("no training data: pass --train_data FILE [FILE ...] (JSONL or Parquet)")
         self.rows = [row for path in paths for row in load_rows(path, TRAIN_COLUMNS)]
@@ -91,6 +104,9 @@ class RowDataset(torch.utils.data.Dataset):
         first = train_example(self.rows[0], image_root)  # fail early on a bad first row / missing image root
         if query_with_trace and first["cot"] is None:
             raise ValueError("--query_with_trace needs a qry_cot trace in every row; the first row has none")
+        if needs_trace and first["cot"] is None:
+            raise ValueError("--distill_weight and --curriculum_steps need a qry_cot trace in every row; the first "
+                             "row has none")
 
     def __len__(self):
         return len(self.rows)
@@ -98,7 +114,7 @@ class RowDataset(torch.utils.data.Dataset):
     def __getitem__(self, index):
         example = train_example(self.rows[index], self.image_root)
         if self.query_with_trace:  # the trace follows the query text directly, as a generated one does
-            example["query"] = {**example["query"], "text": (example["query"].get("text") or "") + (example["cot"] or "")}
+            example["query"] = with_trace(example["query"], example["cot"])
             example["cot"] = None
         return {**example, "index": index}
 
@@ -134,8 +150,10 @@ class TTETrainer(Trainer):
     """Trainer whose loss is InfoNCE + cot_weight * COT NLL on one packed forward per batch."""
 
     def __init__(self, *args, objective: Objective, grad_cache_chunk_size: int | None = None,
-                 think_warmup_steps: int = 0, think_warmup_accuracy: float | None = None, **kwargs):
+                 think_warmup_steps: int = 0, think_warmup_accuracy: float | None = None,
+                 curriculum_steps=(), **kwargs):
         super().__init__(*args, **kwargs)
+        self.curriculum_steps = list(curriculum_steps)
         self.objective, self.grad_cache_chunk_size = objective, grad_cache_chunk_size
         self.think_warmup_steps, self.think_warmup_accuracy = think_warmup_steps, think_warmup_accuracy
         self.think_from_step = None if think_warmup_accuracy is not None else think_warmup_steps
@@ -151,6 +169,8 @@ class TTETrainer(Trainer):
                                          if "think_tokens_from_step" in e), None)
         if batch.think_tokens and (self.think_from_step is None or self.state.global_step < self.think_from_step):
             batch = replace(batch, think_tokens=0)
+        if self.curriculum_steps:  # the step counter survives a resume, so the stage does too
+            batch = batch.at_stage(curriculum_stage(self.state.global_step, self.curriculum_steps))
         return batch
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -270,6 +290,16 @@ def parse_args(argv=None):
         raise ValueError(f"--think_warmup_steps must be >= 0, got {data_args.think_warmup_steps}")
     if data_args.think_warmup_accuracy is not None and not 0 < data_args.think_warmup_accuracy <= 1:
         raise ValueError(f"--think_warmup_accuracy must be in (0, 1], got {data_args.think_warmup_accuracy}")
+    for name in ("distill_weight", "teacher_weight"):
+        value = getattr(data_args, name)
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"--{name} must be a finite number >= 0, got {value}")
+    steps = data_args.curriculum_steps
+    if any(b <= 0 for b in steps) or any(b >= a for b, a in zip(steps, steps[1:])):
+        raise ValueError(f"--curriculum_steps must be positive and strictly increasing, got {steps}")
+    if data_args.query_with_trace and (steps or data_args.distill_weight > 0):
+        raise ValueError("--query_with_trace (the explicit embedder) cannot be combined with --distill_weight or "
+                         "--curriculum_steps (latent training that reads the traces itself)")
     return model_args, data_args, training_args
 
 
@@ -290,19 +320,24 @@ def main(argv=None):
         resolve_backend(model.config.attn_backend, torch.device(device_type)) == "triton"
     collator = TrainCollator(processor, think_budgets=data_args.think_tokens, use_cot=data_args.cot_weight > 0,
                              max_cot_tokens=data_args.max_cot_tokens, hard_negatives=data_args.hard_negatives,
-                             packed=packed, seed=training_args.seed)
-    dataset = RowDataset(data_args.train_data, data_args.image_root, data_args.query_with_trace)
+                             packed=packed, seed=training_args.seed, teacher=data_args.distill_weight > 0,
+                             curriculum_stages=len(data_args.curriculum_steps))
+    dataset = RowDataset(data_args.train_data, data_args.image_root, data_args.query_with_trace,
+                         needs_trace=data_args.distill_weight > 0 or bool(data_args.curriculum_steps))
     if model_args.liger_kernels:
         apply_liger_kernels(model, device_type)
     if model_args.lora:
         model = apply_lora(model, model_args)
     objective = Objective(temperature=temperature, cot_weight=data_args.cot_weight,
-                          mask_duplicate_targets=data_args.mask_duplicate_targets)
+                          mask_duplicate_targets=data_args.mask_duplicate_targets,
+                          distill_weight=data_args.distill_weight, distill_kind=data_args.distill_kind,
+                          teacher_weight=data_args.teacher_weight)
     trainer = TTETrainer(model=model, args=training_args, train_dataset=dataset, data_collator=collator,
                          objective=objective,
                          grad_cache_chunk_size=data_args.grad_cache_chunk_size if data_args.grad_cache else None,
                          think_warmup_steps=data_args.think_warmup_steps,
-                         think_warmup_accuracy=data_args.think_warmup_accuracy)
+                         think_warmup_accuracy=data_args.think_warmup_accuracy,
+                         curriculum_steps=data_args.curriculum_steps)
     gate = "" if data_args.think_warmup_accuracy is None else \
         f" and until the in-batch accuracy reaches {data_args.think_warmup_accuracy}"
     logger.info("training %s on %d rows; think budgets %s (K=0 for the first %d steps%s); cot_weight %s; %s batches; "
@@ -316,7 +351,8 @@ def main(argv=None):
     if trainer.is_world_process_zero():
         final.save_pretrained(training_args.output_dir)
         summary = {"model": model_args.model, "train_data": data_args.train_data, "think_budgets": data_args.think_tokens,
-                   "cot_weight": data_args.cot_weight, "train_rows": len(dataset), **result.metrics,
+                   "cot_weight": data_args.cot_weight, "distill_weight": data_args.distill_weight,
+                   "distill_kind": data_args.distill_kind, "curriculum_steps": data_args.curriculum_steps, "train_rows": len(dataset), **result.metrics,
                    "log_history": trainer.state.log_history}
         Path(training_args.output_dir, "train_summary.json").write_text(json.dumps(summary, indent=2))
         logger.info("saved the trained model to %s", training_args.output_dir)
