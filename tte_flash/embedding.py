@@ -172,7 +172,7 @@ class EmbeddingMixin:
             records = [append_text(r, t[:max(n, 0)]) for r, t, n in zip(records, traces, room)]
         embeddings = self.tte_forward(self._collate(records, think_tokens, packed=packed)).embeddings.float().cpu()
         # a NaN/inf embedding is an error naming the inputs, never a vector that ranks (one isfinite per batch)
-        return check_finite(embeddings, f"embeddings (think_tokens={think_tokens}, mode={mode})",
+        return check_finite(embeddings, f"embeddings of a batch (think_tokens={think_tokens}, mode={mode})",
                             names=[index for index, _ in batch], label="input")
 
     @staticmethod

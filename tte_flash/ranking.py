@@ -66,7 +66,11 @@ def check_finite(values, what: str = "scores", names=None, label: str = "row", p
         found = [kind for kind, hit in (("NaN", torch.isnan(r).any()), ("+inf", torch.isposinf(r).any()),
                                         ("-inf", torch.isneginf(r).any())) if hit]
         return "/".join(found)
-    shown = ", ".join(f"{label} {names[i]}: {kinds(i)}" for i in bad_rows[:SHOWN])
+    try:  # listed by name (input indices come in batch order)
+        listed = sorted(bad_rows, key=lambda i: names[i])
+    except TypeError:
+        listed = bad_rows
+    shown = ", ".join(f"{label} {names[i]}: {kinds(i)}" for i in listed[:SHOWN])
     more = f", and {len(bad_rows) - SHOWN} more" if len(bad_rows) > SHOWN else ""
     note = (" (-inf is only padding: after a row's last candidate, never the positive in column 0)"
             if padding and bool(torch.isneginf(rows[bad]).any()) else "")
