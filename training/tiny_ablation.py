@@ -34,7 +34,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 SETTINGS = {"k0": {"think_tokens": 0, "cot_weight": 0.0}, "k16": {"think_tokens": 16, "cot_weight": 0.0},
             "k16_cot": {"think_tokens": 16, "cot_weight": 1.0},
-            "explicit": {"think_tokens": 0, "cot_weight": 0.0, "query_with_trace": True}}
+            "explicit": {"think_tokens": 0, "cot_weight": 0.0, "query_with_trace": True},
+            # the levers of issue 15 that make <emb> use the reasoning (training/README.md)
+            "k16_cot_noq": {"think_tokens": 16, "cot_weight": 1.0, "extra": ["--cot_sees_query", "false"]},
+            "k16_distill": {"think_tokens": 16, "cot_weight": 1.0, "extra": ["--distill_weight", "1"]},
+            "k16_distill_kl": {"think_tokens": 16, "cot_weight": 1.0,
+                               "extra": ["--distill_weight", "1", "--distill_kind", "kl"]},
+            "k16_curriculum": {"think_tokens": 16, "cot_weight": 1.0, "curriculum": (0.25, 0.5, 0.75)},
+            "k16_distill_curriculum": {"think_tokens": 16, "cot_weight": 1.0, "extra": ["--distill_weight", "1"],
+                                       "curriculum": (0.25, 0.5, 0.75)},
+            "k0_distill": {"think_tokens": 0, "cot_weight": 0.0, "extra": ["--distill_weight", "1"]}}
 
 
 def run(name, seed, args):
@@ -47,6 +56,9 @@ def run(name, seed, args):
            "--think_tokens", str(setting["think_tokens"]), "--cot_weight", str(setting["cot_weight"]),
            "--save_strategy", "no", "--disable_tqdm", "true", "--logging_steps", "20"]
     cmd += ["--query_with_trace", "true"] if setting.get("query_with_trace") else []
+    cmd += setting.get("extra", [])
+    if setting.get("curriculum"):  # stage boundaries as fractions of the run
+        cmd += ["--curriculum_steps", *(str(max(1, round(f * args.steps))) for f in setting["curriculum"])]
     cmd += args.train_args
     start = time.perf_counter()
     if not (run_dir / "train_summary.json").is_file():  # finished runs are reused

@@ -11,8 +11,12 @@ Arguments are Hugging Face dataclasses (``--output_dir`` and ``--output-dir`` bo
 """
 import sys
 
-from tte_flash.training import main
+from tte_flash.training import NonFiniteTrainingError, main
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (NonFiniteTrainingError, ValueError, FileNotFoundError) as error:  # a clear message, not a traceback
+        print(f"train.py: error: {error}", file=sys.stderr)
+        sys.exit(2)
     sys.exit(0)

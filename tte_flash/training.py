@@ -89,6 +89,10 @@ class DataArguments:
                 "distributions", "choices": ["cosine", "kl"]})
     teacher_weight: float = field(default=1.0, metadata={
         "help": "weight of the teacher's own InfoNCE when --distill_weight > 0 (0: the teacher is not trained)"})
+    on_nonfinite: str = field(default="stop", metadata={
+        "help": "a non-finite (NaN/inf) loss or gradient: stop (an error before anything more is saved) or skip "
+                "(that optimizer step makes no update; a warning, and `nonfinite_steps_skipped` in the log)",
+        "choices": ["stop", "skip"]})
     curriculum_steps: list[int] = field(default_factory=list, metadata={
         "help": "explicit-to-latent curriculum: optimizer steps at which the next stage starts; before the first, "
                 "queries carry their whole qry_cot; stage i of n drops the first i/n of its steps (sentences); "
@@ -146,14 +150,32 @@ class CollapseMonitor:
                 "rate, an easier curriculum first; check with training/embedding_spread.py.")
 
 
+class NonFiniteTrainingError(FloatingPointError):
+    """Training produced a NaN/inf loss, gradient or weight; the run stopped before saving it."""
+
+
+def check_finite_state(state_dict, where: str) -> None:
+    """Raise :class:`NonFiniteTrainingError` naming the tensors of ``state_dict`` that hold NaN/inf."""
+    bad = [name for name, tensor in state_dict.items()
+           if torch.is_tensor(tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+    if bad:
+        raise NonFiniteTrainingError(
+            f"refusing to save {where}: {len(bad)} of {len(state_dict)} tensors hold NaN or inf (first: "
+            f"{', '.join(bad[:5])}). The run diverged; lower --learning_rate, check --cot_weight/--temperature, "
+            "or resume from an earlier checkpoint.")
+
+
 class TTETrainer(Trainer):
     """Trainer whose loss is InfoNCE + cot_weight * COT NLL on one packed forward per batch."""
 
     def __init__(self, *args, objective: Objective, grad_cache_chunk_size: int | None = None,
                  think_warmup_steps: int = 0, think_warmup_accuracy: float | None = None,
-                 curriculum_steps=(), **kwargs):
+                 curriculum_steps=(), on_nonfinite: str = "stop", **kwargs):
         super().__init__(*args, **kwargs)
         self.curriculum_steps = list(curriculum_steps)
+        if on_nonfinite not in ("stop", "skip"):
+            raise ValueError(f"on_nonfinite must be 'stop' or 'skip', got {on_nonfinite!r}")
+        self.on_nonfinite, self.nonfinite_skipped = on_nonfinite, 0
         self.objective, self.grad_cache_chunk_size = objective, grad_cache_chunk_size
         self.think_warmup_steps, self.think_warmup_accuracy = think_warmup_steps, think_warmup_accuracy
         self.think_from_step = None if think_warmup_accuracy is not None else think_warmup_steps
@@ -175,8 +197,33 @@ class TTETrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, stats = self.objective.loss(model, self._train_batch(inputs))
+        self._check_loss(loss, stats)
         self._record(stats)
         return (loss, stats) if return_outputs else loss
+
+    def _check_loss(self, loss, stats):
+        if self.on_nonfinite == "stop" and not bool(torch.isfinite(loss.detach()).all()):
+            parts = ", ".join(f"{k} {float(v):.4g}" for k, v in stats.items() if k.endswith("_loss"))
+            raise NonFiniteTrainingError(
+                f"non-finite loss {float(loss.detach()):.4g} at step {self.state.global_step + 1} ({parts}); stopped before "
+                "the update, nothing more is saved. Lower --learning_rate, check --cot_weight/--temperature and the "
+                "data, or pass --on_nonfinite skip to skip such steps.")
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        """The Trainer's gradient norm, checked: a non-finite one stops the run or skips the update."""
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        if grad_norm is not None and not math.isfinite(float(grad_norm)):
+            step = self.state.global_step + 1
+            if self.on_nonfinite == "stop":
+                raise NonFiniteTrainingError(
+                    f"non-finite gradient norm ({float(grad_norm)}) at step {step}; stopped before the update, "
+                    "nothing more is saved. Lower --learning_rate or pass --on_nonfinite skip to skip such steps.")
+            for parameter in model.parameters():  # the optimizer skips parameters without a gradient
+                parameter.grad = None
+            self.nonfinite_skipped += 1
+            logger.warning("non-finite gradient norm at step %d: the update is skipped (%d so far)", step,
+                           self.nonfinite_skipped)
+        return grad_norm
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         if not self.grad_cache_chunk_size:
@@ -193,6 +240,8 @@ class TTETrainer(Trainer):
     def _save(self, output_dir=None, state_dict=None):
         # Trainer's resume loads a checkpoint's state dict as is: keep the model's own key names there.
         model = self.accelerator.unwrap_model(self.model)
+        check_finite_state(state_dict if state_dict is not None else model.state_dict(),
+                           f"the checkpoint {output_dir or self.args.output_dir}")
         model._save_original_format = False
         try:
             super()._save(output_dir, state_dict)
@@ -209,6 +258,8 @@ class TTETrainer(Trainer):
             if values:
                 logs[name] = round(sum(values) / len(values), 4)
         self._tte_logs = {}
+        if self.nonfinite_skipped:
+            logs["nonfinite_steps_skipped"] = float(self.nonfinite_skipped)
         if self.think_from_step is None and self.state.global_step >= self.think_warmup_steps \
                 and logs.get("contrastive_accuracy", 0.0) >= self.think_warmup_accuracy:
             self.think_from_step = self.state.global_step  # the next batches use the think budgets
@@ -290,7 +341,11 @@ def parse_args(argv=None):
         raise ValueError(f"--think_warmup_steps must be >= 0, got {data_args.think_warmup_steps}")
     if data_args.think_warmup_accuracy is not None and not 0 < data_args.think_warmup_accuracy <= 1:
         raise ValueError(f"--think_warmup_accuracy must be in (0, 1], got {data_args.think_warmup_accuracy}")
-    for name in ("distill_weight", "teacher_weight"):
+    if data_args.temperature is not None and not (math.isfinite(data_args.temperature) and data_args.temperature > 0):
+        raise ValueError(f"--temperature must be a finite number > 0, got {data_args.temperature}")
+    if not math.isfinite(training_args.learning_rate) or training_args.learning_rate < 0:
+        raise ValueError(f"--learning_rate must be a finite number >= 0, got {training_args.learning_rate}")
+    for name in ("cot_weight", "distill_weight", "teacher_weight"):
         value = getattr(data_args, name)
         if not math.isfinite(value) or value < 0:
             raise ValueError(f"--{name} must be a finite number >= 0, got {value}")
@@ -312,7 +367,7 @@ def main(argv=None):
     if model_args.freeze_vision:
         model.model.visual.requires_grad_(False)
     processor = model.processor
-    temperature = data_args.temperature or model.config.contrastive_temperature
+    temperature = data_args.temperature if data_args.temperature is not None else model.config.contrastive_temperature
     model.config.contrastive_temperature = temperature
     device_type = "cuda" if torch.cuda.is_available() and not training_args.use_cpu else "cpu"
     from .attention import resolve_backend
@@ -337,7 +392,7 @@ def main(argv=None):
                          grad_cache_chunk_size=data_args.grad_cache_chunk_size if data_args.grad_cache else None,
                          think_warmup_steps=data_args.think_warmup_steps,
                          think_warmup_accuracy=data_args.think_warmup_accuracy,
-                         curriculum_steps=data_args.curriculum_steps)
+                         curriculum_steps=data_args.curriculum_steps, on_nonfinite=data_args.on_nonfinite)
     gate = "" if data_args.think_warmup_accuracy is None else \
         f" and until the in-batch accuracy reaches {data_args.think_warmup_accuracy}"
     logger.info("training %s on %d rows; think budgets %s (K=0 for the first %d steps%s); cot_weight %s; %s batches; "
@@ -349,6 +404,7 @@ def main(argv=None):
     if model_args.lora:
         final = final.merge_and_unload()
     if trainer.is_world_process_zero():
+        check_finite_state(final.state_dict(), f"the trained model to {training_args.output_dir}")
         final.save_pretrained(training_args.output_dir)
         summary = {"model": model_args.model, "train_data": data_args.train_data, "think_budgets": data_args.think_tokens,
                    "cot_weight": data_args.cot_weight, "distill_weight": data_args.distill_weight,
