@@ -1,7 +1,12 @@
 """TTE-Flash: reasoning-aware multimodal embeddings with latent think tokens and fused Triton attention."""
 from setuptools import setup
 
-TRAIN = ["accelerate>=1.0", "peft>=0.15", "pyyaml", "pyarrow"]
+# Parquet input files: pyarrow reads evaluation/training/MMEB-V2 Parquet (tte_flash.data), datasets streams
+# `tte-flash encode --input_file x.parquet` (tte_flash.cli)
+PARQUET = ["pyarrow", "datasets"]
+TRAIN = ["accelerate>=1.0", "peft>=0.15", "pyyaml", *PARQUET]
+# encode_query / encode_document / prompts of the sentence-transformers module need sentence-transformers 5
+ST = "sentence-transformers>=5"
 
 setup(
     name="tte-flash",
@@ -21,7 +26,7 @@ setup(
         # the fused kernel; Linux only (no wheels elsewhere): other platforms use the reference attention
         "triton>=3.2; platform_system == 'Linux'",
         "safetensors",
-        "einops",
+        "tokenizers",  # imported directly (tte_flash.tokenization); also a dependency of transformers
         "pillow",
         "numpy",
         "tqdm",
@@ -30,20 +35,23 @@ setup(
     extras_require={
         # training/ (Trainer, LoRA, YAML recipes, Parquet data)
         "train": TRAIN,
-        # benchmarks/ plots
+        "parquet": PARQUET,
+        # benchmarks/ plots (and tte_flash.explain's figures)
         "benchmarks": ["matplotlib", "scipy"],
-        # tests: everything the test suite exercises
         # ecosystem integrations (tte_flash.integrations)
-        "sentence-transformers": ["sentence-transformers>=4"],
+        "sentence-transformers": [ST],
+        # mteb's own image/video extras (torchvision, torchcodec) are not needed to load this model
         "mteb": ["mteb>=2"],
+        # tests: everything the test suite exercises;
         # scikit-learn: the NDCG cross-check of tte_flash.mmeb's metrics (pytrec_eval, when installed, too)
-        "dev": ["pytest", "hypothesis", *TRAIN, "matplotlib", "scipy", "scikit-learn", "sentence-transformers>=4",
+        "dev": ["pytest", "hypothesis", *TRAIN, "matplotlib", "scipy", "scikit-learn", ST,
                 "mteb>=2"],
         # Liger-Kernel's fused linear cross-entropy for the COT loss on CUDA (tte_flash.losses)
         "liger": ["liger-kernel"],
         "flash": ["flash-attn"],
         # video files: PyAV (seeks to the sampled frames); torchcodec is used instead when it is installed
         "video": ["av"],
+        "torchcodec": ["torchcodec"],
     },
     entry_points={"console_scripts": ["tte-flash = tte_flash.cli:main"]},
 )

@@ -102,3 +102,93 @@ def test_pytest_collects_from_the_root():
     done = _run(["-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "tests/test_mask.py"])
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "error" not in done.stdout.lower()
+
+
+# ------------------------------------------------------------------------------ declared dependencies
+
+# import name -> distribution name, where they differ
+IMPORT_TO_DIST = {"PIL": "pillow", "yaml": "pyyaml", "sklearn": "scikit-learn", "liger_kernel": "liger-kernel",
+                  "sentence_transformers": "sentence-transformers", "huggingface_hub": "huggingface-hub",
+                  "flash_attn": "flash-attn"}
+# modules that are themselves optional: their top-level imports may come from their extra
+OPTIONAL_MODULES = {"tte_flash/training.py": "train", "tte_flash/integrations/mteb.py": "mteb"}
+
+
+def _setup_kwargs():
+    """install_requires and extras_require as setup.py computes them (setup() replaced by a recorder)."""
+    import types
+    from unittest import mock
+    recorded = {}
+    stub = types.ModuleType("setuptools")
+    stub.setup = lambda **kwargs: recorded.update(kwargs)
+    source = (ROOT / "setup.py").read_text(encoding="utf-8")
+    cwd = os.getcwd()
+    with mock.patch.dict(sys.modules, {"setuptools": stub}):
+        try:
+            os.chdir(ROOT)  # setup.py reads README.md relative to the root
+            exec(compile(source, str(ROOT / "setup.py"), "exec"), {"__name__": "__main__"})
+        finally:
+            os.chdir(cwd)
+    return recorded["install_requires"], recorded["extras_require"]
+
+
+def _dist(requirement: str) -> str:
+    import re
+    name = re.match(r"\s*([A-Za-z0-9._-]+)", requirement).group(1)
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _third_party_imports():
+    """{(file, import name, lazy)} for every third-party import in tte_flash/ and kernels/; lazy: inside a
+    function, a try or an if (an optional import), else at module level."""
+    import ast
+    found = set()
+    for path in sorted([*(ROOT / "tte_flash").rglob("*.py"), *(ROOT / "kernels").glob("*.py")]):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        guarded = {id(node) for block in ast.walk(tree)
+                   if isinstance(block, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Try, ast.If))
+                   for node in ast.walk(block) if node is not block}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                top = name.split(".")[0]
+                if top in sys.stdlib_module_names or top in ("tte_flash", "__future__"):
+                    continue
+                found.add((path.relative_to(ROOT).as_posix(), top, id(node) in guarded))
+    return found
+
+
+def test_every_import_is_declared_and_every_requirement_imported():
+    """What tte_flash/ and kernels/ import is declared where it is needed (setup.py): module-level imports of
+    the core in install_requires, those of an optional module (training, the mteb integration) in its extra,
+    lazy ones (inside a function, try or if) in install_requires or some extra; and install_requires holds
+    nothing that is never imported."""
+    install_requires, extras = _setup_kwargs()
+    core = {_dist(r) for r in install_requires}
+    extra_dists = {name: {_dist(r) for r in requirements} for name, requirements in extras.items()}
+    anywhere = core.union(*extra_dists.values())
+    imports = _third_party_imports()
+    assert imports, "no imports found: the scan is broken"
+    undeclared = []
+    for file, top, lazy in sorted(imports):
+        dist = _dist(IMPORT_TO_DIST.get(top, top))
+        if lazy:
+            ok = dist in anywhere
+        elif file in OPTIONAL_MODULES:
+            ok = dist in core or dist in extra_dists[OPTIONAL_MODULES[file]]
+        else:
+            ok = dist in core
+        if not ok:
+            undeclared.append(f"{file}: {top} ({'lazy: in an extra' if lazy else 'module level'}) -> {dist}")
+    assert not undeclared, "imported but not declared in setup.py:\n" + "\n".join(undeclared)
+    imported = {_dist(IMPORT_TO_DIST.get(top, top)) for _, top, _ in imports}
+    assert not core - imported, f"install_requires never imported by tte_flash/ or kernels/: {sorted(core - imported)}"
+    for name in ("train", "parquet", "dev"):  # Parquet files: pyarrow (tte_flash.data), datasets (tte_flash.cli)
+        assert {"pyarrow", "datasets"} <= extra_dists[name], name
+    st = [r for r in extras["sentence-transformers"] if _dist(r) == "sentence-transformers"]
+    assert st and all(">=5" in r.replace(" ", "") for r in st), st  # encode_query/encode_document: ST 5
