@@ -207,3 +207,17 @@ def test_levers_need_traces(tmp_path):
     data = make_data(tmp_path / "data", n=8)  # row 0 has no trace
     with pytest.raises(ValueError, match="qry_cot"):
         train_main(args(data, tmp_path / "run", "--max_steps", "1", "--distill_weight", "1"))
+
+
+def test_think_warmup_gate_counts_the_teachers_accuracy(tmp_path):
+    """With distillation the latent queries cannot rank well at K=0 on a reasoning task; the teacher (the
+    same embedder reading query + trace) shows that the embedder has left the collapsed start."""
+    data = _traced_data(tmp_path / "data", n=8)
+    trainer = train_main(args(data, tmp_path / "run", "--max_steps", "1", "--save_strategy", "no",
+                              "--distill_weight", "1"))
+    trainer.think_from_step, trainer.think_warmup_steps, trainer.think_warmup_accuracy = None, 0, 0.5
+    trainer.log({"contrastive_accuracy": 0.1, "teacher_contrastive_accuracy": 0.4})
+    assert trainer.think_from_step is None
+    trainer.log({"contrastive_accuracy": 0.1, "teacher_contrastive_accuracy": 0.9})
+    assert trainer.think_from_step == trainer.state.global_step
+    assert trainer.state.log_history[-1]["think_tokens_from_step"] == trainer.state.global_step

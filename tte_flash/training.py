@@ -76,7 +76,8 @@ class DataArguments:
                 "between a pretrained backbone's query and <emb> can collapse the embedder at the start"})
     think_warmup_accuracy: float | None = field(default=None, metadata={
         "help": "and after those steps, stay at K=0 until a logged in-batch contrastive accuracy reaches this "
-                "(e.g. 0.5): the think tokens start once the embedder has left the collapsed start"})
+                "(e.g. 0.5): the think tokens start once the embedder has left the collapsed start (with "
+                "--distill_weight, the teacher's accuracy counts too: at K=0 the latent queries cannot reason)"})
     query_with_trace: bool = field(default=False, metadata={
         "help": "append each row's qry_cot to its query (the embedder of the explicit 'Think Then Embed' "
                 "pipeline, evaluated with --mode explicit-cot --reasoner BACKBONE); implies no COT loss"})
@@ -260,13 +261,16 @@ class TTETrainer(Trainer):
         self._tte_logs = {}
         if self.nonfinite_skipped:
             logs["nonfinite_steps_skipped"] = float(self.nonfinite_skipped)
+        # the embedder has left the collapsed start when it ranks well: the latent queries', or with
+        # distillation the teacher's (the same embedder reading query + trace; at K=0 the latent one cannot)
+        accuracy = max(logs.get("contrastive_accuracy", 0.0), logs.get("teacher_contrastive_accuracy", 0.0))
         if self.think_from_step is None and self.state.global_step >= self.think_warmup_steps \
-                and logs.get("contrastive_accuracy", 0.0) >= self.think_warmup_accuracy:
+                and accuracy >= self.think_warmup_accuracy:
             self.think_from_step = self.state.global_step  # the next batches use the think budgets
             logs["think_tokens_from_step"] = float(self.think_from_step)
             if self.is_world_process_zero():
                 logger.info("in-batch contrastive accuracy %.3f >= %.3f at step %d: think tokens on from here",
-                            logs["contrastive_accuracy"], self.think_warmup_accuracy, self.state.global_step)
+                            accuracy, self.think_warmup_accuracy, self.state.global_step)
         if "contrastive_loss" in logs and "uniform_loss" in logs:
             warning = self.collapse_monitor.update(logs["contrastive_loss"], logs["uniform_loss"])
             if warning and self.is_world_process_zero():
