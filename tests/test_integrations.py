@@ -128,15 +128,19 @@ def test_sentence_transformers_matches_native(checkpoint):
     model, ckpt, inputs = checkpoint
     st = SentenceTransformer(str(ckpt), trust_remote_code=True, device="cpu")
     assert st.get_embedding_dimension() == model.config.text_config.hidden_size
+    unit = {"normalize_embeddings": True}  # as the native API (config.normalize_embeddings); ST's default is raw
     cases = {
-        "query K=16": (model.encode_query(inputs), st.encode_query(inputs)),
-        "query K=4": (model.encode_query(inputs, think_tokens=4), st.encode_query(inputs, think_tokens=4)),
-        "query by prompt_name": (model.encode_query(inputs), st.encode(inputs, prompt_name="query", batch_size=3)),
-        "document": (model.encode_document(inputs), st.encode_document(inputs)),
-        "document by prompt_name": (model.encode_document(inputs), st.encode(inputs, prompt_name="document")),
-        "plain encode": (model.encode(inputs), st.encode(inputs)),
+        "query K=16": (model.encode_query(inputs), st.encode_query(inputs, **unit)),
+        "query K=4": (model.encode_query(inputs, think_tokens=4), st.encode_query(inputs, think_tokens=4, **unit)),
+        "query by prompt_name": (model.encode_query(inputs), st.encode(inputs, prompt_name="query", batch_size=3,
+                                                                       **unit)),
+        "document": (model.encode_document(inputs), st.encode_document(inputs, **unit)),
+        "document by prompt_name": (model.encode_document(inputs), st.encode(inputs, prompt_name="document", **unit)),
+        "plain encode": (model.encode(inputs), st.encode(inputs, **unit)),
         "prompt as instruction": (model.encode_query(inputs, instruction="Find the picture"),
-                                  st.encode_query(inputs, prompt="Find the picture")),
+                                  st.encode_query(inputs, prompt="Find the picture", **unit)),
+        "raw (normalize_embeddings=False)": (model.encode_query(inputs, normalize_embeddings=False),
+                                             st.encode_query(inputs)),
     }
     for name, (native, via_st) in cases.items():
         np.testing.assert_allclose(via_st, native, atol=1e-5, err_msg=name)
@@ -152,11 +156,79 @@ def test_sentence_transformers_in_memory_and_resave(checkpoint, tmp_path):
     from tte_flash.integrations.sentence_transformers import save_for_sentence_transformers, to_sentence_transformer
     model, _, inputs = checkpoint
     st = to_sentence_transformer(model)
-    np.testing.assert_allclose(st.encode_query(inputs), model.encode_query(inputs), atol=1e-5)
+    np.testing.assert_allclose(st.encode_query(inputs, normalize_embeddings=True), model.encode_query(inputs),
+                               atol=1e-5)
     save_for_sentence_transformers(model, tmp_path / "st")
     reloaded = SentenceTransformer(str(tmp_path / "st"), trust_remote_code=True, device="cpu")
-    np.testing.assert_allclose(reloaded.encode_document(inputs), model.encode_document(inputs), atol=1e-5)
+    np.testing.assert_allclose(reloaded.encode_document(inputs, normalize_embeddings=True),
+                               model.encode_document(inputs), atol=1e-5)
 
+
+def test_sentence_transformers_surface_as_st_users_expect(checkpoint, tmp_path):
+    """max_seq_length get/set (truncates text like sentence-transformers, saved and reloaded), chat messages
+    (the "message" modality it lists), normalize_embeddings honoured, output_value='token_embeddings' a clear
+    error, a NaN embedding an error naming the rows."""
+    pytest.importorskip("sentence_transformers")
+    import copy
+    import warnings
+    from sentence_transformers import SentenceTransformer
+    from tte_flash.integrations.sentence_transformers import to_sentence_transformer
+    from tte_flash.ranking import NonFiniteScoresError
+    model, ckpt, inputs = checkpoint
+    st = SentenceTransformer(str(ckpt), trust_remote_code=True, device="cpu")
+    texts = ["a cat on a mat beside a dog under a table in the kitchen", "short"]
+    # normalize_embeddings: raw by default (sentence-transformers' default), unit when asked
+    raw, unit = st.encode_document(texts), st.encode_document(texts, normalize_embeddings=True)
+    assert np.abs(np.linalg.norm(raw, axis=1) - 1).max() > 1e-2
+    np.testing.assert_allclose(np.linalg.norm(unit, axis=1), 1, atol=1e-5)
+    np.testing.assert_allclose(raw, model.encode_document(texts, normalize_embeddings=False), atol=1e-5)
+    # max_seq_length: the processor's limit by default; 8 cuts the text to its first 8 tokens, silently
+    assert st.max_seq_length == model.processor.max_query_tokens
+    st.max_seq_length = 8
+    assert st.max_seq_length == 8
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cut = st.encode_query(texts, normalize_embeddings=True)
+    first8 = model.processor.tokenizer(texts[0], add_special_tokens=False).input_ids[:8]
+    assert len(model.processor.tokenizer(texts[0], add_special_tokens=False).input_ids) > 8
+    np.testing.assert_allclose(cut, model.encode_query([model.processor.tokenizer.decode(first8), texts[1]]),
+                               atol=1e-5)
+    with pytest.warns(UserWarning, match="truncated"):  # the native API warns; ST's max_seq_length is silent
+        native_cut = model.encode_query(texts, max_length=8 + model.config.default_think_tokens + 1)
+    np.testing.assert_allclose(cut, native_cut, atol=1e-5)
+    assert np.abs(cut[0] - model.encode_query(texts[:1])[0]).max() > 1e-3
+    st.save(str(tmp_path / "st8"))
+    assert SentenceTransformer(str(tmp_path / "st8"), trust_remote_code=True, device="cpu").max_seq_length == 8
+    st.max_seq_length = None
+    assert st.max_seq_length == model.processor.max_query_tokens
+    with pytest.raises(ValueError, match="max_seq_length"):
+        st.max_seq_length = 0
+    # output_value: None gives per-input dicts; token embeddings do not exist
+    with pytest.raises(ValueError, match="token_embeddings"):
+        st.encode(texts, output_value="token_embeddings")
+    rows = st.encode(texts, output_value=None)
+    np.testing.assert_allclose(torch.stack([r["sentence_embedding"] for r in rows]).numpy(), raw, atol=1e-5)
+    # chat messages ("message" is in st.modalities): system -> instruction, text and image parts
+    assert "message" in st.modalities
+    image = inputs[1]
+    parts = [{"type": "image", "image": image}, {"type": "text", "text": "what is shown?"}]
+    messages = [[{"role": "user", "content": "short"}],  # a list of conversations (a list of messages each)
+                [{"role": "system", "content": "Find the picture"}, {"role": "user", "content": parts}]]
+    np.testing.assert_allclose(st.encode_query(messages, normalize_embeddings=True), np.stack([
+        model.encode_query("short"), model.encode_query({"text": "what is shown?", "image": image},
+                                                        instruction="Find the picture")]), atol=1e-5)
+    mixed = ["a cat on a mat", image, {"text": "what is shown?", "image": image},
+             {"role": "user", "content": [{"type": "text", "text": "short"}]}]
+    np.testing.assert_allclose(st.encode_document(mixed, normalize_embeddings=True),
+                               model.encode_document(inputs[:3] + ["short"]), atol=1e-5)
+    with pytest.raises(ValueError, match="more than one image"):
+        st.encode([{"role": "user", "content": [{"type": "image", "image": image}, {"type": "image", "image": image}]}])
+    # NaN weights: an error naming the rows, never a vector
+    broken = copy.deepcopy(model)
+    with torch.no_grad():
+        broken.model.language_model.norm.weight[0] = float("nan")
+    with pytest.raises(NonFiniteScoresError, match="sentence-transformers embeddings"):
+        to_sentence_transformer(broken).encode_document(texts)
 
 def _batch(rows):
     return {key: [row.get(key) for row in rows] for key in ("text", "image", "video")}
@@ -210,7 +282,7 @@ def test_sentence_transformers_multi_process_pool(checkpoint):
     texts = ["a cat on a mat", "short", "what is shown?", "a red square"]
     pool = st.start_multi_process_pool(["cpu", "cpu"])
     try:
-        pooled = st.encode_document(texts, pool=pool, batch_size=2)
+        pooled = st.encode_document(texts, pool=pool, batch_size=2, normalize_embeddings=True)
     finally:
         st.stop_multi_process_pool(pool)
     np.testing.assert_allclose(pooled, model.encode_document(texts), atol=1e-5)
@@ -297,9 +369,10 @@ def test_mteb_sentence_transformers_route_is_image_capable(checkpoint):
     assert set(st_calls) == set(native_calls) == {("MockAny2AnyRetrievalT2I", "query"),
                                                   ("MockAny2AnyRetrievalT2I", "document"),
                                                   ("MockImageClassification", "None")}
-    for key in native_calls:
-        np.testing.assert_allclose(np.concatenate(st_calls[key]), np.concatenate(native_calls[key]), atol=1e-5,
-                                   err_msg=str(key))
+    for key in native_calls:  # the ST route gives raw vectors (cosine scores: the same), the native one unit ones
+        via = np.concatenate(st_calls[key])
+        np.testing.assert_allclose(via / np.linalg.norm(via, axis=1, keepdims=True), np.concatenate(native_calls[key]),
+                                   atol=1e-5, err_msg=str(key))
     # the Hub route: mteb reads the modalities of an unregistered model from sentence_bert_config.json
     files = {name: _json.loads((ckpt / name).read_text()) for name in
              ("config_sentence_transformers.json", "sentence_bert_config.json", "modules.json", "config.json")}

@@ -24,11 +24,13 @@ PROMPTS = {"query": QUERY_PROMPT, "document": DOCUMENT_PROMPT}
 ST_MODULE_FILE = "tte_flash_integrations_sentence_transformers"  # flat name written by remote_code
 ST_MODULE_CLASS = "TTEFlashST"
 ST_MODULE_CONFIG = "sentence_bert_config.json"
-MODALITIES = ("text", "image", "video", "message")  # as TTEFlashST.modalities
+MODALITIES = ("text", "image", "video", "message")  # as TTEFlashST.modalities ("message": chat messages)
 
 
-def write_sentence_transformers_files(save_directory: str | os.PathLike) -> list[str]:
-    """Write ``modules.json``, ``config_sentence_transformers.json`` and ``sentence_bert_config.json``."""
+def write_sentence_transformers_files(save_directory: str | os.PathLike,
+                                      max_seq_length: int | None = None) -> list[str]:
+    """Write ``modules.json``, ``config_sentence_transformers.json`` and ``sentence_bert_config.json``
+    (with ``max_seq_length`` when one is given: ``TTEFlashST.max_seq_length`` set by the user)."""
     save_directory = Path(save_directory)
     files = {
         "modules.json": [{"idx": 0, "name": "0", "path": "", "type": f"{ST_MODULE_FILE}.{ST_MODULE_CLASS}"}],
@@ -44,6 +46,8 @@ def write_sentence_transformers_files(save_directory: str | os.PathLike) -> list
         ST_MODULE_CONFIG: {"modality_config": {
             modality: {"method": "forward", "method_output_name": "sentence_embedding"} for modality in MODALITIES}},
     }
+    if max_seq_length is not None:
+        files[ST_MODULE_CONFIG]["max_seq_length"] = max_seq_length
     for name, content in files.items():
         (save_directory / name).write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
     return list(files)
