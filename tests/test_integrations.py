@@ -324,9 +324,14 @@ def test_mteb_get_model_loads_a_registered_checkpoint(checkpoint, monkeypatch):
     assert meta.languages == ["eng-Latn"] and set(meta.modalities) == {"text", "image", "video"}
     assert "arXiv:2510.05014" in meta.citation and "arXiv:2507.04590" in meta.citation
     assert meta.training_datasets is None  # not recorded: unknown, not "zero-shot"
-    # mteb requires its image/video extras (torchvision, torchcodec) for such a model; this machine has
-    # neither and the tiny tasks below need neither, so only that check is skipped
-    monkeypatch.setattr(ModelMeta, "_missing_dependencies", staticmethod(lambda groups: []))
+    # mteb asks for its image/video extras (torchvision, torchcodec) before loading a model with those
+    # modalities; this one needs neither: with every extra made to look absent, get_model still loads it
+    monkeypatch.setattr(ModelMeta, "_missing_dependencies", staticmethod(lambda groups: [f"<{g}>" for g in groups]))
+    plain = ModelMeta(**{**dict(meta), "name": "org/plain-mteb-meta"})  # mteb's own class: it would refuse
+    with pytest.raises(ImportError, match="<image>, <video>"):
+        plain.load_model()
+    with pytest.raises(ImportError, match="<image>"):  # an extra the model itself names is still checked
+        meta.model_copy(update={"extra_requirements_groups": ["image"]}).load_model()
     with pytest.raises(TypeError, match="unknown options \\['think_token'\\]"):
         mteb.get_model(meta.name, think_token=4)  # a misspelt option is not silently ignored
     assert meta.max_tokens == model.processor.max_query_tokens  # the limit the processor truncates at

@@ -11,7 +11,15 @@ mteb resolves a name through its registry (``mteb.models.model_implementations.M
 built from the ``ModelMeta`` objects shipped with mteb); a name it does not know is read from the Hub
 as a sentence-transformers model (``ModelMeta.from_hub``). :func:`register` adds this model's
 ``ModelMeta`` (``loader=TTEFlashMTEB``, license, languages, parameters, modalities, citation) to that
-registry for the running process: there is no public registration API in mteb 2.26.
+registry for the running process: there is no public registration API in mteb 2.26 (and its CLI
+neither loads a local folder nor a plugin), so ``mteb run`` does not see a registered model.
+
+mteb's extras: before loading a model, mteb checks that the extras of the modalities it declares are
+installed (``image``: torchvision, ``video``: torchcodec), for models that read pixels with them. This
+model needs neither (images are PIL, a tte-flash dependency; videos arrive as decoded frames, a torchcodec
+decoder duck-typed, tensors or PIL lists), so its ``ModelMeta`` (:class:`TTEFlashModelMeta`) checks only
+its own ``extra_requirements_groups``: ``mteb.get_model`` works on a plain ``pip install 'tte-flash[mteb]'``
+with CPU torch. Reading a video task's data still needs torchcodec (``datasets`` decodes with it).
 
 Each MTEB batch (a dict of columns) becomes one TTE-Flash input per row: ``text`` (or ``query``/
 ``title``+``body``), ``image``, ``video`` (torchcodec decoder, frame tensor, list of PIL images, or a
@@ -44,6 +52,15 @@ from ..card import CITATION, DEFAULT_LANGUAGES, DEFAULT_LICENSE, hub_id, paramet
 from ..configuration import TTEFlashConfig
 from ..modeling import TTEFlashModel
 from .st_files import DOCUMENT_PROMPT, PROMPTS, QUERY_PROMPT
+
+class TTEFlashModelMeta(ModelMeta):
+    """mteb's ``ModelMeta`` that does not require mteb's image/video extras (torchvision, torchcodec) to load
+    the model: TTE-Flash reads neither with them (module docstring). Explicit ``extra_requirements_groups``
+    are still checked."""
+
+    def _resolve_extras_groups(self) -> list[str]:
+        return list(self.extra_requirements_groups or [])
+
 
 DOCUMENT_TYPES = {PromptType.document} | ({PromptType.passage} if hasattr(PromptType, "passage") else set())
 MTEB_MODALITIES = ["text", "image", "video"]  # what mteb calls them; "message" is a sentence-transformers input form
@@ -204,8 +221,8 @@ def model_meta(source: str | None = None, revision: str | None = None, *, model:
         similarity_fn_name="cosine", use_instructions=True, training_datasets=training_datasets,
         adapted_from=base_model[0] if isinstance(base_model, list) else base_model,
         modalities=list(MTEB_MODALITIES), model_type=["dense"], citation=CITATION, **overrides)
-    accepted = set(getattr(ModelMeta, "model_fields", fields))
-    return ModelMeta(**{k: v for k, v in fields.items() if k in accepted})
+    accepted = set(getattr(TTEFlashModelMeta, "model_fields", fields))
+    return TTEFlashModelMeta(**{k: v for k, v in fields.items() if k in accepted})
 
 
 def register(source: str, revision: str | None = None, **kwargs) -> ModelMeta:
