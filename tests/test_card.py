@@ -25,8 +25,12 @@ def test_card_metadata_and_model_index(tiny_model, tmp_path):
     assert {"tte-flash", "multimodal-embedding"} <= set(data["tags"]) and data["license"] == "apache-2.0"
     results = card.data.eval_results
     assert len(results) == 4 and {r.metric_type for r in results} == {"hit@1", "ndcg@5"}
-    assert any(r.metric_value == 0.41 for r in results)
-    assert "| synthetic-grid | latent | 16 | hit@1 | 0.4100 | 0.1400 |" in card.text
+    assert any(r.metric_value == 41.0 for r in results)  # 0-100, as the MMEB leaderboard
+    assert {(r.dataset_type, r.dataset_name) for r in results} == {
+        ("local:synthetic-grid", "synthetic-grid (local data)")}
+    assert "| synthetic-grid | latent | 16 | hit@1 | 41.00 | 14.00 |" in card.text
+    assert "Local evaluation data, not Hub datasets: synthetic-grid" in card.text
+    assert "0-100 scale" in card.text
     assert CARD_MARKER in card.content
 
 
@@ -157,8 +161,9 @@ def test_full_card_validates_offline_and_reports_what_was_recorded(tiny_model, t
     assert "| cpu | K=16 | 4 | 12.5 | 14.0 |" in text  # the latency table
     assert "right answer for 12% of 40 evaluation queries" in text  # limitations from the probe, not fixed text
     citation = re.search(r"## Citation\n.*?```bibtex\n(.*?)```", text, re.S).group(1)
-    assert citation.count("@article{") == 2 and citation.count("{") == citation.count("}")
+    assert citation.count("@article{") == 3 and citation.count("{") == citation.count("}")
     assert "arXiv:2510.05014" in citation and "arXiv:2507.04590" in citation and "Think Then Embed" in citation
+    assert "arXiv:2605.16638" in citation and "TTE-Flash" in citation
     sections = re.findall(r"^## (.+)$", text, re.M)
     assert sections == ["Model details", "Think-token settings", "Usage", "Training", "Evaluation", "Latency",
                         "Limitations", "Citation"]
@@ -199,11 +204,34 @@ def test_sentence_transformers_snippet_of_the_card_runs(tiny_model, tmp_path):
     assert len(snippets) == 2 and "SentenceTransformer(" in snippets[1]
     namespace = {}
     exec(compile(snippets[1], "README.md", "exec"), namespace)  # noqa: S102 - the card's own snippet
-    np.testing.assert_allclose(namespace["d"], tiny_model.encode_document(["a red car", "a bus"]), atol=1e-5)
+    def unit(x):  # sentence-transformers returns raw vectors unless normalize_embeddings=True; cosine is the same
+        return x / np.linalg.norm(x, axis=-1, keepdims=True)
+    np.testing.assert_allclose(unit(namespace["d"]), tiny_model.encode_document(["a red car", "a bus"]), atol=1e-5)
     image = namespace["image"]
     native_q = tiny_model.encode_query([{"text": "Which vehicle is second-closest to the camera?", "image": image}])
-    np.testing.assert_allclose(namespace["q"], native_q, atol=1e-5)
+    np.testing.assert_allclose(unit(namespace["q"]), native_q, atol=1e-5)
     # without the sentence-transformers files there is no such snippet, and the Hub library is transformers
     path = write_model_card(tmp_path, tiny_model.config, sentence_transformers=False)
     card = ModelCard.load(path)
     assert "SentenceTransformer(" not in card.text and card.data.library_name == "transformers"
+
+
+def test_model_index_one_scale_and_hub_dataset_ids(tiny_model, tmp_path):
+    """Every model-index value on 0-100 (MMEB-V2's and evaluate's alike); dataset.type a Hub dataset id when
+    the data is one, else local:<name>, never a bare file stem; validate_card refuses a bare stem."""
+    from huggingface_hub import metadata_load
+    from tte_flash.card import build_model_card, validate_card
+    runs = {"runs": [{"dataset": "me/vqa-eval", "think_tokens": 16, "metrics": {"hit@1": 0.625}},
+                     {"dataset": "eval", "think_tokens": 16, "metrics": {"hit@1": 0.5}}]}
+    mmeb = {16: {"fingerprint": {"think_tokens": 16, "limit": None},
+                 "aggregate": {"overall": {"score": 0.5, "n": 78, "selected": 78, "of": 78}}}}
+    card = validate_card(build_model_card(tiny_model.config, eval_results=runs, mmeb_v2=mmeb))
+    results = {r.dataset_type: r.metric_value for r in card.data.eval_results}
+    assert results == {"me/vqa-eval": 62.5, "local:eval": 50.0, "TIGER-Lab/MMEB-V2": 50.0}
+    path = tmp_path / "README.md"
+    card.save(path)
+    types = [r["dataset"]["type"] for r in metadata_load(path)["model-index"][0]["results"]]
+    assert sorted(types) == ["TIGER-Lab/MMEB-V2", "local:eval", "me/vqa-eval"]
+    stem = path.read_text().replace("type: local:eval", "type: eval")
+    with pytest.raises(ValueError, match="dataset.type 'eval' is neither a Hub dataset id"):
+        validate_card(stem)
