@@ -28,8 +28,8 @@ Tile accounting (``--tile-counts``, pure CPU arithmetic on the layout, no kernel
 shape, the tiles the kernels visit, how many hold a visible pair, how many evaluate the per-element mask
 (partial) or run mask-free (full), visible pairs over computed pairs, and metadata loads per visited tile,
 for the previous scheme (each program scanned a contiguous key range from O(T) bounds and classified every
-tile from five scalar loads; partial tiles loaded seq ids and types per key) and the block table (one int32
-per tile; partial masks from interval bounds loaded once per program). Rows go to
+tile from five scalar loads; partial tiles loaded seq ids and types per key) and the block table (8 int32
+range bounds per program, none per tile; partial masks from interval bounds loaded once per program). Rows go to
 ``benchmarks/results/attention-tiles-cpu-<date>.json``.
 
     python benchmarks/attention.py                          # GPU: 4k, 8k, 16k tokens, both layouts
@@ -206,16 +206,16 @@ def _old_scheme_tiles(prepared, block_m, block_n, side):
 def tile_counts(layout: Layout, options: dict) -> list[dict]:
     """Tile counts of one layout for each shape in TILE_SHAPES, previous scheme and block table."""
     from tte_flash.kernels import prepare_layout
-    from tte_flash.kernels.block_table import tile_counts as table_counts
+    from tte_flash.kernels.block_table import tile_counts as table_counts, tile_pairs, tiles
     prepared = prepare_layout(layout.seq_ids.cpu(), layout.token_types.cpu(), **options)
     rows = []
     for kernel, block_m, block_n, side in TILE_SHAPES:
         table = prepared.block_table(block_m, block_n)
         key_blocks = -(-layout.tokens // block_n)
         # exact visible pairs of every non-empty tile (the table is checked against the dense mask in tests)
-        tile_ids = (torch.repeat_interleave(torch.arange(len(table.row_offsets) // 2), table.row_offsets[2::2].long()
-                                            - table.row_offsets[:-1:2].long()) * key_blocks + table.row_blocks.long())
-        pairs_of = dict(zip(tile_ids.tolist(), table.tile_pairs.tolist()))
+        table_rows, table_keys, _ = tiles(table)
+        pairs = tile_pairs(table_rows, table_keys, prepared.q_lo, prepared.q_hi, block_m, block_n)
+        pairs_of = dict(zip((table_rows * key_blocks + table_keys).tolist(), pairs.tolist()))
         row_block, key_block, masked = _old_scheme_tiles(prepared, block_m, block_n, side)
         old_pairs = torch.tensor([pairs_of.get(t, 0) for t in (row_block * key_blocks + key_block).tolist()])
         visited = int(masked.numel())
@@ -224,7 +224,7 @@ def tile_counts(layout: Layout, options: dict) -> list[dict]:
                    visible_over_computed=int(old_pairs.sum()) / (visited * block_m * block_n),
                    metadata_loads_per_tile=5 + 2 * int(masked.sum()) / visited)
         new = {k: v for k, v in table_counts(table).items() if k not in ("block_m", "block_n")}
-        new["metadata_loads_per_tile"] = 1.0
+        new["metadata_loads_per_tile"] = 0.0  # 8 range bounds per program, none per tile
         for scheme, counts in (("previous", old), ("block-table", new)):
             rows.append(dict(layout=layout.name, tokens=layout.tokens, samples=len(layout.samples), kernel=kernel,
                              block_m=block_m, block_n=block_n, program_owns=side, scheme=scheme, **counts, **options))

@@ -11,10 +11,16 @@ Algorithm
 Tiles to visit (FlexAttention's BlockMask idea)
     :func:`prepare_layout` checks the layout once per forward and keeps the mask as exact O(T) intervals
     (:func:`tte_flash.mask.mask_intervals`). Per block shape, a block table (:mod:`.block_table`, built
-    on first use and cached in the :class:`KernelLayout`, so shared by every layer and head) lists for
+    on first use and cached in the :class:`KernelLayout`, so shared by every layer and head) gives for
     each row block the key blocks holding a visible pair, partial ones apart from full ones, and the
-    same per key block. Each kernel runs two loops over its list, the masked one and the mask-free one
-    (``MASKED: tl.constexpr``); the only metadata read per tile is the block index (one int32).
+    same per key block, as 8 int32 range bounds per block (O(T / BLOCK) whatever the sample lengths).
+    Each kernel runs two loops, the masked one over the partial ranges and the mask-free one over the
+    full ranges (``MASKED: tl.constexpr``), each an outer loop over the ranges around an inner
+    ``for`` per range (:func:`_segments`): two scalar loads per range, no metadata load per tile.
+
+Devices
+    Every launch runs under ``torch.cuda.device(q.device)`` (:func:`_device_guard`), as FlashAttention-2
+    and FlexAttention launch: on the tensors' GPU and its current stream, whichever GPU is current.
 
 Per-element mask of a partial tile (FlashMask's bounds idea)
     Compared in registers against int32 bounds loaded once per program, never per tile: in the forward
@@ -39,12 +45,12 @@ Devices and block shapes
 
 Known limits
     The configs were chosen from compile statistics (registers, spills, shared memory), not timed on a
-    GPU: run ``benchmarks/attention.py`` on one before trusting the numbers. Building a block table
-    syncs with the host once (its size). No dropout, no attention bias, no KV cache; the LSE is returned
+    GPU: run ``benchmarks/attention.py`` on one before trusting the numbers. No dropout, no attention bias, no KV cache; the LSE is returned
     but not differentiable.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from typing import NamedTuple
@@ -77,35 +83,58 @@ def _rows_see(keys, row_lo, row_hi, gap_lo, gap_hi):
 
 
 @triton.jit
-def _fwd_tiles(acc, m_i, l_i, q, k_ptrs, v_ptrs, BLOCKS, start, end, offs_n, row_lo, row_hi, gap_lo, gap_hi,
-               d_ok, T, stride_kt, stride_vt, qk_scale, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+def _segments(MASKED: tl.constexpr, BY_ROW: tl.constexpr):
+    """Where a block's partial (``MASKED``) or full ranges sit in its 8 table bounds: ``count`` ranges, range
+    ``r`` is ``[b[first + stride * r], b[first + stride * r + 1])``, in increasing block order. A row block
+    (``BY_ROW``): partial b0-b1, b2-b3, b4-b5, b6-b7, full b1-b2, b5-b6; a key block (whose b2 .. b6 are
+    equal): partial b0-b1, b6-b7, full b1-b2."""
+    if BY_ROW:
+        if MASKED:
+            count, first, stride = 4, 0, 2
+        else:
+            count, first, stride = 2, 1, 4
+    else:
+        if MASKED:
+            count, first, stride = 2, 0, 6
+        else:
+            count, first, stride = 1, 1, 0
+    return count, first, stride
+
+
+@triton.jit
+def _fwd_tiles(acc, m_i, l_i, q, k_ptrs, v_ptrs, BOUNDS, offs_n, row_lo, row_hi, gap_lo, gap_hi, d_ok, T,
+               stride_kt, stride_vt, qk_scale, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
                DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Online-softmax update of one row block over the key blocks BLOCKS[start:end]."""
-    for i in range(start, end):
-        n0 = tl.load(BLOCKS + i) * BLOCK_N  # the one metadata load of the tile
-        keys = n0 + offs_n
-        if MASKED:
-            key_mask = (keys < T)[:, None] & d_ok[None, :]
-        else:  # a full tile lies inside [0, T)
-            key_mask = d_ok[None, :]
-        k = tl.load(k_ptrs + n0 * stride_kt, mask=key_mask, other=0.0).to(DOT_DTYPE)
-        v = tl.load(v_ptrs + n0 * stride_vt, mask=key_mask, other=0.0)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
-        if MASKED:
-            qk = tl.where(_rows_see(keys, row_lo, row_hi, gap_lo, gap_hi), qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
-        p = tl.exp2(qk - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        p = p.to(v_ptrs.dtype.element_ty).to(DOT_DTYPE)
-        acc = acc * alpha[:, None] + tl.dot(p, v.to(DOT_DTYPE), input_precision=DOT_PRECISION)
-        m_i = m_new
+    """Online-softmax update of one row block over its partial (``MASKED``) or full key blocks."""
+    count, first, stride = _segments(MASKED, True)
+    for seg in range(0, count):
+        start = tl.load(BOUNDS + first + stride * seg)  # two scalar loads per range, none per tile
+        end = tl.load(BOUNDS + first + stride * seg + 1)
+        for block in range(start, end):
+            n0 = block * BLOCK_N
+            keys = n0 + offs_n
+            if MASKED:
+                key_mask = (keys < T)[:, None] & d_ok[None, :]
+            else:  # a full tile lies inside [0, T)
+                key_mask = d_ok[None, :]
+            k = tl.load(k_ptrs + n0 * stride_kt, mask=key_mask, other=0.0).to(DOT_DTYPE)
+            v = tl.load(v_ptrs + n0 * stride_vt, mask=key_mask, other=0.0)
+            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
+            if MASKED:
+                qk = tl.where(_rows_see(keys, row_lo, row_hi, gap_lo, gap_hi), qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+            p = tl.exp2(qk - m_safe[:, None])
+            alpha = tl.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            p = p.to(v_ptrs.dtype.element_ty).to(DOT_DTYPE)
+            acc = acc * alpha[:, None] + tl.dot(p, v.to(DOT_DTYPE), input_precision=DOT_PRECISION)
+            m_i = m_new
     return acc, m_i, l_i
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, O, LSE, ROW_LO, ROW_HI, GAP_LO, GAP_HI, ROW_OFFSETS, ROW_BLOCKS,
+def _fwd_kernel(Q, K, V, O, LSE, ROW_LO, ROW_HI, GAP_LO, GAP_HI, ROW_BOUNDS,
                 stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
                 T, GROUP, qk_scale,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -127,21 +156,17 @@ def _fwd_kernel(Q, K, V, O, LSE, ROW_LO, ROW_HI, GAP_LO, GAP_HI, ROW_OFFSETS, RO
     row_hi = tl.load(ROW_HI + rows, mask=row_ok, other=0)
     gap_lo = tl.load(GAP_LO + rows, mask=row_ok, other=0)
     gap_hi = tl.load(GAP_HI + rows, mask=row_ok, other=0)
-    partial_start = tl.load(ROW_OFFSETS + 2 * row_block)
-    full_start = tl.load(ROW_OFFSETS + 2 * row_block + 1)
-    end = tl.load(ROW_OFFSETS + 2 * row_block + 2)
+    bounds = ROW_BOUNDS + 8 * row_block  # this row block's key-block ranges (kernels/block_table.py)
     k_ptrs = K + kv_head * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :]
     v_ptrs = V + kv_head * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :]
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC_DTYPE)
     l_i = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC_DTYPE)
-    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_ptrs, v_ptrs, ROW_BLOCKS, partial_start, full_start, offs_n,
-                               row_lo, row_hi, gap_lo, gap_hi, d_ok, T, stride_kt, stride_vt, qk_scale, BLOCK_N,
-                               True, DOT_DTYPE, DOT_PRECISION)
-    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_ptrs, v_ptrs, ROW_BLOCKS, full_start, end, offs_n,
-                               row_lo, row_hi, gap_lo, gap_hi, d_ok, T, stride_kt, stride_vt, qk_scale, BLOCK_N,
-                               False, DOT_DTYPE, DOT_PRECISION)
+    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_ptrs, v_ptrs, bounds, offs_n, row_lo, row_hi, gap_lo, gap_hi,
+                               d_ok, T, stride_kt, stride_vt, qk_scale, BLOCK_N, True, DOT_DTYPE, DOT_PRECISION)
+    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_ptrs, v_ptrs, bounds, offs_n, row_lo, row_hi, gap_lo, gap_hi,
+                               d_ok, T, stride_kt, stride_vt, qk_scale, BLOCK_N, False, DOT_DTYPE, DOT_PRECISION)
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # only padding rows (every real row sees itself)
     out = (acc / l_safe[:, None]).to(O.dtype.element_ty)
@@ -150,31 +175,35 @@ def _fwd_kernel(Q, K, V, O, LSE, ROW_LO, ROW_HI, GAP_LO, GAP_HI, ROW_OFFSETS, RO
 
 
 @triton.jit
-def _dq_tiles(dq, q, do, lse, delta, k_ptrs, v_ptrs, BLOCKS, start, end, offs_n, row_lo, row_hi, gap_lo, gap_hi,
-              d_ok, T, stride_kt, stride_vt, qk_scale, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-              DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """dQ of one row block accumulated over the key blocks BLOCKS[start:end]."""
-    for i in range(start, end):
-        n0 = tl.load(BLOCKS + i) * BLOCK_N
-        keys = n0 + offs_n
-        if MASKED:
-            key_mask = (keys < T)[:, None] & d_ok[None, :]
-        else:
-            key_mask = d_ok[None, :]
-        k = tl.load(k_ptrs + n0 * stride_kt, mask=key_mask, other=0.0).to(DOT_DTYPE)
-        v = tl.load(v_ptrs + n0 * stride_vt, mask=key_mask, other=0.0).to(DOT_DTYPE)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        p = tl.exp2(qk - lse[:, None])
-        if MASKED:
-            p = tl.where(_rows_see(keys, row_lo, row_hi, gap_lo, gap_hi), p, 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k_ptrs.dtype.element_ty).to(DOT_DTYPE), k, input_precision=DOT_PRECISION)
+def _dq_tiles(dq, q, do, lse, delta, k_ptrs, v_ptrs, BOUNDS, offs_n, row_lo, row_hi, gap_lo, gap_hi, d_ok, T,
+              stride_kt, stride_vt, qk_scale, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, DOT_DTYPE: tl.constexpr,
+              DOT_PRECISION: tl.constexpr):
+    """dQ of one row block accumulated over its partial (``MASKED``) or full key blocks."""
+    count, first, stride = _segments(MASKED, True)
+    for seg in range(0, count):
+        start = tl.load(BOUNDS + first + stride * seg)  # two scalar loads per range, none per tile
+        end = tl.load(BOUNDS + first + stride * seg + 1)
+        for block in range(start, end):
+            n0 = block * BLOCK_N
+            keys = n0 + offs_n
+            if MASKED:
+                key_mask = (keys < T)[:, None] & d_ok[None, :]
+            else:
+                key_mask = d_ok[None, :]
+            k = tl.load(k_ptrs + n0 * stride_kt, mask=key_mask, other=0.0).to(DOT_DTYPE)
+            v = tl.load(v_ptrs + n0 * stride_vt, mask=key_mask, other=0.0).to(DOT_DTYPE)
+            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+            p = tl.exp2(qk - lse[:, None])
+            if MASKED:
+                p = tl.where(_rows_see(keys, row_lo, row_hi, gap_lo, gap_hi), p, 0.0)
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(k_ptrs.dtype.element_ty).to(DOT_DTYPE), k, input_precision=DOT_PRECISION)
     return dq
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, ROW_LO, ROW_HI, GAP_LO, GAP_HI, ROW_OFFSETS, ROW_BLOCKS,
+def _bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, ROW_LO, ROW_HI, GAP_LO, GAP_HI, ROW_BOUNDS,
                    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
                    stride_dot, stride_doh, stride_dqt, stride_dqh,
                    T, GROUP, qk_scale, sm_scale,
@@ -203,57 +232,57 @@ def _bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, ROW_LO, ROW_HI, GAP_LO, GAP_H
     row_hi = tl.load(ROW_HI + rows, mask=row_ok, other=0)
     gap_lo = tl.load(GAP_LO + rows, mask=row_ok, other=0)
     gap_hi = tl.load(GAP_HI + rows, mask=row_ok, other=0)
-    partial_start = tl.load(ROW_OFFSETS + 2 * row_block)
-    full_start = tl.load(ROW_OFFSETS + 2 * row_block + 1)
-    end = tl.load(ROW_OFFSETS + 2 * row_block + 2)
+    bounds = ROW_BOUNDS + 8 * row_block  # this row block's key-block ranges (kernels/block_table.py)
     k_ptrs = K + kv_head * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :]
     v_ptrs = V + kv_head * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :]
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC_DTYPE)
-    dq = _dq_tiles(dq, q, do, lse, delta, k_ptrs, v_ptrs, ROW_BLOCKS, partial_start, full_start, offs_n, row_lo,
-                   row_hi, gap_lo, gap_hi, d_ok, T, stride_kt, stride_vt, qk_scale, BLOCK_N, True, DOT_DTYPE,
-                   DOT_PRECISION)
-    dq = _dq_tiles(dq, q, do, lse, delta, k_ptrs, v_ptrs, ROW_BLOCKS, full_start, end, offs_n, row_lo,
-                   row_hi, gap_lo, gap_hi, d_ok, T, stride_kt, stride_vt, qk_scale, BLOCK_N, False, DOT_DTYPE,
-                   DOT_PRECISION)
+    dq = _dq_tiles(dq, q, do, lse, delta, k_ptrs, v_ptrs, bounds, offs_n, row_lo, row_hi, gap_lo, gap_hi, d_ok, T,
+                   stride_kt, stride_vt, qk_scale, BLOCK_N, True, DOT_DTYPE, DOT_PRECISION)
+    dq = _dq_tiles(dq, q, do, lse, delta, k_ptrs, v_ptrs, bounds, offs_n, row_lo, row_hi, gap_lo, gap_hi, d_ok, T,
+                   stride_kt, stride_vt, qk_scale, BLOCK_N, False, DOT_DTYPE, DOT_PRECISION)
     dq *= sm_scale
     tl.store(DQ + head * stride_dqh + rows[:, None] * stride_dqt + offs_d[None, :], dq.to(DQ.dtype.element_ty),
              mask=row_mask)
 
 
 @triton.jit
-def _dkdv_tiles(dk, dv, k, v, q_ptrs, do_ptrs, LSE_HEAD, DELTA_HEAD, BLOCKS, start, end, offs_m, col_lo, col_hi,
-                d_ok, T, stride_qt, stride_dot, qk_scale, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
+def _dkdv_tiles(dk, dv, k, v, q_ptrs, do_ptrs, LSE_HEAD, DELTA_HEAD, BOUNDS, offs_m, col_lo, col_hi, d_ok, T,
+                stride_qt, stride_dot, qk_scale, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
                 DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """dK/dV of one key block accumulated over one query head's row blocks BLOCKS[start:end]."""
-    for i in range(start, end):
-        m0 = tl.load(BLOCKS + i) * BLOCK_M
-        rows = m0 + offs_m
-        if MASKED:
-            row_ok = rows < T
-            row_mask = row_ok[:, None] & d_ok[None, :]
-            lse = tl.load(LSE_HEAD + rows, mask=row_ok, other=0.0)
-            delta = tl.load(DELTA_HEAD + rows, mask=row_ok, other=0.0)
-        else:  # a full tile lies inside [0, T)
-            row_mask = d_ok[None, :]
-            lse = tl.load(LSE_HEAD + rows)
-            delta = tl.load(DELTA_HEAD + rows)
-        q = tl.load(q_ptrs + m0 * stride_qt, mask=row_mask, other=0.0).to(DOT_DTYPE)
-        do = tl.load(do_ptrs + m0 * stride_dot, mask=row_mask, other=0.0).to(DOT_DTYPE)
-        qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
-        p_t = tl.exp2(qk_t - lse[None, :])
-        if MASKED:
-            r = rows[None, :]
-            p_t = tl.where((r >= col_lo[:, None]) & (r < col_hi[:, None]), p_t, 0.0)
-        dv += tl.dot(p_t.to(do_ptrs.dtype.element_ty).to(DOT_DTYPE), do, input_precision=DOT_PRECISION)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk += tl.dot(ds_t.to(q_ptrs.dtype.element_ty).to(DOT_DTYPE), q, input_precision=DOT_PRECISION)
+    """dK/dV of one key block accumulated over one query head's partial (``MASKED``) or full row blocks."""
+    count, first, stride = _segments(MASKED, False)
+    for seg in range(0, count):
+        start = tl.load(BOUNDS + first + stride * seg)  # two scalar loads per range, none per tile
+        end = tl.load(BOUNDS + first + stride * seg + 1)
+        for block in range(start, end):
+            m0 = block * BLOCK_M
+            rows = m0 + offs_m
+            if MASKED:
+                row_ok = rows < T
+                row_mask = row_ok[:, None] & d_ok[None, :]
+                lse = tl.load(LSE_HEAD + rows, mask=row_ok, other=0.0)
+                delta = tl.load(DELTA_HEAD + rows, mask=row_ok, other=0.0)
+            else:  # a full tile lies inside [0, T)
+                row_mask = d_ok[None, :]
+                lse = tl.load(LSE_HEAD + rows)
+                delta = tl.load(DELTA_HEAD + rows)
+            q = tl.load(q_ptrs + m0 * stride_qt, mask=row_mask, other=0.0).to(DOT_DTYPE)
+            do = tl.load(do_ptrs + m0 * stride_dot, mask=row_mask, other=0.0).to(DOT_DTYPE)
+            qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
+            p_t = tl.exp2(qk_t - lse[None, :])
+            if MASKED:
+                r = rows[None, :]
+                p_t = tl.where((r >= col_lo[:, None]) & (r < col_hi[:, None]), p_t, 0.0)
+            dv += tl.dot(p_t.to(do_ptrs.dtype.element_ty).to(DOT_DTYPE), do, input_precision=DOT_PRECISION)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk += tl.dot(ds_t.to(q_ptrs.dtype.element_ty).to(DOT_DTYPE), q, input_precision=DOT_PRECISION)
     return dk, dv
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, COL_LO, COL_HI, COL_OFFSETS, COL_BLOCKS,
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, COL_LO, COL_HI, COL_BOUNDS,
                      stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
                      stride_dkt, stride_dkh, stride_dvt, stride_dvh,
                      T, GROUP, qk_scale, sm_scale,
@@ -276,9 +305,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, COL_LO, COL_HI, COL_OFFSET
     v = v.to(DOT_DTYPE)
     col_lo = tl.load(COL_LO + keys, mask=key_ok, other=0)  # padding keys: empty intervals
     col_hi = tl.load(COL_HI + keys, mask=key_ok, other=0)
-    partial_start = tl.load(COL_OFFSETS + 2 * key_block)
-    full_start = tl.load(COL_OFFSETS + 2 * key_block + 1)
-    end = tl.load(COL_OFFSETS + 2 * key_block + 2)
+    bounds = COL_BOUNDS + 8 * key_block  # this key block's row-block ranges (kernels/block_table.py)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC_DTYPE)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC_DTYPE)
@@ -286,12 +313,11 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, COL_LO, COL_HI, COL_OFFSET
         head = kv_head * GROUP + g
         q_ptrs = Q + head * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :]
         do_ptrs = DO + head * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :]
-        dk, dv = _dkdv_tiles(dk, dv, k, v, q_ptrs, do_ptrs, LSE + head * T, DELTA + head * T, COL_BLOCKS,
-                             partial_start, full_start, offs_m, col_lo, col_hi, d_ok, T, stride_qt, stride_dot,
-                             qk_scale, BLOCK_M, True, DOT_DTYPE, DOT_PRECISION)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, q_ptrs, do_ptrs, LSE + head * T, DELTA + head * T, COL_BLOCKS,
-                             full_start, end, offs_m, col_lo, col_hi, d_ok, T, stride_qt, stride_dot,
-                             qk_scale, BLOCK_M, False, DOT_DTYPE, DOT_PRECISION)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_ptrs, do_ptrs, LSE + head * T, DELTA + head * T, bounds, offs_m, col_lo,
+                             col_hi, d_ok, T, stride_qt, stride_dot, qk_scale, BLOCK_M, True, DOT_DTYPE, DOT_PRECISION)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_ptrs, do_ptrs, LSE + head * T, DELTA + head * T, bounds, offs_m, col_lo,
+                             col_hi, d_ok, T, stride_qt, stride_dot, qk_scale, BLOCK_M, False, DOT_DTYPE,
+                             DOT_PRECISION)
 
     dk *= sm_scale
     tl.store(DK + kv_head * stride_dkh + keys[:, None] * stride_dkt + offs_d[None, :], dk.to(DK.dtype.element_ty),
@@ -324,10 +350,11 @@ class KernelLayout(NamedTuple):
         return self.kv_lo, self.kv_hi, self.q_lo, self.q_hi
 
     def block_table(self, block_m: int, block_n: int) -> BlockTable:
-        """The tiles to visit for this block shape (built once, then cached; the build syncs with the host)."""
+        """The tiles to visit for this block shape (built once, then cached; O(T), no host sync)."""
         key = (int(block_m), int(block_n))
         if key not in self.tables:
-            self.tables[key] = build_block_table(self.q_lo, self.q_hi, *key)
+            self.tables[key] = build_block_table(self.kv_lo, self.kv_hi, self.gap_lo, self.gap_hi, self.q_lo,
+                                                 self.q_hi, *key)
         return self.tables[key]
 
 
@@ -447,14 +474,24 @@ def _kernel_config(kernel_name: str, dtype: torch.dtype, head_dim: int, blocks=N
     return next(config for largest, config in configs[kernel_name, dtype.itemsize] if block_d <= largest)
 
 
+def _device_guard(device: torch.device):
+    """The context a launch runs in: ``torch.cuda.device(device)`` for a CUDA tensor, so the kernel runs on the
+    tensors' GPU and its current stream, not on whichever GPU is current (with ``device_map="auto"`` over
+    several GPUs that was an illegal address or a race with another device's stream; FlashAttention-2 and
+    FlexAttention guard the same way); nothing for the CPU (the interpreter)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _launch(kernel, grid, args, config: KernelConfig, **constexprs):
-    kernel[grid](*args, BLOCK_M=config.block_m, BLOCK_N=config.block_n, num_warps=config.num_warps,
-                 num_stages=config.num_stages, **constexprs)
+    """Launch ``kernel`` under its first argument's device (q for every kernel here)."""
+    with _device_guard(args[0].device):
+        kernel[grid](*args, BLOCK_M=config.block_m, BLOCK_N=config.block_n, num_warps=config.num_warps,
+                     num_stages=config.num_stages, **constexprs)
 
 
 def _table_args(layout: KernelLayout, config: KernelConfig, by_row: bool):
     table = layout.block_table(config.block_m, config.block_n)
-    return (table.row_offsets, table.row_blocks) if by_row else (table.col_offsets, table.col_blocks)
+    return (table.row_bounds,) if by_row else (table.col_bounds,)
 
 
 def _attention_forward(q, k, v, layout: KernelLayout, *, scale, out=None, blocks=None):

@@ -24,7 +24,7 @@ from hypothesis import example, given, settings, strategies as st  # noqa: E402
 
 from tte_flash.attention import reference_attention  # noqa: E402
 from tte_flash.kernels import prepare_layout, tte_attention, tte_attention_with_layout  # noqa: E402
-from tte_flash.kernels.block_table import tile_counts  # noqa: E402
+from tte_flash.kernels.block_table import tile_counts, tile_pairs, tiles  # noqa: E402
 from tte_flash.mask import COT, EMB, QUERY, THINK, dense_mask  # noqa: E402
 
 # the module (its name is shadowed by the function in tte_flash.kernels): internal launchers and bounds
@@ -119,6 +119,67 @@ def test_bf16():
                           cot_sees_query=True)
 
 
+@pytest.mark.parametrize("samples, think_bidirectional, cot_sees_query, blocks", [
+    # one long-ish sample, T = 208 (a multiple of 16: no tile overhangs the end), GROUP=1, head dim 64
+    ([(151, 16, 1, 40)], True, True, None),
+    # EMB spans longer than a tile: row blocks inside a COT skip whole EMB key blocks, full tiles both sides
+    ([(3, 2, 40, 35), (30, 0, 33, 21)], True, False, None),
+    ([(20, 0, 40, 60), (7, 3, 1, 5)], False, True, None),
+    ([(3, 2, 40, 35), (30, 0, 33, 21)], False, True, {"BLOCK_M": 32, "BLOCK_N": 16}),
+])
+def test_long_sample_group1_d64_fp32(samples, think_bidirectional, cot_sees_query, blocks):
+    """The range-bounds block table in the kernels: every partial, full and skipped range kind, GROUP=1, d64."""
+    attention = tte_attention
+    if blocks is not None:
+        def attention(q, k, v, seq_ids, token_types, **options):
+            return _launch_with(q, k, v, kernel_module.prepare_layout(seq_ids, token_types, **options), blocks)
+    assert_matches_oracle(samples, 2, 2, 64, torch.float32, think_bidirectional=think_bidirectional,
+                          cot_sees_query=cot_sees_query, attention=attention)
+
+
+def test_launches_run_under_the_tensors_device(monkeypatch):
+    """Every launch runs inside ``torch.cuda.device(q.device)`` for CUDA tensors (FA2/Flex do the same), so a
+    tensor on cuda:1 is never launched on the current device cuda:0; on the CPU no CUDA call is made. Checked
+    without a GPU: torch.cuda.device and the kernel are stand-ins that record the order of events."""
+    events = []
+
+    class Guard:  # stands in for torch.cuda.device
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            events.append(("enter", self.device))
+
+        def __exit__(self, *exc):
+            events.append(("exit", self.device))
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: events.append(("launch", grid))
+
+    class CudaTensor:  # only .device is read before the launch
+        device = torch.device("cuda", 1)
+
+    monkeypatch.setattr(torch.cuda, "device", Guard)
+    config = kernel_module.KernelConfig(16, 16, 4, 2)
+    kernel_module._launch(Kernel(), (3, 2), (CudaTensor(), 1.0), config)
+    assert events == [("enter", torch.device("cuda", 1)), ("launch", (3, 2)), ("exit", torch.device("cuda", 1))]
+    events.clear()
+    kernel_module._launch(Kernel(), (1,), (torch.zeros(1),), config)  # CPU: no guard
+    assert events == [("launch", (1,))]
+
+    # the launchers (forward: one launch; backward: dQ then dK/dV) all go through the guard with q's device
+    guarded = []
+    real_guard = kernel_module._device_guard
+    monkeypatch.setattr(kernel_module, "_device_guard", lambda device: guarded.append(device) or real_guard(device))
+    seq_ids, token_types = build_layout([(5, 2, 1, 3)])
+    q, k, v = (x.detach() for x in random_qkv(len(seq_ids), 2, 1, 16, torch.float32))
+    layout = kernel_module.prepare_layout(seq_ids, token_types)
+    out, lse = kernel_module._attention_forward(q, k, v, layout, scale=0.25)
+    kernel_module._attention_backward(torch.ones_like(out), q, k, v, out, lse, layout, scale=0.25)
+    assert guarded == [q.device] * 3
+
+
 def test_head_dim_not_power_of_two():
     assert_matches_oracle([(9, 2, 1, 7), (12, 0, 1, 3)], 2, 1, 24, torch.float32, think_bidirectional=False,
                           cot_sees_query=False)
@@ -204,11 +265,13 @@ def dense_tile_pairs(mask, block_m, block_n):
     return padded.view(rows // block_m, block_m, keys // block_n, block_n).sum((1, 3))  # (row blocks, key blocks)
 
 
-def table_lists(offsets, entries):
-    """{(group, "partial" | "full"): [members]} of a CSR block list."""
-    offsets, entries = offsets.tolist(), entries.tolist()
-    return {(g, kind): entries[offsets[2 * g + i]:offsets[2 * g + i + 1]]
-            for g in range((len(offsets) - 1) // 2) for i, kind in enumerate(("partial", "full"))}
+def table_lists(table, by_row):
+    """{(group, "partial" | "full"): [members]} of a block table, in the kernels' visiting order."""
+    groups = (table.row_bounds if by_row else table.col_bounds).shape[0]
+    lists = {(g, kind): [] for g in range(groups) for kind in ("partial", "full")}
+    for group, member, full in zip(*(x.tolist() for x in tiles(table, by_row))):
+        lists[group, "full" if full else "partial"].append(member)
+    return lists
 
 
 @settings(max_examples=25, deadline=None)
@@ -216,6 +279,9 @@ def table_lists(offsets, entries):
        blocks=st.sampled_from([(16, 16), (32, 16), (16, 32), (64, 32), (128, 64)]))
 @example(samples=[(0, 0, 1, 1), (1, 0, 0, 0)], think_bidirectional=False, cot_sees_query=True, blocks=(16, 16))
 @example(samples=[(16, 0, 0, 0), (16, 0, 0, 0)], think_bidirectional=False, cot_sees_query=True, blocks=(16, 16))
+# EMB spans longer than a block: whole key blocks a COT-only row block skips, full ranges on both sides of EMB
+@example(samples=[(3, 2, 40, 35), (2, 0, 20, 5)], think_bidirectional=True, cot_sees_query=False, blocks=(16, 16))
+@example(samples=[(30, 0, 33, 40)], think_bidirectional=False, cot_sees_query=True, blocks=(16, 16))
 def test_block_table_visits_exactly_the_nonempty_tiles(samples, think_bidirectional, cot_sees_query, blocks):
     """The block table lists every tile with a visible pair and no other, each once per direction, sorted;
     a tile listed full has every pair visible (none past the last token), a partial one does not; the
@@ -230,16 +296,18 @@ def test_block_table_visits_exactly_the_nonempty_tiles(samples, think_bidirectio
     assert layout.block_table(block_m, block_n) is table  # built once, shared by every layer and head
     expected = {(kind, r, c) for r, c in pairs.nonzero().tolist()
                 for kind in ["full" if pairs[r, c] == block_m * block_n else "partial"]}
-    by_row = table_lists(table.row_offsets, table.row_blocks)
-    by_col = table_lists(table.col_offsets, table.col_blocks)
+    by_row, by_col = table_lists(table, by_row=True), table_lists(table, by_row=False)
     assert len(by_row) == 2 * pairs.shape[0] and len(by_col) == 2 * pairs.shape[1]
     for lists in (by_row, by_col):
         assert all(members == sorted(set(members)) for members in lists.values())
     assert {(kind, r, c) for (r, kind), cs in by_row.items() for c in cs} == expected
     assert {(kind, r, c) for (c, kind), rs in by_col.items() for r in rs} == expected
     visited = [(r, c) for r in range(pairs.shape[0]) for kind in ("partial", "full") for c in by_row[r, kind]]
-    assert table.tile_pairs.tolist() == [int(pairs[r, c]) for r, c in visited]
-    assert table.tile_full.tolist() == [bool(pairs[r, c] == block_m * block_n) for r, c in visited]
+    rows, keys = torch.tensor(visited, dtype=torch.long).view(-1, 2).T
+    assert tile_pairs(rows, keys, layout.q_lo, layout.q_hi, block_m, block_n).tolist() == [
+        int(pairs[r, c]) for r, c in visited]
+    for bounds in (table.row_bounds, table.col_bounds):  # 8 sorted int32 bounds per block, O(T) in all
+        assert bounds.dtype == torch.int32 and bounds.shape[1] == 8 and (bounds.diff(dim=1) >= 0).all()
     counts = tile_counts(table)
     assert counts["visible_pairs"] == int(mask.sum()) and counts["visited"] == int((pairs > 0).sum())
 
@@ -387,7 +455,7 @@ def test_benchmark_tile_counts_match_the_dense_mask(tmp_path, monkeypatch, layou
                                                                             * r["block_n"]))
         if r["scheme"] == "block-table":
             assert (r["visited"], r["with_visible_pair"], r["full"]) == (nonempty, nonempty, all_visible)
-            assert r["metadata_loads_per_tile"] == 1
+            assert r["metadata_loads_per_tile"] == 0  # 8 range bounds per program
         else:
             assert r["visited"] >= r["with_visible_pair"] == nonempty and r["full"] <= all_visible
 
