@@ -1,6 +1,8 @@
-"""MMEB-V2 (78 tasks: image, video, visual documents) from a local copy, scored as VLM2Vec scores it.
+"""MMEB-V2 (78 tasks: image, video, visual documents) from a local copy, with VLM2Vec's tasks, loaders and
+metrics; scored correctly by default, or by VLM2Vec's exact procedure (``--scoring vlm2vec``) or both ways.
 
     python -m tte_flash.evaluate --benchmark mmeb-v2 --model DIR --data_root MMEB_V2 --output runs/mmeb [--tasks ...]
+    python -m tte_flash.mmeb --scoring both --model DIR --data_root MMEB_V2 --output runs/mmeb [--tasks ...]
 
 Layout (docs/mmeb.md): ``data_root`` is VLM2Vec's ``--data_basedir``: the TIGER-Lab/MMEB-V2 repository
 unpacked (``image-tasks/``, ``video-tasks/frames/...``, ``visdoc-tasks/<name>/``) plus each task's test
@@ -10,15 +12,22 @@ file, saved where VLM2Vec's ``src/constant/dataset_hflocal_path.py`` loads it (`
 Scoring (VLM2Vec ``eval.py`` + ``RankingMetrics``): each query ranks its own candidates (``local``: every
 image task, SSv2, video QA, moment retrieval) or the task's whole candidate pool (``global``: video
 classification against every label, video retrieval, visual documents). Hit@1 for image and video tasks,
-NDCG@5 with linear gain and graded qrels for visual documents (``ndcg_linear@5``). Ties are broken
-pessimistically (a relevant candidate ranks below equal scores); VLM2Vec's ``np.argsort`` leaves them to
-the sort. Aggregation: the mean of the main metric per category, per modality and over all tasks present.
+NDCG@5 with linear gain and graded qrels for visual documents (``ndcg_linear@5``). Aggregation: the mean of
+the main metric per category, per modality and over all tasks present.
+
+Scoring (docs/mmeb.md, "Scoring: correct vs vlm2vec"). ``correct`` (default): each relevant document keeps
+its own grade, ties are broken pessimistically (a relevant candidate ranks below equal scores), and a
+query whose positive is not among its candidates fails the task. ``vlm2vec``: VLM2Vec's procedure,
+reproduced exactly: grades paired with documents after a ``set`` reorders the labels (its graded NDCG then
+depends on the ids' hash order, for string ids on PYTHONHASHSEED), ties in numpy's unstable ``argsort``
+order of float32 scores, and such a query counted as a miss (with a warning).
 
 The task registry and the loaders live in :mod:`tte_flash.mmeb_data`, the ranking metrics in
 :mod:`tte_flash.ranking`; their names are importable from here too.
 """
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import os
@@ -30,17 +39,29 @@ import torch
 
 from .mmeb_data import (CATEGORIES, TASKS, MissingTask, Task, TaskData, annotation_files,  # noqa: F401
                         load_task, read_rows, select_tasks, write_label_lists)
-from .ranking import (TIES, NonFiniteScoresError, _ranked_metrics, check_finite, hit_at_k,  # noqa: F401
-                      mean_metrics, ndcg_at_k, nonfinite_context, pad_scores, ranking_metrics, ranks)
+from .ranking import (SCORINGS, TIES, NonFiniteScoresError, _ranked_metrics, check_finite, hit_at_k,  # noqa: F401
+                      mean_metrics, ndcg_at_k, nonfinite_context, pad_scores, ranking_metrics, ranks, vlm2vec_grades,
+                      vlm2vec_metrics, vlm2vec_order)
 
 logger = logging.getLogger("tte_flash.mmeb")
+# run_benchmark's scoring when the caller passes none: python -m tte_flash.mmeb --scoring sets it around its run
+_SCORING = contextvars.ContextVar("tte_flash_mmeb_scoring", default="correct")
 
 
 # ---------------------------------------------------------------------------------------- scoring a task
 
-def score_task(data: TaskData, q_emb: torch.Tensor, c_emb: torch.Tensor, keys: list, similarity) -> dict:
-    """Per-query ranking metrics from query and candidate embeddings (``keys`` name ``c_emb``'s rows).
-    NaN or inf in a similarity: :class:`NonFiniteScoresError` naming the queries (never a score)."""
+def score_task(data: TaskData, q_emb: torch.Tensor, c_emb: torch.Tensor, keys: list, similarity,
+               scoring: str = "correct") -> dict:
+    """Per-query ranking metrics from query and candidate embeddings (``keys`` name ``c_emb``'s rows), averaged.
+    NaN or inf in a similarity: :class:`NonFiniteScoresError` naming the queries (never a score).
+    ``scoring``: ``correct`` (graded qrels as given, pessimistic ties) or ``vlm2vec`` (VLM2Vec's procedure:
+    :func:`score_task_vlm2vec`)."""
+    if scoring == "vlm2vec":
+        return score_task_vlm2vec(data, q_emb, c_emb, keys, similarity)
+    if scoring != "correct":
+        raise ValueError(f"unknown scoring {scoring!r}; choose one of {SCORINGS}")
+    if data.misses:
+        raise ValueError(data.misses[0] + f" ({len(data.misses)} such queries; --scoring vlm2vec counts them as misses)")
     sim = similarity(q_emb, c_emb).double().cpu().numpy()
     check_finite(sim, "similarities of the queries to the candidates", label="query")
     column = {k: i for i, k in enumerate(keys)}
@@ -56,13 +77,60 @@ def score_task(data: TaskData, q_emb: torch.Tensor, c_emb: torch.Tensor, keys: l
     return mean_metrics(per_query)
 
 
+def score_task_vlm2vec(data: TaskData, q_emb: torch.Tensor, c_emb: torch.Tensor, keys: list, similarity,
+                       ks=(1, 5, 10), chunk: int = 1024) -> dict:
+    """:func:`score_task` by VLM2Vec's procedure (``eval.py`` + ``RankingMetrics``), for numbers comparable with
+    its leaderboard: float32 similarities ranked by numpy's default (unstable) ``argsort`` of their negation,
+    each query's own candidates (local tasks) or the whole pool (global ones) in VLM2Vec's order; the labels
+    paired with their grades after a ``set`` reorders them (:func:`~tte_flash.ranking.vlm2vec_grades`); a
+    query whose positive is not a candidate scores 0 (:attr:`TaskData.misses`)."""
+    sim = similarity(q_emb, c_emb).float().cpu().numpy()
+    check_finite(sim, "similarities of the queries to the candidates", label="query")
+    column = {k: i for i, k in enumerate(keys)}
+    depth = max(ks)  # the metrics read the first max(ks) ranks only
+    ranked_rows = []
+    if data.local is None:  # global: VLM2Vec argsorts the whole score matrix along its rows (here in blocks)
+        for start in range(0, len(sim), chunk):
+            ranked_rows += [[keys[j] for j in row] for row in vlm2vec_order(sim[start:start + chunk])[:, :depth]]
+    else:  # local: each query's own candidates, in the order its row lists them
+        for i, pool in enumerate(data.local):
+            ranked_rows.append([pool[j] for j in vlm2vec_order(sim[i, [column[k] for k in pool]])[:depth]])
+    per_query = []
+    for i, ranked in enumerate(ranked_rows):
+        if data.label_ids is not None:  # graded: the pairing on the ids as VLM2Vec holds them (int or str)
+            ours = dict(data.label_ids[i])
+            graded = {ours[label]: grade for label, grade in
+                      vlm2vec_grades([label for label, _ in data.label_ids[i]], data.grades[i]).items()}
+        else:
+            graded = vlm2vec_grades(list(data.relevance[i]))
+        if not graded:
+            raise ValueError(f"query {i} has no relevant candidate")
+        per_query.append(vlm2vec_metrics(ranked, graded, ks))
+    return mean_metrics(per_query)
+
+
+def _scorings(scoring: str) -> tuple[str, tuple]:
+    """(the scoring whose number is ``score``, every scoring computed) for ``scoring`` correct/vlm2vec/both."""
+    if scoring == "both":
+        return "correct", SCORINGS
+    if scoring not in SCORINGS:
+        raise ValueError(f"unknown scoring {scoring!r}; choose one of {(*SCORINGS, 'both')}")
+    return scoring, (scoring,)
+
+
 def evaluate_task(model, task: Task, data_root, think_tokens=0, mode="latent", max_cot_tokens=128, batch_size=32,
-                  num_frames=8, limit=None, show_progress_bar=None, reasoner=None, cache=None, cache_key=None):
+                  num_frames=8, limit=None, show_progress_bar=None, reasoner=None, cache=None, cache_key=None,
+                  scoring="correct"):
     """Load, encode and score one task; returns its score dict (VLM2Vec's ``*_score.json`` keys and more).
     ``think_tokens`` a list: ``{K: score dict}``, the candidates encoded once for every K.
-    ``cache``: a file for the candidate embeddings, reused when ``cache_key`` and the candidates match."""
+    ``cache``: a file for the candidate embeddings, reused when ``cache_key`` and the candidates match.
+    ``scoring``: ``correct`` (default), ``vlm2vec`` (VLM2Vec's procedure, docs/mmeb.md) or ``both``: ``score`` and
+    the metric keys are the correct scoring's, ``scores`` holds each scoring's main metric and ``by_scoring``
+    its metrics. With ``both``, a task the correct scoring refuses (a positive that is no candidate) has
+    ``score`` None and the reason in ``errors``, its vlm2vec number still in ``scores``."""
+    primary, scorings = _scorings(scoring)
     start = time.perf_counter()
-    data = load_task(task, data_root, num_frames=num_frames, limit=limit)
+    data = load_task(task, data_root, num_frames=num_frames, limit=limit, misses="vlm2vec" in scorings)
     if not data.queries:
         raise ValueError(f"{task.name}: no queries in the test file")
     keys = list(data.candidates)
@@ -86,9 +154,21 @@ def evaluate_task(model, task: Task, data_root, think_tokens=0, mode="latent", m
             q_emb = model.encode_query(data.queries, think_tokens=k, mode=mode, max_cot_tokens=max_cot_tokens,
                                        batch_size=batch_size, convert_to_tensor=True,
                                        show_progress_bar=show_progress_bar, **extra)
-            metrics = score_task(data, q_emb, c_emb, keys, model.similarity)
+            by_scoring, errors = {}, {}
+            for name in scorings:
+                try:
+                    by_scoring[name] = score_task(data, q_emb, c_emb, keys, model.similarity, scoring=name)
+                except ValueError as err:
+                    if name == primary and len(scorings) == 1 or isinstance(err, NonFiniteScoresError):
+                        raise
+                    errors[name] = f"{type(err).__name__}: {err}"
+        metrics = by_scoring.get(primary, {})
+        extra_keys = {"scoring": scoring, **({"misses": len(data.misses)} if "vlm2vec" in scorings else {}), "scores": {name: by_scoring[name][task.metric] if name in by_scoring else None
+                                                     for name in scorings}}
+        if len(scorings) > 1:
+            extra_keys.update(by_scoring=by_scoring, errors=errors)
         results[k] = {"task": task.name, "modality": task.modality, "category": task.category, "metric": task.metric,
-                      "score": metrics[task.metric], **metrics, "num_pred": len(data.queries),
+                      "score": metrics.get(task.metric), **metrics, **extra_keys, "num_pred": len(data.queries),
                       "num_data": len(data.queries), "num_candidates": len(keys), "eval_type": task.eval_type,
                       "think_tokens": k, "notes": data.notes, "document_seconds": round(document_seconds, 3),
                       "query_seconds": round(time.perf_counter() - start, 3)}
@@ -145,7 +225,7 @@ def _stored(path: Path, fingerprint: dict, overwrite: bool):
 
 
 def run_benchmark(model, data_root, output_dir, tasks=None, fingerprint: dict | None = None, overwrite=False,
-                  progress=None, think_tokens=0, **eval_kwargs):
+                  progress=None, think_tokens=0, scoring: str | None = None, **eval_kwargs):
     """Every selected task, resumably: a task whose score file exists with the same ``fingerprint`` is
     read back, not recomputed. A task whose test file is missing is reported as missing; one that
     fails (a missing frame, a bad row, NaN or inf embeddings or scores) as an error with the message.
@@ -156,7 +236,14 @@ def run_benchmark(model, data_root, output_dir, tasks=None, fingerprint: dict | 
     encoded once per task for all of them; returns ``{K: summary}``. Candidate embeddings are kept in
     ``output_dir/.cache/<task>.candidates.pt`` (documents take no think tokens): a rerun with another K,
     or after a crash in the queries, does not encode them again.
-    ``progress``: called with one line per task (default: the module logger at INFO)."""
+    ``progress``: called with one line per task (default: the module logger at INFO).
+
+    ``scoring`` (default ``correct``, or what ``python -m tte_flash.mmeb --scoring`` set): ``vlm2vec`` scores by
+    VLM2Vec's procedure, ``both`` computes both (``score`` and ``aggregate`` the correct one; each task's
+    ``scores`` and the summary's ``aggregates`` both); see :func:`evaluate_task` and docs/mmeb.md. A scoring
+    other than ``correct`` is part of the fingerprint (its score files are not another scoring's)."""
+    scoring = scoring or _SCORING.get()
+    primary, scorings = _scorings(scoring)
     data_root = Path(data_root)
     if not data_root.is_dir():
         raise FileNotFoundError(f"--data_root {data_root} is not a folder")
@@ -164,7 +251,8 @@ def run_benchmark(model, data_root, output_dir, tasks=None, fingerprint: dict | 
     budgets = list(dict.fromkeys(think_tokens)) if several else [think_tokens]
     folders = {k: results_folder(output_dir, k, several) for k in budgets}
     fingerprints = {k: {**(fingerprint or {}), "think_tokens": k, **{name: eval_kwargs.get(name) for name in
-                                                                      ("mode", "max_cot_tokens", "num_frames", "limit")}}
+                                                                      ("mode", "max_cot_tokens", "num_frames", "limit")},
+                        **({"scoring": scoring} if scoring != "correct" else {})}
                     for k in budgets}
     selected = select_tasks(tasks)
     for task in selected:  # refuse another run's files before any work
@@ -184,9 +272,10 @@ def run_benchmark(model, data_root, output_dir, tasks=None, fingerprint: dict | 
             progress(f"{where} K={k}: {task.metric} {stored['score']:.4f} (read back)")
         if not todo:
             continue
-        cache_key = {k: v for k, v in fingerprints[todo[0]].items() if k not in ("think_tokens", "mode", "max_cot_tokens")}
+        cache_key = {k: v for k, v in fingerprints[todo[0]].items()
+                     if k not in ("think_tokens", "mode", "max_cot_tokens", "scoring")}
         try:
-            computed = evaluate_task(model, task, data_root, think_tokens=todo, cache_key=cache_key,
+            computed = evaluate_task(model, task, data_root, think_tokens=todo, cache_key=cache_key, scoring=scoring,
                                      cache=Path(output_dir) / ".cache" / f"{task.name}.candidates.pt", **eval_kwargs)
         except MissingTask as err:
             for k in todo:
@@ -199,14 +288,25 @@ def run_benchmark(model, data_root, output_dir, tasks=None, fingerprint: dict | 
             progress(f"{where}: ERROR: {type(err).__name__}: {err}")
             continue
         for k, result in computed.items():
+            others = ", ".join(f"{name} {value:.4f}" if value is not None else f"{name} ERROR"
+                               for name, value in result["scores"].items() if name != primary)
+            if result["score"] is None:  # --scoring both, the correct scoring refused the task: not written
+                reason = result["errors"][primary]
+                results[k][task.name] = {**result, "status": "error", "reason": reason}
+                progress(f"{where} K={k}: ERROR ({primary} scoring): {reason}; {others}")
+                continue
             write_json_atomic(score_path(folders[k], task), {**result, "fingerprint": fingerprints[k]})
             results[k][task.name] = {**result, "status": "done", "resumed": False}
-            progress(f"{where} K={k}: {task.metric} {result['score']:.4f} ({result['num_pred']} queries, "
-                     f"{result['num_candidates']} candidates, {result['document_seconds'] + result['query_seconds']:.1f} s)")
+            progress(f"{where} K={k}: {task.metric} {result['score']:.4f}{f' ({others})' if others else ''} "
+                     f"({result['num_pred']} queries, {result['num_candidates']} candidates, "
+                     f"{result['document_seconds'] + result['query_seconds']:.1f} s)")
     summaries = {}
     for k in budgets:
-        summary = {"benchmark": "MMEB-V2", "fingerprint": fingerprints[k], "aggregate": aggregate(results[k], selected),
-                   "tasks": results[k]}
+        summary = {"benchmark": "MMEB-V2", "fingerprint": fingerprints[k], "scoring": scoring,
+                   "aggregate": aggregate(results[k], selected)}
+        if len(scorings) > 1:
+            summary["aggregates"] = {name: aggregate(results[k], selected, scoring=name) for name in scorings}
+        summary["tasks"] = results[k]
         write_json_atomic(folders[k] / "summary.json", summary)
         (folders[k] / "summary.md").write_text(format_markdown(summary, selected) + "\n", encoding="utf-8")
         summaries[k] = summary
@@ -220,12 +320,22 @@ def results_folder(output_dir, think_tokens: int, several: bool) -> Path:
     return nested if several or nested.is_dir() else Path(output_dir)
 
 
-def aggregate(results: dict, selected: list[Task]) -> dict:
+def task_score(entry: dict, scoring: str | None = None):
+    """A task's main metric: ``score`` of a finished task (``scoring`` None), or its number under ``scoring``
+    (``entry["scores"]``; a run of one scoring has it as ``score``). None where there is none."""
+    if scoring is None or "scores" not in entry:
+        done = entry.get("status") == "done" and (scoring is None or entry.get("scoring", "correct") == scoring)
+        return entry.get("score") if done else None
+    return entry["scores"].get(scoring)
+
+
+def aggregate(results: dict, selected: list[Task], scoring: str | None = None) -> dict:
     """Mean main metric per category, per modality and overall, over finished tasks, with the counts: ``n``
     finished, ``selected`` asked for, ``of`` in the benchmark (78 overall). A mean over fewer tasks than the
-    benchmark has (a ``--tasks`` subset, missing or failed tasks) is partial and says so; never padded with 0."""
+    benchmark has (a ``--tasks`` subset, missing or failed tasks) is partial and says so; never padded with 0.
+    ``scoring`` (``correct`` / ``vlm2vec``): that scoring's numbers (:func:`task_score`), default ``score``."""
     def mean(group, every):
-        done = [results[t.name]["score"] for t in group if results.get(t.name, {}).get("status") == "done"]
+        done = [v for v in (task_score(results.get(t.name, {}), scoring) for t in group) if v is not None]
         return {"score": float(np.mean(done)) if done else None, "n": len(done), "selected": len(group),
                 "of": len(every)}
     everything = list(TASKS.values())
@@ -252,50 +362,93 @@ def _cell(entry) -> str:
 
 def format_markdown(summary: dict, selected: list[Task]) -> str:
     """One table per modality (its tasks, then each category mean and the modality mean), the
-    aggregated row as the paper lays it out, and the missing / failed tasks. Scores x 100."""
+    aggregated row as the paper lays it out, and the missing / failed tasks. Scores x 100. A run with
+    ``scoring="both"``: one aggregated row per scoring, and per task both numbers and their difference."""
     agg, results = summary["aggregate"], summary["tasks"]
+    aggregates = summary.get("aggregates") or {summary.get("scoring", "correct"): agg}
+    both = len(aggregates) > 1
     setting = ", ".join(f"{k} {v}" for k, v in summary["fingerprint"].items() if v is not None)
     lines = ["# MMEB-V2", "", setting, "", "Scores x 100; `a (n/N)`: mean over the n of N tasks that finished.", ""]
-    header = ["Overall"]
-    row = [_cell(agg["overall"])]
+    if both:
+        lines[-1:] = [" ".join(["Scored both ways (docs/mmeb.md, \"Scoring: correct vs vlm2vec\"): `correct` (the",
+                                "default) and `vlm2vec` (VLM2Vec's procedure, comparable with its leaderboard)."]), ""]
+    header, rows = ["scoring"] if both else [], []
+    for name, one in aggregates.items():
+        row = ([name] if both else []) + [_cell(one["overall"])]
+        for modality, categories in CATEGORIES.items():
+            if modality not in one["modalities"]:
+                continue
+            for category in categories:
+                if f"{modality}:{category}" in one["categories"]:
+                    row.append(_cell(one["categories"][f"{modality}:{category}"]))
+            row.append(_cell(one["modalities"][modality]))
+        rows.append(row)
+    header.append("Overall")
     for modality, categories in CATEGORIES.items():
-        if modality not in agg["modalities"]:
-            continue
-        for category in categories:
-            if f"{modality}:{category}" in agg["categories"]:
-                header.append(f"{modality} {category}")
-                row.append(_cell(agg["categories"][f"{modality}:{category}"]))
-        header.append(f"{modality} overall")
-        row.append(_cell(agg["modalities"][modality]))
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), "| " + " | ".join(row) + " |", ""]
+        if modality in agg["modalities"]:
+            header += [f"{modality} {category}" for category in categories if f"{modality}:{category}" in agg["categories"]]
+            header.append(f"{modality} overall")
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in rows), ""]
+    names = list(aggregates)
+    columns = ["category", "task", "metric", *(names if both else ["score"]), *(["vlm2vec - correct"] if both else []),
+               "queries"]
     for modality in agg["modalities"]:
-        lines += [f"## {modality}", "", "| category | task | metric | score | queries |", "|---|---|---|---|---|"]
+        lines += [f"## {modality}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
         for task in (t for t in selected if t.modality == modality):
             r = results[task.name]
-            score = f"{100 * r['score']:.1f}" if r["status"] == "done" else r["status"].upper()
-            lines.append(f"| {task.category} | {task.name} | {task.metric} | {score} | {r.get('num_pred', '')} |")
+            values = [task_score(r, name if both else None) for name in names]
+            cells = [f"{100 * v:.1f}" if v is not None else r["status"].upper() for v in values]
+            if both:
+                cells.append(f"{100 * (values[1] - values[0]):+.1f}" if None not in values else "-")
+            lines.append(f"| {task.category} | {task.name} | {task.metric} | {' | '.join(cells)} | {r.get('num_pred', '')} |")
         lines.append("")
     notes = [f"- {r['task']}: {note}" for r in results.values() if r["status"] == "done" for note in r.get("notes", [])]
     if notes:
         lines += ["## Notes (where a task's setup differs from VLM2Vec's run)", "", *notes, ""]
     problems = [r for r in results.values() if r["status"] != "done"]
     if problems:
-        lines += ["## Not scored (left out of every mean)", ""]
-        lines += [f"- {r['task']} ({r['status']}): {r['reason']}" for r in problems]
+        lines += ["## Not scored (left out of every mean)" if not both else
+                  "## Not scored (left out of the correct means; a vlm2vec number is in the vlm2vec means)", ""]
+        for r in problems:
+            kept = [f"{name} {100 * v:.1f}" for name, v in (r.get("scores") or {}).items() if v is not None]
+            lines.append(f"- {r['task']} ({r['status']}): {r['reason']}" + (f" ({', '.join(kept)})" if kept else ""))
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
-    """``python -m tte_flash.mmeb --write_labels VLM2VEC_FILE --data_root DIR``: the class lists of the
-    video classification tasks (see :func:`write_label_lists`). Evaluation is ``tte_flash.evaluate``."""
+    """``python -m tte_flash.mmeb --scoring {correct,vlm2vec,both} --model M --data_root DIR --output OUT [...]``:
+    the MMEB-V2 run of ``python -m tte_flash.evaluate --benchmark mmeb-v2`` (every other option is its) scored
+    the chosen way (docs/mmeb.md, "Scoring: correct vs vlm2vec"); ``--write_labels VLM2VEC_FILE --data_root
+    DIR``: the class lists of the video classification tasks (see :func:`write_label_lists`)."""
     import argparse
     import sys
-    parser = argparse.ArgumentParser(prog="python -m tte_flash.mmeb", description=main.__doc__.split("\n")[0])
-    parser.add_argument("--write_labels", "--write-labels", required=True, metavar="VLM2VEC_FILE",
-                        help="VLM2Vec's src/data/eval_dataset/video_classification_utils.py")
-    parser.add_argument("--data_root", "--data-root", required=True)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(
+        prog="python -m tte_flash.mmeb", description=main.__doc__.split("\n")[0],
+        epilog="Any other option is passed to python -m tte_flash.evaluate --benchmark mmeb-v2 (see its --help).")
+    parser.add_argument("--scoring", choices=(*SCORINGS, "both"), default="correct",
+                        help="correct (default): graded qrels as given, pessimistic ties, a positive that is no "
+                             "candidate fails the task; vlm2vec: VLM2Vec's procedure, comparable with its leaderboard; "
+                             "both: the two side by side in the summary")
+    parser.add_argument("--write_labels", "--write-labels", default=None, metavar="VLM2VEC_FILE",
+                        help="write labels.txt from VLM2Vec's src/data/eval_dataset/video_classification_utils.py")
+    parser.add_argument("--data_root", "--data-root", default=None)
     parser.add_argument("--overwrite", action="store_true")
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    if args.data_root is None:
+        parser.error("--data_root is required")
+    if args.write_labels is None:  # an evaluation, by tte_flash.evaluate with this scoring
+        if any(a == "--benchmark" or a.startswith("--benchmark=") for a in rest):
+            parser.error("--benchmark is implied (mmeb-v2)")
+        from . import evaluate
+        token = _SCORING.set(args.scoring)
+        try:
+            return evaluate.main(["--benchmark", "mmeb-v2", "--data_root", args.data_root, *rest,
+                                  *(["--overwrite"] if args.overwrite else [])])
+        finally:
+            _SCORING.reset(token)
+    if rest:
+        parser.error(f"unrecognized arguments with --write_labels: {' '.join(rest)}")
     try:
         written = write_label_lists(args.write_labels, args.data_root, overwrite=args.overwrite)
     except (OSError, SyntaxError, ValueError) as err:

@@ -8,14 +8,17 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import logging
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from .data import load_rows
+
+logger = logging.getLogger("tte_flash.mmeb")
 
 
 # ---------------------------------------------------------------------------------------- registry
@@ -166,6 +169,11 @@ class TaskData:
     candidates: dict                    # candidate key -> model input (every candidate of the task)
     local: list[list] | None            # per query: its candidate keys (local tasks); None: rank all candidates
     notes: list[str]                    # what differs from VLM2Vec's run, if anything
+    # VLM2Vec's view of the labels (its ``label_name`` / ``rel_scores``), for ``--scoring vlm2vec``; None: the
+    # keys of ``relevance`` with binary grades. label_ids: per query [(the id as VLM2Vec holds it, our key)].
+    label_ids: list[list[tuple]] | None = None
+    grades: list[list] | None = None
+    misses: list[str] = field(default_factory=list)  # queries kept as misses (load_task(misses=True)): why each
 
 
 def annotation_files(data_root, task: Task, part: str | None = None) -> list[Path]:
@@ -220,11 +228,25 @@ def _require(rows, columns, task):
         raise ValueError(f"{task.name}: the test file lacks column(s) {missing} (has {sorted(rows[0])})")
 
 
-def load_task(task: Task, data_root, num_frames: int = 8, limit: int | None = None) -> TaskData:
-    """Queries, candidates and relevance of one task, read from ``data_root`` in VLM2Vec's layout."""
+def load_task(task: Task, data_root, num_frames: int = 8, limit: int | None = None, misses: bool = False) -> TaskData:
+    """Queries, candidates and relevance of one task, read from ``data_root`` in VLM2Vec's layout.
+
+    A query whose positive is not among its candidates (a video classification label missing from
+    labels.txt, an MVBench answer not among the options) is a ``ValueError`` that fails the task, unless
+    ``misses=True`` (VLM2Vec's procedure): then the query is kept with a relevant key no candidate has, so
+    it scores 0, ``TaskData.misses`` says why for each and a warning gives their number."""
     loader = globals()[f"_load_{task.parser}"]
     limit = min(x for x in (limit, task.max_queries) if x) if (limit or task.max_queries) else None
-    return loader(task, Path(data_root), num_frames, limit)
+    if loader in (_load_video_cls, _load_video_qa):
+        data = loader(task, Path(data_root), num_frames, limit, misses=misses)
+    else:
+        data = loader(task, Path(data_root), num_frames, limit)
+    if data.misses:
+        logger.warning("%s: %d of %d queries scored as misses (their positive is not a candidate, as VLM2Vec "
+                       "scores them); first: %s", task.name, len(data.misses), len(data.queries), data.misses[0])
+        data.notes.append(f"{len(data.misses)} of {len(data.queries)} queries scored as misses: their positive is "
+                          f"not a candidate (first: {data.misses[0]})")
+    return data
 
 
 def _head(rows, limit):
@@ -268,7 +290,7 @@ def _load_image(task, root, num_frames, limit):
 _load_image_cls = _load_image_qa = _load_image_i2t = _load_image_t2i = _load_image_i2i_vg = _load_image
 
 
-def _load_video_cls(task, root, num_frames, limit):
+def _load_video_cls(task, root, num_frames, limit, misses=False):
     """video_id, pos_text; every query ranks every label of the task (labels.txt/json, else those in the file)."""
     directory = Path(root) / task.annotation[0]
     all_rows = read_rows(annotation_files(root, task))
@@ -284,15 +306,18 @@ def _load_video_cls(task, root, num_frames, limit):
         notes.append(f"label set: the {len(labels)} labels of the test file ({directory}/labels.txt absent); "
                      f"VLM2Vec ranks its fixed list of every class")
     candidates = {label: {"text": label} for label in labels}
-    queries, relevance = [], []
+    queries, relevance, missed = [], [], []
     for row in rows:
         label = str(row["pos_text"])
         if label not in candidates:
-            raise ValueError(f"{task.name}: label {label!r} of video {row['video_id']} is not in {label_file}")
+            problem = f"{task.name}: label {label!r} of video {row['video_id']} is not in {label_file}"
+            if not misses:
+                raise ValueError(problem)
+            missed.append(problem)
         queries.append({"text": VIDEO_CLS_INSTRUCTION[task.name],
                         "video": frames(root / task.media / str(row["video_id"]), num_frames)})
         relevance.append({label: 1})
-    return TaskData(queries, relevance, candidates, None, notes)
+    return TaskData(queries, relevance, candidates, None, notes, misses=missed)
 
 
 def _load_ssv2(task, root, num_frames, limit):
@@ -434,7 +459,7 @@ _QA_ROW = {  # parser: (row function, columns it reads)
 }
 
 
-def _load_video_qa(task, root, num_frames, limit):
+def _load_video_qa(task, root, num_frames, limit, misses=False):
     """Multiple-choice video QA: each query ranks its own options (Hit@1)."""
     if task.parser == "mvbench":  # one folder per subset; the subset names the frame folder
         files = [f for subset in MVBENCH_SUBSETS for f in _subset_files(root, task, subset)]
@@ -447,16 +472,19 @@ def _load_video_qa(task, root, num_frames, limit):
     rows = _head(rows, limit)
     parse, columns = _QA_ROW[task.parser]
     _require(rows, columns, task)
-    queries, relevance, local, candidates = [], [], [], {}
+    queries, relevance, local, candidates, missed = [], [], [], {}, []
     for row in rows:
         folder, question, names, texts, answer = parse(row)
         if answer not in names:
-            raise ValueError(f"{task.name}: answer {answer!r} is not among the options {names}")
+            problem = f"{task.name}: answer {answer!r} is not among the options {names}"
+            if not misses:
+                raise ValueError(problem)
+            missed.append(problem)
         candidates.update({n: {"text": t} for n, t in zip(names, texts) if n not in candidates})
         queries.append({"text": _text(VIDEO_QA_PROMPT, question), "video": frames(root / task.media / folder, num_frames)})
         local.append(names)
         relevance.append({answer: 1})
-    return TaskData(queries, relevance, candidates, local, [])
+    return TaskData(queries, relevance, candidates, local, [], misses=missed)
 
 
 def _subset_files(root, task, subset):
@@ -479,13 +507,15 @@ def _load_visdoc(task, root, num_frames, limit):
     _require(qrels, ("query-id", "corpus-id", "score"), task)
     _require(corpus, ("corpus-id",), task)
     graded: dict = {}
+    raw: dict = {}  # per query: {corpus-id as read (int or str): our key}, in qrels order (VLM2Vec's label order)
     for row in qrels:
         if row["score"] > 0:
             per_query = graded.setdefault(str(row["query-id"]), {})
             per_query[str(row["corpus-id"])] = max(per_query.get(str(row["corpus-id"]), 0), row["score"])
+            raw.setdefault(str(row["query-id"]), {}).setdefault(row["corpus-id"], str(row["corpus-id"]))
     media = root / task.media
     candidates = {str(row["corpus-id"]): {"text": DOC_TARGET, "image": _page(media, task, row)} for row in corpus}
-    queries, relevance, notes = [], [], []
+    queries, relevance, notes, label_ids, grades = [], [], [], [], []
     unjudged = 0
     for row in queries_rows:
         if str(row["query-id"]) not in graded:
@@ -493,11 +523,13 @@ def _load_visdoc(task, root, num_frames, limit):
             continue
         queries.append({"text": _text(DOC_QUERY, row["query"])})
         relevance.append(graded[str(row["query-id"])])
+        label_ids.append(list(raw[str(row["query-id"])].items()))
+        grades.append([relevance[-1][key] for _, key in label_ids[-1]])
     if unjudged:
         notes.append(f"{unjudged} queries without a positive qrel skipped")
     if limit:
-        queries, relevance = queries[:limit], relevance[:limit]
-    return TaskData(queries, relevance, candidates, None, notes)
+        queries, relevance, label_ids, grades = queries[:limit], relevance[:limit], label_ids[:limit], grades[:limit]
+    return TaskData(queries, relevance, candidates, None, notes, label_ids=label_ids, grades=grades)
 
 
 _load_vidore = _load_visrag = _load_visdoc

@@ -190,3 +190,52 @@ def _ranked_metrics(scores: np.ndarray, gains: np.ndarray, ideal: list, ks) -> d
 
 def mean_metrics(per_query: list[dict]) -> dict[str, float]:
     return {name: float(np.mean([m[name] for m in per_query])) for name in per_query[0]} if per_query else {}
+
+
+# ---------------------------------------------------------------------------------------- metrics: VLM2Vec's procedure
+
+SCORINGS = ("correct", "vlm2vec")  # MMEB-V2 scorings (docs/mmeb.md, "Scoring: correct vs vlm2vec")
+
+
+def vlm2vec_order(scores) -> np.ndarray:
+    """Candidate indices, best first, along the last axis of ``scores``, ranked as VLM2Vec's ``eval.py`` ranks a
+    dense model's candidates: numpy's default ``argsort`` (not stable) of the negated float32 scores. Ties
+    come out in whatever order that sort leaves them, which depends on the numpy version and the CPU (numpy 2
+    on AVX2 / AVX-512 sorts with x86-simd-sort, even 5 elements out of index order); called as VLM2Vec calls
+    it, it gives VLM2Vec's order for the same scores on the same machine. Rows of a 2-D array independently."""
+    return np.argsort(-np.asarray(scores, dtype=np.float32), axis=-1)
+
+
+def vlm2vec_grades(labels: list, grades: list | None = None) -> dict:
+    """``{label: grade}`` as VLM2Vec's ``RankingMetrics.evaluate`` pairs them: it deduplicates the labels
+    through a Python ``set`` (so they come back in set order: the hash order of the ids, which for strings
+    changes with ``PYTHONHASHSEED``) and only then matches the i-th label of that order with the i-th
+    grade of the original order. With more than one grade that can give a document another's grade.
+    ``grades`` None (binary relevance): 1 for every label. ``labels`` must be hashable; they keep their
+    types (an int id and its string hash differently)."""
+    in_set_order = list(set(labels))
+    if grades is None:
+        return {label: 1 for label in in_set_order}
+    grades = list(grades)
+    if len(in_set_order) != len(grades):  # VLM2Vec raises here too (duplicate labels with grades)
+        raise ValueError(f"{len(grades)} grades for {len(in_set_order)} distinct labels")
+    paired = {}
+    for position, label in enumerate(in_set_order):
+        paired[label] = grades[position]
+    return paired
+
+
+def vlm2vec_metrics(ranked: list, graded: dict, ks=(1, 5, 10)) -> dict[str, float]:
+    """Hit@k and NDCG@k (linear gain) of one query as VLM2Vec's ``RankingMetrics`` computes them: ``ranked``
+    the candidate keys best first (at least the first ``max(ks)``), ``graded`` the ``{key: grade}`` of
+    :func:`vlm2vec_grades`. Sums in the same order and types, so the values are VLM2Vec's to the bit."""
+    ideal = sorted(graded.values(), reverse=True)
+    out = {}
+    for k in sorted(ks):
+        top = list(ranked[:k])
+        out[f"hit@{k}"] = 1.0 if any(key in graded for key in top) else 0.0
+        dcg = sum(graded.get(key, 0) / np.log2(i + 2) for i, key in enumerate(top))
+        best = ideal[:k]
+        idcg = sum(g / np.log2(i + 2) for i, g in enumerate(best)) if best else 1
+        out[f"ndcg_linear@{k}"] = float(dcg / idcg) if idcg > 0 else 0.0
+    return out
