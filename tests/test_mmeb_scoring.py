@@ -375,3 +375,46 @@ def test_cli_scoring_with_the_tiny_model(root, tmp_path, capsys):
     assert mmeb._SCORING.get() == "correct"  # the CLI's scoring does not outlive its run
     with pytest.raises(SystemExit):
         mmeb.main(["--scoring", "exact", *args, "--output", str(tmp_path / "x")])
+
+
+# ---------------------------------------------------------------------------------------- the measured difference
+
+def measure(n: int = 2000, seed: int = 17) -> dict:
+    """correct vs vlm2vec on the 2000 random queries of the first test (docs/mmeb.md quotes this):
+    ``python tests/test_mmeb_scoring.py`` (the string-id numbers change with PYTHONHASHSEED)."""
+    rng = np.random.default_rng(seed)
+    out = {"queries": n, "no_ties": {"queries": 0, "two_grades": 0, "ndcg5_differ": 0, "ndcg5_mean_abs_diff": 0.0,
+                                     "ndcg5_mean_correct": 0.0, "ndcg5_mean_vlm2vec": 0.0},
+           "ties": {"queries": 0, "hit1_correct": 0.0, "hit1_vlm2vec": 0.0, "hit1_differ": 0}}
+    for i in range(n):
+        ties = i % 4 == 1
+        ids, relevant, grades, q, c = random_graded_query(rng, string_ids=i % 2 == 0, tie_levels=3 if ties else None)
+        data, keys = task_data([(ids, relevant, grades)]), [str(x) for x in ids]
+        vlm = mmeb.score_task(data, q, c, keys, similarity, scoring="vlm2vec")
+        correct = mmeb.score_task(data, q, c, keys, similarity)
+        if ties:
+            t = out["ties"]
+            t["queries"] += 1
+            t["hit1_correct"] += correct["hit@1"]
+            t["hit1_vlm2vec"] += vlm["hit@1"]
+            t["hit1_differ"] += vlm["hit@1"] != correct["hit@1"]
+        else:
+            t = out["no_ties"]
+            t["queries"] += 1
+            t["two_grades"] += len(set(grades)) > 1
+            diff = abs(vlm["ndcg_linear@5"] - correct["ndcg_linear@5"])
+            t["ndcg5_differ"] += diff > 1e-12
+            t["ndcg5_mean_abs_diff"] += diff
+            t["ndcg5_mean_correct"] += correct["ndcg_linear@5"]
+            t["ndcg5_mean_vlm2vec"] += vlm["ndcg_linear@5"]
+    t = out["no_ties"]
+    t["ndcg5_mean_abs_diff_where_differ"] = t["ndcg5_mean_abs_diff"] / max(t["ndcg5_differ"], 1)
+    for name in ("ndcg5_mean_abs_diff", "ndcg5_mean_correct", "ndcg5_mean_vlm2vec"):
+        t[name] /= t["queries"]
+    for name in ("hit1_correct", "hit1_vlm2vec"):
+        out["ties"][name] /= out["ties"]["queries"]
+    return out
+
+
+if __name__ == "__main__":
+    print(json.dumps(measure(), indent=1))
