@@ -60,8 +60,9 @@ def score_task(data: TaskData, q_emb: torch.Tensor, c_emb: torch.Tensor, keys: l
         return score_task_vlm2vec(data, q_emb, c_emb, keys, similarity)
     if scoring != "correct":
         raise ValueError(f"unknown scoring {scoring!r}; choose one of {SCORINGS}")
-    if data.misses:
-        raise ValueError(data.misses[0] + f" ({len(data.misses)} such queries; --scoring vlm2vec counts them as misses)")
+    if data.misses or data.added:
+        found = data.misses + data.added
+        raise ValueError(f"{found[0]} ({len(found)} such queries; --scoring vlm2vec keeps them as VLM2Vec does)")
     sim = similarity(q_emb, c_emb).double().cpu().numpy()
     check_finite(sim, "similarities of the queries to the candidates", label="query")
     column = {k: i for i, k in enumerate(keys)}
@@ -83,15 +84,19 @@ def score_task_vlm2vec(data: TaskData, q_emb: torch.Tensor, c_emb: torch.Tensor,
     its leaderboard: float32 similarities ranked by numpy's default (unstable) ``argsort`` of their negation,
     each query's own candidates (local tasks) or the whole pool (global ones) in VLM2Vec's order; the labels
     paired with their grades after a ``set`` reorders them (:func:`~tte_flash.ranking.vlm2vec_grades`); a
-    query whose positive is not a candidate scores 0 (:attr:`TaskData.misses`)."""
+    query whose positive is not a candidate scores 0 (:attr:`TaskData.misses`). A global pool is ordered as
+    VLM2Vec's ``generate_cand_dataset`` orders it (every query's own candidates, that is its labels, in query
+    order, then the rest), which decides the order of tied candidates."""
     sim = similarity(q_emb, c_emb).float().cpu().numpy()
     check_finite(sim, "similarities of the queries to the candidates", label="query")
     column = {k: i for i, k in enumerate(keys)}
     depth = max(ks)  # the metrics read the first max(ks) ranks only
     ranked_rows = []
     if data.local is None:  # global: VLM2Vec argsorts the whole score matrix along its rows (here in blocks)
+        pool = list(dict.fromkeys([k for relevant in data.relevance for k in relevant if k in column] + keys))
+        sim = sim[:, [column[k] for k in pool]]
         for start in range(0, len(sim), chunk):
-            ranked_rows += [[keys[j] for j in row] for row in vlm2vec_order(sim[start:start + chunk])[:, :depth]]
+            ranked_rows += [[pool[j] for j in row] for row in vlm2vec_order(sim[start:start + chunk])[:, :depth]]
     else:  # local: each query's own candidates, in the order its row lists them
         for i, pool in enumerate(data.local):
             ranked_rows.append([pool[j] for j in vlm2vec_order(sim[i, [column[k] for k in pool]])[:depth]])
@@ -130,7 +135,7 @@ def evaluate_task(model, task: Task, data_root, think_tokens=0, mode="latent", m
     ``score`` None and the reason in ``errors``, its vlm2vec number still in ``scores``."""
     primary, scorings = _scorings(scoring)
     start = time.perf_counter()
-    data = load_task(task, data_root, num_frames=num_frames, limit=limit, misses="vlm2vec" in scorings)
+    data = load_task(task, data_root, num_frames=num_frames, limit=limit, vlm2vec="vlm2vec" in scorings)
     if not data.queries:
         raise ValueError(f"{task.name}: no queries in the test file")
     keys = list(data.candidates)
@@ -159,12 +164,14 @@ def evaluate_task(model, task: Task, data_root, think_tokens=0, mode="latent", m
                 try:
                     by_scoring[name] = score_task(data, q_emb, c_emb, keys, model.similarity, scoring=name)
                 except ValueError as err:
-                    if name == primary and len(scorings) == 1 or isinstance(err, NonFiniteScoresError):
+                    if (name == primary and len(scorings) == 1) or isinstance(err, NonFiniteScoresError):
                         raise
                     errors[name] = f"{type(err).__name__}: {err}"
         metrics = by_scoring.get(primary, {})
-        extra_keys = {"scoring": scoring, **({"misses": len(data.misses)} if "vlm2vec" in scorings else {}), "scores": {name: by_scoring[name][task.metric] if name in by_scoring else None
-                                                     for name in scorings}}
+        extra_keys = {"scoring": scoring,
+                      "scores": {name: by_scoring[name][task.metric] if name in by_scoring else None for name in scorings}}
+        if "vlm2vec" in scorings:  # queries kept as VLM2Vec keeps them (the correct scoring refuses the task)
+            extra_keys.update(misses=len(data.misses), added_candidates=len(data.added))
         if len(scorings) > 1:
             extra_keys.update(by_scoring=by_scoring, errors=errors)
         results[k] = {"task": task.name, "modality": task.modality, "category": task.category, "metric": task.metric,

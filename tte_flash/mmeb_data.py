@@ -173,7 +173,9 @@ class TaskData:
     # keys of ``relevance`` with binary grades. label_ids: per query [(the id as VLM2Vec holds it, our key)].
     label_ids: list[list[tuple]] | None = None
     grades: list[list] | None = None
-    misses: list[str] = field(default_factory=list)  # queries kept as misses (load_task(misses=True)): why each
+    # load_task(vlm2vec=True): positives that are not among the listed candidates, kept as VLM2Vec keeps them
+    misses: list[str] = field(default_factory=list)  # queries counted wrong (an MVBench answer no option has): why
+    added: list[str] = field(default_factory=list)   # labels added to the pool (a label labels.txt lacks): why
 
 
 def annotation_files(data_root, task: Task, part: str | None = None) -> list[Path]:
@@ -228,24 +230,28 @@ def _require(rows, columns, task):
         raise ValueError(f"{task.name}: the test file lacks column(s) {missing} (has {sorted(rows[0])})")
 
 
-def load_task(task: Task, data_root, num_frames: int = 8, limit: int | None = None, misses: bool = False) -> TaskData:
+def load_task(task: Task, data_root, num_frames: int = 8, limit: int | None = None, vlm2vec: bool = False) -> TaskData:
     """Queries, candidates and relevance of one task, read from ``data_root`` in VLM2Vec's layout.
 
-    A query whose positive is not among its candidates (a video classification label missing from
+    A query whose positive is not among the listed candidates (a video classification label missing from
     labels.txt, an MVBench answer not among the options) is a ``ValueError`` that fails the task, unless
-    ``misses=True`` (VLM2Vec's procedure): then the query is kept with a relevant key no candidate has, so
-    it scores 0, ``TaskData.misses`` says why for each and a warning gives their number."""
+    ``vlm2vec=True`` (for ``--scoring vlm2vec``): then the query is kept as VLM2Vec keeps it. VLM2Vec's pool
+    of a global task starts with every query's own candidate names (``generate_cand_dataset``), so a
+    missing video label becomes one more candidate (``TaskData.added``); an MVBench answer no option has is
+    a query counted wrong (``TaskData.misses``). A warning and the task's notes give their number."""
     loader = globals()[f"_load_{task.parser}"]
     limit = min(x for x in (limit, task.max_queries) if x) if (limit or task.max_queries) else None
     if loader in (_load_video_cls, _load_video_qa):
-        data = loader(task, Path(data_root), num_frames, limit, misses=misses)
+        data = loader(task, Path(data_root), num_frames, limit, vlm2vec=vlm2vec)
     else:
         data = loader(task, Path(data_root), num_frames, limit)
-    if data.misses:
-        logger.warning("%s: %d of %d queries scored as misses (their positive is not a candidate, as VLM2Vec "
-                       "scores them); first: %s", task.name, len(data.misses), len(data.queries), data.misses[0])
-        data.notes.append(f"{len(data.misses)} of {len(data.queries)} queries scored as misses: their positive is "
-                          f"not a candidate (first: {data.misses[0]})")
+    for found, what in ((data.misses, "scored as misses: their answer is none of their options"),
+                        (data.added, "have a label the label list lacks: added to the candidates")):
+        if found:
+            logger.warning("%s: %d of %d queries %s, as VLM2Vec does (the correct scoring fails the task); first: %s",
+                           task.name, len(found), len(data.queries), what, found[0])
+            data.notes.append(f"{len(found)} of {len(data.queries)} queries {what}, as VLM2Vec does "
+                              f"(first: {found[0]})")
     return data
 
 
@@ -290,7 +296,7 @@ def _load_image(task, root, num_frames, limit):
 _load_image_cls = _load_image_qa = _load_image_i2t = _load_image_t2i = _load_image_i2i_vg = _load_image
 
 
-def _load_video_cls(task, root, num_frames, limit, misses=False):
+def _load_video_cls(task, root, num_frames, limit, vlm2vec=False):
     """video_id, pos_text; every query ranks every label of the task (labels.txt/json, else those in the file)."""
     directory = Path(root) / task.annotation[0]
     all_rows = read_rows(annotation_files(root, task))
@@ -311,13 +317,14 @@ def _load_video_cls(task, root, num_frames, limit, misses=False):
         label = str(row["pos_text"])
         if label not in candidates:
             problem = f"{task.name}: label {label!r} of video {row['video_id']} is not in {label_file}"
-            if not misses:
+            if not vlm2vec:
                 raise ValueError(problem)
             missed.append(problem)
+            candidates[label] = {"text": label}  # VLM2Vec's pool: the queries' labels, then the label list
         queries.append({"text": VIDEO_CLS_INSTRUCTION[task.name],
                         "video": frames(root / task.media / str(row["video_id"]), num_frames)})
         relevance.append({label: 1})
-    return TaskData(queries, relevance, candidates, None, notes, misses=missed)
+    return TaskData(queries, relevance, candidates, None, notes, added=missed)
 
 
 def _load_ssv2(task, root, num_frames, limit):
@@ -459,7 +466,7 @@ _QA_ROW = {  # parser: (row function, columns it reads)
 }
 
 
-def _load_video_qa(task, root, num_frames, limit, misses=False):
+def _load_video_qa(task, root, num_frames, limit, vlm2vec=False):
     """Multiple-choice video QA: each query ranks its own options (Hit@1)."""
     if task.parser == "mvbench":  # one folder per subset; the subset names the frame folder
         files = [f for subset in MVBENCH_SUBSETS for f in _subset_files(root, task, subset)]
@@ -477,7 +484,7 @@ def _load_video_qa(task, root, num_frames, limit, misses=False):
         folder, question, names, texts, answer = parse(row)
         if answer not in names:
             problem = f"{task.name}: answer {answer!r} is not among the options {names}"
-            if not misses:
+            if not vlm2vec:
                 raise ValueError(problem)
             missed.append(problem)
         candidates.update({n: {"text": t} for n, t in zip(names, texts) if n not in candidates})
