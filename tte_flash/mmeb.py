@@ -20,7 +20,8 @@ its own grade, ties are broken pessimistically (a relevant candidate ranks below
 query whose positive is not among its candidates fails the task. ``vlm2vec``: VLM2Vec's procedure,
 reproduced exactly: grades paired with documents after a ``set`` reorders the labels (its graded NDCG then
 depends on the ids' hash order, for string ids on PYTHONHASHSEED), ties in numpy's unstable ``argsort``
-order of float32 scores, and such a query counted as a miss (with a warning).
+order of float32 scores over VLM2Vec's pool order, and such a query kept as VLM2Vec keeps it, with a warning
+(an MVBench answer no option has: a miss; a video label labels.txt lacks: one more candidate).
 
 The task registry and the loaders live in :mod:`tte_flash.mmeb_data`, the ranking metrics in
 :mod:`tte_flash.ranking`; their names are importable from here too.
@@ -431,11 +432,13 @@ def main(argv=None) -> int:
     import sys
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(
-        prog="python -m tte_flash.mmeb", description=main.__doc__.split("\n")[0],
+        prog="python -m tte_flash.mmeb",
+        description="MMEB-V2 scored the chosen way: --scoring plus the options of python -m tte_flash.evaluate "
+                    "--benchmark mmeb-v2 (--model, --data_root, --output, --tasks, ...); or --write_labels.",
         epilog="Any other option is passed to python -m tte_flash.evaluate --benchmark mmeb-v2 (see its --help).")
     parser.add_argument("--scoring", choices=(*SCORINGS, "both"), default="correct",
-                        help="correct (default): graded qrels as given, pessimistic ties, a positive that is no "
-                             "candidate fails the task; vlm2vec: VLM2Vec's procedure, comparable with its leaderboard; "
+                        help="correct (default): graded qrels as given, pessimistic ties, a positive that is not a "
+                             "listed candidate fails the task; vlm2vec: VLM2Vec's procedure, comparable with its leaderboard; "
                              "both: the two side by side in the summary")
     parser.add_argument("--write_labels", "--write-labels", default=None, metavar="VLM2VEC_FILE",
                         help="write labels.txt from VLM2Vec's src/data/eval_dataset/video_classification_utils.py")
