@@ -232,7 +232,7 @@ def test_ties_break_numpys_way_and_never_below_the_pessimistic_rule():
     assert higher > 0
 
 
-# ---------------------------------------------------------------------------------------- unlisted positives, the runner, the CLI
+# ------------------------------------------------------------------------ unlisted positives, the runner, the CLI
 
 class KeyModel:
     """Embeds a text by itself, a video by its folder's name, an image by its file's stem: a vector from
@@ -306,7 +306,8 @@ def root(tmp_path_factory):
     return root
 
 
-# videos v0/v1/v2 look like run/jump/fly (fly: the label labels.txt lacks); MVBench videos look like their first option; the query finds page 2
+# videos v0/v1/v2 look like run/jump/fly (fly: the label labels.txt lacks); MVBench videos look like their
+# first option, except m2 (its answer); the query finds page 2
 SAME = {"v0": "run", "v1": "jump", "v2": "fly", "m0.mp4": "(A) red", "m1.mp4": "(A) up", "m2.mp4": "(B) two",
         mmeb_data._text(mmeb_data.DOC_QUERY, "page two"): "2"}
 TASKS = ["HMDB51", "MVBench", "ViDoRe_arxivqa"]
