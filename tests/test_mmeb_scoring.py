@@ -392,6 +392,22 @@ def test_cli_scoring_with_the_tiny_model(root, tmp_path, capsys):
         mmeb.main(["--scoring", "exact", *args, "--output", str(tmp_path / "x")])
 
 
+def test_evaluate_cli_takes_scoring_too(root, tmp_path, capsys):
+    """``python -m tte_flash.evaluate --benchmark mmeb-v2 --scoring vlm2vec`` is the same run as the mmeb CLI's."""
+    from tte_flash import evaluate
+    args = ["--model", "tiny", "--data_root", str(root), "--tasks", "ViDoRe_arxivqa", "--think_tokens", "0",
+            "--batch_size", "4"]
+    torch.manual_seed(0)
+    assert evaluate.main(["--benchmark", "mmeb-v2", "--scoring", "vlm2vec", *args, "--output", str(tmp_path / "e")]) == 0
+    torch.manual_seed(0)
+    assert mmeb.main(["--scoring", "vlm2vec", *args, "--output", str(tmp_path / "m")]) == 0
+    by_cli = [json.loads((tmp_path / d / "summary.json").read_text()) for d in ("e", "m")]
+    assert by_cli[0]["scoring"] == by_cli[1]["scoring"] == "vlm2vec"
+    assert by_cli[0]["tasks"]["ViDoRe_arxivqa"]["score"] == by_cli[1]["tasks"]["ViDoRe_arxivqa"]["score"]
+    with pytest.raises(SystemExit):  # a single file has no vlm2vec procedure
+        evaluate.main(["--model", "tiny", "--data", str(tmp_path / "x.jsonl"), "--scoring", "vlm2vec"])
+
+
 # ---------------------------------------------------------------------------------------- the measured difference
 
 def measure(n: int = 2000, seed: int = 17) -> dict:

@@ -266,6 +266,9 @@ def main(argv=None) -> int:
                         help="mmeb-v2: frames sampled per video (VLM2Vec: 8)")
     parser.add_argument("--overwrite", action="store_true",
                         help="mmeb-v2: recompute tasks whose score files hold another model's or setting's scores")
+    parser.add_argument("--scoring", choices=("correct", "vlm2vec", "both"), default=None,
+                        help="mmeb-v2: correct (default), vlm2vec (VLM2Vec's procedure, comparable with its "
+                             "leaderboard) or both side by side (docs/mmeb.md, 'Scoring: correct vs vlm2vec')")
     parser.add_argument("--image_root", "--image-root", default=None, help="default: the data file's folder")
     parser.add_argument("--think_tokens", "--think-tokens", nargs="+", type=_think_budget, default=None,
                         help="one or more budgets K (default: the model's default_think_tokens)")
@@ -287,6 +290,8 @@ def main(argv=None) -> int:
         return _main_mmeb_v2(args)
     if args.data is None:
         parser.error("--data is required (or pass --benchmark mmeb-v2 --data_root DIR)")
+    if args.scoring not in (None, "correct"):
+        parser.error("--scoring vlm2vec/both is for --benchmark mmeb-v2")
     try:
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         model = load_model(args.model, device)
@@ -332,6 +337,7 @@ def _main_mmeb_v2(args) -> int:
                                      overwrite=args.overwrite, think_tokens=think_tokens, mode=args.mode[0],
                                      max_cot_tokens=args.max_cot_tokens, batch_size=args.batch_size,
                                      num_frames=args.num_frames, limit=args.limit, reasoner=reasoner,
+                                     scoring=args.scoring,
                                      progress=lambda line: print(line, file=sys.stderr, flush=True))
     except (ValueError, FileNotFoundError, ImportError) as err:
         print(f"tte_flash.evaluate: error: {err}", file=sys.stderr)
