@@ -45,8 +45,8 @@ Devices and block shapes
 
 Known limits
     The configs were chosen from compile statistics (registers, spills, shared memory), not timed on a
-    GPU: run ``benchmarks/attention.py`` on one before trusting the numbers. No dropout, no attention bias, no KV cache; the LSE is returned
-    but not differentiable.
+    GPU: run ``benchmarks/attention.py`` on one before trusting the numbers. No dropout, no attention
+    bias, no KV cache; the LSE is returned but not differentiable.
 """
 from __future__ import annotations
 
