@@ -226,23 +226,7 @@ class World:
             hops = int(self.rng.choice(4, p=list(MOVE_HOPS)))
         else:
             hops = self._hops(MOVE_HOPS)
-        for _ in range(100):
-            grid = self.grid()
-            n_rows, n_cols = len(grid), len(grid[0])
-            unique = self._unique_cells(grid)
-            from_colour = bool(unique) and self.rng.random() < 0.75
-            start = unique[self._pick(sorted(unique))] if from_colour else \
-                (int(self.rng.integers(n_rows)), int(self.rng.integers(n_cols)))
-            moves = []
-            for _ in range(hops):
-                options = [m for m in MOVES if (not moves or OPPOSITE[m] != moves[-1])
-                           and 0 <= walk(start, moves + [m])[-1][0] < n_rows
-                           and 0 <= walk(start, moves + [m])[-1][1] < n_cols]
-                if not options:
-                    break
-                moves.append(self._pick(options))
-            if len(moves) == hops:
-                break
+        grid, start, moves, from_colour = self._walk_setup(hops)
         cells = walk(start, moves)
         answer = grid[cells[-1][0]][cells[-1][1]]
         anchor = grid[start[0]][start[1]]
