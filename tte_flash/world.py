@@ -273,14 +273,18 @@ class World:
             question = " ".join(template.format(p=people[i], t=thing) for i in asked_all)
             answer = " ".join(f"{people[i]}'s {thing} is {colours[i]}." for i in asked_all)
         else:
-            things = [THINGS[i] for i in self.rng.permutation(len(THINGS))[:n]]
-            facts = [f"{p} has the {t}." for p, t in zip(people, things)]
-            facts += [f"The {t} is {c}." for t, c in zip(things, colours)]
+            things, facts = self._two_hop_facts(people, colours)
             question = self._pick(("Q: What colour is the thing {p} has?", "Q: Which colour is the thing {p} has?"))
             question = question.format(p=people[asked])
             answer = f"{people[asked]} has the {things[asked]}. the {things[asked]} is {colours[asked]}."
         facts = [facts[i] for i in self.rng.permutation(len(facts))]
         return {"grid": None, "image": None, "prompt": " ".join(facts) + " " + question, "answer": answer}
+
+    def _two_hop_facts(self, people, colours):
+        """Things for ``people`` and the facts binding person -> thing -> colour (a 2-hop text question)."""
+        things = [THINGS[i] for i in self.rng.permutation(len(THINGS))[:len(people)]]
+        facts = [f"{p} has the {t}." for p, t in zip(people, things)]
+        return things, facts + [f"The {t} is {c}." for t, c in zip(things, colours)]
 
     def _text_short(self, hops: int | None = None):
         """One text question, 1 hop (a person's thing) or 2 (the thing a person has), answered in one word."""
@@ -295,9 +299,7 @@ class World:
             question = self._pick(("Q: What colour is {p}'s {t}?", "Q: Which colour is {p}'s {t}?"))
             question = question.format(p=people[asked], t=thing)
         else:
-            things = [THINGS[i] for i in self.rng.permutation(len(THINGS))[:n]]
-            facts = [f"{p} has the {t}." for p, t in zip(people, things)]
-            facts += [f"The {t} is {c}." for t, c in zip(things, colours)]
+            things, facts = self._two_hop_facts(people, colours)
             question = self._pick(("Q: What colour is the thing {p} has?", "Q: Which colour is the thing {p} has?"))
             question = question.format(p=people[asked])
         facts = [facts[i] for i in self.rng.permutation(len(facts))]
