@@ -9,8 +9,12 @@ Providers (same inputs, same layout):
   (built once, outside the timing; K/V repeated to the query heads inside);
 * ``flex``        - compiled FlexAttention with a ``mask_mod`` derived from :func:`tte_flash.mask.visible`
   (block mask built once, outside the timing); CUDA only;
-* ``fa2-varlen``  - FlashAttention-2 ``flash_attn_varlen_func`` with plain per-sample causal masking,
-  the speed-of-light reference (a slightly different mask); only where ``flash_attn`` is installed.
+* ``fa2-varlen``  - FlashAttention-2 varlen with plain per-sample causal masking, the speed-of-light
+  reference (a slightly different mask): ``flash_attn.flash_attn_varlen_func`` where flash-attn is installed,
+  else PyTorch's own FlashAttention-2 kernels through ``torch.nn.attention.varlen.varlen_attn`` (torch >= 2.9;
+  causal as ``window_size=(-1, 0)`` from 2.11, ``is_causal=True`` before), else
+  ``torch.ops.aten._flash_attention_forward`` with ``cu_seqlens``. Every row says which (``implementation``);
+  where none runs, a row with ``status`` ``unavailable`` and the reason is written, never nothing.
 
 Layouts: ``train`` packs samples of ~300 query + 16 think + 1 emb + ~128 cot tokens, ``infer`` the same
 without COT, truncated to exactly ``--tokens`` tokens. Shapes default to Qwen2-VL-2B attention
@@ -22,7 +26,9 @@ are reported. Useful TFLOP/s count only visible query-key pairs: 4 * D * pairs *
 H100: fwd+bwd >= 1.2x FlexAttention and >= 1.0x FA2 varlen causal in useful TFLOP/s.
 
 Rows go to ``benchmarks/results/attention-<device>-<date>.json`` (or ``--output``) with the device,
-versions and commit; a table with ratios (TTE TFLOP/s over each provider's) is printed.
+versions and commit; a table with ratios (TTE TFLOP/s over each provider's) is printed. ``--jsonl PATH``
+also appends every row the moment it is measured (a provider that fails or is missing gets a row with its
+``status`` and reason), so a run killed in, say, FlexAttention's first compile keeps the rows before it.
 
 Tile accounting (``--tile-counts``, pure CPU arithmetic on the layout, no kernel launch): per kernel block
 shape, the tiles the kernels visit, how many hold a visible pair, how many evaluate the per-element mask
@@ -40,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import inspect
 import json
 import os
 import sys
@@ -61,7 +68,8 @@ from _common import default_results_path, device_name, git_commit, versions  # n
 
 from tte_flash.mask import COT, EMB, QUERY, THINK, dense_mask, visible  # noqa: E402
 
-PROVIDERS = ("tte-triton", "sdpa-dense", "flex", "fa2-varlen")
+# in the order they run: the kernel and the fastest reference first, FlexAttention (a compile) and the dense mask later
+PROVIDERS = ("tte-triton", "fa2-varlen", "flex", "sdpa-dense")
 MODES = ("fwd", "bwd", "fwd+bwd")
 FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}
 
@@ -145,13 +153,65 @@ def setup(provider: str, layout: Layout, q, k, v, options: dict):
         return lambda: compiled(*(x.transpose(0, 1)[None] for x in (q, k, v)), block_mask=block_mask,
                                 enable_gqa=True)[0].transpose(0, 1)
     if provider == "fa2-varlen":
-        from flash_attn import flash_attn_varlen_func  # noqa: raises ImportError where not installed
         lengths = torch.tensor([sum(s) for s in layout.samples], device=q.device)
         cu_seqlens = F.pad(torch.cumsum(lengths, 0), (1, 0)).to(torch.int32)
-        longest = int(lengths.max())
-        return lambda: flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, longest, longest, causal=True)
+        return fa2_varlen(q, k, v, cu_seqlens, int(lengths.max()))
     raise ValueError(f"unknown provider {provider!r}; choose from {PROVIDERS}")
 
+
+def fa2_varlen(q, k, v, cu_seqlens, longest: int):
+    """A callable of FlashAttention-2 varlen (per-sample causal) on packed (T, H, D) tensors, tagged with the
+    implementation that runs it (``.implementation``): flash-attn where installed, else PyTorch's built-in
+    FlashAttention-2 kernels (``torch.nn.attention.varlen.varlen_attn``, else ``aten._flash_attention_forward``).
+    Raises RuntimeError naming every implementation tried when none runs here (e.g. without CUDA)."""
+    tried = []
+    for name, make in _FA2_IMPLEMENTATIONS:
+        try:
+            fn, label = make(q, k, v, cu_seqlens, longest)
+            fn()  # runs once here: a kernel that rejects these shapes falls through to the next implementation
+        except Exception as error:  # ImportError, a missing op, a CUDA-only kernel on the CPU, a shape check
+            first_line = (str(error).splitlines() or [""])[0]
+            tried.append(f"{name}: {type(error).__name__}: {first_line[:160]}")
+            continue
+        fn.implementation = label
+        return fn
+    raise RuntimeError("no FlashAttention-2 varlen implementation runs here (" + "; ".join(tried) + ")")
+
+
+def _fa2_flash_attn(q, k, v, cu_seqlens, longest):
+    import flash_attn
+    from flash_attn import flash_attn_varlen_func
+
+    def call():
+        return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, longest, longest, causal=True)
+    return call, f"flash_attn.flash_attn_varlen_func (flash-attn {flash_attn.__version__})"
+
+
+def _fa2_torch_varlen(q, k, v, cu_seqlens, longest):
+    from torch.nn.attention.varlen import varlen_attn
+    params = inspect.signature(varlen_attn).parameters
+    # torch 2.9/2.10: is_causal=True; 2.11 and later: a (left, right) window, (-1, 0) being causal
+    causal = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    if "enable_gqa" in params:
+        causal["enable_gqa"] = True
+
+    def call():
+        return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, longest, longest, **causal)
+    return call, (f"torch.nn.attention.varlen.varlen_attn({', '.join(f'{k}={v}' for k, v in causal.items())}) "
+                  f"(torch {torch.__version__}: PyTorch's FlashAttention-2 kernels; flash-attn not installed)")
+
+
+def _fa2_aten(q, k, v, cu_seqlens, longest):
+    op = torch.ops.aten._flash_attention_forward
+
+    def call():
+        return op(q, k, v, cu_seqlens, cu_seqlens, longest, longest, 0.0, True, False)[0]
+    return call, (f"torch.ops.aten._flash_attention_forward(is_causal=True) (torch {torch.__version__}: "
+                  "PyTorch's FlashAttention-2 kernels; flash-attn and torch.nn.attention.varlen absent)")
+
+
+_FA2_IMPLEMENTATIONS = (("flash_attn", _fa2_flash_attn), ("torch.nn.attention.varlen", _fa2_torch_varlen),
+                        ("aten._flash_attention_forward", _fa2_aten))
 
 _FLEX = {}
 
@@ -297,6 +357,18 @@ def measure(fn, device, warmup: int, repeats: int):
     return float(p20), float(p50), float(p80), peak_mb
 
 
+def append_jsonl(path, row: dict) -> None:
+    """Append one row to a JSON-lines file and flush it to disk (a process killed later keeps it)."""
+    if path is None:
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(row, default=str) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def run(args) -> list[dict]:
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
@@ -311,27 +383,38 @@ def run(args) -> list[dict]:
             gen = torch.Generator(device=device).manual_seed(0)
             q, k, v = (torch.randn(tokens, heads, args.head_dim, device=device, dtype=dtype, generator=gen)
                        .requires_grad_() for heads in (args.q_heads, args.kv_heads, args.kv_heads))
+            case = dict(kernel="tte_attention", layout=layout_name, tokens=tokens, samples=len(layout.samples),
+                        dtype=args.dtype, q_heads=args.q_heads, kv_heads=args.kv_heads, head_dim=args.head_dim,
+                        **options)
             for provider in args.providers:
                 try:
                     fn = setup(provider, layout, q, k, v, options)
                 except (ImportError, RuntimeError) as error:
                     print(f"skip {provider} ({layout_name}, {tokens} tokens): {error}")
+                    append_jsonl(args.jsonl, dict(case, provider=provider, mode=None, status="unavailable",
+                                                  reason=f"{type(error).__name__}: {error}", **environment))
                     continue
+                implementation = getattr(fn, "implementation", None)
                 for mode in args.modes:
                     print(f"{layout_name} {tokens} tokens: {provider} {mode} ...", file=sys.stderr, flush=True)
+                    started = time.perf_counter()
                     try:
                         p20, p50, p80, peak_mb = measure(mode_callable(fn, mode, (q, k, v)), device, args.warmup,
                                                          args.repeats)
                     except (RuntimeError, torch.OutOfMemoryError) as error:  # compile failure, OOM
                         print(f"skip {provider} {mode} ({layout_name}, {tokens} tokens): {error}")
+                        append_jsonl(args.jsonl, dict(case, provider=provider, mode=mode, status="failed",
+                                                      implementation=implementation,
+                                                      reason=f"{type(error).__name__}: {error}"[:2000], **environment))
                         continue
                     useful = pairs["causal" if provider == "fa2-varlen" else "tte"]
                     flops = 4 * args.head_dim * useful * args.q_heads * FLOP_FACTOR[mode]
-                    rows.append(dict(kernel="tte_attention", provider=provider, mode=mode, layout=layout_name,
-                                     tokens=tokens, samples=len(layout.samples), visible_pairs=useful,
-                                     dtype=args.dtype, q_heads=args.q_heads, kv_heads=args.kv_heads,
-                                     head_dim=args.head_dim, **options, ms_p20=p20, ms_p50=p50, ms_p80=p80,
-                                     tflops=flops / (p50 * 1e-3) / 1e12, peak_mem_mb=peak_mb, **environment))
+                    row = dict(case, provider=provider, mode=mode, status="ok", implementation=implementation,
+                               visible_pairs=useful, ms_p20=p20, ms_p50=p50, ms_p80=p80,
+                               tflops=flops / (p50 * 1e-3) / 1e12, peak_mem_mb=peak_mb,
+                               seconds_with_warmup=round(time.perf_counter() - started, 2), **environment)
+                    rows.append(row)
+                    append_jsonl(args.jsonl, row)
     return rows
 
 
@@ -346,13 +429,16 @@ def print_table(rows: list[dict]) -> None:
         peak = f"{r['peak_mem_mb']:9.1f}" if r["peak_mem_mb"] is not None else "        -"
         print(f"{r['layout']:7} {r['tokens']:7d} {r['mode']:8} {r['provider']:11} {r['ms_p50']:9.3f} "
               f"{r['tflops']:8.2f} {peak} {ratio}")
+    for implementation in sorted({r["implementation"] for r in rows if r.get("implementation")}):
+        print(f"fa2-varlen ran as {implementation}")
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tiny", action="store_true",
-                        help="tiny sizes (48 tokens, 2/1 heads, head_dim 16, fp32, TTE and SDPA only): exercises "
+                        help="tiny sizes (48 tokens, 2/1 heads, head_dim 16, fp32, TTE and SDPA unless --providers "
+                             "names others): exercises "
                              "the code path on the CPU under the Triton interpreter; timings mean nothing")
     parser.add_argument("--tokens", type=int, nargs="+", default=[4096, 8192, 16384])
     parser.add_argument("--layouts", nargs="+", choices=("train", "infer"), default=["train", "infer"])
@@ -368,6 +454,9 @@ def parse_args(argv=None):
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--output", type=Path, help="JSON rows (default benchmarks/results/attention-<device>-<date>"
                                                     ".json, attention-tiles-cpu-<date>.json with --tile-counts)")
+    parser.add_argument("--jsonl", type=Path, default=None,
+                        help="also append each row to this JSON-lines file as soon as it is measured (and a row with "
+                             "the reason for each provider that is unavailable or fails)")
     parser.add_argument("--tile-counts", action="store_true",
                         help="count the tiles the kernels visit (previous scheme and block table) on the CPU; "
                              "no kernel runs")
@@ -382,7 +471,8 @@ def parse_args(argv=None):
     if args.tiny:
         args.tokens, args.q_heads, args.kv_heads, args.head_dim = [48], 2, 1, 16
         args.dtype, args.warmup, args.repeats = "float32", 1, 2
-        args.providers = [p for p in args.providers if p in ("tte-triton", "sdpa-dense")]
+        if not any(a.startswith("--providers") for a in given):  # named ones run (and say why they cannot)
+            args.providers = [p for p in args.providers if p in ("tte-triton", "sdpa-dense")]
     return args
 
 
