@@ -11,10 +11,18 @@ to 16 bits before its matmuls, and under the CPU interpreter at head dims 16-64 
 the plain one over 8 packings, hence 3). PyTorch SDPA's error in the low dtype (fp32 inside) is recorded too.
 A mask bug that hides or shows one key in thirty moves the output by percents: far outside the allowance.
 
+Variants (``--variants``; all by default): ``packed`` - the random packings above, every flag combination and
+seed; and, once per dtype and head dim with the default flags, ``t16`` - a packing of T rounded up to a multiple
+of 16 (the launches specialise on T % 16 == 0: other code than the odd T), ``long`` - one sample filling the
+whole T (a long query, K=16, emb, a long COT: every tile of the diagonal band, most of them full), ``group1`` -
+as many KV heads as query heads (no GQA). These run the shipped tiles and 16-bit rounding of P and dS, which the
+CPU interpreter cannot (it forces 16x16 tiles and upcasts 16-bit dots).
+
     python benchmarks/kernel_check.py --out results/             # GPU: full shapes, ~4k-token packings
     python benchmarks/kernel_check.py --tiny                     # CPU under TRITON_INTERPRET=1: the code path
 
-Exit status 1 when any case fails. Writes JSON rows when ``--out`` is given.
+Exit status 1 when any case fails (wrong results; a crash exits 1 too, with a traceback and no failed row).
+Writes JSON rows when ``--out`` is given; ``--jsonl PATH`` appends each case's row as soon as it is checked.
 """
 from __future__ import annotations
 
@@ -52,6 +60,15 @@ def random_packing(tokens: int, gen: torch.Generator, device, longest: int = 400
             torch.tensor(types[:tokens], dtype=torch.uint8, device=device))
 
 
+def long_packing(tokens: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sample filling ``tokens``: a query of ~70%, K=16 think tokens, emb, the rest COT."""
+    query = max(1, min(tokens - 18, int(tokens * 0.7)))
+    lengths = [(QUERY, query), (THINK, min(16, tokens - query)), (EMB, 1 if tokens > query + 16 else 0)]
+    lengths.append((COT, tokens - sum(n for _, n in lengths)))
+    types = [t for t, n in lengths for _ in range(n)]
+    return (torch.zeros(tokens, dtype=torch.int32, device=device), torch.tensor(types, dtype=torch.uint8, device=device))
+
+
 def dense_attention(q, k, v, mask, scale):
     """Explicit softmax attention, every op in q's dtype (the reference in float64; in a 16-bit dtype the
     low-precision baseline, as FlashAttention's tests build theirs)."""
@@ -74,10 +91,11 @@ def _grads(fn, inputs, d_out):
 
 
 def check_case(tokens, q_heads, kv_heads, head_dim, dtype, think_bidirectional, cot_sees_query, seed, device,
-               slack, longest=400, factor=3.0) -> dict:
+               slack, longest=400, factor=3.0, variant="packed") -> dict:
     from tte_flash.kernels import tte_attention
     gen = torch.Generator().manual_seed(seed)
-    seq_ids, types = random_packing(tokens, gen, device, longest)
+    seq_ids, types = (long_packing(tokens, device) if variant == "long"
+                      else random_packing(tokens, gen, device, longest))
     q, k, v = (torch.randn(tokens, h, head_dim, generator=gen).to(device, dtype)
                for h in (q_heads, kv_heads, kv_heads))
     d_out = torch.randn(tokens, q_heads, head_dim, generator=gen).to(device)
@@ -90,7 +108,7 @@ def check_case(tokens, q_heads, kv_heads, head_dim, dtype, think_bidirectional, 
     # the baseline: the same attention computed in the low dtype throughout; PyTorch SDPA's error beside it
     baseline = _grads(lambda a, b, c: dense_attention(a, b, c, mask, scale), [q, k, v], d_out)
     framework = _grads(lambda a, b, c: sdpa(a, b, c, mask, scale), [q, k, v], d_out)
-    row = {"tokens": tokens, "samples": int(seq_ids[-1]) + 1, "q_heads": q_heads, "kv_heads": kv_heads,
+    row = {"variant": variant, "tokens": tokens, "samples": int(seq_ids[-1]) + 1, "q_heads": q_heads, "kv_heads": kv_heads,
            "head_dim": head_dim, "dtype": str(dtype)[6:], "think_bidirectional": think_bidirectional,
            "cot_sees_query": cot_sees_query, "seed": seed, "ok": True}
     for name, got, base, torch_sdpa, want in zip(("out", "dq", "dk", "dv"), kernel, baseline, framework, reference):
@@ -115,7 +133,11 @@ def parse_args(argv=None):
     p.add_argument("--seeds", type=int, default=2, help="random packings per shape")
     p.add_argument("--slack", type=float, default=1e-3, help="absolute allowance on the relative error")
     p.add_argument("--factor", type=float, default=3.0, help="allowed multiple of the plain low-precision error")
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
+                   help="packed: random packings x every flag; t16 / long / group1: T %% 16 == 0, one long sample, "
+                        "no GQA (once per dtype and head dim, default flags)")
     p.add_argument("--out", type=Path, default=None, help="directory for kernel_check.json")
+    p.add_argument("--jsonl", type=Path, default=None, help="append each case's row here as soon as it is checked")
     args = p.parse_args(argv)
     tiny = args.tiny or not torch.cuda.is_available()
     args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -128,16 +150,51 @@ def parse_args(argv=None):
     return args
 
 
+VARIANTS = ("packed", "t16", "long", "group1")
+
+
+def cases_of(args) -> list[tuple]:
+    """(variant, tokens, heads, head dim, dtype, think_bidirectional, cot_sees_query, seed) of every case: the
+    random packings with every flag first, then each extra variant once per dtype and head dim."""
+    cases = []
+    if "packed" in args.variants:
+        cases += [("packed", tokens, args.heads, head_dim, dtype, bidir, sees_query, seed)
+                  for tokens, head_dim, dtype, bidir, sees_query, seed in itertools.product(
+                      args.tokens, args.head_dims, args.dtypes, (False, True), (True, False), range(args.seeds))]
+    tokens = max(args.tokens)
+    for head_dim, dtype in itertools.product(args.head_dims, args.dtypes):
+        if "t16" in args.variants:
+            cases.append(("t16", -(-tokens // 16) * 16 if tokens % 16 else tokens + 16, args.heads, head_dim,
+                          dtype, False, True, 0))
+        if "long" in args.variants:
+            cases.append(("long", tokens, args.heads, head_dim, dtype, False, True, 0))
+        if "group1" in args.variants:
+            cases.append(("group1", tokens, (args.heads[0], args.heads[0]), head_dim, dtype, False, True, 0))
+    return cases
+
+
+def append_jsonl(path, row: dict) -> None:
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(dict(row, source="kernel_check")) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     rows, start = [], time.perf_counter()
-    cases = list(itertools.product(args.tokens, args.head_dims, args.dtypes, (False, True), (True, False),
-                                   range(args.seeds)))
-    for n, (tokens, head_dim, dtype, bidir, sees_query, seed) in enumerate(cases, 1):
-        row = check_case(tokens, *args.heads, head_dim, getattr(torch, dtype), bidir, sees_query, seed,
-                         args.device, args.slack, longest=args.longest, factor=args.factor)
+    cases = cases_of(args)
+    for n, (variant, tokens, heads, head_dim, dtype, bidir, sees_query, seed) in enumerate(cases, 1):
+        row = check_case(tokens, *heads, head_dim, getattr(torch, dtype), bidir, sees_query, seed,
+                         args.device, args.slack, longest=args.longest, factor=args.factor, variant=variant)
+        row["seconds"] = round(time.perf_counter() - start, 1)  # since the start: compiles included
         rows.append(row)
-        print(f"  [{n}/{len(cases)}] T={tokens} d={head_dim} {dtype} bidir={bidir} cot_sees_query={sees_query} "
+        append_jsonl(args.jsonl, row)
+        print(f"  [{n}/{len(cases)}] {variant} T={tokens} heads={heads[0]}/{heads[1]} d={head_dim} {dtype} "
+              f"bidir={bidir} cot_sees_query={sees_query} "
               f"seed={seed}: {'ok' if row['ok'] else 'FAILED ' + ','.join(row['failed'])} "
               f"(out {row['out_err']:.1e} vs {row['out_baseline_err']:.1e}, dk {row['dk_err']:.1e} vs "
               f"{row['dk_baseline_err']:.1e}; SDPA {row['out_sdpa_err']:.1e}, {row['dk_sdpa_err']:.1e})", file=sys.stderr)
