@@ -127,13 +127,14 @@ def _pretrain_main():
     return module.main
 
 
-def test_pretrain_resumes_from_a_checkpoint_with_the_same_losses(tmp_path):
+@pytest.mark.parametrize("pause", [[], ["--pause_tokens", "2", "--pause_p", "0.5"]], ids=["plain", "pause"])
+def test_pretrain_resumes_from_a_checkpoint_with_the_same_losses(tmp_path, pause):
     main = _pretrain_main()
     common = ["--max_steps", "8", "--save_steps", "4", "--logging_steps", "1", "--batch_size", "4",
               "--eval_steps", "0", "--eval_n", "1", "--eval_kinds", "move1_short", "--hidden_size", "32",
               "--intermediate_size", "64", "--num_layers", "2", "--num_heads", "2", "--mrope_section", "2", "3", "3",
               "--vision_depth", "1", "--vocab_size", "400", "--corpus_size", "1000", "--max_hops", "1",
-              "--task_weights", "move_short=1,text_short=1,locate=1", "--threads", "1"]
+              "--task_weights", "move_short=1,text_short=1,locate=1", "--threads", "1", *pause]
     threads = torch.get_num_threads()
     try:
         straight = main(["--output_dir", str(tmp_path / "straight"), *common])

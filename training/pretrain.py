@@ -74,8 +74,13 @@ class PretrainCollator:
     answer, or with ``prompt_loss`` the question and the answer (an image sample's whole text; a text
     sample's question after its facts). Token ids and positions are the same either way."""
 
-    def __init__(self, processor, prompt_loss: bool = False):
+    def __init__(self, processor, prompt_loss: bool = False, pause_tokens: int = 0, pause_p: float = 0.0,
+                 seed: int = 0):
         self.processor, self.prompt_loss = processor, prompt_loss
+        # pause-pretraining (arXiv 2310.02226): with probability pause_p a sample gets ``pause_tokens`` think
+        # tokens between its prompt and its answer, laid out and masked exactly as in TTE training
+        self.pause_tokens, self.pause_p = pause_tokens, pause_p
+        self.rng = torch.Generator().manual_seed(seed)
 
     def __call__(self, samples):
         records, answers = [], []
@@ -91,8 +96,10 @@ class PretrainCollator:
             records.append(self.processor(item))
             question_ids = tokenizer(question, add_special_tokens=False).input_ids if question else []
             answers.append(question_ids + self.processor.tokenize_cot(s["answer"]))
-        batch = collate(records, [], self.processor.emb_token_id, think_tokens=0, cot_ids=answers, packed=False,
-                        pad_id=self.processor.tokenizer.pad_token_id)
+        ks = [self.pause_tokens if self.pause_tokens and float(torch.rand((), generator=self.rng)) < self.pause_p
+              else 0 for _ in samples]
+        batch = collate(records, self.processor.think_token_ids, self.processor.emb_token_id, think_tokens=ks,
+                        cot_ids=answers, packed=False, pad_id=self.processor.tokenizer.pad_token_id)
         return {"size": torch.zeros(len(samples)), "batch": batch}  # accelerate reads the batch size off the first tensor
 
 
@@ -126,12 +133,18 @@ class PretrainTrainer(Trainer):
 class EvalCallback(TrainerCallback):
     """Greedy answers to held-out world questions every ``every`` steps (and at the end)."""
 
-    def __init__(self, every: int, n: int, history: list, kinds=EVAL_KINDS):
+    def __init__(self, every: int, n: int, history: list, kinds=EVAL_KINDS, pause_tokens: int = 0):
         self.every, self.n, self.history, self.kinds = every, n, history, tuple(kinds)
+        self.pause_tokens = pause_tokens
 
     def _run(self, model, step):
         start = time.perf_counter()
         result = evaluate_backbone(model, n=self.n, kinds=self.kinds)
+        if self.pause_tokens:  # the one-word kinds again, answered after the pause tokens
+            short = [k for k in self.kinds if k.endswith("_short")]
+            paused = evaluate_backbone(model, n=self.n, kinds=short, think_tokens=self.pause_tokens)
+            result["examples"].update({f"pause_{k}": v for k, v in paused.pop("examples").items()})
+            result.update({f"pause_{k}": v for k, v in paused.items()})
         model.train()
         result.update(step=step, seconds=round(time.perf_counter() - start, 1))
         self.history.append(result)
@@ -218,6 +231,10 @@ def parse_args(argv=None):
                         "also move_short, text_short)")
     p.add_argument("--max_hops", type=int, default=None,
                    help="cap the hops of move/move_short/text/text_short (a curriculum stage; default: no cap)")
+    p.add_argument("--pause_tokens", type=int, default=0,
+                   help="pause-pretraining: K think tokens between prompt and answer in a share --pause_p of the "
+                        "samples; the exported backbone keeps them in its tokenizer and embeddings")
+    p.add_argument("--pause_p", type=float, default=0.5, help="share of samples with pause tokens")
     p.add_argument("--eval_kinds", nargs="+", default=list(EVAL_KINDS), choices=ALL_EVAL_KINDS,
                    help="held-out question kinds evaluated every --eval_steps (tte_flash.world)")
     # architecture: Qwen2VLConfig fields
@@ -270,8 +287,8 @@ def main(argv=None):
 
     if args.init_from:  # a later stage: continue from an exported backbone, its tokenizer and architecture
         base_tokenizer = AutoTokenizer.from_pretrained(args.init_from)
-        model = TTEFlashModel.from_backbone(args.init_from, max_think_tokens=0, image_min_pixels=3136,
-                                            image_max_pixels=50176)
+        model = TTEFlashModel.from_backbone(args.init_from, max_think_tokens=args.pause_tokens,
+                                            image_min_pixels=3136, image_max_pixels=50176)
     else:
         saved = out / "checkpoints" / "backbone_tokenizer"  # kept for a resumed run: the same vocabulary for sure
         if saved.is_dir():
@@ -282,7 +299,7 @@ def main(argv=None):
             tokenizer = train_word_tokenizer(corpus + ENGLISH, args.vocab_size)
             tokenizer.save_pretrained(saved)
         base_tokenizer = copy.deepcopy(tokenizer)  # the backbone's tokenizer: no TTE tokens
-        model = TTEFlashModel.from_spec(architecture(args), tokenizer)
+        model = TTEFlashModel.from_spec({**architecture(args), "max_think_tokens": args.pause_tokens}, tokenizer)
     n_params = sum(p.numel() for p in model.parameters())
     logger.info("backbone: %.2fM parameters, vocabulary %d", n_params / 1e6, len(base_tokenizer))
 
@@ -295,15 +312,18 @@ def main(argv=None):
         remove_unused_columns=False, disable_tqdm=True)
     stream = WorldStream(args.seed, args.task_weights, args.multi_questions, args.max_hops)
     trainer = PretrainTrainer(model=model, args=training_args, train_dataset=stream,
-                              data_collator=PretrainCollator(model.processor, args.prompt_loss),
-                              callbacks=[EvalCallback(args.eval_steps, args.eval_n, history, args.eval_kinds)]
+                              data_collator=PretrainCollator(model.processor, args.prompt_loss, args.pause_tokens,
+                                                             args.pause_p, args.seed),
+                              callbacks=[EvalCallback(args.eval_steps, args.eval_n, history, args.eval_kinds,
+                                                      args.pause_tokens)]
                               + ([StopAt(args.stop_at_step)] if args.stop_at_step else []))
     resume = args.resume_from_checkpoint
     if resume == "auto":
         resume = last_checkpoint(out / "checkpoints")
         logger.info("resuming from %s", resume) if resume else logger.info("no checkpoint to resume from: a fresh start")
     result = trainer.train(resume_from_checkpoint=resume)
-    export_backbone(model, base_tokenizer, out)
+    # with pause tokens the backbone keeps them (from_backbone then reuses their rows): the TTE tokenizer
+    export_backbone(model, model.processor.tokenizer if args.pause_tokens else base_tokenizer, out)
     summary = {"args": vars(args), "resumed_from": resume, "parameters": n_params, "vocabulary": len(base_tokenizer),
                "seconds": round(time.perf_counter() - start, 1), "evaluations": history,
                "final": history[-1] if history else None, "train_metrics": result.metrics,

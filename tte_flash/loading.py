@@ -92,11 +92,15 @@ class LoadingMixin:
         tte_fields.setdefault("backbone_name_or_path", path)
         config = TTEFlashConfig(**{**config_dict, **tte_fields, "max_think_tokens": max_think_tokens,
                                    "think_token_ids": think_ids, "emb_token_id": emb_id})
-        model = super().from_pretrained(path, config=config, **kwargs)
+        _check_local_weights(path, kwargs.get("use_safetensors"))
+        with _weight_errors(path):
+            model = super().from_pretrained(path, config=config, **kwargs)
         if len(tokenizer) > model.get_input_embeddings().num_embeddings:
             model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
             model.config.text_config.vocab_size = len(tokenizer)
-        model._init_new_token_rows(think_ids + [emb_id], original_vocab)
+        # only the rows of tokens this call added: a backbone pretrained with think tokens (pause-pretraining,
+        # training/pretrain.py --pause_tokens) keeps the rows it learnt
+        model._init_new_token_rows([i for i in think_ids + [emb_id] if i >= original_vocab], original_vocab)
         model._use_tte_attention()
         model.processor = TTEProcessor(tokenizer, model._image_processor(), model.config)
         return model
@@ -120,9 +124,12 @@ class LoadingMixin:
                 if config_dict.get("model_type") == "qwen2_vl" else ""
             raise ValueError(f"{path} is a {config_dict.get('model_type')!r} checkpoint, not a TTE-Flash "
                              f"('tte_flash') checkpoint{hint}")
-        model = super().from_pretrained(path, *args, **kwargs)
+        _check_local_weights(path, kwargs.get("use_safetensors"))
+        with _weight_errors(path):
+            model = super().from_pretrained(path, *args, **kwargs)
         model._use_tte_attention()
         tokenizer = AutoTokenizer.from_pretrained(path, config=model.config, **hub_kwargs)
+        check_tte_token_ids(model.config, tokenizer, model.get_input_embeddings().num_embeddings, path)
         model.processor = TTEProcessor(tokenizer, model._image_processor(), model.config)
         return model
 
@@ -173,9 +180,94 @@ def _read_config_dict(path: str, **hub_kwargs) -> dict:
     looks_local = path.startswith(("/", ".", "~")) or path.count("/") > 1 or Path(path).suffix != ""
     if not Path(path).exists() and looks_local:
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    if Path(path).is_dir():
+        return read_local_config(path)
     try:
         config_dict, _ = PreTrainedConfig.get_config_dict(path, **hub_kwargs)
     except OSError as err:
         raise FileNotFoundError(f"checkpoint not found: {path} (no such directory, and the Hub lookup failed: "
                                 f"{str(err).splitlines()[0]})") from None
     return config_dict
+
+
+def read_local_config(folder) -> dict:
+    """The config.json of a local model folder as a dict: ``FileNotFoundError`` when the folder has none,
+    ``ValueError`` naming the file when it is not a JSON object."""
+    config_path = Path(folder) / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{folder} has no config.json: not a saved model folder (a TTE-Flash checkpoint "
+                                "or a Qwen2-VL backbone)")
+    try:
+        config_dict = json.loads(config_path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{config_path} is not UTF-8 text (byte {err.start}): not a model config") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{config_path} is not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})") from None
+    if not isinstance(config_dict, dict):
+        raise ValueError(f"{config_path} holds a JSON {type(config_dict).__name__}, not an object: not a model config")
+    return config_dict
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def _check_local_weights(path: str, use_safetensors) -> None:
+    """A local checkpoint folder must hold safetensors weights: a clear error for none, or for pickle files
+    only (which can run code when loaded), unless the caller passed ``use_safetensors=False``."""
+    folder = Path(path)
+    if not folder.is_dir() or any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if not pickles:
+        raise FileNotFoundError(f"{folder} has no weights: no model.safetensors (or sharded *.safetensors)")
+    if use_safetensors is not False:
+        raise ValueError(f"{folder} holds only pickle weights ({', '.join(pickles[:3])}), no model.safetensors: "
+                         "TTE-Flash checkpoints are saved as safetensors, and a pickle can run code when loaded. "
+                         "Convert it to safetensors, or pass use_safetensors=False to load it with torch's "
+                         "weights-only unpickler")
+
+
+class _weight_errors:
+    """Turns an unreadable weights file (truncated or corrupt safetensors, a pickle the weights-only
+    unpickler refuses) into a ``ValueError`` naming the checkpoint, instead of a deep traceback."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, err, tb):
+        import pickle
+
+        from safetensors import SafetensorError
+        if kind is None or not issubclass(kind, (SafetensorError, pickle.UnpicklingError, EOFError)):
+            return False
+        folder = Path(self.path)
+        files = sorted(p.name for p in folder.iterdir() if p.suffix in (".safetensors", *PICKLE_SUFFIXES)) \
+            if folder.is_dir() else []
+        where = f"the weights of {self.path} ({', '.join(files) or 'weights file'})"
+        if issubclass(kind, pickle.UnpicklingError):
+            raise ValueError(f"refusing {where}: the pickle holds objects other than tensors, which torch's weights-only "
+                             "unpickler does not load (loading them could run code)") from None
+        reason = next((line.strip() for line in str(err).splitlines() if line.strip()), "no details")[:200]
+        raise ValueError(f"cannot read {where}: truncated or corrupt ({type(err).__name__}: {reason})") from None
+
+
+def check_tte_token_ids(config, tokenizer, vocab_rows: int, where: str) -> None:
+    """``ValueError`` naming the config field when a think-token id or ``emb_token_id`` is outside the
+    embedding matrix or names another token of the tokenizer (a config and tokenizer that disagree would
+    otherwise embed with the wrong token, or fail at the first encode)."""
+    from .tokenization import EMB_TOKEN, think_token
+    if config.think_token_ids is None or config.emb_token_id is None:
+        raise ValueError(f"{where}: config.json has no think_token_ids / emb_token_id: not a TTE-Flash checkpoint")
+    fields = [(f"think_token_ids[{i}]", token_id, think_token(i)) for i, token_id in enumerate(config.think_token_ids)]
+    for name, token_id, token in fields + [("emb_token_id", config.emb_token_id, EMB_TOKEN)]:
+        if not isinstance(token_id, int) or isinstance(token_id, bool) or not 0 <= token_id < vocab_rows:
+            raise ValueError(f"{where}: config field {name}={token_id!r} is outside the vocabulary (ids 0 to "
+                             f"{vocab_rows - 1})")
+        actual = tokenizer.convert_ids_to_tokens(token_id)
+        if actual != token:
+            right = tokenizer.convert_tokens_to_ids(token)
+            raise ValueError(f"{where}: config field {name}={token_id} is the token {actual!r}, not {token!r} "
+                             f"(the tokenizer's id for it is {right}): config.json and the tokenizer disagree")

@@ -356,15 +356,24 @@ def eval_questions(kind: str, n: int, seed: int = 1_000_003) -> list[dict]:
     return out
 
 
-def evaluate_backbone(model, n: int = 100, kinds=EVAL_KINDS, max_new_tokens: int = 64, batch_size: int = 50) -> dict:
+def evaluate_backbone(model, n: int = 100, kinds=EVAL_KINDS, max_new_tokens: int = 64, batch_size: int = 50,
+                      think_tokens: int = 0) -> dict:
     """Greedy replies of a backbone (a ``TTEFlashModel``, K=0) to held-out world questions.
 
     Per kind: the share of replies whose last word is the right answer, and the share equal to the
-    reference reply. ``examples`` keeps three (prompt, reply, reference) triples per kind."""
+    reference reply. ``examples`` keeps three (prompt, reply, reference) triples per kind. With
+    ``think_tokens`` K > 0 the reply is decoded after K think tokens (``generate_cot``: the layout of
+    pause-pretraining and of the TTE COT branch), with at most 8 new tokens (for the one-word kinds)."""
     result = {"examples": {}}
     for kind in kinds:
         questions = eval_questions(kind, n)
-        replies = generate_replies(model, questions, max_new_tokens, batch_size)
+        if think_tokens:
+            items = [{"text": q["prompt"]} if q["image"] is None else {"image": q["image"], "text": q["prompt"]}
+                     for q in questions]
+            replies = model.generate_cot(items, think_tokens=think_tokens, max_new_tokens=min(max_new_tokens, 8),
+                                         batch_size=batch_size)
+        else:
+            replies = generate_replies(model, questions, max_new_tokens, batch_size)
         finals = [_final(kind, r) for r in replies]
         result[f"{kind}_answer"] = sum(f == q["final"] for f, q in zip(finals, questions)) / n
         result[f"{kind}_exact"] = sum(r.strip() == q["answer"] for r, q in zip(replies, questions)) / n

@@ -1,0 +1,99 @@
+"""Pause-pretraining (issue 15, arXiv 2310.02226): think tokens between prompt and answer in the backbone's
+pretraining, laid out as in TTE training, kept by the exported backbone and reused by ``from_backbone``."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tte_flash import TTEFlashModel
+from tte_flash.mask import COT, EMB, QUERY, THINK
+from tte_flash.tokenization import think_token
+from tte_flash.world import World
+
+ROOT = Path(__file__).resolve().parent.parent
+SMALL = ["--hidden_size", "32", "--intermediate_size", "64", "--num_layers", "2", "--num_heads", "2",
+         "--mrope_section", "2", "3", "3", "--vision_depth", "1", "--vocab_size", "400", "--corpus_size", "1000",
+         "--max_hops", "1", "--task_weights", "move_short=1,text_short=1", "--threads", "1"]
+
+
+def _pretrain_module():
+    spec = importlib.util.spec_from_file_location("pretrain_pause_under_test", ROOT / "training/pretrain.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def pretrain():
+    return _pretrain_module()
+
+
+@pytest.fixture(scope="module")
+def paused(pretrain, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pause") / "backbone"
+    threads = torch.get_num_threads()
+    try:
+        pretrain.main(["--output_dir", str(out), "--max_steps", "3", "--batch_size", "4", "--eval_steps", "0",
+                       "--eval_n", "2", "--eval_kinds", "move1_short", "--pause_tokens", "3", "--pause_p", "1",
+                       "--learning_rate", "1e-2", *SMALL])
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+@pytest.mark.parametrize("p, expect", [(1.0, {3}), (0.0, {0})])
+def test_collator_puts_the_pause_tokens_between_prompt_and_answer(paused, pretrain, p, expect):
+    model = TTEFlashModel.from_backbone(paused, max_think_tokens=3)
+    collator = pretrain.PretrainCollator(model.processor, pause_tokens=3, pause_p=p, seed=0)
+    samples = [World(seed=5).sample("move_short") for _ in range(4)]
+    batch = collator(samples)["batch"]
+    think_ids = model.processor.think_token_ids
+    ks = set()
+    for row in range(4):
+        types = batch.token_types[row]
+        ids = batch.input_ids[row]
+        k = int((types == THINK).sum())
+        ks.add(k)
+        emb = int((types == EMB).nonzero())
+        # [prompt][think 0..k-1][emb][answer]: the think tokens right before <emb>, in order
+        assert ids[emb - k:emb].tolist() == think_ids[:k]
+        assert (types[emb + 1:] == COT).sum() > 0
+    assert ks == expect
+    # the first answer token is predicted from the last think token (the last prompt token without pauses)
+    first_pred = batch.cot_pred_index[0]
+    flat_types = batch.token_types.reshape(-1)
+    assert int(flat_types[first_pred]) == (THINK if p else QUERY)
+
+
+def test_pause_share_is_seeded(paused, pretrain):
+    model = TTEFlashModel.from_backbone(paused, max_think_tokens=3)
+    samples = [World(seed=6).sample("move_short") for _ in range(40)]
+
+    def ks(seed):
+        batch = pretrain.PretrainCollator(model.processor, pause_tokens=3, pause_p=0.5, seed=seed)(samples)["batch"]
+        return [int((batch.token_types[r] == THINK).sum()) for r in range(40)]
+
+    assert ks(1) == ks(1)
+    assert set(ks(1)) == {0, 3} and 8 <= ks(1).count(3) <= 32
+
+
+def test_exported_backbone_keeps_its_pause_tokens(paused):
+    vocab = json.loads((paused / "tokenizer.json").read_text())
+    added = {t["content"] for t in vocab["added_tokens"]}
+    assert {think_token(i) for i in range(3)} <= added
+    saved = load_file(paused / "model.safetensors")
+    key = next(k for k in saved if k.endswith("embed_tokens.weight"))
+    model = TTEFlashModel.from_backbone(paused, max_think_tokens=5)
+    ids = model.config.think_token_ids
+    rows = model.get_input_embeddings().weight.detach()
+    # the three pretrained think tokens keep their rows ...
+    torch.testing.assert_close(rows[ids[:3]], saved[key][ids[:3]], rtol=0, atol=0)
+    # ... the two new ones are initialised near the mean of the existing rows, not left as they were saved
+    n_existing = min(ids[3:])
+    mean = rows[:n_existing].mean(0)
+    assert torch.all((rows[ids[3:]] - mean).norm(dim=-1) < 0.5 * (rows[:n_existing] - mean).norm(dim=-1).mean())
+    summary = json.loads((paused / "pretrain_summary.json").read_text())
+    assert "pause_move1_short_answer" in summary["final"]
