@@ -167,6 +167,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--plot", default=None, help="write a PNG of the ratios to K=0 vs K, vs N (and vs query length) "
                                                  "here (default: beside the JSON, .png)")
     p.add_argument("--no-save", "--no_save", action="store_true", help="print the table only, write no files")
+    p.add_argument("--jsonl", default=None, help="also append each group's rows here as soon as the group is timed "
+                                                 "(a run killed later keeps them)")
     args = p.parse_args(argv)
 
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -241,11 +243,11 @@ def main(argv=None) -> dict:
         args.plot = args.plot or str(Path(args.json).with_suffix(".png"))
     rows = []
     for configs in config_groups(args):
-        rows += run_configs(bench, records, configs, args, flops, peak)
+        rows += _appended(run_configs(bench, records, configs, args, flops, peak), args.jsonl, meta)
     for length, sweep_records in sweeps:
         sweep = [Config("baseline" if k == 0 else "tte-flash", args.sweep_batch_size, think_tokens=k,
                         sweep_query_tokens=length) for k in [0] + args.think_tokens]
-        rows += run_configs(bench, sweep_records, sweep, args, flops, peak)
+        rows += _appended(run_configs(bench, sweep_records, sweep, args, flops, peak), args.jsonl, meta)
     targets = check_targets(rows, meta)
 
     title = (f"{meta['preset']} | {meta['device_name']} | {args.dtype} | attn {args.attn} | "
@@ -266,6 +268,19 @@ def main(argv=None) -> dict:
         plot(rows, args.plot, result["meta"], reference_k)
         print(f"wrote {args.plot}")
     return result
+
+
+def _appended(rows: list[dict], path, meta: dict) -> list[dict]:
+    """Append ``rows`` (with the device, preset and dtype) to the JSON-lines file ``path``, flushed; returns them."""
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        keep = {k: meta.get(k) for k in ("preset", "device_name", "dtype", "attn", "git_commit")}
+        with open(path, "a") as f:
+            for row in rows:
+                f.write(json.dumps({"source": "latency", **keep, **row}, default=str) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    return rows
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import statistics
 import sys
 import time
@@ -157,6 +158,9 @@ def run(args) -> dict:
                "cot_loss": float(stats["cot_loss"]) if "cot_loss" in stats else None,
                "peak_memory_gb": round(peak / 1e9, 2)}
         steps.append(row)
+        if args.jsonl:
+            _append_jsonl(args.jsonl, {"source": "train_step", "preset": args.preset, "batch_size": args.batch_size,
+                                       "device": device_name(device), **row})
         print(f"  step {step}: {seconds:.1f} s, {text_tokens} tokens, {row['tokens_per_s']:.0f} tokens/s, "
               f"peak {row['peak_memory_gb']:.1f} GB, loss {row['loss']:.3f}", file=sys.stderr)
     timed = steps[1:] or steps
@@ -180,6 +184,14 @@ def run(args) -> dict:
                      "parameters": counts, "build_seconds": round(build_s, 1),
                      "build_peak_memory_gb": None if build_peak is None else round(build_peak / 1e9, 2)},
             "steps": steps, "summary": summary}
+
+
+def _append_jsonl(path: Path, row: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(row, default=str) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _workload(batch) -> tuple[int, int, int]:
@@ -226,6 +238,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--jsonl", type=Path, default=None,
+                   help="also append each step's row (and the summary at the end) here as soon as it is measured")
     p.add_argument("--no-save", "--no_save", action="store_true")
     args = p.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -252,6 +266,10 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     result = run(args)
     s = result["summary"]
+    if args.jsonl:
+        _append_jsonl(args.jsonl, {"source": "train_step", "summary": True, "preset": args.preset,
+                                   "batch_size": args.batch_size, "device": result["meta"]["device"],
+                                   "parameters": result["meta"]["parameters"], **s})
     print(f"\n{args.preset} training step on {result['meta']['device']} ({args.dtype}, batch {args.batch_size}, "
           f"grad-cache chunk {args.grad_cache_chunk}, K={args.think_tokens}, COT {args.cot_tokens}):")
     print(f"  seconds/step {s['seconds_per_step']:.2f}   tokens/s {s['tokens_per_s']:.0f}   "
