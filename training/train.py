@@ -16,7 +16,7 @@ from tte_flash.training import NonFiniteTrainingError, main
 if __name__ == "__main__":
     try:
         main()
-    except (NonFiniteTrainingError, ValueError, FileNotFoundError) as error:  # a clear message, not a traceback
+    except (NonFiniteTrainingError, ValueError, OSError) as error:  # a clear message, not a traceback
         print(f"train.py: error: {error}", file=sys.stderr)
         sys.exit(2)
     sys.exit(0)

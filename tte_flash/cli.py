@@ -303,7 +303,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, ImportError) as err:  # clear message, no stack trace
+    except (ValueError, OSError, ImportError) as err:  # clear message, no stack trace (OSError: unreadable files)
         print(f"tte-flash {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # complete shards are kept; the same command resumes

@@ -104,9 +104,13 @@ class EmbeddingMixin:
             raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
         for name, value in (("batch_size", batch_size), ("max_batch_tokens", max_batch_tokens),
                             ("max_length", max_length), ("truncate_dim", truncate_dim)):
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            if (value is not None or name == "batch_size") and \
+                    (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValueError(f"{name} must be a positive int{'' if name == 'batch_size' else ' or None'}, "
                                  f"got {value!r}")
+        self._check_truncate_dim(truncate_dim)
+        if instruction is not None and not isinstance(instruction, str):
+            raise ValueError(f"instruction must be a str or None, got {type(instruction).__name__}: {instruction!r:.80}")
         query_limit = self._query_limit(think_tokens, max_length)
         single = isinstance(inputs, SINGLE_INPUT_TYPES)
         items = [inputs] if single else iter_inputs(inputs)
@@ -143,6 +147,7 @@ class EmbeddingMixin:
                          **kwargs) -> dict:
         """Embed a corpus (list, iterable, ``datasets.Dataset``) into ``.npy`` shards under ``output`` with
         resume; read them back with ``tte_flash.encoding.read_shards``. See ``tte_flash.encoding``."""
+        self._check_truncate_dim(kwargs.get("truncate_dim"))  # before any shard is written
         return encode_to_shards(self, inputs, output, role=role, shard_size=shard_size, part=part,
                                 overwrite=overwrite, model_name=model_name, **kwargs)
 
@@ -187,6 +192,12 @@ class EmbeddingMixin:
         check_finite(q, "similarity: the query embeddings", label="query")
         check_finite(d, "similarity: the document embeddings", label="document")
         return F.normalize(q, dim=-1) @ F.normalize(d, dim=-1).T
+
+    def _check_truncate_dim(self, truncate_dim):
+        width = self.config.text_config.hidden_size
+        if isinstance(truncate_dim, int) and not isinstance(truncate_dim, bool) and truncate_dim > width:
+            raise ValueError(f"truncate_dim={truncate_dim} is larger than the embedding width {width}: pass at most "
+                             f"{width} (or None for the full width)")
 
     def _check_think_tokens(self, think_tokens):
         if not isinstance(think_tokens, int) or isinstance(think_tokens, bool):

@@ -188,6 +188,7 @@ def _inputs(rows, image_root):
 def load_model(name: str, device=None):
     """A preset (``tiny``, ``qwen2-vl-2b``: random init; ``tiny-instruct``: pretrained), a TTE-Flash
     checkpoint directory / Hub id, or a Qwen2-VL backbone directory (through ``from_backbone``)."""
+    from .loading import read_local_config
     from .modeling import TTEFlashModel, available_presets
     config_path = Path(name) / "config.json"
     if name in available_presets():
@@ -195,7 +196,7 @@ def load_model(name: str, device=None):
         if not getattr(model.config, "backbone_name_or_path", None):
             logger.warning("preset %r has random weights: its embeddings and traces mean nothing. Pass a trained "
                            "checkpoint (a training/train.py output directory or a Hub id) as --model.", name)
-    elif config_path.is_file() and json.loads(config_path.read_text()).get("model_type") == "qwen2_vl":
+    elif config_path.is_file() and read_local_config(name).get("model_type") == "qwen2_vl":
         model = TTEFlashModel.from_backbone(name)
     else:
         model = TTEFlashModel.from_pretrained(name)

@@ -60,12 +60,32 @@ def normalize_input(item, index: int = 0) -> dict:
     unknown = set(item) - INPUT_KEYS
     if unknown:
         raise ValueError(f"input {index}: unknown keys {sorted(unknown)}; allowed: {sorted(INPUT_KEYS)}")
+    for key in ("text", "instruction"):
+        if item.get(key) is not None and not isinstance(item[key], str):
+            raise ValueError(f"input {index}: {key} must be a str, got {type(item[key]).__name__}: {item[key]!r:.80}")
+    _check_media(item, index)
     text = item.get("text")
-    if text is not None and not isinstance(text, str):
-        raise ValueError(f"input {index}: text must be a str, got {type(text).__name__}")
     if not (text or "").strip() and item.get("image") is None and item.get("video") is None:
         raise ValueError(f"input {index}: empty input (no text, image or video)")
     return item
+
+
+def _check_media(item: dict, index: int) -> None:
+    """``ValueError`` naming the input for an image or video of the wrong type, or an image with no pixels."""
+    image, video = item.get("image"), item.get("video")
+    if image is not None:
+        if not isinstance(image, (Image.Image, str, os.PathLike, *ARRAY_TYPES)):
+            raise ValueError(f"input {index}: image must be a PIL image, a path, a URL, bytes or an array, "
+                             f"got {type(image).__name__}: {image!r:.80}")
+        if isinstance(image, Image.Image) and 0 in image.size:
+            raise ValueError(f"input {index}: the image is {image.width}x{image.height} pixels (empty)")
+        if isinstance(image, (bytes, bytearray)) and not image:
+            raise ValueError(f"input {index}: the image is 0 bytes (empty)")
+        if hasattr(image, "shape") and 0 in tuple(image.shape):
+            raise ValueError(f"input {index}: the image array is empty (shape {tuple(image.shape)})")
+    if video is not None and not isinstance(video, (str, os.PathLike, list, tuple)):
+        raise ValueError(f"input {index}: video must be a path (a video file or a folder of frames) or a list of "
+                         f"frames, got {type(video).__name__}: {video!r:.80}")
 
 
 @dataclass

@@ -31,6 +31,7 @@ from transformers import HfArgumentParser, Trainer, TrainingArguments
 
 from .collator import TrainCollator, curriculum_stage, with_trace
 from .data import TRAIN_COLUMNS, load_rows, train_example
+from .loading import read_local_config
 from .modeling import TTEFlashModel, available_presets
 from .objective import Objective
 
@@ -285,7 +286,7 @@ def build_model(args: ModelArguments) -> TTEFlashModel:
     if args.model in available_presets():
         return TTEFlashModel.from_preset(args.model, max_think_tokens=args.max_think_tokens, **tte)
     config_path = Path(args.model) / "config.json"
-    if config_path.is_file() and json.loads(config_path.read_text()).get("model_type") == "qwen2_vl":
+    if config_path.is_file() and read_local_config(args.model).get("model_type") == "qwen2_vl":
         return TTEFlashModel.from_backbone(args.model, max_think_tokens=args.max_think_tokens, **tte)
     model = TTEFlashModel.from_pretrained(args.model)
     for name, value in tte.items():  # a checkpoint keeps its own settings unless asked otherwise
