@@ -1,7 +1,10 @@
 """Attention backends for the text model, behind one switch (DESIGN.md §6).
 
-* ``reference``: PyTorch SDPA on a dense boolean mask built by :func:`tte_flash.mask.dense_mask`.
-  Works on every device and layout (packed, padded, COT segments); the CPU path and the oracle.
+* ``reference``: PyTorch SDPA under the mask rule of :func:`tte_flash.mask.visible`, over blocks of query
+  rows (:func:`chunked_attention`): each block builds only its own rows of the mask, over the keys its
+  samples can reach, so memory grows as L x block, not L x L (a 32k-token input fits well under 2 GB on
+  the CPU). An input small enough for one block takes exactly the dense-mask path. Works on every device
+  and layout (packed, padded, COT segments); the CPU path and the oracle.
 * ``triton``: the fused kernel :func:`tte_flash.kernels.tte_attention`, mask computed in-kernel from
   O(T) intervals, tiles chosen from a block table built once per forward. Every dtype launches on CUDA
   (fp16/bf16 on tensor cores; fp32 and fp64 with small tiles and exact FMA dots, much slower).
@@ -28,10 +31,13 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .mask import dense_mask
+from .mask import THINK, dense_mask, visible
 
 ATTN_NAME = "tte"
 BACKENDS = ("reference", "triton")
+# Reference path: the most bytes one block's fp32 scores (heads x rows x keys) may take; a block is as many
+# query rows as fit. Inputs that fit in one block run one SDPA call on the whole mask (the dense path).
+REFERENCE_BLOCK_BYTES = 64 * 2**20
 
 
 @dataclass
@@ -65,7 +71,8 @@ class TTELayout:
         return self._kernel_layout
 
     def dense_mask(self) -> torch.Tensor:
-        """(B, 1, L, L) boolean mask for the reference path, built once per forward (not per layer)."""
+        """(B, 1, L, L) boolean mask for the reference path on inputs that fit one block of
+        :func:`chunked_attention`, built once per forward (not per layer)."""
         if self._mask is None:
             self._mask = dense_mask(self.seq_ids, self.token_types, think_bidirectional=self.think_bidirectional,
                                     cot_sees_query=self.cot_sees_query)[:, None]
@@ -82,7 +89,8 @@ def resolve_backend(requested: str | None, device: torch.device) -> str:
         if chosen:
             raise ImportError("attention backend 'triton' needs the triton package (pip install triton; Linux only); "
                               "use attn_backend='reference' elsewhere")
-        _warn_once("triton is not installed: using the reference attention (dense mask, O(L^2) memory) on CUDA")
+        _warn_once("triton is not installed: using the reference attention (SDPA over blocks of query rows, slow) "
+                   "on CUDA")
         backend = "reference"
     return backend
 
@@ -98,12 +106,68 @@ def reference_attention(q, k, v, seq_ids, token_types, *, think_bidirectional=Fa
 
     q: (T, Hq, D); k, v: (T, Hkv, D); seq_ids, token_types: (T,). Returns (T, Hq, D).
     """
-    mask = dense_mask(seq_ids, token_types, think_bidirectional=think_bidirectional,
-                      cot_sees_query=cot_sees_query)  # (T, T)
-    out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-                                         attn_mask=mask, scale=scale,
-                                         enable_gqa=q.shape[1] != k.shape[1])  # (Hq, T, D)
-    return out.transpose(0, 1)
+    out = chunked_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                            seq_ids[None], token_types[None], think_bidirectional=think_bidirectional,
+                            cot_sees_query=cot_sees_query, scale=scale)  # (1, Hq, T, D)
+    return out[0].transpose(0, 1)
+
+
+def chunked_attention(query, key, value, seq_ids, token_types, *, think_bidirectional=False, cot_sees_query=True,
+                      scale=None, dropout_p=0.0, block_bytes=None, dense=None):
+    """SDPA under the TTE mask, one block of query rows at a time; (B, Hq, L, D) in and out.
+
+    key, value: (B, Hkv, L, D); seq_ids, token_types: (B, L), one layout per batch row (rows never see each
+    other). Each block of rows builds its own rows of the mask, :func:`tte_flash.mask.visible`, over the keys
+    its samples can reach (:func:`_key_range`), so the mask and the scores are (rows x keys), never L x L.
+    Keys outside that range are invisible to the block, so the result is the dense-mask result (up to float
+    rounding); an input that fits in one block (``block_bytes``, default :data:`REFERENCE_BLOCK_BYTES`) runs
+    one SDPA call on the whole dense mask: ``dense()`` when given (a layout's, built once for every layer).
+    """
+    batch, heads, length, _ = query.shape
+    rows = _rows_per_block(heads, length, REFERENCE_BLOCK_BYTES if block_bytes is None else block_bytes)
+    options = dict(scale=scale, dropout_p=dropout_p, enable_gqa=heads != key.shape[1])
+    rule = dict(think_bidirectional=think_bidirectional, cot_sees_query=cot_sees_query)
+    if rows >= length:  # one block: the dense mask
+        mask = dense() if dense is not None else dense_mask(seq_ids, token_types, **rule)[:, None]  # (B, 1, L, L)
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, **options)
+    outputs = []
+    for b in range(batch):
+        seq, types = seq_ids[b].long(), token_types[b].long()
+        ordered = bool((seq[1:] >= seq[:-1]).all())  # samples contiguous: keys limited to the block's samples
+        index = torch.arange(length, device=seq.device)
+        blocks = []
+        for start in range(0, length, rows):
+            stop = min(start + rows, length)
+            k_lo, k_hi = _key_range(seq, types, start, stop, ordered, think_bidirectional)
+            mask = visible(seq[start:stop, None], types[start:stop, None], index[start:stop, None],
+                           seq[None, k_lo:k_hi], types[None, k_lo:k_hi], index[None, k_lo:k_hi], **rule)
+            blocks.append(F.scaled_dot_product_attention(
+                query[b:b + 1, :, start:stop], key[b:b + 1, :, k_lo:k_hi], value[b:b + 1, :, k_lo:k_hi],
+                attn_mask=mask, **options))  # (1, Hq, rows, D)
+        outputs.append(torch.cat(blocks, dim=2))
+    return torch.cat(outputs)
+
+
+def _rows_per_block(heads: int, length: int, block_bytes: int) -> int:
+    """Query rows per block: as many as keep heads x rows x length fp32 scores within ``block_bytes``."""
+    return max(16, block_bytes // max(1, heads * length * 4))
+
+
+def _key_range(seq, types, start: int, stop: int, ordered: bool, think_bidirectional: bool) -> tuple[int, int]:
+    """[k_lo, k_hi): every key that rows ``start:stop`` of one layout (seq, types: (L,)) can see, maybe more.
+
+    A row sees keys of its own sample only, at or before itself except bidirectional THINK keys (which end
+    before the sample's EMB). With samples contiguous (``ordered``), that is from the first row's sample start
+    to ``stop``, or to the last THINK key of the last row's sample; otherwise from 0.
+    """
+    k_hi = stop
+    if think_bidirectional:  # THINK rows of the last sample may see THINK keys after the block
+        later = (types[stop:] == THINK) & (seq[stop:] == seq[stop - 1]) if ordered else types[stop:] == THINK
+        found = later.nonzero()
+        if found.numel():
+            k_hi = stop + int(found.max()) + 1
+    k_lo = int(torch.searchsorted(seq, seq[start:start + 1])) if ordered else 0
+    return k_lo, k_hi
 
 
 def _tte_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -122,22 +186,25 @@ def _tte_attention_forward(module, query, key, value, attention_mask, scaling=No
         out = tte_attention_with_layout(packed(query), packed(key), packed(value), layout.kernel_layout(),
                                         scale=scaling)
         return out.view(batch, length, heads, head_dim), None
-    mask = layout.dense_mask()  # (B, 1, L, L)
     if layout.record_attention is not None:
-        layout.record_attention.append(_attention_probs(query, key, mask, scaling, layout.record_rows))
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,
-                                         dropout_p=dropout if module.training else 0.0,
-                                         enable_gqa=query.shape[1] != key.shape[1])  # (B, H, L, D)
+        layout.record_attention.append(_attention_probs(query, key, layout, scaling, layout.record_rows))
+    out = chunked_attention(query, key, value, layout.seq_ids, layout.token_types,
+                            think_bidirectional=layout.think_bidirectional, cot_sees_query=layout.cot_sees_query,
+                            scale=scaling, dropout_p=dropout if module.training else 0.0,
+                            dense=layout.dense_mask)  # (B, H, L, D)
     return out.transpose(1, 2), None
 
 
-def _attention_probs(query, key, mask, scaling, rows):
+def _attention_probs(query, key, layout, scaling, rows):
     """Softmax probabilities of the flat query ``rows`` over all keys: (rows, Hq, B*L), zero across rows."""
     batch, heads, length, head_dim = query.shape
     key = key.repeat_interleave(heads // key.shape[1], dim=1)  # (B, Hq, L, D)
     b, i = rows // length, rows % length
+    seq, types, index = layout.seq_ids.long(), layout.token_types.long(), torch.arange(length, device=rows.device)
+    mask = visible(seq[b, i][:, None], types[b, i][:, None], i[:, None], seq[b], types[b], index[None, :],
+                   think_bidirectional=layout.think_bidirectional, cot_sees_query=layout.cot_sees_query)  # (rows, L)
     scores = torch.einsum("rhd,rhld->rhl", query[b, :, i].float(), key[b].float()) * (scaling or head_dim**-0.5)
-    probs = scores.masked_fill(~mask[b, 0, i][:, None, :], float("-inf")).softmax(-1)  # (rows, Hq, L)
+    probs = scores.masked_fill(~mask[:, None, :], float("-inf")).softmax(-1)  # (rows, Hq, L)
     full = probs.new_zeros(len(rows), heads, batch * length)
     for r in range(len(rows)):
         full[r, :, b[r] * length:(b[r] + 1) * length] = probs[r]
