@@ -31,6 +31,8 @@ setup(
         "numpy",
         "tqdm",
         "huggingface_hub",
+        # the lock on an output folder (tte_flash.writing); also a dependency of huggingface_hub
+        "filelock>=3.0",
     ],
     extras_require={
         # training/ (Trainer, LoRA, YAML recipes, Parquet data)

@@ -20,13 +20,18 @@ batching never changes an embedding (``tests/test_encoding.py``).
 Layout of the directory:
 
 * ``manifest.json``: the settings (model, role, think tokens, dim, shard size, ...) and, once some
-  process has read the input to its end, ``total``;
-* ``shard-00000.npy`` (float32, ``(count, dim)``) and ``shard-00000.json`` (``start``, ``count`` and the
-  SHA-256 of the inputs it holds). Both are written to a temporary name and renamed when complete, the
-  ``.json`` last: a shard counts as done only when its ``.json`` exists and its ``.npy`` has the stated shape.
-  Resuming skips done shards (checking that their inputs are unchanged) and redoes the rest.
+  process has read the input to its end, ``total``, ``num_shards`` and per shard its row count and the
+  SHA-256 of its inputs: the source of truth :func:`read_shards` checks every file against;
+* ``shard-00000.npy`` (float32, ``(count, dim)``) and ``shard-00000.json`` (``start``, ``count``, the SHA-256
+  of the inputs it holds, the SHA-256 of the ``.npy`` bytes and of the settings). Both are written to a
+  temporary name and renamed when complete, the ``.json`` last: a shard counts as done only when its ``.json``
+  exists and its ``.npy`` has the stated SHA-256 and shape. Resuming skips done shards (checking that their
+  inputs are unchanged: their JSON form, and the size and mtime of the image and video files they name) and
+  redoes the rest; a damaged one (zeroed, empty, replaced, foreign) with a warning naming it.
 * ``part=(i, n)``: this process encodes shards ``i, i + n, ...`` only, so ``n`` processes (one per device)
   fill one directory without touching each other's files.
+* ``.writer.lock`` (and ``.writer-part-i-of-n.lock`` for parts): the folder lock
+  (:func:`tte_flash.writing.folder_lock`); a second writer gets an error naming the holder, never a mix.
 """
 from __future__ import annotations
 
@@ -34,6 +39,7 @@ import ctypes
 import ctypes.util
 import functools
 import hashlib
+import io
 import itertools
 import json
 import logging
@@ -46,6 +52,8 @@ import numpy as np
 import torch
 
 from .processing import INPUT_KEYS, normalize_input
+from .writing import (atomic_write_bytes, folder_lock, is_writer_file, remove_lock_files, remove_stale_temporaries,
+                      sha256_bytes, sha256_json)
 
 DEFAULT_MAX_BATCH_TOKENS = 16384  # tokens per batch (padded: inputs x longest input; packed: the sum)
 # Inputs read ahead from an iterable and sorted by length together: this many batches' worth, at least
@@ -174,17 +182,16 @@ def stream_embeddings(items: Iterable, *, estimate: Callable[[dict, int], int],
 
 # ---------------------------------------------------------------------------------- shards on disk
 
-def _atomic_write_bytes(path: Path, write: Callable[[object], None]):
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        write(handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+log = logging.getLogger("tte_flash.encoding")
+_SHARD_RE = re.compile(r"^shard-(\d+)\.(npy|json)$")
+
+
+def _atomic_write_bytes(path: Path, write: Callable[[object], None] | bytes):
+    atomic_write_bytes(path, write)
 
 
 def _write_json(path: Path, data: dict):
-    _atomic_write_bytes(path, lambda h: h.write((json.dumps(data, indent=1, sort_keys=True) + "\n").encode()))
+    _atomic_write_bytes(path, (json.dumps(data, indent=1, sort_keys=True) + "\n").encode())
 
 
 def _shard_paths(output: Path, index: int) -> tuple[Path, Path]:
@@ -197,9 +204,40 @@ def _json_default(value):
     raise TypeError
 
 
+def _file_stamp(path: str | os.PathLike) -> list:
+    """What identifies a local file's content cheaply: its size and modification time (a folder of frames: each
+    file's). A URL or a missing path: the path alone (loading it fails or fetches it, as encoding does)."""
+    try:
+        if os.path.isdir(path):
+            return [os.fspath(path), [(e.name, e.stat().st_size, e.stat().st_mtime_ns)
+                                      for e in sorted(os.scandir(path), key=lambda e: e.name) if e.is_file()]]
+        stat = os.stat(path)
+        return [os.fspath(path), stat.st_size, stat.st_mtime_ns]
+    except (OSError, ValueError):
+        return [os.fspath(path)]
+
+
+def _media_stamps(item) -> list:
+    """Size and mtime of every local file an input reads (its image, video file or frames), so a shard's input
+    hash changes when an image is replaced under the same path. Empty for text (the hash of a text-only input
+    is its JSON form alone) and for inputs the encoder will refuse anyway."""
+    try:
+        checked = normalize_input(item)
+    except (ValueError, TypeError):
+        return []
+    stamps = []
+    for key in ("image", "video"):
+        media = checked.get(key)
+        for one in media if isinstance(media, (list, tuple)) else [media]:
+            if isinstance(one, os.PathLike) or (isinstance(one, str) and not one.startswith(("http://", "https://"))):
+                stamps.append(_file_stamp(one))
+    return stamps
+
+
 class _Fingerprinted:
-    """Yields the items of an iterator, counting them and hashing their JSON form (``sha256`` is None
-    when some item has none, e.g. a PIL image: then a resumed shard's inputs cannot be checked)."""
+    """Yields the items of an iterator, counting them and hashing their JSON form and the size and mtime of
+    the local files they read (``sha256`` is None when some item has no JSON form, e.g. a PIL image: then a
+    resumed shard's inputs cannot be checked)."""
 
     def __init__(self, items: Iterator):
         self.items, self.count, self._hash = items, 0, hashlib.sha256()
@@ -210,6 +248,9 @@ class _Fingerprinted:
             if self._hash is not None:
                 try:
                     self._hash.update(json.dumps(item, sort_keys=True, default=_json_default).encode() + b"\n")
+                    stamps = _media_stamps(item)
+                    if stamps:
+                        self._hash.update(json.dumps(stamps).encode() + b"\n")
                 except TypeError:
                     self._hash = None
             yield item
@@ -219,15 +260,73 @@ class _Fingerprinted:
         return None if self._hash is None else self._hash.hexdigest()
 
 
-def _done_shard(output: Path, index: int, dim: int) -> dict | None:
-    """The shard's record if it is complete (its .json written, its .npy of the stated shape), else None."""
+_RECORD_KEYS = ("index", "start", "count", "sha256", "array_sha256", "settings_sha256")
+
+
+def _shard_record(output: Path, index: int, settings_id: str) -> tuple[dict | None, str | None]:
+    """A shard's ``.json`` record (``None`` when there is none) and what is wrong with it (``None``: nothing),
+    without reading the array."""
     array_path, meta_path = _shard_paths(output, index)
     try:
         meta = json.loads(meta_path.read_text())
-        shape = np.load(array_path, mmap_mode="r").shape
-    except (OSError, ValueError):
-        return None
-    return meta if shape == (meta.get("count"), dim) else None
+    except FileNotFoundError:
+        return None, (f"{array_path.name} has no record {meta_path.name} (a write was interrupted)"
+                      if array_path.exists() else None)
+    except (OSError, ValueError) as err:  # unreadable, not UTF-8, not JSON
+        return None, f"{meta_path.name} is not a shard record tte-flash wrote ({type(err).__name__})"
+    if not isinstance(meta, dict) or any(k not in meta for k in _RECORD_KEYS) or meta["index"] != index:
+        return None, f"{meta_path.name} is not a shard record of this version of tte-flash (no content hash)"
+    if meta["settings_sha256"] != settings_id:
+        return None, f"{meta_path.name} was written by a run with other settings"
+    return meta, None
+
+
+def _npy_header(data: bytes) -> tuple[tuple, np.dtype]:
+    """The shape and dtype an ``.npy`` file's header states (nothing else read)."""
+    handle = io.BytesIO(data)
+    version = np.lib.format.read_magic(handle)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, _, dtype = read(handle)
+    return shape, dtype
+
+
+def _load_shard(output: Path, index: int, dim: int, settings_id: str,
+                load: bool = True) -> tuple[dict | None, np.ndarray | None, str | None]:
+    """``(record, array, problem)`` of shard ``index``: the record (and with ``load`` its array) when the
+    ``.npy`` bytes have the SHA-256 and the ``(count, dim)`` float32 shape the record states; else ``problem``
+    says what is wrong (``None`` with no record and no array: the shard was never written)."""
+    meta, problem = _shard_record(output, index, settings_id)
+    if meta is None:
+        return None, None, problem
+    array_path = _shard_paths(output, index)[0]
+    try:
+        data = array_path.read_bytes()
+    except OSError as err:
+        return None, None, f"{array_path.name} cannot be read ({err.strerror or err})"
+    if not data:
+        return None, None, f"{array_path.name} is empty (0 bytes)"
+    if sha256_bytes(data) != meta["array_sha256"]:
+        return None, None, f"{array_path.name} does not match its record's SHA-256 (damaged or replaced)"
+    try:
+        shape, dtype = _npy_header(data)
+    except (ValueError, EOFError) as err:
+        return None, None, f"{array_path.name} is not an .npy array ({err})"
+    if shape != (meta["count"], dim) or dtype != np.float32:
+        return None, None, f"{array_path.name} holds {dtype} {shape}, not float32 ({meta['count']}, {dim})"
+    return meta, np.load(io.BytesIO(data), allow_pickle=False) if load else None, None
+
+
+def _write_shard(output: Path, index: int, start: int, vectors: np.ndarray, inputs_sha256: str | None,
+                 settings_id: str):
+    """The ``.npy`` then its ``.json`` record (with the array's SHA-256), each whole or not at all."""
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(vectors, dtype=np.float32))
+    data = buffer.getvalue()
+    array_path, meta_path = _shard_paths(output, index)
+    meta_path.unlink(missing_ok=True)  # a record never describes another array, even after a crash in between
+    _atomic_write_bytes(array_path, data)
+    _write_json(meta_path, {"index": index, "start": start, "count": len(vectors), "sha256": inputs_sha256,
+                            "array_sha256": sha256_bytes(data), "settings_sha256": settings_id})
 
 
 def weights_fingerprint(model) -> str:
@@ -241,25 +340,82 @@ def weights_fingerprint(model) -> str:
     return digest.hexdigest()[:16]
 
 
-def _check_settings(output: Path, settings: dict, overwrite: bool):
-    path = output / MANIFEST
-    if path.is_file():
-        try:
-            previous = json.loads(path.read_text()).get("settings")
-        except ValueError:
-            previous = None  # a manifest is written atomically, so this is not ours: say so below
-        if previous != settings and not overwrite:
-            diff = ", ".join(f"{k}: {(previous or {}).get(k)!r} there, {v!r} now" for k, v in settings.items()
-                             if (previous or {}).get(k) != v)
-            raise ValueError(f"{output} holds embeddings made with other settings ({diff}); use another --output "
-                             "directory or overwrite=True (--overwrite)")
-        if overwrite:
-            for stale in itertools.chain(output.glob("shard-*.npy"), output.glob("shard-*.json"), [path]):
-                stale.unlink()
-    # a temporary file alone is another part writing the manifest right now
-    elif output.exists() and any(".tmp-" not in p.name for p in output.iterdir()):
+def _read_manifest(path: Path) -> dict | None:
+    """The manifest at ``path`` when it is one tte-flash wrote (a dict with ``settings``), else None."""
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) and isinstance(manifest.get("settings"), dict) else None
+
+
+def _refuse_foreign_folder(output: Path):
+    """A folder that is not empty and has no manifest is someone else's: refused before anything is written."""
+    if output.is_dir() and not (output / MANIFEST).exists() and \
+            any(not is_writer_file(p.name) for p in output.iterdir()):
         raise ValueError(f"{output} is not empty and has no {MANIFEST}: not an embeddings directory; "
                          "choose an empty or new directory")
+
+
+def _check_settings(output: Path, settings: dict, overwrite: bool):
+    """Refuse a folder of other settings (or someone else's); with ``overwrite``, clear it. Called under the
+    folder lock."""
+    path = output / MANIFEST
+    if path.exists():
+        previous = _read_manifest(path)
+        if previous is None and not overwrite:
+            raise ValueError(f"{path} is not a manifest tte-flash wrote (unreadable JSON or other content); use "
+                             "another --output directory or overwrite=True (--overwrite)")
+        previous = (previous or {}).get("settings")
+        if previous is not None and previous != settings and not overwrite:
+            diff = ", ".join(f"{k}: {previous.get(k)!r} there, {v!r} now" for k, v in settings.items()
+                             if previous.get(k) != v)
+            raise ValueError(f"{output} holds embeddings made with other settings ({diff}); use another --output "
+                             "directory or overwrite=True (--overwrite)")
+        if overwrite:  # no other writer is active (folder_lock with overwrite holds the folder whole)
+            for stale in itertools.chain(output.glob("shard-*.npy"), output.glob("shard-*.json"), [path]):
+                stale.unlink(missing_ok=True)
+            remove_stale_temporaries(output)
+    else:
+        _refuse_foreign_folder(output)
+
+
+def _check_same_inputs(output: Path, index: int, start: int, shard: _Fingerprinted, meta: dict | None):
+    if meta is None:
+        return
+    same_hash = None in (meta["sha256"], shard.sha256) or meta["sha256"] == shard.sha256
+    if meta["count"] != shard.count or not same_hash:
+        raise ValueError(f"{output}: shard {index} was made from other inputs than inputs {start}.."
+                         f"{start + shard.count - 1} now; use another --output directory or --overwrite")
+
+
+def _record_manifest(output: Path, settings: dict, total: int, shards: list[dict]) -> dict:
+    """Write the finished manifest: ``total`` rows in ``num_shards`` shards, each shard's row count and input
+    hash (every part reads every input, so each part knows them all). Called under the folder lock; a
+    manifest that another run finished with other inputs is an error (two runs of other inputs never mix)."""
+    path = output / MANIFEST
+    manifest = {"settings": settings, "total": total, "num_shards": len(shards), "shards": shards}
+    previous = _read_manifest(path)
+    if previous is not None and "shards" in previous and \
+            (previous.get("total"), previous.get("shards")) != (total, shards):
+        raise ValueError(f"{output}: another run recorded {previous.get('total')} inputs in {MANIFEST}, this run read "
+                         f"{total} other ones; use another --output directory or --overwrite")
+    _write_json(path, manifest)
+    return manifest
+
+
+def _remove_unused_folder(output: Path):
+    """Remove a folder this run created when it holds no shard: its fresh manifest and lock files, then itself."""
+    if any(_SHARD_RE.match(p.name) for p in output.iterdir()):
+        return
+    manifest = _read_manifest(output / MANIFEST)
+    if manifest is not None and "total" not in manifest:
+        (output / MANIFEST).unlink(missing_ok=True)
+    remove_lock_files(output)
+    try:
+        output.rmdir()
+    except OSError:  # something else is in it now: keep it
+        pass
 
 
 def encode_to_shards(model, inputs, output: str | os.PathLike, *, role: str = "query", shard_size: int = 10_000,
@@ -272,6 +428,9 @@ def encode_to_shards(model, inputs, output: str | os.PathLike, *, role: str = "q
     it (``think_tokens``, ``batch_size``, ``max_length``, ``instruction``, ...). ``part=(i, n)``: encode only
     shards ``i, i + n, ...`` (run n processes, one per device, on the same directory). ``model_name``
     (default: the checkpoint's path) is recorded in the manifest; a rerun with other settings is an error.
+    The folder is locked while this runs (:func:`tte_flash.writing.folder_lock`): another writer is refused
+    with an error naming the holder. A shard that is damaged (its bytes do not match its record's SHA-256,
+    empty, foreign) is reported with a warning and encoded again.
     """
     if role not in ("query", "document"):
         raise ValueError(f"role must be 'query' or 'document', got {role!r}")
@@ -295,48 +454,61 @@ def encode_to_shards(model, inputs, output: str | os.PathLike, *, role: str = "q
                 "weights": weights_fingerprint(model), "role": role, "think_tokens": think_tokens, "dim": dim, "shard_size": shard_size,
                 **{k: encode_kwargs.get(k) for k in ("max_length", "instruction", "normalize_embeddings",
                                                      "truncate_dim", "mode")}}
-    _check_settings(output, settings, overwrite)
+    settings_id = sha256_json(settings)[:16]
+    if not overwrite:
+        _refuse_foreign_folder(output)
     created = not output.exists()
     output.mkdir(parents=True, exist_ok=True)
-    manifest_path = output / MANIFEST
-    fresh = not manifest_path.is_file()
-    if fresh:
-        _write_json(manifest_path, {"settings": settings})
-    items, total, encoded = iter(iter_inputs(inputs)), 0, 0
-    for index in itertools.count():
-        first = next(items, _END)
-        if first is _END:
-            break
-        shard = _Fingerprinted(itertools.chain([first], itertools.islice(items, shard_size - 1)))
-        done = _done_shard(output, index, dim)
-        if index % workers != worker or done is not None:
-            for _ in shard:
-                pass
-            if done is not None and None not in (done.get("sha256"), shard.sha256) and done["sha256"] != shard.sha256:
-                raise ValueError(f"{output}: shard {index} was made from other inputs than inputs {total}.."
-                                 f"{total + shard.count - 1} now; use another --output directory or --overwrite")
-        else:
-            try:
-                vectors = encode(iter(shard), think_tokens=think_tokens, convert_to_numpy=True,
-                                 show_progress_bar=show_progress_bar, **encode_kwargs)
-            except ValueError as err:  # "input i: ..." counts within the shard: name the input of the whole run
-                message = re.sub(r"^input (\d+):", lambda m: f"input {int(m.group(1)) + total}:", str(err))
-                raise ValueError(message) from None
-            array_path, meta_path = _shard_paths(output, index)
-            _atomic_write_bytes(array_path, lambda h: np.save(h, vectors.astype(np.float32, copy=False)))
-            _write_json(meta_path, {"index": index, "start": total, "count": shard.count, "sha256": shard.sha256})
-            encoded += shard.count
-        total += shard.count
-        if shard.count < shard_size:
-            break
-    if total == 0:
-        if fresh:  # leave nothing behind for an empty input
-            manifest_path.unlink(missing_ok=True)
-            if created and not any(output.iterdir()):
-                output.rmdir()
-        raise ValueError("nothing to encode: the input is empty")
-    manifest = {"settings": settings, "total": total, "num_shards": -(-total // shard_size)}
-    _write_json(manifest_path, manifest)
+    manifest_path, whole = output / MANIFEST, False
+    try:
+        with folder_lock(output, part, overwrite) as lock:
+            whole = lock.whole
+            with lock.briefly():
+                _check_settings(output, settings, overwrite)
+                if whole:  # no other writer can be active: temporary files here are those of killed writers
+                    remove_stale_temporaries(output)
+                if not manifest_path.is_file():
+                    _write_json(manifest_path, {"settings": settings})
+            total, encoded, shards = 0, 0, []
+            items = iter(iter_inputs(inputs))
+            for index in itertools.count():
+                first = next(items, _END)
+                if first is _END:
+                    break
+                shard = _Fingerprinted(itertools.chain([first], itertools.islice(items, shard_size - 1)))
+                if index % workers != worker:  # another part's: only its inputs are compared, when it is done
+                    for _ in shard:
+                        pass
+                    _check_same_inputs(output, index, total, shard, _shard_record(output, index, settings_id)[0])
+                else:
+                    meta, _, problem = _load_shard(output, index, dim, settings_id, load=False)
+                    if meta is not None:
+                        for _ in shard:
+                            pass
+                        _check_same_inputs(output, index, total, shard, meta)
+                    else:
+                        if problem is not None:
+                            log.warning("%s: %s; encoding shard %d again", output, problem, index)
+                        try:
+                            vectors = encode(iter(shard), think_tokens=think_tokens, convert_to_numpy=True,
+                                             show_progress_bar=show_progress_bar, **encode_kwargs)
+                        except ValueError as err:  # "input i: ..." counts within the shard: name the run's input
+                            message = re.sub(r"^input (\d+):", lambda m: f"input {int(m.group(1)) + total}:", str(err))
+                            raise ValueError(message) from None
+                        _write_shard(output, index, total, vectors, shard.sha256, settings_id)
+                        encoded += shard.count
+                shards.append({"count": shard.count, "sha256": shard.sha256})
+                total += shard.count
+                if shard.count < shard_size:
+                    break
+            if total == 0:
+                raise ValueError("nothing to encode: the input is empty")
+            with lock.briefly():
+                manifest = _record_manifest(output, settings, total, shards)
+    except BaseException:
+        if created and whole:  # nothing of value and no other writer: leave nothing behind
+            _remove_unused_folder(output)
+        raise
     return {**manifest, "encoded_now": encoded}
 
 
@@ -344,23 +516,55 @@ _END = object()
 
 
 def read_shards(output: str | os.PathLike) -> np.ndarray:
-    """All embeddings of a shard directory as one ``(total, dim)`` array, in input order; a clear error
-    when some shard is missing (a run still going, or stopped: rerun it to resume)."""
+    """All embeddings of a shard directory as one ``(total, dim)`` array, in input order.
+
+    The manifest is the source of truth and every file is checked against it: its row counts must add up
+    to ``total``, every shard's ``.npy`` must have the SHA-256 and shape of its ``.json`` record, and every
+    record the inputs the manifest lists; a shard file the manifest does not list is an error too. A clear
+    error names what is missing or damaged (rerunning the same command resumes and redoes it)."""
     output = Path(output)
-    try:
-        manifest = json.loads((output / MANIFEST).read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"no {MANIFEST} in {output}: not an embeddings directory") from None
-    except ValueError:
-        manifest = None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("settings"), dict):
-        raise ValueError(f"{output / MANIFEST} is not a manifest tte-flash wrote (unreadable JSON or other content)")
+    path = output / MANIFEST
+    if not path.exists():
+        raise FileNotFoundError(f"no {MANIFEST} in {output}: not an embeddings directory")
+    manifest = _read_manifest(path)
+    if manifest is None:
+        raise ValueError(f"{path} is not a manifest tte-flash wrote (unreadable JSON or other content)")
     settings = manifest["settings"]
     if "total" not in manifest:
         raise ValueError(f"{output} is incomplete: no run has reached the end of the input yet (rerun to resume)")
-    num_shards = manifest["num_shards"]
-    missing = [i for i in range(num_shards) if _done_shard(output, i, settings["dim"]) is None]
-    if missing:
-        raise ValueError(f"{output} is incomplete: shards {missing[:10]}{' ...' if len(missing) > 10 else ''} "
-                         f"of {num_shards} are missing (rerun the same command to resume)")
-    return np.concatenate([np.load(_shard_paths(output, i)[0]) for i in range(num_shards)])
+    shards, total, num_shards = manifest.get("shards"), manifest.get("total"), manifest.get("num_shards")
+    if not isinstance(shards, list) or not all(isinstance(s, dict) and "count" in s and "sha256" in s for s in shards):
+        raise ValueError(f"{path} lists no shards (written by an older tte-flash, or edited): rerun the same "
+                         "command to check every shard and record them")
+    shard_size, dim = settings.get("shard_size"), settings.get("dim")
+    counts = [s["count"] for s in shards]
+    consistent = isinstance(total, int) and isinstance(shard_size, int) and shard_size > 0 and \
+        num_shards == len(shards) == -(-total // shard_size) and sum(counts) == total and \
+        all(c == shard_size for c in counts[:-1])
+    if not consistent:
+        raise ValueError(f"{path} does not add up (num_shards {num_shards}, {len(shards)} shards listed holding "
+                         f"{sum(c for c in counts if isinstance(c, int))} rows, total {total}, shards of {shard_size}): "
+                         "edited or damaged; rerun the command that made it with --overwrite")
+    extra = sorted(p.name for p in output.iterdir()
+                   if (m := _SHARD_RE.match(p.name)) and int(m.group(1)) >= num_shards)
+    if extra:
+        raise ValueError(f"{output} holds shard files its {MANIFEST} does not list ({', '.join(extra[:4])}"
+                         f"{' ...' if len(extra) > 4 else ''}; it lists {num_shards}): the manifest was edited or "
+                         "they are another run's; remove them or rerun with --overwrite")
+    settings_id = sha256_json(settings)[:16]
+    out, problems = np.empty((total, dim), dtype=np.float32), {}
+    for index, entry in enumerate(shards):
+        meta, array, problem = _load_shard(output, index, dim, settings_id, load=True)
+        if meta is not None and (meta["count"], meta["sha256"], meta["start"]) != \
+                (entry["count"], entry["sha256"], index * shard_size):
+            meta, problem = None, f"{_shard_paths(output, index)[1].name} records other inputs than {MANIFEST}"
+        if meta is None:
+            problems[index] = problem or f"{_shard_paths(output, index)[0].name} is missing"
+            continue
+        out[index * shard_size:index * shard_size + len(array)] = array
+    if problems:
+        listed = list(problems)
+        raise ValueError(f"{output} is incomplete: shards {listed[:10]}{' ...' if len(listed) > 10 else ''} of "
+                         f"{num_shards} are missing or damaged ({'; '.join(list(problems.values())[:3])}); rerun "
+                         "the same command to resume (it redoes them)")
+    return out
