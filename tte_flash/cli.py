@@ -132,24 +132,47 @@ def encode(args) -> int:
         kwargs["max_batch_tokens"] = args.max_batch_tokens or None
     if args.think_tokens is not None:
         kwargs["think_tokens"] = args.think_tokens
-    if shards:
-        result = model.encode_to_shards(items, args.output, role=args.role, shard_size=args.shard_size,
-                                        model_name=args.model, part=args.part, overwrite=args.overwrite,
-                                        show_progress_bar=True, **kwargs)
-        dim = result["settings"]["dim"]
-        print(f"{args.output}: {result['total']} x {dim} {args.role} embeddings in {result['num_shards']} shards "
-              f"({result['encoded_now']} encoded by this run; read them with tte_flash.read_shards)")
-        return 0
-    role = model.encode_query if args.role == "query" else model.encode_document
-    vectors = role(items, show_progress_bar=True, **kwargs)
-    if len(vectors) == 0:
-        raise ValueError(f"nothing to encode: {args.input_file} has no inputs")
-    output = Path(args.output)
+    options = {"role": args.role, "shard_size": args.shard_size, "model_name": args.model, "show_progress_bar": True,
+               **kwargs}
+    try:
+        if shards:
+            result = model.encode_to_shards(items, args.output, part=args.part, overwrite=args.overwrite, **options)
+            dim = result["settings"]["dim"]
+            print(f"{args.output}: {result['total']} x {dim} {args.role} embeddings in {result['num_shards']} shards "
+                  f"({result['encoded_now']} encoded by this run; read them with tte_flash.read_shards)")
+            return 0
+        return _encode_to_npy(model, items, Path(args.output), args.overwrite, options)
+    except OSError as err:  # a full disk, a read-only folder: one line, never a stack trace
+        if isinstance(err, FileNotFoundError):
+            raise
+        raise ValueError(str(err)) from err
+
+
+def _encode_to_npy(model, items, output: Path, overwrite: bool, options: dict) -> int:
+    """One ``.npy`` file, encoded as shards in ``<output>.partial/`` (a failure keeps the finished shards and
+    the same command resumes them), then written whole and the shards removed."""
+    import shutil
+
+    from tte_flash.encoding import OtherSettingsError, read_shards
+    from tte_flash.writing import atomic_write_bytes
+    work = output.with_name(output.name + ".partial")
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(output.name + ".tmp.npy")
-    np.save(tmp, vectors)
-    os.replace(tmp, output)  # never a half-written file under the final name
-    print(f"wrote {vectors.shape[0]} x {vectors.shape[1]} {args.role} embeddings to {args.output}")
+    try:
+        try:
+            model.encode_to_shards(items, work, **options)
+        except OtherSettingsError:  # an unfinished run with other settings: --overwrite replaces it
+            if not overwrite:
+                raise
+            model.encode_to_shards(items, work, overwrite=True, **options)
+        vectors = read_shards(work)
+    except (ValueError, OSError) as err:
+        if work.is_dir() and any(work.glob("shard-*.json")):
+            raise type(err)(f"{err} (the finished shards are kept in {work}; rerun the same command to resume)") \
+                from err
+        raise
+    atomic_write_bytes(output, lambda handle: np.save(handle, vectors))  # never a half-written file
+    shutil.rmtree(work)
+    print(f"wrote {vectors.shape[0]} x {vectors.shape[1]} {options['role']} embeddings to {output}")
     return 0
 
 
@@ -180,9 +203,15 @@ def _encode_on_devices(args) -> int:
 
 
 def _clear_for_overwrite(output: Path):
+    """Remove the shards and manifest, holding the folder (refused while another writer is active)."""
     from tte_flash.encoding import MANIFEST
-    for stale in [*output.glob("shard-*.npy"), *output.glob("shard-*.json"), output / MANIFEST]:
-        stale.unlink(missing_ok=True)
+    from tte_flash.writing import folder_lock, remove_stale_temporaries
+    if not output.is_dir():
+        return
+    with folder_lock(output, overwrite=True):
+        for stale in [*output.glob("shard-*.npy"), *output.glob("shard-*.json"), output / MANIFEST]:
+            stale.unlink(missing_ok=True)
+        remove_stale_temporaries(output)
 
 
 def explain_command(args) -> int:

@@ -340,6 +340,10 @@ def weights_fingerprint(model) -> str:
     return digest.hexdigest()[:16]
 
 
+class OtherSettingsError(ValueError):
+    """The output folder holds embeddings made with other settings (``overwrite=True`` replaces them)."""
+
+
 def _read_manifest(path: Path) -> dict | None:
     """The manifest at ``path`` when it is one tte-flash wrote (a dict with ``settings``), else None."""
     try:
@@ -370,7 +374,7 @@ def _check_settings(output: Path, settings: dict, overwrite: bool):
         if previous is not None and previous != settings and not overwrite:
             diff = ", ".join(f"{k}: {previous.get(k)!r} there, {v!r} now" for k, v in settings.items()
                              if previous.get(k) != v)
-            raise ValueError(f"{output} holds embeddings made with other settings ({diff}); use another --output "
+            raise OtherSettingsError(f"{output} holds embeddings made with other settings ({diff}); use another --output "
                              "directory or overwrite=True (--overwrite)")
         if overwrite:  # no other writer is active (folder_lock with overwrite holds the folder whole)
             for stale in itertools.chain(output.glob("shard-*.npy"), output.glob("shard-*.json"), [path]):
