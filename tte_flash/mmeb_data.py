@@ -182,7 +182,8 @@ def annotation_files(data_root, task: Task, part: str | None = None) -> list[Pat
     """The test file(s) of ``task`` (``part``: ``queries``/``qrels``/``corpus`` of a visdoc task)."""
     directory, subset, split = task.annotation
     base = Path(data_root) / directory / (part or subset or "")
-    folders = [base, base / "data", base / split]
+    # base/<task>: a multi-config repository (ziyjiang/MMEB_Test_Instruct) downloaded whole into the task's folder
+    folders = [base, base / "data", base / split, base / task.name]
     if not (part or subset) and base.is_dir():  # one config folder of another name (e.g. a Hub download)
         configs = [d for d in base.iterdir() if d.is_dir() and any(d.glob(f"{split}-*.parquet"))]
         folders += configs if len(configs) == 1 else []
@@ -191,6 +192,10 @@ def annotation_files(data_root, task: Task, part: str | None = None) -> list[Pat
             files = sorted(folder.glob(pattern)) if folder.is_dir() else []
             if files:
                 return files
+    for folder in (base / split, base / task.name / split):  # the Hub's parquet conversion: <split>/0000.parquet
+        files = sorted(folder.glob("[0-9]*.parquet")) if folder.is_dir() else []
+        if files:
+            return files
     raise MissingTask(f"no test file for {task.name}: expected {base}/{split}-*.parquet (or {split}.jsonl) "
                       f"under --data_root (docs/mmeb.md lists each task's path)")
 
