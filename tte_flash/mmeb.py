@@ -29,6 +29,7 @@ The task registry and the loaders live in :mod:`tte_flash.mmeb_data`, the rankin
 from __future__ import annotations
 
 import contextvars
+import hashlib
 import json
 import logging
 import os
@@ -43,6 +44,7 @@ from .mmeb_data import (CATEGORIES, TASKS, MissingTask, Task, TaskData, annotati
 from .ranking import (SCORINGS, TIES, NonFiniteScoresError, _ranked_metrics, check_finite, hit_at_k,  # noqa: F401
                       mean_metrics, ndcg_at_k, nonfinite_context, pad_scores, ranking_metrics, ranks, vlm2vec_grades,
                       vlm2vec_metrics, vlm2vec_order)
+from .writing import atomic_write_bytes, folder_lock, sha256_bytes, sha256_json
 
 logger = logging.getLogger("tte_flash.mmeb")
 # run_benchmark's scoring when the caller passes none: python -m tte_flash.mmeb --scoring sets it around its run
@@ -126,31 +128,32 @@ def _scorings(scoring: str) -> tuple[str, tuple]:
 
 def evaluate_task(model, task: Task, data_root, think_tokens=0, mode="latent", max_cot_tokens=128, batch_size=32,
                   num_frames=8, limit=None, show_progress_bar=None, reasoner=None, cache=None, cache_key=None,
-                  scoring="correct"):
+                  scoring="correct", data: TaskData | None = None, reuse_cache=True):
     """Load, encode and score one task; returns its score dict (VLM2Vec's ``*_score.json`` keys and more).
     ``think_tokens`` a list: ``{K: score dict}``, the candidates encoded once for every K.
-    ``cache``: a file for the candidate embeddings, reused when ``cache_key`` and the candidates match.
+    ``cache``: a file for the candidate embeddings, reused (unless ``reuse_cache`` is False) when ``cache_key``,
+    the candidates and their content (:func:`inputs_digest`) match and the embeddings have the SHA-256 stored
+    with them. ``data``: the task as :func:`load_task` loaded it (default: loaded here).
     ``scoring``: ``correct`` (default), ``vlm2vec`` (VLM2Vec's procedure, docs/mmeb.md) or ``both``: ``score`` and
     the metric keys are the correct scoring's, ``scores`` holds each scoring's main metric and ``by_scoring``
     its metrics. With ``both``, a task the correct scoring refuses (a positive that is no candidate) has
     ``score`` None and the reason in ``errors``, its vlm2vec number still in ``scores``."""
     primary, scorings = _scorings(scoring)
     start = time.perf_counter()
-    data = load_task(task, data_root, num_frames=num_frames, limit=limit, vlm2vec="vlm2vec" in scorings)
+    if data is None:
+        data = load_task(task, data_root, num_frames=num_frames, limit=limit, vlm2vec="vlm2vec" in scorings)
     if not data.queries:
         raise ValueError(f"{task.name}: no queries in the test file")
     keys = list(data.candidates)
-    c_emb = _cached_candidates(cache, cache_key, keys)
+    candidates_sha256 = inputs_digest(data.candidates) if cache is not None else None
+    c_emb = _cached_candidates(cache, cache_key, keys, candidates_sha256) if reuse_cache else None
     if c_emb is None:
         with nonfinite_context(f"{task.name}, candidates"):
             c_emb = model.encode_document([data.candidates[k] for k in keys], batch_size=batch_size,
                                           convert_to_tensor=True, show_progress_bar=show_progress_bar)
         check_finite(c_emb, f"{task.name}, candidate embeddings", names=keys, label="candidate")
         if cache is not None:
-            Path(cache).parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(cache).with_name(f".{Path(cache).name}.{os.getpid()}.tmp")
-            torch.save({"cache_key": cache_key, "keys": keys, "embeddings": c_emb.detach().cpu()}, tmp)
-            os.replace(tmp, cache)
+            _write_cache(Path(cache), cache_key, keys, candidates_sha256, c_emb.detach().cpu())
     document_seconds = time.perf_counter() - start
     extra = {"reasoner": reasoner} if reasoner is not None and mode == "explicit-cot" else {}
     results = {}
@@ -183,8 +186,25 @@ def evaluate_task(model, task: Task, data_root, think_tokens=0, mode="latent", m
     return results if isinstance(think_tokens, (list, tuple)) else results[think_tokens]
 
 
-def _cached_candidates(cache, cache_key, keys):
-    """The cached candidate embeddings when the file holds these candidates for this key, else None."""
+def _embeddings_sha256(embeddings: torch.Tensor) -> str:
+    array = embeddings.detach().cpu().contiguous()
+    return sha256_bytes(f"{array.dtype}{tuple(array.shape)}".encode() + array.view(torch.uint8).numpy().tobytes())
+
+
+def _write_cache(path: Path, cache_key, keys, candidates_sha256, embeddings: torch.Tensor):
+    """The candidate embeddings with what they were made from and their own SHA-256, written whole."""
+    import io
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    torch.save({"cache_key": cache_key, "keys": keys, "candidates_sha256": candidates_sha256,
+                "rows": len(embeddings), "sha256": _embeddings_sha256(embeddings), "embeddings": embeddings}, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def _cached_candidates(cache, cache_key, keys, candidates_sha256=None):
+    """The cached candidate embeddings when the file holds these candidates (same keys, same content) for this
+    key, one row per candidate, with the SHA-256 stored beside them; else None, with a warning naming the file
+    when it is damaged (zeroed, permuted, torn, foreign) or its candidates' content changed."""
     if cache is None or not Path(cache).is_file():
         return None
     try:
@@ -192,13 +212,75 @@ def _cached_candidates(cache, cache_key, keys):
     except Exception as err:  # a torn or foreign file: recompute
         logger.warning("ignoring the embedding cache %s: %s", cache, err)
         return None
-    if stored.get("cache_key") != cache_key or stored.get("keys") != keys:
+    if not isinstance(stored, dict) or stored.get("cache_key") != cache_key or stored.get("keys") != keys:
         return None
     embeddings = stored.get("embeddings")
-    if not isinstance(embeddings, torch.Tensor) or not bool(torch.isfinite(embeddings).all()):
-        logger.warning("ignoring the embedding cache %s: it holds NaN or inf (or no) embeddings", cache)
+    problem = None
+    if stored.get("candidates_sha256") != candidates_sha256:
+        problem = "the candidates' content changed since it was written (or it predates content hashes)"
+    elif not isinstance(embeddings, torch.Tensor) or embeddings.ndim != 2 or stored.get("rows") != len(keys) or \
+            len(embeddings) != len(keys):
+        problem = "it does not hold one embedding per candidate"
+    elif _embeddings_sha256(embeddings) != stored.get("sha256"):
+        problem = "its embeddings do not match their SHA-256 (damaged or edited)"
+    elif not bool(torch.isfinite(embeddings).all()):
+        problem = "it holds NaN or inf embeddings"
+    if problem is not None:
+        logger.warning("ignoring the embedding cache %s: %s; encoding the candidates again", cache, problem)
         return None
     return embeddings
+
+
+def inputs_digest(obj) -> str:
+    """A SHA-256 of a task's inputs as the model reads them: texts and every other value, bytes, and for each
+    local image or video file (or folder of frames) its path, size and mtime, so a file replaced under the
+    same path changes the digest. Order-sensitive (dict keys may mix ints and strings)."""
+    digest = hashlib.sha256()
+
+    def media(value):
+        if isinstance(value, (list, tuple)):
+            for one in value:
+                media(one)
+        elif isinstance(value, (str, os.PathLike)) and not str(value).startswith(("http://", "https://")):
+            path = Path(value)
+            files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+            for file in files:
+                try:
+                    stat = file.stat()
+                    digest.update(f"file {file} {stat.st_size} {stat.st_mtime_ns}\n".encode())
+                except OSError:
+                    digest.update(f"missing {file}\n".encode())
+        else:
+            walk(value)
+
+    def walk(value):
+        if isinstance(value, dict):
+            digest.update(b"{")
+            for key, item in value.items():
+                digest.update(f"{type(key).__name__}:{key!r}=".encode())
+                (media if key in ("image", "video") else walk)(item)
+            digest.update(b"}")
+        elif isinstance(value, (list, tuple)):
+            digest.update(b"[")
+            for item in value:
+                walk(item)
+            digest.update(b"]")
+        elif isinstance(value, (bytes, bytearray, memoryview)):
+            digest.update(b"bytes " + hashlib.sha256(value).digest())
+        elif hasattr(value, "tobytes"):  # a PIL image, a numpy array
+            digest.update(f"{type(value).__name__} {getattr(value, 'size', '')} {getattr(value, 'shape', '')}"
+                          .encode() + hashlib.sha256(value.tobytes()).digest())
+        else:
+            digest.update(f"{type(value).__name__}:{value!r};".encode())
+
+    walk(obj)
+    return digest.hexdigest()
+
+
+def task_digest(data: TaskData) -> str:
+    """:func:`inputs_digest` of everything a task's score depends on: queries, candidates, relevance, pools."""
+    return inputs_digest({"queries": data.queries, "candidates": data.candidates, "relevance": data.relevance,
+                          "local": data.local, "label_ids": data.label_ids, "grades": data.grades})
 
 
 # ---------------------------------------------------------------------------------------- the benchmark
@@ -209,27 +291,38 @@ def score_path(output_dir, task: Task) -> Path:
 
 
 def write_json_atomic(path, obj) -> None:
-    """Write to a temporary file in the same folder, then rename: a crash never leaves half a file."""
+    """Write to a temporary file in the same folder, fsync, then rename: a crash or a full disk never leaves
+    half a file (nor the temporary one)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode("utf-8"))
 
 
 def _stored(path: Path, fingerprint: dict, overwrite: bool):
-    """A finished score for this fingerprint, None to compute; ``ValueError`` for another run's file."""
+    """A finished score for this fingerprint, None to compute; ``ValueError`` for another run's file. A score
+    file whose content does not match the SHA-256 written in it (edited, damaged) or that is no score file
+    is reported with a warning and computed again."""
     if not path.is_file() or overwrite:
         return None
     try:
         stored = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
+    except (UnicodeDecodeError, json.JSONDecodeError):
         logger.warning("%s is not valid JSON: recomputing it", path)
+        return None
+    if not isinstance(stored, dict):
+        logger.warning("%s is not a score file tte-flash wrote: recomputing it", path)
         return None
     if stored.get("fingerprint") != fingerprint:
         raise ValueError(f"{path} holds a score of another model or setting ({stored.get('fingerprint')}; this run: "
                          f"{fingerprint}): pass another --output, or --overwrite to replace it")
+    if stored.get("sha256") != sha256_json({k: v for k, v in stored.items() if k != "sha256"}):
+        logger.warning("%s does not match the SHA-256 written in it (edited or damaged): recomputing it", path)
+        return None
     return stored
+
+
+def _write_score(path: Path, result: dict):
+    write_json_atomic(path, {**result, "sha256": sha256_json(result)})
 
 
 def run_benchmark(model, data_root, output_dir, tasks=None, fingerprint: dict | None = None, overwrite=False,
@@ -249,42 +342,70 @@ def run_benchmark(model, data_root, output_dir, tasks=None, fingerprint: dict | 
     ``scoring`` (default ``correct``, or what ``python -m tte_flash.mmeb --scoring`` set): ``vlm2vec`` scores by
     VLM2Vec's procedure, ``both`` computes both (``score`` and ``aggregate`` the correct one; each task's
     ``scores`` and the summary's ``aggregates`` both); see :func:`evaluate_task` and docs/mmeb.md. A scoring
-    other than ``correct`` is part of the fingerprint (its score files are not another scoring's)."""
+    other than ``correct`` is part of the fingerprint (its score files are not another scoring's).
+
+    Guarded writes (:mod:`tte_flash.writing`): ``output_dir`` is locked while the run writes it (a second run
+    into it gets an error naming the holder); the fingerprint holds the data root, and each score file and
+    cache entry the digest of the task's inputs (:func:`task_digest`: texts, and each image's size and mtime),
+    so another ``data_root`` or a changed file is never read back; score files carry their own SHA-256 and
+    caches the SHA-256 of their embeddings (an edited or damaged one is reported and recomputed);
+    ``overwrite`` recomputes everything, the cached candidates included."""
     scoring = scoring or _SCORING.get()
-    primary, scorings = _scorings(scoring)
+    _scorings(scoring)  # an unknown one fails before anything is written
     data_root = Path(data_root)
     if not data_root.is_dir():
         raise FileNotFoundError(f"--data_root {data_root} is not a folder")
     several = isinstance(think_tokens, (list, tuple))
     budgets = list(dict.fromkeys(think_tokens)) if several else [think_tokens]
-    folders = {k: results_folder(output_dir, k, several) for k in budgets}
-    fingerprints = {k: {**(fingerprint or {}), "think_tokens": k, **{name: eval_kwargs.get(name) for name in
-                                                                      ("mode", "max_cot_tokens", "num_frames", "limit")},
+    fingerprints = {k: {**(fingerprint or {}), "data_root": str(data_root.resolve()), "think_tokens": k,
+                        **{name: eval_kwargs.get(name) for name in ("mode", "max_cot_tokens", "num_frames", "limit")},
                         **({"scoring": scoring} if scoring != "correct" else {})}
                     for k in budgets}
     selected = select_tasks(tasks)
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    with folder_lock(output_dir):  # one writer at a time: a second run into this folder is refused, never mixed
+        summaries = _run_tasks(model, data_root, output_dir, selected, budgets, several, fingerprints,
+                               overwrite, progress or logger.info, scoring, eval_kwargs)
+    return summaries if several else summaries[think_tokens]
+
+
+def _run_tasks(model, data_root: Path, output_dir, selected: list[Task], budgets: list, several: bool,
+               fingerprints: dict, overwrite: bool, progress, scoring: str, eval_kwargs: dict) -> dict:
+    """:func:`run_benchmark`'s work, under the folder lock: ``{K: summary}``."""
+    primary, scorings = _scorings(scoring)
+    folders = {k: results_folder(output_dir, k, several) for k in budgets}
     for task in selected:  # refuse another run's files before any work
         for k in budgets:
             _stored(score_path(folders[k], task), fingerprints[k], overwrite)
-    progress = progress or logger.info
     results = {k: {} for k in budgets}
     for number, task in enumerate(selected, 1):
         where = f"[{number}/{len(selected)}] {task.name}"
-        todo = []
-        for k in budgets:
-            stored = _stored(score_path(folders[k], task), fingerprints[k], overwrite)
-            if stored is None:
-                todo.append(k)
-                continue
-            results[k][task.name] = {**stored, "status": "done", "resumed": True}
-            progress(f"{where} K={k}: {task.metric} {stored['score']:.4f} (read back)")
-        if not todo:
-            continue
-        cache_key = {k: v for k, v in fingerprints[todo[0]].items()
-                     if k not in ("think_tokens", "mode", "max_cot_tokens", "scoring")}
+        todo = list(budgets)
         try:
+            # the task's inputs are loaded even when every score is stored: a score is read back only when the
+            # content it was computed from (texts, and each image's size and mtime) is still what is on disk
+            data = load_task(task, data_root, num_frames=eval_kwargs.get("num_frames", 8),
+                             limit=eval_kwargs.get("limit"), vlm2vec="vlm2vec" in scorings)
+            digest = task_digest(data)
+            for k in budgets:
+                path = score_path(folders[k], task)
+                stored = _stored(path, fingerprints[k], overwrite)
+                if stored is not None and stored.get("inputs_sha256") != digest:
+                    logger.warning("%s: the task's inputs under %s changed since it was scored: recomputing it",
+                                   path, data_root)
+                    stored = None
+                if stored is None:
+                    continue
+                todo.remove(k)
+                results[k][task.name] = {**stored, "status": "done", "resumed": True}
+                progress(f"{where} K={k}: {task.metric} {stored['score']:.4f} (read back)")
+            if not todo:
+                continue
+            cache_key = {k: v for k, v in fingerprints[todo[0]].items()
+                         if k not in ("think_tokens", "mode", "max_cot_tokens", "scoring")}
             computed = evaluate_task(model, task, data_root, think_tokens=todo, cache_key=cache_key, scoring=scoring,
-                                     cache=Path(output_dir) / ".cache" / f"{task.name}.candidates.pt", **eval_kwargs)
+                                     cache=Path(output_dir) / ".cache" / f"{task.name}.candidates.pt", data=data,
+                                     reuse_cache=not overwrite, **eval_kwargs)
         except MissingTask as err:
             for k in todo:
                 results[k][task.name] = {"task": task.name, "status": "missing", "reason": str(err)}
@@ -303,7 +424,7 @@ def run_benchmark(model, data_root, output_dir, tasks=None, fingerprint: dict | 
                 results[k][task.name] = {**result, "status": "error", "reason": reason}
                 progress(f"{where} K={k}: ERROR ({primary} scoring): {reason}; {others}")
                 continue
-            write_json_atomic(score_path(folders[k], task), {**result, "fingerprint": fingerprints[k]})
+            _write_score(score_path(folders[k], task), {**result, "fingerprint": fingerprints[k], "inputs_sha256": digest})
             results[k][task.name] = {**result, "status": "done", "resumed": False}
             progress(f"{where} K={k}: {task.metric} {result['score']:.4f}{f' ({others})' if others else ''} "
                      f"({result['num_pred']} queries, {result['num_candidates']} candidates, "
@@ -316,9 +437,9 @@ def run_benchmark(model, data_root, output_dir, tasks=None, fingerprint: dict | 
             summary["aggregates"] = {name: aggregate(results[k], selected, scoring=name) for name in scorings}
         summary["tasks"] = results[k]
         write_json_atomic(folders[k] / "summary.json", summary)
-        (folders[k] / "summary.md").write_text(format_markdown(summary, selected) + "\n", encoding="utf-8")
+        atomic_write_bytes(folders[k] / "summary.md", (format_markdown(summary, selected) + "\n").encode("utf-8"))
         summaries[k] = summary
-    return summaries if several else summaries[think_tokens]
+    return summaries
 
 
 def results_folder(output_dir, think_tokens: int, several: bool) -> Path:
