@@ -157,3 +157,57 @@ def test_an_archive_reaching_outside_its_folder_is_refused(tmp_path, monkeypatch
     assert mmeb_prepare.main(["--data_root", str(root), "--tasks", "ImageNet-1K"]) == 1
     assert not (tmp_path / "escaped.txt").exists() and not (root / "escaped.txt").exists()
     assert "OutsideDestinationError" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------- VLM2Vec's prompt joining
+
+def _image_task_root(root: Path):
+    """One row per image parser, in MMEB_Test_Instruct's columns."""
+    for name in ("a.png", "b.png", "c.png"):
+        path = root / "image-tasks" / "imgs" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (28, 28), (10, 20, 30)).save(path)
+    inst = "<|image_1|> Represent the given image with the following question:"
+    rows = {
+        "ImageNet-1K": {"qry_inst": "<|image_1|> Represent the given image for classification\n", "qry_text": "",
+                        "qry_img_path": "imgs/a.png", "tgt_inst": "", "tgt_text": ["cat", "dog"], "tgt_img_path": ["", ""]},
+        "OK-VQA": {"qry_inst": inst, "qry_text": "What is it?", "qry_img_path": "imgs/a.png", "tgt_inst": "",
+                   "tgt_text": ["a cat", "a dog"], "tgt_img_path": ["", ""]},
+        "MSCOCO_t2i": {"qry_inst": "Find me an everyday image that matches the given caption:", "qry_text": "A cat.",
+                       "qry_img_path": "", "tgt_inst": "<|image_1|> Represent the given image.",
+                       "tgt_text": [""], "tgt_img_path": ["imgs/b.png"]},
+        "CIRR": {"qry_inst": "<|image_1|> Given an image, find a similar everyday image with the described changes:",
+                 "qry_text": "make it red", "qry_img_path": "imgs/a.png", "tgt_inst": "<|image_1|> Represent the given image.",
+                 "tgt_text": ["", ""], "tgt_img_path": ["imgs/b.png", "imgs/c.png"]},
+        "MSCOCO": {"qry_inst": "<|image_1|> Select the portion of the image that isolates the object:",
+                   "qry_text": "\"the cat\"", "qry_img_path": "imgs/a.png", "tgt_inst": "<|image_1|> Represent the given cropped image of the object.",
+                   "tgt_text": ["the cat"], "tgt_img_path": ["imgs/c.png"]},
+    }
+    for task, row in rows.items():
+        _parquet(root / "image-tasks" / task / "test-00000-of-00001.parquet", [row])
+
+
+def test_vlm2vec_prompt_joining_of_the_image_tasks(tmp_path):
+    _image_task_root(tmp_path)
+    # what VLM2Vec's image parsers build for a Qwen2-VL backbone (its image token written as <|image_1|>), by hand
+    expected = {
+        "ImageNet-1K": ("<|image_1|>  Represent the given image for classification\n\n", {"cat": "cat", "dog": "dog"}),
+        "OK-VQA": ("<|image_1|>\nRepresent the given image with the following question: What is it?\n",
+                   {"a cat": "a cat", "a dog": "a dog"}),
+        "MSCOCO_t2i": ("Find me an everyday image that matches the given caption: A cat.\n",
+                       {"imgs/b.png": "<|image_1|>  Represent the given image.\n"}),
+        "CIRR": ("<|image_1|>\nGiven an image, find a similar everyday image with the described changes: make it red\n",
+                 {"imgs/b.png:": "<|image_1|>  Represent the given image.",
+                  "imgs/c.png:": "<|image_1|>  Represent the given image."}),
+        "MSCOCO": ("<|image_1|>\nSelect the portion of the image that isolates the object: \"the cat\"\n",
+                   {"imgs/c.png:the cat": "<|image_1|>  Represent the given cropped image of the object. the cat\n"}),
+    }
+    for task, (query, candidates) in expected.items():
+        data = mmeb_data.load_task(TASKS[task], tmp_path, prompts="vlm2vec")
+        assert data.queries[0]["text"] == query, task
+        assert {k: v["text"] for k, v in data.candidates.items()} == candidates, task
+        ours = mmeb_data.load_task(TASKS[task], tmp_path)  # the default joins with one space, no image token
+        assert "\n" not in ours.queries[0]["text"] and "<|image_1|>" not in ours.queries[0]["text"]
+        assert [q.get("image") for q in ours.queries] == [q.get("image") for q in data.queries]
+    with pytest.raises(ValueError, match="prompts must be"):
+        mmeb_data.load_task(TASKS["OK-VQA"], tmp_path, prompts="gme")

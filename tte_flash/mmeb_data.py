@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .data import load_rows
+from .processing import IMAGE_PLACEHOLDER
 
 logger = logging.getLogger("tte_flash.mmeb")
 
@@ -229,13 +230,36 @@ def _text(*parts) -> str:
     return " ".join(p.replace("<|image_1|>", "").strip() for p in parts if p and p.strip())
 
 
+def _vlm2vec_query(task: Task, row: dict) -> str:
+    """The query text of an image task as VLM2Vec's parsers join it for a Qwen2-VL backbone (its
+    ``process_input_text`` + ``.replace(" \\n", "\\n") + "\\n"``), with ``<|image_1|>`` where its image token goes."""
+    inst, text = row["qry_inst"] or "", row["qry_text"] or ""
+    if task.parser == "image_t2i":  # no query image: the instruction keeps its own image token, if any
+        return inst + " " + text + "\n"
+    inst = inst.replace("<|image_1|>", "")
+    if task.parser in ("image_qa", "image_i2i_vg"):  # these instructions start on a new line
+        inst = "\n" + inst.strip()
+    prompt = IMAGE_PLACEHOLDER + " " + inst + (" " + text if text else "")
+    return prompt.replace(" \n", "\n") + "\n"
+
+
+def _vlm2vec_candidate(task: Task, tgt_inst: str, caption: str) -> str:
+    """An image candidate's text as VLM2Vec joins it (image_t2i / image_i2i_vg targets)."""
+    tgt_inst = (tgt_inst or "").replace("<|image_1|>", "")
+    if caption.strip():
+        return (IMAGE_PLACEHOLDER + " " + tgt_inst + " " + caption).replace(" \n", "\n") + "\n"
+    joined = (IMAGE_PLACEHOLDER + " " + tgt_inst).replace(" \n", "\n")
+    return joined + "\n" if task.parser == "image_t2i" else joined  # i2i_vg omits it ("consistent with v1")
+
+
 def _require(rows, columns, task):
     missing = [c for c in columns if c not in rows[0]]
     if missing:
         raise ValueError(f"{task.name}: the test file lacks column(s) {missing} (has {sorted(rows[0])})")
 
 
-def load_task(task: Task, data_root, num_frames: int = 8, limit: int | None = None, vlm2vec: bool = False) -> TaskData:
+def load_task(task: Task, data_root, num_frames: int = 8, limit: int | None = None, vlm2vec: bool = False,
+              prompts: str = "tte") -> TaskData:
     """Queries, candidates and relevance of one task, read from ``data_root`` in VLM2Vec's layout.
 
     A query whose positive is not among the listed candidates (a video classification label missing from
@@ -243,11 +267,19 @@ def load_task(task: Task, data_root, num_frames: int = 8, limit: int | None = No
     ``vlm2vec=True`` (for ``--scoring vlm2vec``): then the query is kept as VLM2Vec keeps it. VLM2Vec's pool
     of a global task starts with every query's own candidate names (``generate_cand_dataset``), so a
     missing video label becomes one more candidate (``TaskData.added``); an MVBench answer no option has is
-    a query counted wrong (``TaskData.misses``). A warning and the task's notes give their number."""
+    a query counted wrong (``TaskData.misses``). A warning and the task's notes give their number.
+
+    ``prompts="vlm2vec"`` joins the image tasks' instructions and texts as VLM2Vec's parsers do for a Qwen2-VL
+    backbone (image token first, QA/VG instructions on a new line, a trailing newline); the default ``"tte"``
+    joins instruction and text with one space (what the TTE-Flash recipes train on). Other modalities: same."""
+    if prompts not in ("tte", "vlm2vec"):
+        raise ValueError(f"prompts must be 'tte' or 'vlm2vec', not {prompts!r}")
     loader = globals()[f"_load_{task.parser}"]
     limit = min(x for x in (limit, task.max_queries) if x) if (limit or task.max_queries) else None
     if loader in (_load_video_cls, _load_video_qa):
         data = loader(task, Path(data_root), num_frames, limit, vlm2vec=vlm2vec)
+    elif loader is _load_image:
+        data = loader(task, Path(data_root), num_frames, limit, prompts=prompts)
     else:
         data = loader(task, Path(data_root), num_frames, limit)
     for found, what in ((data.misses, "scored as misses: their answer is none of their options"),
@@ -264,14 +296,14 @@ def _head(rows, limit):
     return rows[:limit] if limit else rows
 
 
-def _load_image(task, root, num_frames, limit):
+def _load_image(task, root, num_frames, limit, prompts="tte"):
     """MMEB image rows (qry_inst, qry_text, qry_img_path, tgt_inst, tgt_text, tgt_img_path), positive first."""
     rows = _head(read_rows(annotation_files(root, task)), limit)
     _require(rows, ("qry_inst", "qry_text", "qry_img_path", "tgt_text"), task)
     media = root / task.media
     queries, relevance, local, candidates = [], [], [], {}
     for row in rows:
-        query = {"text": _text(row["qry_inst"], row["qry_text"])}
+        query = {"text": _vlm2vec_query(task, row) if prompts == "vlm2vec" else _text(row["qry_inst"], row["qry_text"])}
         if task.parser != "image_t2i":
             query["image"] = _media(media / row["qry_img_path"])
         texts, paths = list(row["tgt_text"]), list(row.get("tgt_img_path") or [])
@@ -286,8 +318,9 @@ def _load_image(task, root, num_frames, limit):
                 raise ValueError(f"{task.name}: a row has {len(paths)} tgt_img_path but {len(captions)} tgt_text")
             for path, caption in zip(paths, captions):
                 key = path if task.parser == "image_t2i" else f"{path}:{caption.strip(chr(34))}"
-                candidates.setdefault(key, {"text": _text(row.get("tgt_inst") or "", caption) or None,
-                                            "image": _media(media / path)})
+                text = _vlm2vec_candidate(task, row.get("tgt_inst"), caption) if prompts == "vlm2vec" else \
+                    _text(row.get("tgt_inst") or "", caption) or None
+                candidates.setdefault(key, {"text": text, "image": _media(media / path)})
                 keys.append(key)
         queries.append(query)
         local.append(keys)
