@@ -1,0 +1,89 @@
+"""The device loan's script (benchmarks/gpu_loan.sh, gpu_loan.py): its budget fits the loan, what it leaves in $OUT
+comes back, a killed job keeps its rows, a crash is not reported as wrong results, and the CPU rehearsal runs
+both parts through the shell script on a bare copy of the tree."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks import gpu_loan  # noqa: E402
+
+
+def test_budget_fits_each_call_and_the_lease():
+    assert gpu_loan.budget_problems() == []
+    for part in gpu_loan.PARTS:
+        jobs = gpu_loan.jobs_of(part)
+        assert jobs[0].name == "env" and len({j.name for j in jobs}) == len(jobs)
+        assert gpu_loan.deadline_s(part) <= 540 and gpu_loan.run_call(part)["timeout_s"] <= 600
+    # compiling is done on a CPU before the loan, never on it
+    assert not any("compile_check" in " ".join(j.argv) for j in gpu_loan.JOBS)
+
+
+def test_readme_quotes_the_two_run_calls():
+    readme = (REPO / "benchmarks" / "README.md").read_text()
+    for part in gpu_loan.PARTS:
+        call = gpu_loan.run_call(part)
+        assert f'command="{call["command"]}", timeout_s={call["timeout_s"]}' in readme, part
+
+
+def test_out_checker_catches_what_would_not_come_back(tmp_path):
+    for i in range(8):
+        (tmp_path / f"f{i}.json").write_text("{}")
+    assert gpu_loan.out_problems(tmp_path) == []
+    (tmp_path / "a" / "b" / "c").mkdir(parents=True)
+    (tmp_path / "a" / "b" / "ok.txt").write_text("x")
+    (tmp_path / "a" / "b" / "c" / "deep.txt").write_text("x")
+    (tmp_path / "bad name.txt").write_text("x")
+    problems = "\n".join(gpu_loan.out_problems(tmp_path))
+    assert "11 files" in problems and "deep.txt: more than 2 folders" in problems and "bad name.txt" in problems
+
+
+def _fake_job(tmp_path, name, body):
+    script = tmp_path / f"{name}.py"
+    script.write_text("import json, sys, time\nrows = sys.argv[1]\n" + body)
+    return gpu_loan.Job("z", name, [str(script), "{rows}"], 7, [str(script), "{rows}"])
+
+
+def test_a_killed_job_keeps_its_rows_and_a_crash_is_not_wrong_results(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    jobs = [
+        _fake_job(tmp_path, "slow", "open(rows, 'a').write(json.dumps({'source': 'slow', 'i': 0}) + '\\n')\n"
+                                    "time.sleep(60)\n"),
+        gpu_loan.Job("z", "kernel-check", [], 7, []),
+        _fake_job(tmp_path, "wrong", "open(rows, 'a').write(json.dumps({'source': 'kernel_check', 'ok': False, "
+                                     "'variant': 'packed', 'head_dim': 16}) + '\\n')\nsys.exit(1)\n"),
+    ]
+    jobs[2].name = "kernel-check"
+    jobs[1].argv = [str(tmp_path / "crash.py")]  # an ImportError: a crash, not a failed check
+    (tmp_path / "crash.py").write_text("import no_such_module\n")
+    monkeypatch.setattr(gpu_loan, "JOBS", jobs[:2])
+    monkeypatch.setattr(gpu_loan, "INSTALL_S", 0)
+    import time
+    assert gpu_loan.run_part("z", out, dry_run=False, t0=time.time(), deadline=30) == 1
+    ends = [r for r in gpu_loan._read_jsonl(out / "z-jobs.jsonl") if r.get("event") == "end"]
+    assert [(r["job"], r["status"]) for r in ends] == [("slow", "timed out"), ("kernel-check", "crashed")]
+    assert any("no_such_module" in line for line in ends[1]["log_tail"])
+    assert gpu_loan._read_jsonl(out / "z-rows.jsonl") == [{"source": "slow", "i": 0}]  # written before the kill
+    assert "timed out" in (out / "z-SUMMARY.md").read_text()
+    monkeypatch.setattr(gpu_loan, "JOBS", [jobs[2]])
+    out2 = tmp_path / "out2"
+    assert gpu_loan.run_part("z", out2, dry_run=False, t0=time.time(), deadline=30) == 1
+    ends = [r for r in gpu_loan._read_jsonl(out2 / "z-jobs.jsonl") if r.get("event") == "end"]
+    assert ends[0]["status"] == "WRONG RESULTS"
+    assert gpu_loan.out_problems(out2) == []
+
+
+@pytest.mark.slow
+def test_rehearsal_runs_both_parts_on_a_bare_copy():
+    """The CPU rehearsal (~2-3 minutes on 2 loaded cores): gpu_loan.sh a and b in dry-run mode in a copy of the
+    tree that has no install and no .git; every job ok, rows from every script, <= 8 files back per part."""
+    done = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_loan.sh"), "--rehearse"], cwd=REPO,
+                          capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "rehearsal passed" in done.stdout
+    assert "files back from part a (6)" in done.stdout and "files back from part b (6)" in done.stdout
