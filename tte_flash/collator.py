@@ -125,10 +125,14 @@ class TrainCollator:
         proc = self.processor
         queries, cots, targets, keys = [], [], [], []
         for example in examples:
-            queries.append(proc(example["query"]))
-            cots.append(self._cot(example.get("cot")))
-            items = [example["positive"]] + (list(example.get("negatives") or []) if self.hard_negatives else [])
-            targets.append([proc(item) for item in items])
+            try:
+                queries.append(proc(example["query"]))
+                cots.append(self._cot(example.get("cot")))
+                items = [example["positive"]] + (list(example.get("negatives") or []) if self.hard_negatives else [])
+                targets.append([proc(item) for item in items])
+            except (ValueError, OSError) as err:  # e.g. an image corrupt past its header: name the row
+                where = example.get("where", f"row {example.get('index', '?')}")
+                raise ValueError(f"training row {where}: {err}") from err
             keys.append([content_key(item) for item in items])
         teachers, stages = None, []
         if self.teacher or self.curriculum_stages:

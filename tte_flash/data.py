@@ -121,7 +121,10 @@ def train_example(row: dict, image_root) -> dict:
     texts, images, videos = _aligned(row, ("neg_text", "neg_image_path", "neg_video_path"))
     negatives = [make_input(t, i, v, image_root) for t, i, v in zip(texts, images, videos) if t or i or v]
     cot = row.get("qry_cot")
-    cot = cot.strip() if isinstance(cot, str) and cot.strip() else None
+    if cot is not None and not isinstance(cot, str):  # never silently dropped
+        raise ValueError(f"column 'qry_cot' must be text (the reasoning trace) or empty, got {type(cot).__name__} "
+                         f"{cot!r:.60}")
+    cot = cot.strip() if cot is not None and cot.strip() else None
     return {"query": query, "positive": positive, "negatives": negatives, "cot": cot}
 
 

@@ -31,11 +31,13 @@ from transformers import HfArgumentParser, Trainer, TrainingArguments
 
 from .collator import TrainCollator, curriculum_stage, with_trace
 from .data import TRAIN_COLUMNS, load_rows, train_example
+from .data_check import RowLocator, TrainingDataError, validate_rows
 from .loading import read_local_config
 from .modeling import TTEFlashModel, available_presets
 from .objective import Objective
 
 logger = logging.getLogger("tte_flash.train")
+VALIDATE_CHOICES = ("open", "decode", "off")
 
 
 @dataclass
@@ -99,20 +101,32 @@ class DataArguments:
         "help": "explicit-to-latent curriculum: optimizer steps at which the next stage starts; before the first, "
                 "queries carry their whole qry_cot; stage i of n drops the first i/n of its steps (sentences); "
                 "from the last boundary on, none (the plain latent batch). E.g. --curriculum_steps 60 120 180"})
+    validate_data: str = field(default="open", metadata={
+        "help": "check every training row before the first step (column types, empty query/target, ragged "
+                "negatives, media paths): open (each image's header and end, cheap), decode (every image's "
+                "pixels), off (the first row only)", "choices": list(VALIDATE_CHOICES)})
 
 
 class RowDataset(torch.utils.data.Dataset):
-    def __init__(self, paths, image_root, query_with_trace: bool = False, needs_trace: bool = False):
+    """The rows of the training files, every one checked before training starts (``tte_flash.data_check``;
+    ``validate``: "open" reads each image's header and end, "decode" every pixel, "off" checks the first
+    row only). ``needs_trace``: the option that needs a qry_cot trace in every row, or None."""
+
+    def __init__(self, paths, image_root, query_with_trace: bool = False, needs_trace: str | None = None,
+                 validate: str = "open"):
         if not paths:
             raise ValueError("no training data: pass --train_data FILE [FILE ...] (JSONL or Parquet)")
-        self.rows = [row for path in paths for row in load_rows(path, TRAIN_COLUMNS)]
+        if validate not in VALIDATE_CHOICES:
+            raise ValueError(f"--validate_data must be one of {VALIDATE_CHOICES}, got {validate!r}")
+        self.rows, self.locator = [], RowLocator()
+        for path in paths:
+            self.locator.add(path, len(self.rows))
+            self.rows += _load_rows(path)
         self.image_root, self.query_with_trace = image_root, query_with_trace
-        first = train_example(self.rows[0], image_root)  # fail early on a bad first row / missing image root
-        if query_with_trace and first["cot"] is None:
-            raise ValueError("--query_with_trace needs a qry_cot trace in every row; the first row has none")
-        if needs_trace and first["cot"] is None:
-            raise ValueError("--distill_weight and --curriculum_steps need a qry_cot trace in every row; the first "
-                             "row has none")
+        if query_with_trace:
+            needs_trace = "--query_with_trace"
+        rows = self.rows if validate != "off" else self.rows[:1]
+        validate_rows(rows, self.locator.locate, image_root, decode=validate == "decode", needs_trace=needs_trace)
 
     def __len__(self):
         return len(self.rows)
@@ -122,7 +136,16 @@ class RowDataset(torch.utils.data.Dataset):
         if self.query_with_trace:  # the trace follows the query text directly, as a generated one does
             example["query"] = with_trace(example["query"], example["cot"])
             example["cot"] = None
-        return {**example, "index": index}
+        return {**example, "index": index, "where": self.locator.locate(index)}
+
+
+def _load_rows(path) -> list[dict]:
+    try:
+        return load_rows(path, TRAIN_COLUMNS)
+    except UnicodeDecodeError as err:  # a reader that decodes the whole file: name the line
+        newline, whole_file = b"\n", len(err.object) == os.path.getsize(path)
+        line = f" line {err.object.count(newline, 0, err.start) + 1}," if whole_file else ""
+        raise TrainingDataError(f"{path}{line} byte {err.start}: not UTF-8 text ({err.reason})") from None
 
 
 class CollapseMonitor:
@@ -363,10 +386,36 @@ def parse_args(argv=None):
     return model_args, data_args, training_args
 
 
+def resolve_resume(value, output_dir) -> str | None:
+    """``--resume_from_checkpoint``: a checkpoint folder (checked), ``true``/``last`` for the newest
+    ``checkpoint-N`` in ``output_dir`` (the transformers convention), or ``false``/unset for a fresh run."""
+    if value is None or value is False or str(value).strip().lower() in ("", "false"):
+        return None
+    text = str(value).strip()
+    if value is True or text.lower() in ("true", "last"):
+        from transformers.trainer_utils import get_last_checkpoint
+        last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+        if last is None:
+            raise FileNotFoundError(f"--resume_from_checkpoint {text}: no checkpoint-N folder in --output_dir "
+                                    f"{output_dir} to resume from")
+        return last
+    if not Path(text).is_dir():
+        raise FileNotFoundError(f"--resume_from_checkpoint: checkpoint not found: {text}")
+    if not (Path(text) / "trainer_state.json").is_file():
+        raise ValueError(f"--resume_from_checkpoint {text}: not a Trainer checkpoint (no trainer_state.json); pass a "
+                         "checkpoint-N folder of a run, or true for the newest one in --output_dir")
+    return text
+
+
 def main(argv=None):
     model_args, data_args, training_args = parse_args(argv)
     logging.basicConfig(level=logging.INFO if training_args.process_index == 0 else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s")
+    resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
+    needs_trace = "--distill_weight" if data_args.distill_weight > 0 else \
+        "--curriculum_steps" if data_args.curriculum_steps else None
+    dataset = RowDataset(data_args.train_data, data_args.image_root, data_args.query_with_trace,  # before the model
+                         needs_trace=needs_trace, validate=data_args.validate_data)
     torch.manual_seed(training_args.seed)
     model = build_model(model_args)
     if model_args.freeze_vision:
@@ -382,8 +431,6 @@ def main(argv=None):
                              max_cot_tokens=data_args.max_cot_tokens, hard_negatives=data_args.hard_negatives,
                              packed=packed, seed=training_args.seed, teacher=data_args.distill_weight > 0,
                              curriculum_stages=len(data_args.curriculum_steps))
-    dataset = RowDataset(data_args.train_data, data_args.image_root, data_args.query_with_trace,
-                         needs_trace=data_args.distill_weight > 0 or bool(data_args.curriculum_steps))
     if model_args.liger_kernels:
         apply_liger_kernels(model, device_type)
     if model_args.lora:
@@ -404,7 +451,7 @@ def main(argv=None):
                 "grad_cache=%s", model_args.model, len(dataset), data_args.think_tokens,
                 data_args.think_warmup_steps, gate, data_args.cot_weight,
                 "packed" if packed else "padded", data_args.grad_cache)
-    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    result = trainer.train(resume_from_checkpoint=resume)
     final = trainer.model
     if model_args.lora:
         final = final.merge_and_unload()
