@@ -10,6 +10,12 @@ from tte_flash.attention import TTELayout, _tte_attention_forward, chunked_atten
 from tte_flash.mask import COT, EMB, QUERY, THINK, dense_mask
 
 
+@pytest.fixture(autouse=True)
+def small_blocks(monkeypatch):
+    """16-row blocks may be asked for (block_bytes=1): the inputs here are short."""
+    monkeypatch.setattr(attention, "MIN_BLOCK_ROWS", 16)
+
+
 def random_row(gen: torch.Generator, length: int, cot: bool, first_seq: int = 0):
     """One batch row of packed [query][think][emb][cot] samples (odd sizes, K=0 included), padded to ``length``
     with a sample of its own (as ``processing.collate`` pads)."""
@@ -29,13 +35,16 @@ def random_row(gen: torch.Generator, length: int, cot: bool, first_seq: int = 0)
     return seq, types
 
 
-def random_batch(seed: int, batch: int, length: int, cot: bool, restart_ids: bool):
-    """(B, L) seq_ids / token_types; ``restart_ids``: every row counts its samples from 0 (rows share ids)."""
+def random_batch(seed: int, batch: int, length: int, cot: bool, restart_ids: bool, shuffled: bool = False):
+    """(B, L) seq_ids / token_types; ``restart_ids``: every row counts its samples from 0 (rows share ids);
+    ``shuffled``: token types in random order (not a packed layout: the attention falls back to the rule)."""
     gen = torch.Generator().manual_seed(seed)
     rows, next_id = [], 0
     for _ in range(batch):
         seq, types = random_row(gen, length, cot, 0 if restart_ids else next_id)
         next_id = seq[-1] + 1
+        if shuffled:
+            types = [types[i] for i in torch.randperm(length, generator=gen).tolist()]
         rows.append((seq, types))
     return (torch.tensor([s for s, _ in rows], dtype=torch.int32),
             torch.tensor([t for _, t in rows], dtype=torch.uint8))
@@ -50,16 +59,18 @@ def float64_reference(q, k, v, seq_ids, token_types, scale, **rule):
     return torch.einsum("bhij,bhjd->bhid", scores.masked_fill(~allowed, float("-inf")).softmax(-1), vv)
 
 
-@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("seed", range(7))
 @pytest.mark.parametrize("think_bidirectional", [False, True])
 @pytest.mark.parametrize("cot_sees_query", [True, False])
 def test_blocks_match_float64_dense_reference(seed, think_bidirectional, cot_sees_query):
     """Odd lengths, packed samples with K=0 and K>0, COT tokens, padding, GQA groups of 1-3, rows that share
-    sample ids: the blocked result equals a float64 softmax on the dense mask and the one-block (dense) path."""
+    sample ids, and (seed 6) a layout that is not a packed one: the blocked result equals a float64 softmax on
+    the dense mask and the one-block (dense) path."""
     gen = torch.Generator().manual_seed(100 + seed)
     batch, length = 1 + seed % 3, int(torch.randint(37, 140, (1,), generator=gen))
     group, hkv, head_dim = 1 + seed % 3, 2, 8
-    seq_ids, token_types = random_batch(seed, batch, length, cot=seed % 2 == 0, restart_ids=seed % 4 == 3)
+    seq_ids, token_types = random_batch(seed, batch, length, cot=seed % 2 == 0, restart_ids=seed % 4 == 3,
+                                        shuffled=seed == 6)
     q = torch.randn(batch, hkv * group, length, head_dim, generator=gen)
     k, v = torch.randn(batch, hkv, length, head_dim, generator=gen), torch.randn(batch, hkv, length, head_dim,
                                                                                   generator=gen)
@@ -87,31 +98,27 @@ def test_block_gradients_match_dense():
 
 
 def test_long_input_never_builds_a_square_mask(monkeypatch):
-    """At L=3001 with a small block budget, no mask larger than (rows per block) x L is built, and the dense
-    mask never; the result still matches the one-block path."""
+    """At L=3001 with 256-row blocks, no mask larger than 256 x L reaches SDPA, the dense mask is never built,
+    and packed samples keep each block to its own samples' keys; the result matches the one-block path."""
     length, heads = 3001, 4
     seq_ids, token_types = random_batch(3, 1, length, cot=True, restart_ids=False)
     gen = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(1, h, length, 8, generator=gen) for h in (heads, 2, 2))
     dense = chunked_attention(q, k, v, seq_ids, token_types, think_bidirectional=True, block_bytes=2**40)
-    built = []
-    real_visible = attention.visible
+    masks = []
+    real_sdpa = attention.F.scaled_dot_product_attention
 
-    def recording_visible(*args, **kwargs):
-        mask = real_visible(*args, **kwargs)
-        built.append(mask.numel())
-        return mask
+    def recording_sdpa(*args, attn_mask=None, **kwargs):
+        masks.append(tuple(attn_mask.shape))
+        return real_sdpa(*args, attn_mask=attn_mask, **kwargs)
 
     def no_dense_mask(*args, **kwargs):
         raise AssertionError("the dense L x L mask was built")
-    monkeypatch.setattr(attention, "visible", recording_visible)
+    monkeypatch.setattr(attention, "MIN_BLOCK_ROWS", 256)
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", recording_sdpa)
     monkeypatch.setattr(attention, "dense_mask", no_dense_mask)
-    block_bytes = 2 * 2**20
-    rows = attention._rows_per_block(heads, length, block_bytes)
-    assert 16 <= rows < length
-    blocked = chunked_attention(q, k, v, seq_ids, token_types, think_bidirectional=True, block_bytes=block_bytes)
-    assert len(built) == -(-length // rows) and max(built) <= rows * length
-    assert sum(built) < length * length / 4  # packed samples: each block sees only its own samples' keys
+    blocked = chunked_attention(q, k, v, seq_ids, token_types, think_bidirectional=True, block_bytes=1)
+    assert len(masks) == -(-length // 256) and all(rows <= 256 and keys < 256 + 60 for rows, keys in masks)
     torch.testing.assert_close(blocked, dense, atol=1e-6, rtol=1e-6)
 
 

@@ -31,13 +31,14 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .mask import THINK, dense_mask, visible
+from .mask import check_layout, dense_mask, mask_intervals, visible
 
 ATTN_NAME = "tte"
 BACKENDS = ("reference", "triton")
 # Reference path: the most bytes one block's fp32 scores (heads x rows x keys) may take; a block is as many
 # query rows as fit. Inputs that fit in one block run one SDPA call on the whole mask (the dense path).
 REFERENCE_BLOCK_BYTES = 64 * 2**20
+MIN_BLOCK_ROWS = 256
 
 
 @dataclass
@@ -117,11 +118,13 @@ def chunked_attention(query, key, value, seq_ids, token_types, *, think_bidirect
     """SDPA under the TTE mask, one block of query rows at a time; (B, Hq, L, D) in and out.
 
     key, value: (B, Hkv, L, D); seq_ids, token_types: (B, L), one layout per batch row (rows never see each
-    other). Each block of rows builds its own rows of the mask, :func:`tte_flash.mask.visible`, over the keys
-    its samples can reach (:func:`_key_range`), so the mask and the scores are (rows x keys), never L x L.
-    Keys outside that range are invisible to the block, so the result is the dense-mask result (up to float
-    rounding); an input that fits in one block (``block_bytes``, default :data:`REFERENCE_BLOCK_BYTES`) runs
-    one SDPA call on the whole dense mask: ``dense()`` when given (a layout's, built once for every layer).
+    other). Each block of rows builds only its own rows of the mask, from the rule's per-row key intervals
+    (:func:`tte_flash.mask.mask_intervals`), over the keys those rows can see, so the mask and the scores are
+    (rows x keys), never L x L; keys outside that range are invisible to the block, so the result is the
+    dense-mask result (up to float rounding). A batch row that is not a valid packed layout
+    (:func:`tte_flash.mask.check_layout`) gets its mask rows from :func:`tte_flash.mask.visible` over all keys.
+    An input that fits in one block (``block_bytes``, default :data:`REFERENCE_BLOCK_BYTES`) runs one SDPA call
+    on the whole dense mask: ``dense()`` when given (a layout's, built once for every layer).
     """
     batch, heads, length, _ = query.shape
     rows = _rows_per_block(heads, length, REFERENCE_BLOCK_BYTES if block_bytes is None else block_bytes)
@@ -132,42 +135,47 @@ def chunked_attention(query, key, value, seq_ids, token_types, *, think_bidirect
         return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, **options)
     outputs = []
     for b in range(batch):
-        seq, types = seq_ids[b].long(), token_types[b].long()
-        ordered = bool((seq[1:] >= seq[:-1]).all())  # samples contiguous: keys limited to the block's samples
-        index = torch.arange(length, device=seq.device)
+        mask_rows = _mask_rows(seq_ids[b], token_types[b], rule)
         blocks = []
         for start in range(0, length, rows):
-            stop = min(start + rows, length)
-            k_lo, k_hi = _key_range(seq, types, start, stop, ordered, think_bidirectional)
-            mask = visible(seq[start:stop, None], types[start:stop, None], index[start:stop, None],
-                           seq[None, k_lo:k_hi], types[None, k_lo:k_hi], index[None, k_lo:k_hi], **rule)
+            mask, k_lo, k_hi = mask_rows(start, min(start + rows, length))  # (rows, k_hi - k_lo)
             blocks.append(F.scaled_dot_product_attention(
-                query[b:b + 1, :, start:stop], key[b:b + 1, :, k_lo:k_hi], value[b:b + 1, :, k_lo:k_hi],
+                query[b:b + 1, :, start:start + rows], key[b:b + 1, :, k_lo:k_hi], value[b:b + 1, :, k_lo:k_hi],
                 attn_mask=mask, **options))  # (1, Hq, rows, D)
         outputs.append(torch.cat(blocks, dim=2))
     return torch.cat(outputs)
 
 
 def _rows_per_block(heads: int, length: int, block_bytes: int) -> int:
-    """Query rows per block: as many as keep heads x rows x length fp32 scores within ``block_bytes``."""
-    return max(16, block_bytes // max(1, heads * length * 4))
+    """Query rows per block: as many as keep heads x rows x length fp32 scores within ``block_bytes``, and at
+    least :data:`MIN_BLOCK_ROWS` (CPU SDPA is slow on short blocks)."""
+    return max(MIN_BLOCK_ROWS, block_bytes // max(1, heads * length * 4))
 
 
-def _key_range(seq, types, start: int, stop: int, ordered: bool, think_bidirectional: bool) -> tuple[int, int]:
-    """[k_lo, k_hi): every key that rows ``start:stop`` of one layout (seq, types: (L,)) can see, maybe more.
+def _mask_rows(seq_ids, token_types, rule: dict):
+    """For one (L,) layout, a function (start, stop) -> (mask (stop - start, k_hi - k_lo), k_lo, k_hi): rows
+    ``start:stop`` of the mask over the keys ``k_lo:k_hi``, outside which those rows see nothing."""
+    index = torch.arange(seq_ids.numel(), device=seq_ids.device)
+    try:
+        check_layout(seq_ids, token_types)
+    except ValueError:  # not a packed layout: the rule itself, over every key
+        seq, types = seq_ids.long(), token_types.long()
 
-    A row sees keys of its own sample only, at or before itself except bidirectional THINK keys (which end
-    before the sample's EMB). With samples contiguous (``ordered``), that is from the first row's sample start
-    to ``stop``, or to the last THINK key of the last row's sample; otherwise from 0.
-    """
-    k_hi = stop
-    if think_bidirectional:  # THINK rows of the last sample may see THINK keys after the block
-        later = (types[stop:] == THINK) & (seq[stop:] == seq[stop - 1]) if ordered else types[stop:] == THINK
-        found = later.nonzero()
-        if found.numel():
-            k_hi = stop + int(found.max()) + 1
-    k_lo = int(torch.searchsorted(seq, seq[start:start + 1])) if ordered else 0
-    return k_lo, k_hi
+        def by_rule(start, stop):
+            return visible(seq[start:stop, None], types[start:stop, None], index[start:stop, None], seq[None],
+                           types[None], index[None], **rule), 0, seq.numel()
+        return by_rule
+    bounds = mask_intervals(seq_ids, token_types, **rule)
+
+    def by_intervals(start, stop):
+        k_lo, k_hi = int(bounds.row_lo[start:stop].min()), int(bounds.row_hi[start:stop].max())
+        keys = index[None, k_lo:k_hi]
+        mask = (keys >= bounds.row_lo[start:stop, None]) & (keys < bounds.row_hi[start:stop, None])
+        gap_lo, gap_hi = bounds.gap_lo[start:stop, None], bounds.gap_hi[start:stop, None]
+        if bool((gap_hi > gap_lo).any()):  # COT rows in the block: their EMB keys are hidden
+            mask &= (keys < gap_lo) | (keys >= gap_hi)
+        return mask, k_lo, k_hi
+    return by_intervals
 
 
 def _tte_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
