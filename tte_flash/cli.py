@@ -165,12 +165,12 @@ def _encode_to_npy(model, items, output: Path, overwrite: bool, options: dict) -
                 raise
             model.encode_to_shards(items, work, overwrite=True, **options)
         vectors = read_shards(work)
+        atomic_write_bytes(output, lambda handle: np.save(handle, vectors))  # never a half-written file
     except (ValueError, OSError) as err:
-        if work.is_dir() and any(work.glob("shard-*.json")):
-            raise type(err)(f"{err} (the finished shards are kept in {work}; rerun the same command to resume)") \
+        if work.is_dir() and any(work.glob("shard-*.json")) and not isinstance(err, FileNotFoundError):
+            raise ValueError(f"{err} (the finished shards are kept in {work}; rerun the same command to resume)") \
                 from err
         raise
-    atomic_write_bytes(output, lambda handle: np.save(handle, vectors))  # never a half-written file
     shutil.rmtree(work)
     print(f"wrote {vectors.shape[0]} x {vectors.shape[1]} {options['role']} embeddings to {output}")
     return 0

@@ -542,7 +542,7 @@ def read_shards(output: str | os.PathLike) -> np.ndarray:
                          "command to check every shard and record them")
     shard_size, dim = settings.get("shard_size"), settings.get("dim")
     counts = [s["count"] for s in shards]
-    consistent = isinstance(total, int) and isinstance(shard_size, int) and shard_size > 0 and \
+    consistent = all(isinstance(n, int) and n >= 0 for n in (total, shard_size, *counts)) and shard_size > 0 and \
         num_shards == len(shards) == -(-total // shard_size) and sum(counts) == total and \
         all(c == shard_size for c in counts[:-1])
     if not consistent:
