@@ -60,7 +60,7 @@ def test_load_errors(tmp_path):
     with pytest.raises(ValueError, match="no rows in .*empty.jsonl"):
         load_rows(tmp_path / "empty.jsonl")
     (tmp_path / "bad.jsonl").write_text(json.dumps(ROWS[0]) + "\n\n{not json\n")
-    with pytest.raises(ValueError, match="bad.jsonl: bad JSON on line 3"):
+    with pytest.raises(ValueError, match="bad.jsonl:3: not JSON"):
         load_rows(tmp_path / "bad.jsonl")
     (tmp_path / "list.jsonl").write_text("[1, 2]\n")
     with pytest.raises(ValueError, match="line 1 is a JSON list"):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import subprocess
 import sys
@@ -72,38 +71,16 @@ def load_model(name: str):
     return load(name)
 
 
-def iter_jsonl(path: str):
-    """The inputs of a JSONL file, one per non-empty line (a JSON string or a dict), read lazily."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"input file not found: {path}")
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if line.strip():
-                try:
-                    yield json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}:{number}: not JSON ({err.msg})") from None
-
-
-def iter_parquet(path: str):
-    """The rows of a Parquet file (its text/image/video/instruction columns), streamed with ``datasets``."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"input file not found: {path}")
-    from datasets import load_dataset
-
-    from tte_flash.encoding import iter_inputs
-    return iter_inputs(load_dataset("parquet", data_files=path, split="train", streaming=True))
-
-
 def read_inputs(values: list[str], input_file: str | None):
-    """Positional inputs, then the rows of ``input_file`` (JSONL, or Parquet by its suffix), as one lazy stream."""
+    """Positional inputs, then the inputs of ``input_file`` (JSONL, or Parquet by its suffix), as one lazy stream."""
+    from tte_flash.data import iter_encode_inputs
     if not values and not input_file:
         raise ValueError("nothing to encode: pass texts / image paths, or --input FILE.jsonl")
     if input_file and not Path(input_file).is_file():  # before the model loads, not at the first row
         raise FileNotFoundError(f"input file not found: {input_file}")
-    rows = [] if not input_file else iter_parquet(input_file) if input_file.endswith(".parquet") \
-        else iter_jsonl(input_file)
-    return itertools.chain(values, rows)
+    # tte_flash.data's streaming reader: Parquet in pyarrow record batches (its text/image/video/instruction
+    # columns only), JSONL line by line (strings or input dicts); errors name the file and the line
+    return itertools.chain(values, iter_encode_inputs(input_file) if input_file else [])
 
 
 def _part(value: str) -> tuple[int, int]:

@@ -1,5 +1,10 @@
 """Data rows (DESIGN.md §7): MMEB-train / MMEB-eval rows from JSONL or Parquet, as model inputs.
 
+Every JSONL/Parquet file of the package is read by :func:`iter_rows`, lazily (Parquet in pyarrow record
+batches, JSONL line by line): training and evaluation rows (:func:`load_rows`, a list for random access),
+MMEB-V2 files, ``tte-flash encode --input`` (:func:`iter_encode_inputs`) and the Ray Data path
+(``tte_flash.distributed``, which parses JSONL lines with :func:`json_values`).
+
 * Training rows: ``qry``, ``qry_image_path``, ``pos_text``, ``pos_image_path``; optional ``neg_text``,
   ``neg_image_path`` (a str or a list: one or several hard negatives), ``qry_cot`` (the reasoning
   trace; a row without one trains the contrastive loss only) and ``*_video_path`` columns.
@@ -15,27 +20,196 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Iterator
 
 TRAIN_COLUMNS = ("qry", "qry_image_path", "pos_text", "pos_image_path")
 EVAL_COLUMNS = ("qry_text", "qry_img_path", "tgt_text", "tgt_img_path")
 JSON_SUFFIXES = (".jsonl", ".json")
 PARQUET_SUFFIXES = (".parquet", ".pq")
+# Parquet rows turned into Python objects at a time: pyarrow decodes one row group's column chunks, then
+# hands out this many rows per batch, so memory is one row group's bytes, not the file's.
+PARQUET_BATCH_ROWS = 256
+# what ``encode`` reads from a row (tte_flash.processing.INPUT_KEYS, in a fixed order)
+INPUT_COLUMNS = ("text", "image", "video", "instruction")
 
 
-def load_rows(path, required_columns=()) -> list[dict]:
-    """All rows of a JSONL (``.jsonl``/``.json``, one object a line; a ``.json`` array also works) or
-    Parquet file, as dicts. Raises ``FileNotFoundError`` / ``ValueError`` naming the file and the line
-    or row at fault; a required column counts as missing only where the key is absent."""
+# ---------------------------------------------------------------------------------- the one reader
+
+def file_format(path) -> str:
+    """``"parquet"`` for ``.parquet``/``.pq``, ``"json"`` for ``.jsonl``/``.json``; ``ValueError`` otherwise."""
+    suffix = Path(path).suffix.lower()
+    if suffix in PARQUET_SUFFIXES:
+        return "parquet"
+    if suffix in JSON_SUFFIXES:
+        return "json"
+    raise ValueError(f"unsupported data file {path}: expected .jsonl, .json or .parquet")
+
+
+def iter_rows(path, columns=None, *, strings: bool = False, format: str | None = None) -> Iterator:
+    """The rows of a JSONL, JSON-array or Parquet file as dicts, read lazily: the one reader of the package
+    (training and evaluation rows, ``tte-flash encode --input``, MMEB-V2 files, the Ray Data path).
+
+    * JSONL: one JSON object a line, blank lines skipped, read line by line; a ``.json`` file whose first
+      character is ``[`` is one array of rows (parsed whole).
+    * Parquet: pyarrow record batches of ``PARQUET_BATCH_ROWS`` rows (``ParquetFile.iter_batches``), so
+      memory holds one row group, whatever the file's size.
+
+    ``columns``: keep only these keys (Parquet reads only these columns; absent ones are left out, not
+    an error). ``strings``: a JSONL line may also hold a JSON string, yielded as the str (the bare text
+    inputs of ``tte-flash encode``). ``format``: ``"json"`` or ``"parquet"`` (default: by suffix).
+    The file is checked (exists, format, Parquet footer) when this is called; a bad line or row raises
+    ``ValueError`` naming the file and the line (``corpus.jsonl:8: not JSON (...)``) when it is reached.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
-    suffix = path.suffix.lower()
-    if suffix in JSON_SUFFIXES:
-        rows = _read_json_rows(path)
-    elif suffix in PARQUET_SUFFIXES:
-        rows = _read_parquet_rows(path)
-    else:
-        raise ValueError(f"unsupported data file {path}: expected .jsonl, .json or .parquet")
+    kind = format or file_format(path)
+    if kind == "parquet":
+        return _parquet_rows(path, open_parquet(path), columns)
+    if kind != "json":
+        raise ValueError(f"format must be 'json' or 'parquet', got {kind!r}")
+    return _json_rows(path, columns, strings)
+
+
+def _json_rows(path: Path, columns, strings: bool) -> Iterator:
+    with open(path, "rb") as handle:
+        for where, number, value, error in json_values(handle, path):
+            if error is not None:
+                raise ValueError(error)
+            if isinstance(value, dict):
+                yield value if columns is None else {c: value[c] for c in columns if c in value}
+            elif strings and isinstance(value, str):
+                yield value
+            else:
+                wanted = "an object (a row) or a string" if strings else "an object (a row)"
+                raise ValueError(f"{path}: {where} {number} is a JSON {type(value).__name__}, not {wanted}")
+
+
+def json_values(handle, name) -> Iterator[tuple[str, int, object, str | None]]:
+    """``(where, number, value, error)`` for each value of a binary file handle holding JSONL (``where`` is
+    ``"line"``, blank lines skipped) or, when ``name`` ends in ``.json`` and the text starts with ``[``, one
+    array (``"row"``). A line that is not UTF-8 or not JSON gives ``value=None`` and ``error``, a message
+    naming ``name`` and the line, and reading goes on; :func:`iter_rows` raises it. Any object with
+    ``readline``/``read`` works (an open file, a pyarrow ``NativeFile`` of a remote file system)."""
+    number, first = 1, handle.readline()
+    while first and not first.strip():  # leading blank lines
+        number, first = number + 1, handle.readline()
+    if first.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark
+        first = first[3:]
+    if str(name).lower().endswith(".json") and first.lstrip().startswith(b"["):
+        yield from _json_array(first + handle.read(), name, number)
+        return
+    line = first
+    while line:
+        if line.strip():
+            yield ("line", number, *_parse_line(line, name, number))
+        number, line = number + 1, handle.readline()
+
+
+def _parse_line(line: bytes, name, number: int) -> tuple[object, str | None]:
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return None, f"{name}:{number}: not UTF-8 text (byte 0x{line[err.start]:02x} at column {err.start + 1})"
+    try:
+        return json.loads(text), None
+    except json.JSONDecodeError as err:
+        return None, f"{name}:{number}: not JSON ({err.msg}, column {err.colno})"
+
+
+def _json_array(data: bytes, name, first_line: int):
+    try:
+        rows = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        yield "row", 1, None, f"{name}: not UTF-8 text (byte 0x{data[err.start]:02x} at offset {err.start})"
+        return
+    except json.JSONDecodeError as err:
+        yield "row", 1, None, f"{name}:{err.lineno + first_line - 1}: not JSON ({err.msg}, column {err.colno})"
+        return
+    for number, row in enumerate(rows if isinstance(rows, list) else [rows], 1):
+        yield "row", number, row, None
+
+
+def open_parquet(path):
+    """A ``pyarrow.parquet.ParquetFile`` (only the footer is read); clear errors when pyarrow is missing or
+    the file is not Parquet."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ImportError(f"reading {path} needs pyarrow: pip install 'tte-flash[parquet]' (or pip install pyarrow)"
+                          ) from None
+    try:
+        return pq.ParquetFile(path)
+    except (ValueError, OSError) as err:  # pyarrow.ArrowInvalid is a ValueError, ArrowIOError an OSError
+        raise ValueError(f"{path}: not a readable Parquet file ({err})") from None
+
+
+def parquet_columns(path) -> list[str]:
+    """The column names of a Parquet file, from its footer (no rows are read)."""
+    return list(open_parquet(path).schema_arrow.names)
+
+
+def _parquet_rows(path: Path, parquet, columns) -> Iterator[dict]:
+    names = parquet.schema_arrow.names
+    wanted = None if columns is None else [c for c in columns if c in names]
+    if wanted == []:  # none of the columns exist: empty rows, one per row of the file
+        yield from ({} for _ in range(parquet.metadata.num_rows))
+        return
+    done = 0
+    batches = parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=wanted)
+    while True:
+        try:
+            batch = next(batches, None)
+            rows = None if batch is None else batch.to_pylist()
+        except (ValueError, OSError) as err:  # a corrupt page, bytes that are not UTF-8 in a string column
+            raise ValueError(f"{path}: cannot read rows from row {done + 1} on ({err})") from None
+        if rows is None:
+            return
+        done += len(rows)
+        yield from rows
+
+
+def parquet_input_columns(path) -> list[str]:
+    """The columns of a Parquet file that ``encode`` reads (``text``/``image``/``video``/``instruction``);
+    ``ValueError`` when it has no text, image or video column."""
+    names = parquet_columns(path)
+    columns = [c for c in INPUT_COLUMNS if c in names]
+    if not set(columns) & {"text", "image", "video"}:
+        raise ValueError(f"{path} has no text, image or video column (columns: {names})")
+    return columns
+
+
+def parquet_input(row: dict) -> dict:
+    """A Parquet row (of :func:`parquet_input_columns`) as an ``encode`` input: empty (None) cells dropped; an
+    image or video cell in Hugging Face ``datasets``' layout ``{"bytes": ..., "path": ...}`` becomes the image's
+    bytes (else its path) or the video's path (else its bytes)."""
+    item = {}
+    for key, value in row.items():
+        if isinstance(value, dict) and key in ("image", "video") and set(value) <= {"bytes", "path"}:
+            first, second = ("bytes", "path") if key == "image" else ("path", "bytes")
+            value = value.get(first) or value.get(second)
+        if value is not None:
+            item[key] = value
+    return item
+
+
+def iter_encode_inputs(path) -> Iterator:
+    """What ``tte-flash encode --input FILE`` embeds, read lazily: a Parquet file's input columns
+    (:func:`parquet_input`), otherwise JSONL lines that are strings or input dicts (any suffix but
+    ``.json``, whose text may also be one array)."""
+    path = Path(path)
+    if path.suffix.lower() in PARQUET_SUFFIXES:
+        columns = parquet_input_columns(path) if path.is_file() else None
+        return (parquet_input(row) for row in iter_rows(path, columns))
+    return iter_rows(path, strings=True, format="json")
+
+
+def load_rows(path, required_columns=(), columns=None) -> list[dict]:
+    """All rows of a JSONL (``.jsonl``/``.json``, one object a line; a ``.json`` array also works) or
+    Parquet file, as dicts (a list, for random access), read through :func:`iter_rows`; ``columns``: keep only
+    these (Parquet reads only them). Raises ``FileNotFoundError`` / ``ValueError`` naming the file and the
+    line or row at fault; a required column counts as missing only where the key is absent."""
+    rows = list(iter_rows(path, columns))
     if not rows:
         raise ValueError(f"no rows in {path}")
     for number, row in enumerate(rows, 1):
@@ -46,40 +220,6 @@ def load_rows(path, required_columns=()) -> list[dict]:
                              f"{'are' if len(missing) > 1 else 'is'} missing (first in row {number}; that row "
                              f"has columns {sorted(row)})")
     return rows
-
-
-def _read_json_rows(path: Path) -> list[dict]:
-    text = path.read_text(encoding="utf-8")
-    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):  # one array of rows
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: bad JSON at line {err.lineno} ({err.msg})") from None
-        numbered = list(enumerate(rows, 1))
-        where = "row"
-    else:
-        numbered = []
-        for number, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                numbered.append((number, json.loads(line)))
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}: bad JSON on line {number} ({err.msg})") from None
-        where = "line"
-    for number, row in numbered:
-        if not isinstance(row, dict):
-            raise ValueError(f"{path}: {where} {number} is a JSON {type(row).__name__}, not an object (a row)")
-    return [row for _, row in numbered]
-
-
-def _read_parquet_rows(path: Path) -> list[dict]:
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise ImportError(f"reading {path} needs pyarrow: pip install pyarrow (or pip install 'tte-flash[train]')"
-                          ) from None
-    return pq.read_table(path).to_pylist()
 
 
 def resolve_media(image_root, rel_path) -> str | None:
