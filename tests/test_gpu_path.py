@@ -134,4 +134,29 @@ def test_gpu_suite_dry_run_writes_the_summary_and_fails_loudly(tmp_path, monkeyp
     monkeypatch.setattr(gpu_suite, "plan", lambda out, dry_run, quick: [failing])
     assert gpu_suite.main(["--dry-run", "--out", str(tmp_path / "bad")]) == 1
     bad = json.loads((tmp_path / "bad" / "summary.json").read_text())
-    assert bad["parts"][0]["status"] == "failed"
+    # it crashed before any verdict (here a usage error; on the loan an ImportError): not wrong results
+    assert bad["parts"][0]["status"] == "crashed" and not bad["parts"][0]["wrong_results"]
+
+
+def test_gpu_suite_quick_plan_and_wrong_results_stop_the_suite(tmp_path, monkeypatch):
+    """--quick: no compile part (that runs on a CPU), each of the two documented calls within 540 s, and
+    --dry-run --quick runs the quick plan's parts; a kernel check with a failed case is WRONG RESULTS and stops
+    the parts after it, where a crash does not."""
+    from benchmarks import gpu_suite
+    quick = gpu_suite.plan(tmp_path, dry_run=False, quick=True)
+    names = [p.name for p in quick]
+    assert "compile" not in names and set(names) == {"kernel", "attention", "cot_loss", "latency", "train"}
+    limits = {p.name: p.limit_s for p in quick}
+    assert limits["kernel"] + limits["attention"] <= 540
+    assert limits["cot_loss"] + limits["latency"] + limits["train"] <= 540
+    assert [p.name for p in gpu_suite.plan(tmp_path, dry_run=True, quick=True)] == names
+    script = tmp_path / "wrong.py"
+    script.write_text("import json, sys\nopen(sys.argv[2], 'a').write(json.dumps({'ok': False}) + '\\n')\n"
+                      "sys.exit(1)\n")
+    out = tmp_path / "wrong"
+    parts = [gpu_suite.Part("kernel", [str(script), "--jsonl", str(out / "kernel_check.jsonl")], 60, gating=True),
+             gpu_suite.Part("cot_loss", [str(script), "--jsonl", str(out / "other.jsonl")], 60)]
+    monkeypatch.setattr(gpu_suite, "plan", lambda out, dry_run, quick: parts)
+    assert gpu_suite.main(["--dry-run", "--out", str(out)]) == 1
+    summary = json.loads((out / "summary.json").read_text())
+    assert [(p["part"], p["status"], p.get("wrong_results")) for p in summary["parts"]] == [("kernel", "failed", True)]
