@@ -23,8 +23,8 @@ def test_input_forms_agree(tiny_model, rng, tmp_path):
 
 
 def test_more_image_forms_agree(tiny_model, rng, tmp_path, monkeypatch):
-    """A path with a space, encoded bytes, numpy (HWC) and torch (CHW) arrays, and a URL (transformers'
-    load_image, stubbed offline) all embed like the PIL image; a pathlib.Path is always a path."""
+    """A path with a space, encoded bytes, numpy (HWC) and torch (CHW) arrays, and a URL (its fetch stubbed
+    offline) all embed like the PIL image; a pathlib.Path is always a path."""
     import io
     image = random_image(rng)
     spaced = tmp_path / "my photo.png"
@@ -33,7 +33,7 @@ def test_more_image_forms_agree(tiny_model, rng, tmp_path, monkeypatch):
     image.save(buffer, format="PNG")
     hwc = np.array(image)
     from_pil = tiny_model.encode_document(image)
-    monkeypatch.setattr("transformers.image_utils.load_image", lambda url: image if url.endswith("/x.png") else None)
+    monkeypatch.setattr("tte_flash.media.fetch_url", lambda url: buffer.getvalue() if url.endswith("/x.png") else b"")
     forms = {"path with a space": str(spaced), "bytes": buffer.getvalue(), "numpy HWC uint8": hwc,
              "torch CHW float": torch.from_numpy(hwc).permute(2, 0, 1).float() / 255,
              "url": "https://example.com/x.png", "dict with bytes": {"image": buffer.getvalue()}}

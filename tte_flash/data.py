@@ -222,21 +222,43 @@ def load_rows(path, required_columns=(), columns=None) -> list[dict]:
     return rows
 
 
-def resolve_media(image_root, rel_path) -> str | None:
+def resolve_media(image_root, rel_path, allow_outside_root: bool = False) -> str | None:
     """``image_root / rel_path`` as a str, or None for no media (None or ""). The file (or frames
-    folder) must exist: ``FileNotFoundError`` names the full path."""
+    folder) must exist: ``FileNotFoundError`` names the full path. With an ``image_root`` the path must stay
+    inside it (``..`` parts and absolute paths included; ``ValueError`` naming the row's path and the root)
+    unless ``allow_outside_root``; without one, paths are used as given."""
     if rel_path is None or (isinstance(rel_path, str) and not rel_path.strip()):
         return None
     full = os.path.join(os.fspath(image_root), os.fspath(rel_path)) if image_root else os.fspath(rel_path)
+    if image_root and not allow_outside_root:
+        _check_inside_root(image_root, rel_path, full)
     if not os.path.exists(full):
         root = f" (image_root={os.fspath(image_root)!r})" if image_root else " (no image_root given)"
         raise FileNotFoundError(f"media file not found: {full}{root}")
     return full
 
 
-def make_input(text, image_path=None, video_path=None, image_root=None, instruction=None) -> dict:
-    """A model input dict with only the keys present: ``text``, ``image`` / ``video`` (resolved paths),
-    ``instruction``. ``ValueError`` if nothing is left (no text, image or video)."""
+def _check_inside_root(image_root, rel_path, full: str) -> None:
+    """``ValueError`` unless ``full`` lies inside ``image_root``: by its normalised path (``..`` parts, absolute
+    paths) and, when the row's path has ``..`` parts, also with symlinks resolved (for the OS, ``link/..`` is
+    the parent of the link's target). A symlinked folder inside the root is followed as usual."""
+    root = os.path.abspath(os.fspath(image_root))
+
+    def within(path: str, folder: str) -> bool:
+        return os.path.commonpath([path, folder]) == folder
+    inside = within(os.path.abspath(full), root)
+    if inside and ".." in Path(os.fspath(rel_path)).parts:
+        inside = within(os.path.realpath(full), os.path.realpath(root))
+    if not inside:
+        raise ValueError(f"media path {os.fspath(rel_path)!r} is outside the image root {root} (it resolves to "
+                         f"{os.path.realpath(full)}); pass allow_outside_root=True (--allow_outside_image_root) "
+                         "to allow paths outside the root")
+
+
+def make_input(text, image_path=None, video_path=None, image_root=None, instruction=None,
+               allow_outside_root: bool = False) -> dict:
+    """A model input dict with only the keys present: ``text``, ``image`` / ``video`` (resolved paths,
+    :func:`resolve_media`), ``instruction``. ``ValueError`` if nothing is left (no text, image or video)."""
     item = {}
     if instruction:
         item["instruction"] = instruction
@@ -245,7 +267,7 @@ def make_input(text, image_path=None, video_path=None, image_root=None, instruct
     elif text is not None and not isinstance(text, str):
         raise ValueError(f"text must be a str, got {type(text).__name__}: {text!r}")
     for key, rel in (("image", image_path), ("video", video_path)):
-        full = resolve_media(image_root, rel)
+        full = resolve_media(image_root, rel, allow_outside_root)
         if full is not None:
             item[key] = full
     if not any(k in item for k in ("text", "image", "video")):
@@ -253,13 +275,16 @@ def make_input(text, image_path=None, video_path=None, image_root=None, instruct
     return item
 
 
-def train_example(row: dict, image_root) -> dict:
+def train_example(row: dict, image_root, allow_outside_root: bool = False) -> dict:
     """A training row as ``{"query", "positive", "negatives", "cot"}``: input dicts, a (possibly empty)
-    list of hard-negative input dicts, and the trace (None when missing or blank)."""
-    query = make_input(row.get("qry"), row.get("qry_image_path"), row.get("qry_video_path"), image_root)
-    positive = make_input(row.get("pos_text"), row.get("pos_image_path"), row.get("pos_video_path"), image_root)
+    list of hard-negative input dicts, and the trace (None when missing or blank). Media paths must stay
+    inside ``image_root`` unless ``allow_outside_root`` (:func:`resolve_media`)."""
+    outside = {"allow_outside_root": allow_outside_root}
+    query = make_input(row.get("qry"), row.get("qry_image_path"), row.get("qry_video_path"), image_root, **outside)
+    positive = make_input(row.get("pos_text"), row.get("pos_image_path"), row.get("pos_video_path"), image_root,
+                          **outside)
     texts, images, videos = _aligned(row, ("neg_text", "neg_image_path", "neg_video_path"))
-    negatives = [make_input(t, i, v, image_root) for t, i, v in zip(texts, images, videos) if t or i or v]
+    negatives = [make_input(t, i, v, image_root, **outside) for t, i, v in zip(texts, images, videos) if t or i or v]
     cot = row.get("qry_cot")
     if cot is not None and not isinstance(cot, str):  # never silently dropped
         raise ValueError(f"column 'qry_cot' must be text (the reasoning trace) or empty, got {type(cot).__name__} "
@@ -268,13 +293,15 @@ def train_example(row: dict, image_root) -> dict:
     return {"query": query, "positive": positive, "negatives": negatives, "cot": cot}
 
 
-def eval_example(row: dict, image_root) -> tuple[dict, list[dict]]:
-    """An evaluation row as ``(query_input, [candidate inputs])``, the positive first."""
-    query = make_input(row.get("qry_text"), row.get("qry_img_path"), row.get("qry_video_path"), image_root)
+def eval_example(row: dict, image_root, allow_outside_root: bool = False) -> tuple[dict, list[dict]]:
+    """An evaluation row as ``(query_input, [candidate inputs])``, the positive first; media paths inside
+    ``image_root`` unless ``allow_outside_root`` (:func:`resolve_media`)."""
+    outside = {"allow_outside_root": allow_outside_root}
+    query = make_input(row.get("qry_text"), row.get("qry_img_path"), row.get("qry_video_path"), image_root, **outside)
     texts, images, videos = _aligned(row, ("tgt_text", "tgt_img_path", "tgt_video_path"))
     if not texts:
         raise ValueError("evaluation row has no candidates (tgt_text / tgt_img_path are empty)")
-    candidates = [make_input(t, i, v, image_root) for t, i, v in zip(texts, images, videos)]
+    candidates = [make_input(t, i, v, image_root, **outside) for t, i, v in zip(texts, images, videos)]
     return query, candidates
 
 

@@ -167,7 +167,7 @@ def video_problem(path: str) -> str | None:
 
 
 def validate_rows(rows: list[dict], locate, image_root, *, decode: bool = False, needs_trace: str | None = None,
-                  workers: int = 8) -> None:
+                  workers: int = 8, allow_outside_root: bool = False) -> None:
     """Check every training row (see the module docstring); :class:`TrainingDataError` lists the problems,
     each as ``"<file> line <n>, column '<col>': <problem>"``. ``locate(i)`` names the i-th row.
     ``needs_trace``: the option that needs a ``qry_cot`` trace in every row (None: traces are optional)."""
@@ -180,7 +180,7 @@ def validate_rows(rows: list[dict], locate, image_root, *, decode: bool = False,
         if found:
             continue
         try:
-            example = train_example(row, image_root)
+            example = train_example(row, image_root, allow_outside_root)
         except (ValueError, OSError, TypeError) as err:  # ragged negatives, a missing file, a path outside the root
             problems.append((index, _column_in(row, str(err)), str(err)))
             continue

@@ -54,23 +54,25 @@ BENCHMARKS = ("mmeb-file", "mmeb-v2")
 
 def evaluate(model, rows_or_path, image_root=None, think_tokens=0, mode: str = "latent", max_cot_tokens: int = 128,
              batch_size: int = 32, shortcut: bool = True, dataset: str | None = None, limit: int | None = None,
-             show_progress_bar: bool | None = None) -> dict:
+             show_progress_bar: bool | None = None, allow_outside_image_root: bool = False) -> dict:
     """Evaluate one (mode, K) on MMEB-eval rows (a list, or a JSONL/Parquet path).
 
-    ``image_root`` defaults to the data file's folder (for rows: paths are used as they are).
+    ``image_root`` defaults to the data file's folder (for rows: paths are used as they are); media paths
+    outside it are an error unless ``allow_outside_image_root``.
     Returns ``{dataset, mode, think_tokens, n, metrics: {"hit@1", "ndcg@5"}, seconds,
     queries_per_second, ...}`` plus ``shortcuts`` / ``shortcut_best`` when ``shortcut``.
     """
     result = evaluate_many(model, rows_or_path, image_root, think_tokens=[think_tokens], modes=[mode],
                            max_cot_tokens=max_cot_tokens, batch_size=batch_size, shortcut=shortcut, dataset=dataset,
-                           limit=limit, show_progress_bar=show_progress_bar)
+                           limit=limit, show_progress_bar=show_progress_bar,
+                           allow_outside_image_root=allow_outside_image_root)
     return {**result["runs"][0], **({"shortcuts": result["shortcuts"]} if "shortcuts" in result else {})}
 
 
 def evaluate_many(model, rows_or_path, image_root=None, think_tokens=(0,), modes=("latent",),
                   max_cot_tokens: int = 128, batch_size: int = 32, shortcut: bool = True,
                   dataset: str | None = None, limit: int | None = None, show_progress_bar: bool | None = None,
-                  reasoner=None) -> dict:
+                  reasoner=None, allow_outside_image_root: bool = False) -> dict:
     """Every (mode, K) in ``modes`` x ``think_tokens`` on the same rows; candidates are encoded once.
 
     ``reasoner``: the model that generates the traces of ``explicit-cot`` runs (default: ``model``).
@@ -82,7 +84,7 @@ def evaluate_many(model, rows_or_path, image_root=None, think_tokens=(0,), modes
             raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
     rows, image_root, dataset = _load(rows_or_path, image_root, dataset)
     rows = rows[:limit] if limit else rows
-    queries, documents, index = _inputs(rows, image_root)
+    queries, documents, index = _inputs(rows, image_root, allow_outside_image_root)
     start = time.perf_counter()
     with nonfinite_context("encoding the candidates (input i: the i-th unique candidate)"):
         doc_emb = model.encode_document(documents, batch_size=batch_size, convert_to_tensor=True,
@@ -159,12 +161,12 @@ def _load(rows_or_path, image_root, dataset):
     return rows, image_root, dataset or "eval"
 
 
-def _inputs(rows, image_root):
+def _inputs(rows, image_root, allow_outside_root: bool = False):
     """Query inputs, unique candidate inputs, and a [n_rows, max_candidates] index into them (-1 pads)."""
     queries, documents, keys, per_row = [], [], {}, []
     for number, row in enumerate(rows, 1):
         try:
-            query, candidates = eval_example(row, image_root)
+            query, candidates = eval_example(row, image_root, allow_outside_root)
         except (ValueError, FileNotFoundError) as err:
             raise type(err)(f"evaluation row {number}: {err}") from None
         queries.append(query)
@@ -271,6 +273,9 @@ def main(argv=None) -> int:
                         help="mmeb-v2: correct (default), vlm2vec (VLM2Vec's procedure, comparable with its "
                              "leaderboard) or both side by side (docs/mmeb.md, 'Scoring: correct vs vlm2vec')")
     parser.add_argument("--image_root", "--image-root", default=None, help="default: the data file's folder")
+    parser.add_argument("--allow_outside_image_root", "--allow-outside-image-root", action="store_true",
+                        help="mmeb-file: accept media paths outside --image_root (absolute paths, '..'); by default "
+                             "they are an error")
     parser.add_argument("--think_tokens", "--think-tokens", nargs="+", type=_think_budget, default=None,
                         help="one or more budgets K (default: the model's default_think_tokens)")
     parser.add_argument("--mode", nargs="+", choices=MODES, default=["latent"])
@@ -301,7 +306,7 @@ def main(argv=None) -> int:
         result = evaluate_many(model, args.data, args.image_root, think_tokens=budgets, modes=args.mode,
                                max_cot_tokens=args.max_cot_tokens, batch_size=args.batch_size,
                                shortcut=not args.no_shortcut, dataset=args.dataset, limit=args.limit,
-                               reasoner=reasoner)
+                               reasoner=reasoner, allow_outside_image_root=args.allow_outside_image_root)
     except (ValueError, FileNotFoundError, ImportError) as err:
         print(f"tte_flash.evaluate: error: {err}", file=sys.stderr)
         return 2

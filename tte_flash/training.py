@@ -63,6 +63,8 @@ class ModelArguments:
 class DataArguments:
     train_data: list[str] = field(default_factory=list, metadata={"help": "JSONL/Parquet files, MMEB-train columns"})
     image_root: str | None = field(default=None, metadata={"help": "root that image paths are relative to"})
+    allow_outside_image_root: bool = field(default=False, metadata={
+        "help": "accept media paths outside --image_root (absolute paths, '..'); by default they are an error"})
     think_tokens: list[int] = field(default_factory=lambda: [16],
                                     metadata={"help": "think budgets; one is sampled per batch"})
     cot_weight: float = field(default=1.0, metadata={"help": "weight of the COT NLL; 0 disables the COT branch"})
@@ -113,7 +115,7 @@ class RowDataset(torch.utils.data.Dataset):
     row only). ``needs_trace``: the option that needs a qry_cot trace in every row, or None."""
 
     def __init__(self, paths, image_root, query_with_trace: bool = False, needs_trace: str | None = None,
-                 validate: str = "open"):
+                 validate: str = "open", allow_outside_root: bool = False):
         if not paths:
             raise ValueError("no training data: pass --train_data FILE [FILE ...] (JSONL or Parquet)")
         if validate not in VALIDATE_CHOICES:
@@ -123,16 +125,18 @@ class RowDataset(torch.utils.data.Dataset):
             self.locator.add(path, len(self.rows))
             self.rows += _load_rows(path)
         self.image_root, self.query_with_trace = image_root, query_with_trace
+        self.allow_outside_root = allow_outside_root
         if query_with_trace:
             needs_trace = "--query_with_trace"
         rows = self.rows if validate != "off" else self.rows[:1]
-        validate_rows(rows, self.locator.locate, image_root, decode=validate == "decode", needs_trace=needs_trace)
+        validate_rows(rows, self.locator.locate, image_root, decode=validate == "decode", needs_trace=needs_trace,
+                      allow_outside_root=allow_outside_root)
 
     def __len__(self):
         return len(self.rows)
 
     def __getitem__(self, index):
-        example = train_example(self.rows[index], self.image_root)
+        example = train_example(self.rows[index], self.image_root, self.allow_outside_root)
         if self.query_with_trace:  # the trace follows the query text directly, as a generated one does
             example["query"] = with_trace(example["query"], example["cot"])
             example["cot"] = None
@@ -415,7 +419,8 @@ def main(argv=None):
     needs_trace = "--distill_weight" if data_args.distill_weight > 0 else \
         "--curriculum_steps" if data_args.curriculum_steps else None
     dataset = RowDataset(data_args.train_data, data_args.image_root, data_args.query_with_trace,  # before the model
-                         needs_trace=needs_trace, validate=data_args.validate_data)
+                         needs_trace=needs_trace, validate=data_args.validate_data,
+                         allow_outside_root=data_args.allow_outside_image_root)
     torch.manual_seed(training_args.seed)
     model = build_model(model_args)
     if model_args.freeze_vision:
