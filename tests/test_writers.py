@@ -1,7 +1,6 @@
 """Guarded writes (issue 18, item 3): one writer per output folder, every shard / score / cache checked against
 its content hash on read, the manifest checked against the files, no temporary file left by a failure."""
 import errno
-import importlib.util
 import json
 import logging
 import os

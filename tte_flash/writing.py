@@ -123,10 +123,18 @@ def _try_lock(lock_path: Path):
     return lock
 
 
+def _command() -> str | None:
+    """This process's command line, short (``python -m tte_flash encode ...`` for a module run)."""
+    if not sys.argv or not sys.argv[0]:
+        return None
+    program = Path(sys.argv[0])
+    name = f"python -m {program.parent.name}" if program.name == "__main__.py" else program.name
+    return " ".join([name, *sys.argv[1:]])[:300]
+
+
 def _record_owner(lock_path: Path, hold: str):
     owner = {"pid": os.getpid(), "host": socket.gethostname(), "hold": hold,
-             "since": datetime.datetime.now().isoformat(timespec="seconds"),
-             "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:300] if sys.argv and sys.argv[0] else None}
+             "since": datetime.datetime.now().isoformat(timespec="seconds"), "command": _command()}
     atomic_write_bytes(_owner_path(lock_path), json.dumps(owner).encode())
 
 
