@@ -84,7 +84,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes | Callable[[object],
     except BaseException as err:
         tmp.unlink(missing_ok=True)
         if isinstance(err, OSError) and not isinstance(err, FileNotFoundError) and str(path) not in str(err):
-            raise type(err)(err.errno, f"cannot write {path}: {err.strerror or err}") from err
+            raise OSError(err.errno, f"cannot write {path}: {err.strerror or err}") from err  # same subclass
         raise
 
 
@@ -160,9 +160,16 @@ def _acquire(folder: Path, lock_path: Path, hold: str, wait: float):
 
 
 def _owner_hold(lock_path: Path) -> str | None:
+    """How the holder holds the lock (``run`` or ``brief``) as its record says; None when there is no record
+    or it is a dead process's (killed before it could remove it)."""
     try:
-        return json.loads(_owner_path(lock_path).read_text()).get("hold")
-    except (OSError, ValueError, AttributeError):
+        owner = json.loads(_owner_path(lock_path).read_text())
+        if owner["host"] == socket.gethostname():
+            os.kill(owner["pid"], 0)  # ProcessLookupError: the record outlived its process
+        return owner.get("hold")
+    except PermissionError:  # alive, another user's
+        return owner.get("hold")
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
         return None
 
 
