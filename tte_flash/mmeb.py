@@ -298,25 +298,26 @@ def write_json_atomic(path, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode("utf-8"))
 
 
-def _stored(path: Path, fingerprint: dict, overwrite: bool):
+def _stored(path: Path, fingerprint: dict, overwrite: bool, warn: bool = True):
     """A finished score for this fingerprint, None to compute; ``ValueError`` for another run's file. A score
     file whose content does not match the SHA-256 written in it (edited, damaged) or that is no score file
-    is reported with a warning and computed again."""
+    is computed again, with a warning (``warn``)."""
+    report = logger.warning if warn else logger.debug
     if not path.is_file() or overwrite:
         return None
     try:
         stored = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
-        logger.warning("%s is not valid JSON: recomputing it", path)
+        report("%s is not valid JSON: recomputing it", path)
         return None
     if not isinstance(stored, dict):
-        logger.warning("%s is not a score file tte-flash wrote: recomputing it", path)
+        report("%s is not a score file tte-flash wrote: recomputing it", path)
         return None
     if stored.get("fingerprint") != fingerprint:
         raise ValueError(f"{path} holds a score of another model or setting ({stored.get('fingerprint')}; this run: "
                          f"{fingerprint}): pass another --output, or --overwrite to replace it")
     if stored.get("sha256") != sha256_json({k: v for k, v in stored.items() if k != "sha256"}):
-        logger.warning("%s does not match the SHA-256 written in it (edited or damaged): recomputing it", path)
+        report("%s does not match the SHA-256 written in it (edited or damaged): recomputing it", path)
         return None
     return stored
 
@@ -376,7 +377,7 @@ def _run_tasks(model, data_root: Path, output_dir, selected: list[Task], budgets
     folders = {k: results_folder(output_dir, k, several) for k in budgets}
     for task in selected:  # refuse another run's files before any work
         for k in budgets:
-            _stored(score_path(folders[k], task), fingerprints[k], overwrite)
+            _stored(score_path(folders[k], task), fingerprints[k], overwrite, warn=False)
     results = {k: {} for k in budgets}
     for number, task in enumerate(selected, 1):
         where = f"[{number}/{len(selected)}] {task.name}"
