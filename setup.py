@@ -1,9 +1,12 @@
 """TTE-Flash: reasoning-aware multimodal embeddings with latent think tokens and fused Triton attention."""
 from setuptools import setup
 
-# Parquet input files: pyarrow reads evaluation/training/MMEB-V2 Parquet (tte_flash.data), datasets streams
-# `tte-flash encode --input_file x.parquet` (tte_flash.cli)
+# Parquet input files: pyarrow reads every Parquet file (tte_flash.data.iter_rows: training/evaluation/MMEB-V2 rows,
+# `tte-flash encode --input x.parquet`); datasets is no longer imported by tte_flash (tests compare against it)
 PARQUET = ["pyarrow", "datasets"]
+# encoding a corpus on a Ray cluster (tte_flash.distributed): Ray Data's streaming repartition by rows
+# (Dataset.repartition(target_num_rows_per_block=...), Ray 2.44+); tested with Ray 2.60
+DISTRIBUTED = ["ray[data]>=2.44", "pyarrow"]
 TRAIN = ["accelerate>=1.0", "peft>=0.15", "pyyaml", *PARQUET]
 # encode_query / encode_document / prompts of the sentence-transformers module need sentence-transformers 5
 ST = "sentence-transformers>=5"
@@ -38,6 +41,7 @@ setup(
         # training/ (Trainer, LoRA, YAML recipes, Parquet data)
         "train": TRAIN,
         "parquet": PARQUET,
+        "distributed": DISTRIBUTED,
         # benchmarks/ plots (and tte_flash.explain's figures)
         "benchmarks": ["matplotlib", "scipy"],
         # ecosystem integrations (tte_flash.integrations)
@@ -47,7 +51,7 @@ setup(
         # tests: everything the test suite exercises;
         # scikit-learn: the NDCG cross-check of tte_flash.mmeb's metrics (pytrec_eval, when installed, too)
         "dev": ["pytest", "hypothesis", *TRAIN, "matplotlib", "scipy", "scikit-learn", ST,
-                "mteb>=2"],
+                "mteb>=2", *DISTRIBUTED],
         # Liger-Kernel's fused linear cross-entropy for the COT loss on CUDA (tte_flash.losses)
         "liger": ["liger-kernel"],
         "flash": ["flash-attn"],

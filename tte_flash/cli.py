@@ -4,6 +4,7 @@
   queries with 16 think tokens, rank documents, save and reload, decode what the think tokens say.
 * ``encode``: embed texts / image paths / a JSONL of input dicts into a ``.npy`` file, or into a directory of
   shards that a rerun resumes (``--output embs/``), on several devices (``--devices``).
+* ``ray-encode``: the same shards, encoded on a Ray cluster with Ray Data (``tte_flash.distributed``).
 * ``explain``: per think token, the vocabulary it decodes to, the decoded CoT, attention heatmaps.
 * ``evaluate``: MMEB-style Hit@1 / NDCG@5 (``python -m tte_flash.evaluate``).
 * ``card``: regenerate a run's model card (README.md) from its saved config and result files.
@@ -239,6 +240,11 @@ def demo_command(args) -> int:
     return demo_main(args.rest)
 
 
+def ray_encode_command(args) -> int:
+    from tte_flash.distributed import main as ray_encode_main
+    return ray_encode_main(args.rest)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="tte-flash", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -298,12 +304,14 @@ def main(argv=None) -> int:
     card.set_defaults(func=card_command)
 
     for name, func, text in (("evaluate", evaluate_command, "Hit@1 / NDCG@5 on MMEB-eval rows"),
-                             ("demo", demo_command, "train, evaluate and explain the tiny model on synthetic data")):
+                             ("demo", demo_command, "train, evaluate and explain the tiny model on synthetic data"),
+                             ("ray-encode", ray_encode_command, "encode --input FILE into shards on a Ray cluster "
+                                                                "(Ray Data, one model actor per GPU)")):
         sub = commands.add_parser(name, help=text, add_help=False)
         sub.add_argument("rest", nargs=argparse.REMAINDER)
         sub.set_defaults(func=func)
     argv = list(sys.argv[1:] if argv is None else argv)
-    passthrough = {"evaluate": evaluate_command, "demo": demo_command}
+    passthrough = {"evaluate": evaluate_command, "demo": demo_command, "ray-encode": ray_encode_command}
     if argv and argv[0] in passthrough:  # these parse their own flags
         return passthrough[argv[0]](argparse.Namespace(rest=argv[1:]))
     args = parser.parse_args(argv)
