@@ -155,10 +155,7 @@ def _decode(source, name: str, max_pixels: int | None) -> Image.Image:
     it as RGB, reduced when it is over 4x :data:`DECODE_MAX_PIXELS`."""
     max_pixels = pixel_budgets(max_pixels)[0]
     try:
-        with warnings.catch_warnings():  # the budget is checked below, against its own limit
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(source)
-        with img:
+        with _open(source) as img:
             check_image_pixels(name, img.size, max_pixels)
             factor = _reduce_factor(img.size)
             if factor > 1:  # JPEG: decode at 1/2, 1/4 or 1/8 scale, still over the reduced size
@@ -175,6 +172,13 @@ def _decode(source, name: str, max_pixels: int | None) -> Image.Image:
                                f"{_megapixels(max_pixels)}); it was not decoded") from None
     except Exception as err:  # PIL raises several types for corrupt files
         raise ValueError(f"cannot read {name}: {str(err) or type(err).__name__}") from None
+
+
+def _open(source) -> Image.Image:
+    """``Image.open`` (the header only) without PIL's decompression-bomb warning: the budgets here decide."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return Image.open(source)
 
 
 def _reduce_factor(size: tuple[int, int]) -> int:
@@ -347,13 +351,13 @@ def image_size(image) -> tuple[int, int] | None:
         if not path.is_file():
             raise FileNotFoundError(f"image not found: {path}")
         try:
-            with Image.open(path) as img:  # reads the header only
+            with _open(path) as img:  # reads the header only
                 return img.size[::-1]
         except Exception as err:
             raise ValueError(f"cannot read image {path}: {err}") from None
     if isinstance(image, (bytes, bytearray)):
         try:
-            with Image.open(io.BytesIO(image)) as img:
+            with _open(io.BytesIO(image)) as img:
                 return img.size[::-1]
         except Exception as err:
             raise ValueError(f"cannot read image from {len(image)} bytes: {err}") from None
