@@ -72,7 +72,8 @@ def _break_row(root, rows, breakage):
         row["pos_image_path"] = "images/x.jpg"
         return "pos_image_path", "x.jpg is truncated"
     if breakage == "zero_pixel_image":  # a PNG header claiming 0x0 pixels
-        (root / "images" / "z.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + b"\x00" * 8 + b"\x08\x02\x00\x00\x00")
+        header = b"\x89PNG\r\n\x1a\n" + b"\x00\x00\x00\rIHDR" + b"\x00" * 8 + b"\x08\x02\x00\x00\x00"
+        (root / "images" / "z.png").write_bytes(header)
         row["qry_image_path"] = "images/z.png"
         return "qry_image_path", "z.png"
     if breakage == "empty_frames_folder":

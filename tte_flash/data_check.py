@@ -82,6 +82,18 @@ class RowLocator:
         return self._lines[path]
 
 
+class RowName:
+    """The name of one row (:meth:`RowLocator.locate`), worked out only when it is printed: a data set's
+    items carry one, and the file is read for line numbers only if an error names the row."""
+    __slots__ = ("locate", "index")
+
+    def __init__(self, locate, index: int):
+        self.locate, self.index = locate, index
+
+    def __str__(self) -> str:
+        return self.locate(self.index)
+
+
 def column_problems(row: dict) -> list[tuple[str, str]]:
     """(column, problem) for each column of ``row`` whose value has the wrong type, and for an empty query
     or positive target."""

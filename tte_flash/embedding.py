@@ -110,7 +110,8 @@ class EmbeddingMixin:
                                  f"got {value!r}")
         self._check_truncate_dim(truncate_dim)
         if instruction is not None and not isinstance(instruction, str):
-            raise ValueError(f"instruction must be a str or None, got {type(instruction).__name__}: {instruction!r:.80}")
+            raise ValueError(f"instruction must be a str or None, got {type(instruction).__name__}: "
+                             f"{instruction!r:.80}")
         query_limit = self._query_limit(think_tokens, max_length)
         single = isinstance(inputs, SINGLE_INPUT_TYPES)
         items = [inputs] if single else iter_inputs(inputs)

@@ -202,7 +202,8 @@ def read_local_config(folder) -> dict:
     except UnicodeDecodeError as err:
         raise ValueError(f"{config_path} is not UTF-8 text (byte {err.start}): not a model config") from None
     except json.JSONDecodeError as err:
-        raise ValueError(f"{config_path} is not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})") from None
+        raise ValueError(f"{config_path} is not valid JSON (line {err.lineno}, column {err.colno}: "
+                         f"{err.msg})") from None
     if not isinstance(config_dict, dict):
         raise ValueError(f"{config_path} holds a JSON {type(config_dict).__name__}, not an object: not a model config")
     return config_dict
@@ -248,8 +249,8 @@ class _weight_errors:
             if folder.is_dir() else []
         where = f"the weights of {self.path} ({', '.join(files) or 'weights file'})"
         if issubclass(kind, pickle.UnpicklingError):
-            raise ValueError(f"refusing {where}: the pickle holds objects other than tensors, which torch's weights-only "
-                             "unpickler does not load (loading them could run code)") from None
+            raise ValueError(f"refusing {where}: the pickle holds objects other than tensors, which torch's "
+                             "weights-only unpickler does not load (loading them could run code)") from None
         reason = next((line.strip() for line in str(err).splitlines() if line.strip()), "no details")[:200]
         raise ValueError(f"cannot read {where}: truncated or corrupt ({type(err).__name__}: {reason})") from None
 

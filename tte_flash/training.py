@@ -31,7 +31,7 @@ from transformers import HfArgumentParser, Trainer, TrainingArguments
 
 from .collator import TrainCollator, curriculum_stage, with_trace
 from .data import TRAIN_COLUMNS, load_rows, train_example
-from .data_check import RowLocator, TrainingDataError, validate_rows
+from .data_check import RowLocator, RowName, TrainingDataError, validate_rows
 from .loading import read_local_config
 from .modeling import TTEFlashModel, available_presets
 from .objective import Objective
@@ -140,7 +140,7 @@ class RowDataset(torch.utils.data.Dataset):
         if self.query_with_trace:  # the trace follows the query text directly, as a generated one does
             example["query"] = with_trace(example["query"], example["cot"])
             example["cot"] = None
-        return {**example, "index": index, "where": self.locator.locate(index)}
+        return {**example, "index": index, "where": RowName(self.locator.locate, index)}
 
 
 def _load_rows(path) -> list[dict]:
