@@ -7,12 +7,16 @@ specialisation and autotune configs are exactly those of a real launch), then co
 ``triton.compile`` and reads the result: registers, spill bytes and stack frame (from the ``ptxas -v`` log of
 Triton's own ptxas), shared memory (kernel metadata) and whether the TTGIR uses wgmma (Hopper tensor cores).
 
-It fails (exit status 1) on a compile error, a spill on sm_90 in a shipped (16-bit) config, or shared memory
-over the target's per-block limit. sm_80 spills are reported, not gated.
+It fails (exit status 1) on a compile error, a spill on sm_90 in a shipped (16-bit) config, an sm_90 16-bit
+launch without wgmma, a ptxas warning C7515 (wgmma serialised), or shared memory over the target's per-block
+limit. sm_80 spills are reported, not gated. ``--also-triton DIR`` compiles every launch again with the Triton in
+DIR (the H200 image has Triton 3.6, this machine 3.9): ``pip install --no-deps triton==3.6.0 --target DIR``.
 
     python benchmarks/compile_check.py                 # CI subset: bf16/fp16 x head dim 64/128, default flags, both targets
     python benchmarks/compile_check.py --full          # also every mask-flag combination
     python benchmarks/compile_check.py --full --json benchmarks/results/compile-<date>.json
+    pip install --no-deps triton==3.6.0 --target /tmp/triton36     # the H200 image's Triton, beside this one
+    python benchmarks/compile_check.py --head-dims 64 128 256 --targets 90 --also-triton /tmp/triton36
 
 Runs on any Linux machine with the triton wheel (ptxas ships in it); ``TRITON_INTERPRET`` must be unset.
 """
@@ -69,6 +73,9 @@ class Result(Case):
     stack_frame: int | None = None
     shared: int | None = None
     wgmma: bool | None = None
+    c7515: int | None = None  # ptxas warnings C7515: wgmma serialised (an accumulator live across loops, ...)
+    ptxas_warnings: list = field(default_factory=list)  # every ptxas warning line, as ptxas wrote it
+    triton: str | None = None  # the Triton version that compiled it
     seconds: float | None = None
     error: str | None = None
     problems: list = field(default_factory=list)
@@ -185,6 +192,7 @@ def capture(capabilities, dtypes, head_dims, flag_sets) -> list[Job]:
 _PTXAS_USED = re.compile(r"Used (\d+) registers")
 _PTXAS_SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 _PTXAS_STACK = re.compile(r"(\d+) bytes stack frame")
+_PTXAS_C7515 = re.compile(r"C7515")
 
 
 def compile_job(job: Job) -> Result:
@@ -195,6 +203,7 @@ def compile_job(job: Job) -> Result:
     from triton.compiler import ASTSource
 
     result = Result(**{f.name: getattr(job, f.name) for f in fields(Case)})
+    result.triton = triton.__version__
     fn = getattr(importlib.import_module(KERNEL_MODULE), job.kernel)
     knobs.compilation.always_compile = True  # the ptxas log below comes only from a real compile
     knobs.nvidia.dump_ptxas_log = True
@@ -217,6 +226,8 @@ def compile_job(job: Job) -> Result:
     result.stack_frame = int(stack.group(1)) if stack else None
     result.shared = int(compiled.metadata.shared)
     result.wgmma = "warp_group_dot" in compiled.asm.get("ttgir", "")
+    result.c7515 = len(_PTXAS_C7515.findall(text))
+    result.ptxas_warnings = [line.strip() for line in text.splitlines() if "warning" in line.lower()]
     result.ok = True
     if used is None or spill is None:
         result.problems.append("no ptxas -v log")
@@ -224,6 +235,10 @@ def compile_job(job: Job) -> Result:
         result.problems.append(f"shared memory {result.shared} > {SMEM_LIMIT[job.target]}")
     if job.target == 90 and job.dtype in SHIPPED_DTYPES and (result.spill_stores or result.spill_loads):
         result.problems.append("spills on sm_90")
+    if job.target == 90 and job.dtype in SHIPPED_DTYPES and not result.wgmma:
+        result.problems.append("no wgmma on sm_90")
+    if result.c7515:
+        result.problems.append("wgmma serialised (ptxas C7515)")
     return result
 
 
@@ -232,15 +247,16 @@ def compile_job(job: Job) -> Result:
 # ---------------------------------------------------------------------------------------------------------------
 
 def print_table(results: list[Result]) -> None:
-    head = f"{'kernel':<18} {'sm':>3} {'dtype':<9} {'d':>4} {'flags':<13} {'config':<16} {'regs':>4} " \
+    head = f"{'triton':<7} {'kernel':<18} {'sm':>3} {'dtype':<9} {'d':>4} {'flags':<13} {'config':<16} {'regs':>4} " \
            f"{'spill st/ld':>11} {'stack':>6} {'smem KiB':>8} {'wgmma':>5}  problems"
     print(head)
     print("-" * len(head))
-    for r in sorted(results, key=lambda r: (r.kernel, -r.target, r.dtype, r.head_dim, r.flags, r.config)):
+    for r in sorted(results, key=lambda r: (r.triton or "", r.kernel, -r.target, r.dtype, r.head_dim, r.flags,
+                                            r.config)):
         spill = f"{r.spill_stores}/{r.spill_loads}" if r.spill_stores is not None else "-"
         smem = f"{r.shared / 1024:.1f}" if r.shared is not None else "-"
         problems = "; ".join(r.problems) + (f" ({r.error})" if r.error else "")
-        print(f"{r.kernel:<18} {r.target:>3} {r.dtype:<9} {r.head_dim:>4} {r.flags:<13} {r.config:<16} "
+        print(f"{r.triton or '-':<7} {r.kernel:<18} {r.target:>3} {r.dtype:<9} {r.head_dim:>4} {r.flags:<13} {r.config:<16} "
               f"{r.registers if r.registers is not None else '-':>4} {spill:>11} "
               f"{r.stack_frame if r.stack_frame is not None else '-':>6} {smem:>8} "
               f"{'yes' if r.wgmma else 'no':>5}  {problems}")
@@ -255,6 +271,9 @@ def summary(results: list[Result]) -> dict:
             "sm80_spilling_configs": sum(r.target == 80 and bool(r.spill_stores) for r in results),
             "wgmma_on_sm90_16bit": sum(r.target == 90 and r.dtype in SHIPPED_DTYPES and bool(r.wgmma)
                                        for r in results),
+            "no_wgmma_on_sm90_16bit": sum("no wgmma on sm_90" in r.problems for r in results),
+            "c7515_warnings": sum(r.c7515 or 0 for r in results),
+            "tritons": sorted({r.triton for r in results if r.triton}),
             "failed": len(failed)}
 
 
@@ -272,7 +291,26 @@ def parse_args(argv=None):
                    help="what-if: cap registers per thread in every launch (ptxas then spills what does not fit)")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
     p.add_argument("--json", type=Path, default=None, help="write the rows and the summary here")
+    p.add_argument("--also-triton", "--also_triton", type=Path, nargs="+", default=[],
+                   help="folders holding another Triton (pip install --no-deps triton==3.6.0 --target DIR): the same "
+                        "launches compiled again with each, in a process with DIR first on PYTHONPATH")
     return p.parse_args(argv)
+
+
+def other_triton(folder: Path, argv: list) -> list[Result]:
+    """The same check run with the Triton installed in ``folder``; its rows (each naming its version)."""
+    import subprocess
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "rows.json"
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH")])))
+        env.pop("TRITON_INTERPRET", None)
+        subprocess.run([sys.executable, __file__, *argv, "--json", str(out)], env=env)
+        if not out.exists():
+            return [Result("(all)", 0, "-", 0, "-", f"triton in {folder}", error="the run wrote no rows",
+                           problems=["compile error"])]
+        rows = json.loads(out.read_text())["rows"]
+    return [Result(**row) for row in rows]
 
 
 def main(argv=None) -> dict:
@@ -312,6 +350,21 @@ def main(argv=None) -> dict:
                 results.append(r)
             if n % 10 == 0 or n == len(jobs):
                 print(f"  {n}/{len(jobs)} compiled ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
+    for folder in args.also_triton:
+        argv_again = [a for a in (sys.argv[1:] if argv is None else argv)]
+        cut = [i for i, a in enumerate(argv_again) if a in ("--json", "--also-triton", "--also_triton")]
+        if cut:  # drop --json/--also-triton and their values
+            keep, skip = [], False
+            for a in argv_again:
+                if a in ("--json", "--also-triton", "--also_triton"):
+                    skip = True
+                    continue
+                if skip and not a.startswith("--"):
+                    continue
+                skip = False
+                keep.append(a)
+            argv_again = keep
+        results += other_triton(folder, argv_again)
     print_table(results)
     stats = summary(results)
     stats["seconds"] = round(time.perf_counter() - start, 1)
