@@ -77,9 +77,9 @@ def main(argv=None) -> int:
     (model_dir / "eval_results.json").write_text(json.dumps(result, indent=2) + "\n")
 
     print("[4/5] what the think tokens say, for the first eval query")
-    eval_rows = [json.loads(line) for line in Path(paths["eval"]).read_text().splitlines()]
+    from .data import eval_example, load_rows
+    eval_rows = load_rows(paths["eval"])
     first = next((r for r in eval_rows if r.get("qry_img_path")), eval_rows[0])  # prefer one with an image
-    from .data import eval_example
     from .world import last_word
     query, _ = eval_example(first, paths["image_root"])
     explanation = model.explain(query, think_tokens=args.think_tokens, top_k=3, max_new_tokens=args.max_cot_tokens,
