@@ -211,3 +211,26 @@ def test_vlm2vec_prompt_joining_of_the_image_tasks(tmp_path):
         assert [q.get("image") for q in ours.queries] == [q.get("image") for q in data.queries]
     with pytest.raises(ValueError, match="prompts must be"):
         mmeb_data.load_task(TASKS["OK-VQA"], tmp_path, prompts="gme")
+
+
+def test_prompts_option_of_the_runner(tmp_path, capsys):
+    import json
+
+    import torch
+
+    from tte_flash import mmeb
+    _image_task_root(tmp_path / "data")
+    common = ["--model", "tiny", "--data_root", str(tmp_path / "data"), "--tasks", "OK-VQA", "CIRR", "--batch_size", "4"]
+    args = [*common, "--output", str(tmp_path / "out")]
+    torch.manual_seed(0)
+    assert mmeb.main(["--prompts", "vlm2vec", *args]) == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["fingerprint"]["prompts"] == "vlm2vec"
+    assert {r["status"] for r in summary["tasks"].values()} == {"done"}
+    capsys.readouterr()
+    torch.manual_seed(0)  # the same weights, the default prompts: another setting, refused, nothing overwritten
+    assert mmeb.main(args) == 2 and "another model or setting" in capsys.readouterr().err
+    torch.manual_seed(0)
+    assert mmeb.main([*common, "--output", str(tmp_path / "tte")]) == 0
+    default = json.loads((tmp_path / "tte" / "summary.json").read_text())
+    assert "prompts" not in default["fingerprint"]  # fingerprints of earlier runs are unchanged

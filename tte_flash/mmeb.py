@@ -49,6 +49,8 @@ from .writing import atomic_write_bytes, folder_lock, sha256_bytes, sha256_json
 logger = logging.getLogger("tte_flash.mmeb")
 # run_benchmark's scoring when the caller passes none: python -m tte_flash.mmeb --scoring sets it around its run
 _SCORING = contextvars.ContextVar("tte_flash_mmeb_scoring", default="correct")
+_PROMPTS = contextvars.ContextVar("tte_flash_mmeb_prompts", default="tte")  # likewise for --prompts
+PROMPTS = ("tte", "vlm2vec")
 
 
 # ---------------------------------------------------------------------------------------- scoring a task
@@ -128,7 +130,7 @@ def _scorings(scoring: str) -> tuple[str, tuple]:
 
 def evaluate_task(model, task: Task, data_root, think_tokens=0, mode="latent", max_cot_tokens=128, batch_size=32,
                   num_frames=8, limit=None, show_progress_bar=None, reasoner=None, cache=None, cache_key=None,
-                  scoring="correct", data: TaskData | None = None, reuse_cache=True):
+                  scoring="correct", data: TaskData | None = None, reuse_cache=True, prompts="tte"):
     """Load, encode and score one task; returns its score dict (VLM2Vec's ``*_score.json`` keys and more).
     ``think_tokens`` a list: ``{K: score dict}``, the candidates encoded once for every K.
     ``cache``: a file for the candidate embeddings, reused (unless ``reuse_cache`` is False) when ``cache_key``,
@@ -137,11 +139,13 @@ def evaluate_task(model, task: Task, data_root, think_tokens=0, mode="latent", m
     ``scoring``: ``correct`` (default), ``vlm2vec`` (VLM2Vec's procedure, docs/mmeb.md) or ``both``: ``score`` and
     the metric keys are the correct scoring's, ``scores`` holds each scoring's main metric and ``by_scoring``
     its metrics. With ``both``, a task the correct scoring refuses (a positive that is no candidate) has
-    ``score`` None and the reason in ``errors``, its vlm2vec number still in ``scores``."""
+    ``score`` None and the reason in ``errors``, its vlm2vec number still in ``scores``.
+    ``prompts``: how an image task's instruction and text are joined (:func:`load_task`: ``tte`` or ``vlm2vec``)."""
     primary, scorings = _scorings(scoring)
     start = time.perf_counter()
     if data is None:
-        data = load_task(task, data_root, num_frames=num_frames, limit=limit, vlm2vec="vlm2vec" in scorings)
+        data = load_task(task, data_root, num_frames=num_frames, limit=limit, vlm2vec="vlm2vec" in scorings,
+                         prompts=prompts)
     if not data.queries:
         raise ValueError(f"{task.name}: no queries in the test file")
     keys = list(data.candidates)
@@ -327,7 +331,8 @@ def _write_score(path: Path, result: dict):
 
 
 def run_benchmark(model, data_root, output_dir, tasks=None, fingerprint: dict | None = None, overwrite=False,
-                  progress=None, think_tokens=0, scoring: str | None = None, **eval_kwargs):
+                  progress=None, think_tokens=0, scoring: str | None = None, prompts: str | None = None,
+                  **eval_kwargs):
     """Every selected task, resumably: a task whose score file exists with the same ``fingerprint`` is
     read back, not recomputed. A task whose test file is missing is reported as missing; one that
     fails (a missing frame, a bad row, NaN or inf embeddings or scores) as an error with the message.
@@ -344,6 +349,8 @@ def run_benchmark(model, data_root, output_dir, tasks=None, fingerprint: dict | 
     VLM2Vec's procedure, ``both`` computes both (``score`` and ``aggregate`` the correct one; each task's
     ``scores`` and the summary's ``aggregates`` both); see :func:`evaluate_task` and docs/mmeb.md. A scoring
     other than ``correct`` is part of the fingerprint (its score files are not another scoring's).
+    ``prompts`` (default ``tte``, or what ``python -m tte_flash.mmeb --prompts`` set): ``vlm2vec`` joins the image
+    tasks' instructions and texts as VLM2Vec does (:func:`load_task`); part of the fingerprint when not ``tte``.
 
     Guarded writes (:mod:`tte_flash.writing`): ``output_dir`` is locked while the run writes it (a second run
     into it gets an error naming the holder); the fingerprint holds the data root, and each score file and
@@ -353,6 +360,10 @@ def run_benchmark(model, data_root, output_dir, tasks=None, fingerprint: dict | 
     ``overwrite`` recomputes everything, the cached candidates included."""
     scoring = scoring or _SCORING.get()
     _scorings(scoring)  # an unknown one fails before anything is written
+    prompts = prompts or _PROMPTS.get()
+    if prompts not in PROMPTS:
+        raise ValueError(f"unknown prompts {prompts!r}; choose one of {PROMPTS}")
+    eval_kwargs = {**eval_kwargs, "prompts": prompts}
     data_root = Path(data_root)
     if not data_root.is_dir():
         raise FileNotFoundError(f"--data_root {data_root} is not a folder")
@@ -360,7 +371,8 @@ def run_benchmark(model, data_root, output_dir, tasks=None, fingerprint: dict | 
     budgets = list(dict.fromkeys(think_tokens)) if several else [think_tokens]
     fingerprints = {k: {**(fingerprint or {}), "data_root": str(data_root.resolve()), "think_tokens": k,
                         **{name: eval_kwargs.get(name) for name in ("mode", "max_cot_tokens", "num_frames", "limit")},
-                        **({"scoring": scoring} if scoring != "correct" else {})}
+                        **({"scoring": scoring} if scoring != "correct" else {}),
+                        **({"prompts": prompts} if prompts != "tte" else {})}
                     for k in budgets}
     selected = select_tasks(tasks)
     Path(output_dir).mkdir(parents=True, exist_ok=True)
@@ -386,7 +398,8 @@ def _run_tasks(model, data_root: Path, output_dir, selected: list[Task], budgets
             # the task's inputs are loaded even when every score is stored: a score is read back only when the
             # content it was computed from (texts, and each image's size and mtime) is still what is on disk
             data = load_task(task, data_root, num_frames=eval_kwargs.get("num_frames", 8),
-                             limit=eval_kwargs.get("limit"), vlm2vec="vlm2vec" in scorings)
+                             limit=eval_kwargs.get("limit"), vlm2vec="vlm2vec" in scorings,
+                             prompts=eval_kwargs["prompts"])
             digest = task_digest(data)
             for k in budgets:
                 path = score_path(folders[k], task)
@@ -562,6 +575,10 @@ def main(argv=None) -> int:
                         help="correct (default): graded qrels as given, pessimistic ties, a positive that is not a "
                              "listed candidate fails the task; vlm2vec: VLM2Vec's procedure, comparable with its leaderboard; "
                              "both: the two side by side in the summary")
+    parser.add_argument("--prompts", choices=PROMPTS, default="tte",
+                        help="tte (default): an image task's instruction and text joined by one space, as TTE-Flash "
+                             "trains; vlm2vec: joined as VLM2Vec's parsers join them for Qwen2-VL (image token first, "
+                             "QA/VG instructions on a new line, trailing newlines), for leaderboard comparisons")
     parser.add_argument("--write_labels", "--write-labels", default=None, metavar="VLM2VEC_FILE",
                         help="write labels.txt from VLM2Vec's src/data/eval_dataset/video_classification_utils.py")
     parser.add_argument("--data_root", "--data-root", default=None)
@@ -573,12 +590,13 @@ def main(argv=None) -> int:
         if any(a == "--benchmark" or a.startswith("--benchmark=") for a in rest):
             parser.error("--benchmark is implied (mmeb-v2)")
         from . import evaluate
-        token = _SCORING.set(args.scoring)
+        token, prompts_token = _SCORING.set(args.scoring), _PROMPTS.set(args.prompts)
         try:
             return evaluate.main(["--benchmark", "mmeb-v2", "--data_root", args.data_root, *rest,
                                   *(["--overwrite"] if args.overwrite else [])])
         finally:
             _SCORING.reset(token)
+            _PROMPTS.reset(prompts_token)
     if rest:
         parser.error(f"unrecognized arguments with --write_labels: {' '.join(rest)}")
     try:
