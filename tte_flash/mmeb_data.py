@@ -7,6 +7,7 @@ import ast
 import dataclasses
 import difflib
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import load_rows
+from .data import iter_rows, load_rows
 from .processing import IMAGE_PLACEHOLDER
 
 logger = logging.getLogger("tte_flash.mmeb")
@@ -547,10 +548,8 @@ def _load_visdoc(task, root, num_frames, limit):
     """BEIR layout: queries (query-id, query), qrels (query-id, corpus-id, score), corpus (corpus-id[, image])."""
     queries_rows = read_rows(annotation_files(root, task, "queries"))
     qrels = read_rows(annotation_files(root, task, "qrels"))
-    corpus = read_rows(annotation_files(root, task, "corpus"))
     _require(queries_rows, ("query-id", "query"), task)
     _require(qrels, ("query-id", "corpus-id", "score"), task)
-    _require(corpus, ("corpus-id",), task)
     graded: dict = {}
     raw: dict = {}  # per query: {corpus-id as read (int or str): our key}, in qrels order (VLM2Vec's label order)
     for row in qrels:
@@ -558,8 +557,7 @@ def _load_visdoc(task, root, num_frames, limit):
             per_query = graded.setdefault(str(row["query-id"]), {})
             per_query[str(row["corpus-id"])] = max(per_query.get(str(row["corpus-id"]), 0), row["score"])
             raw.setdefault(str(row["query-id"]), {}).setdefault(row["corpus-id"], str(row["corpus-id"]))
-    media = root / task.media
-    candidates = {str(row["corpus-id"]): {"text": DOC_TARGET, "image": _page(media, task, row)} for row in corpus}
+    candidates = _corpus_pages(annotation_files(root, task, "corpus"), root / task.media, task)
     queries, relevance, notes, label_ids, grades = [], [], [], [], []
     unjudged = 0
     for row in queries_rows:
@@ -578,6 +576,22 @@ def _load_visdoc(task, root, num_frames, limit):
 
 
 _load_vidore = _load_visrag = _load_visdoc
+
+
+def _corpus_pages(files, media: Path, task: Task) -> dict:
+    """``{corpus-id: page input}``, the corpus rows streamed (``tte_flash.data.iter_rows``): a row's image bytes
+    are kept only when its page is not on disk as a file, so a corpus of page images (VisRAG ArxivQA: ~3 x 420 MB
+    of Parquet) is never in memory whole."""
+    pages = {}
+    for file in files:
+        rows = iter_rows(file)
+        first = next(rows, None)
+        if first is None:
+            raise ValueError(f"no rows in {file}")
+        _require([first], ("corpus-id",), task)
+        for row in itertools.chain([first], rows):
+            pages[str(row["corpus-id"])] = {"text": DOC_TARGET, "image": _page(media, task, row)}
+    return pages
 
 
 def _page(media: Path, task: Task, row):
