@@ -28,8 +28,10 @@ such as ``tiny`` is not the same model twice).
 A rerun on the same ``--output`` keeps complete shards (their inputs checked, as ``tte-flash encode`` does)
 and writes the rest; the cluster still embeds the rows of kept shards (Ray Data streams the file without row
 numbers), so an interrupted run costs a full pass; ``tte-flash encode`` on the same directory resumes shard
-by shard instead. The model (a preset, a Hub id or a directory every node can read) and tte-flash must be
-installed on every node. Needs ``pip install 'tte-flash[distributed]'`` (Ray Data).
+by shard instead. tte-flash must be installed on every node, the model must be one every node can load (a
+preset, a Hub id or a directory at the same path), and the input file must be readable at the same path on
+every node (a shared file system: Ray runs read tasks anywhere; the driver reads it too). Needs
+``pip install 'tte-flash[distributed]'`` (Ray Data).
 """
 from __future__ import annotations
 
@@ -240,6 +242,11 @@ class _ClusterModel:
             if self.taken - 1 > index:
                 raise RuntimeError(f"row {index + 1} asked for after row {self.taken}: inputs read out of order")
 
+    def close(self):
+        """Stop the cluster's stream (Ray Data stops its tasks when its iterator is closed)."""
+        if self._rows is not None:
+            self._rows.close()
+
     def finish(self, total: int):
         """After the last shard: when the cluster's stream reached row ``total``, it must end there."""
         if self._rows is not None and self.taken == total and next(self._rows, None) is not None:
@@ -325,6 +332,7 @@ def encode_with_ray(model: str, input_path, output, *, role: str = "query", shar
         except Exception as err:
             raise _user_error(err) from None
         finally:
+            cluster.close()
             context.execution_options.preserve_order = order
         return manifest
     finally:
