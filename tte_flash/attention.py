@@ -1,10 +1,11 @@
 """Attention backends for the text model, behind one switch (DESIGN.md §6).
 
-* ``reference``: PyTorch SDPA under the mask rule of :func:`tte_flash.mask.visible`, over blocks of query
-  rows (:func:`chunked_attention`): each block builds only its own rows of the mask, over the keys its
-  samples can reach, so memory grows as L x block, not L x L (a 32k-token input fits well under 2 GB on
-  the CPU). An input small enough for one block takes exactly the dense-mask path. Works on every device
-  and layout (packed, padded, COT segments); the CPU path and the oracle.
+* ``reference``: PyTorch SDPA under the mask rule (:mod:`tte_flash.mask`), over blocks of query rows
+  (:func:`chunked_attention`): each block builds only its own rows of the mask, from the rule's per-row
+  key intervals, over the keys those rows can see, so memory grows as L x block, not L x L (a 32k-token
+  input of the tiny preset: 0.68 GB peak against 5.56 GB, ``benchmarks/reference_memory.py``). An input
+  small enough for one block takes the dense-mask path unchanged. Works on every device and layout
+  (packed, padded, COT segments); the CPU path and the oracle.
 * ``triton``: the fused kernel :func:`tte_flash.kernels.tte_attention`, mask computed in-kernel from
   O(T) intervals, tiles chosen from a block table built once per forward. Every dtype launches on CUDA
   (fp16/bf16 on tensor cores; fp32 and fp64 with small tiles and exact FMA dots, much slower).
@@ -36,9 +37,10 @@ from .mask import check_layout, dense_mask, mask_intervals, visible
 ATTN_NAME = "tte"
 BACKENDS = ("reference", "triton")
 # Reference path: the most bytes one block's fp32 scores (heads x rows x keys) may take; a block is as many
-# query rows as fit. Inputs that fit in one block run one SDPA call on the whole mask (the dense path).
+# query rows as fit, and at least MIN_BLOCK_ROWS. Inputs that fit in one block run one SDPA call on the whole
+# dense mask.
 REFERENCE_BLOCK_BYTES = 64 * 2**20
-MIN_BLOCK_ROWS = 256
+MIN_BLOCK_ROWS = 256  # CPU SDPA is several times slower per row on shorter blocks
 
 
 @dataclass
