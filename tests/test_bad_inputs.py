@@ -112,6 +112,13 @@ def truncate(name, keep=0.5):
     return change
 
 
+def drop_tensor(folder):
+    from safetensors.torch import load_file, save_file
+    state = load_file(folder / "model.safetensors")
+    del state[next(k for k in sorted(state) if "layers.0.mlp.down_proj" in k)]
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+
+
 def no_weights(folder):
     (folder / "model.safetensors").unlink()
 
@@ -210,6 +217,9 @@ CASES = [
      ValueError, r"refusing the weights of .*pytorch_model\.bin.*objects other than tensors"),
     ("truncated safetensors", lambda e: TTEFlashModel.from_pretrained(e.checkpoint(truncate("model.safetensors"))),
      ValueError, r"cannot read the weights of .*\(model\.safetensors\): truncated or corrupt"),
+    ("a tensor missing from the weights", lambda e: TTEFlashModel.from_pretrained(e.checkpoint(drop_tensor)),
+     ValueError, r"the weights lack 1 tensor of the model \(first: .*layers\.0\.mlp\.down_proj\.weight\); "
+                 r"they would be random"),
     ("no weights file", lambda e: TTEFlashModel.from_pretrained(e.checkpoint(no_weights)), FileNotFoundError,
      r"has no weights: no model\.safetensors"),
     ("think-token id out of range",

@@ -125,13 +125,19 @@ class LoadingMixin:
             raise ValueError(f"{path} is a {config_dict.get('model_type')!r} checkpoint, not a TTE-Flash "
                              f"('tte_flash') checkpoint{hint}")
         _check_local_weights(path, kwargs.get("use_safetensors"))
+        want_info = kwargs.pop("output_loading_info", False)
         with _weight_errors(path):
-            model = super().from_pretrained(path, *args, **kwargs)
+            model, info = super().from_pretrained(path, *args, output_loading_info=True, **kwargs)
+        missing = sorted(info.get("missing_keys") or [])
+        if missing:  # transformers would initialise them at random, with a log line only
+            raise ValueError(f"{path}: the weights lack {len(missing)} tensor{'s' * (len(missing) > 1)} of the model "
+                             f"(first: {', '.join(missing[:5])}); they would be random. The weights file is "
+                             "incomplete or of another architecture")
         model._use_tte_attention()
         tokenizer = AutoTokenizer.from_pretrained(path, config=model.config, **hub_kwargs)
         check_tte_token_ids(model.config, tokenizer, model.get_input_embeddings().num_embeddings, path)
         model.processor = TTEProcessor(tokenizer, model._image_processor(), model.config)
-        return model
+        return (model, info) if want_info else model
 
     def save_pretrained(self, save_directory, *args, model_card: bool = True, **kwargs):
         """Save weights (safetensors), config, tokenizer, image processor and a model card (README.md,
