@@ -30,6 +30,7 @@ import itertools
 import json
 import os
 import re
+import subprocess
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -74,6 +75,8 @@ class Result(Case):
     shared: int | None = None
     wgmma: bool | None = None
     c7515: int | None = None  # ptxas warnings C7515: wgmma serialised (an accumulator live across loops, ...)
+    sass_masked: float | None = None  # SASS instructions per tile of the masked (partial-tile) loop body
+    sass_full: float | None = None  # SASS instructions per tile of the mask-free (full-tile) loop body
     ptxas_warnings: list = field(default_factory=list)  # every ptxas warning line, as ptxas wrote it
     triton: str | None = None  # the Triton version that compiled it
     seconds: float | None = None
@@ -153,13 +156,46 @@ def _config_label(fn, constexprs, options) -> str:
     return f"{blocks} w{options.num_warps} s{options.num_stages}"
 
 
-def capture(capabilities, dtypes, head_dims, flag_sets) -> list[Job]:
-    """Every launch the forward and backward launchers make, per target x dtype x head dim x flags."""
+def parse_config(text: str):
+    """``dkdv=64x32/w4/s2`` -> ("dkdv", KernelConfig(64, 32, 4, 2)): a what-if launch config (``--config``)."""
+    match = re.fullmatch(r"(fwd|dq|dkdv)=(\d+)x(\d+)/w(\d+)/s(\d+)", text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"expected KERNEL=BLOCK_MxBLOCK_N/wWARPS/sSTAGES (KERNEL in fwd, dq, "
+                                         f"dkdv), got {text!r}")
+    name, *numbers = match.groups()
+    return name, tuple(int(x) for x in numbers)
+
+
+@contextlib.contextmanager
+def _configs_replaced(kernels, replaced: dict):
+    """The launchers use ``replaced[kernel name]`` (a KernelConfig tuple) instead of the shipped config."""
+    shipped = kernels._kernel_config
+
+    def what_if(kernel_name, dtype, head_dim, blocks=None):
+        if kernel_name in replaced:
+            return kernels.KernelConfig(*replaced[kernel_name])
+        return shipped(kernel_name, dtype, head_dim, blocks)
+
+    kernels._kernel_config = what_if
+    try:
+        yield
+    finally:
+        kernels._kernel_config = shipped
+
+
+def capture(capabilities, dtypes, head_dims, flag_sets, replaced=None) -> list[Job]:
+    """Every launch the forward and backward launchers make, per target x dtype x head dim x flags (with the
+    kernels' configs in ``replaced``, {name: (BLOCK_M, BLOCK_N, warps, stages)}, instead of the shipped ones)."""
     os.environ.pop("TRITON_INTERPRET", None)
-    import torch
     kernels = importlib.import_module(KERNEL_MODULE)
     if getattr(kernels, "_INTERPRET", False):
         raise SystemExit("compile_check: TRITON_INTERPRET=1 was set when the kernels were imported; unset it")
+    with _configs_replaced(kernels, dict(replaced or {})):
+        return _capture(kernels, capabilities, dtypes, head_dims, flag_sets)
+
+
+def _capture(kernels, capabilities, dtypes, head_dims, flag_sets) -> list[Job]:
+    import torch
     mask = importlib.import_module("tte_flash.mask")
     seq, types = _sample_layout(mask)
     jobs = []
@@ -195,6 +231,92 @@ _PTXAS_STACK = re.compile(r"(\d+) bytes stack frame")
 _PTXAS_C7515 = re.compile(r"C7515")
 
 
+_SASS_INSTRUCTION = re.compile(r"^\s*/\*([0-9a-f]+)\*/\s+(.*?)\s*;")
+_SASS_LABEL = re.compile(r"^(\.L_x_\d+):")
+_SASS_BRANCH = re.compile(r"\bBRA\b.*`\((\.L_x_\d+)\)")
+_SASS_LINE = re.compile(r'//## File "(.+?)", line (\d+)(?: inlined at "(.+?)", line (\d+))?')
+
+
+def masked_call_sites(path: str) -> dict:
+    """{line: MASKED} of every call in ``path`` that passes a constant ``MASKED`` argument (the kernels' calls
+    of their ``*_tiles`` loop functions): the inlined-at line of the loop's SASS says which loop it is."""
+    import ast
+    tree = ast.parse(Path(path).read_text())
+    params = {f.name: [a.arg for a in f.args.args] for f in ast.walk(tree) if isinstance(f, ast.FunctionDef)}
+    sites = {}
+    for call in (n for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)):
+        names = params.get(call.func.id, [])
+        if "MASKED" not in names:
+            continue
+        index = names.index("MASKED")
+        arg = call.args[index] if index < len(call.args) else \
+            next((k.value for k in call.keywords if k.arg == "MASKED"), None)
+        if isinstance(arg, ast.Constant) and isinstance(arg.value, bool):
+            sites[call.lineno] = arg.value
+    return sites
+
+
+def sass_tile_loops(sass: str, source: str, sites: dict) -> dict:
+    """SASS instructions per tile of the masked and the mask-free loops, from ``nvdisasm -c -gi`` output.
+
+    A tile loop is an innermost SASS loop (a backward branch whose body holds no other loop); its kind is
+    the ``MASKED`` argument of the call site its instructions are inlined at (``sites``). One iteration is
+    one tile, so its instruction count is the per-tile cost (the steady state of a pipelined loop; the
+    dQ kernel's unrolled ranges give several loops of a kind: the mean is reported)."""
+    instructions, labels, branches, lines, group_open = [], {}, [], set(), False
+    pending_labels = []
+    for text in sass.splitlines():
+        line = _SASS_LINE.search(text)
+        if line:
+            if not group_open:
+                lines, group_open = set(), True
+            for file, number in ((line.group(1), line.group(2)), (line.group(3), line.group(4))):
+                if file == source:
+                    lines.add(int(number))
+            continue
+        label = _SASS_LABEL.match(text)
+        if label:
+            pending_labels.append(label.group(1))
+            continue
+        instruction = _SASS_INSTRUCTION.match(text)
+        if not instruction:
+            continue
+        group_open = False
+        address = int(instruction.group(1), 16)
+        for name in pending_labels:
+            labels[name] = address
+        pending_labels = []
+        instructions.append((address, frozenset(lines)))
+        branch = _SASS_BRANCH.search(instruction.group(2))
+        if branch:
+            branches.append((address, branch.group(1)))
+    loops = {(labels[target], address) for address, target in branches
+             if target in labels and labels[target] < address}
+    innermost = [(s, e) for s, e in loops if not any((s2, e2) != (s, e) and s <= s2 and e2 <= e for s2, e2 in loops)]
+    counts = {True: [], False: []}
+    for start, end in innermost:
+        body = [seen for address, seen in instructions if start <= address <= end]
+        kinds = {sites[n] for seen in body for n in seen if n in sites}
+        if len(kinds) == 1:
+            counts[kinds.pop()].append(len(body))
+    mean = lambda xs: round(sum(xs) / len(xs), 1) if xs else None  # noqa: E731
+    return {"masked": mean(counts[True]), "full": mean(counts[False])}
+
+
+def _sass_counts(fn, cubin: bytes) -> dict:
+    """Per-tile SASS instructions of the compiled kernel (nvdisasm of Triton's own CUDA tools)."""
+    import inspect
+    import tempfile
+    from triton import knobs
+    source = inspect.getsourcefile(fn.fn)
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run([knobs.nvidia.nvdisasm.path, "-c", "-gi", f.name], capture_output=True, text=True,
+                              check=True).stdout
+    return sass_tile_loops(sass, source, masked_call_sites(source))
+
+
 def compile_job(job: Job) -> Result:
     os.environ.pop("TRITON_INTERPRET", None)
     import triton
@@ -207,6 +329,7 @@ def compile_job(job: Job) -> Result:
     fn = getattr(importlib.import_module(KERNEL_MODULE), job.kernel)
     knobs.compilation.always_compile = True  # the ptxas log below comes only from a real compile
     knobs.nvidia.dump_ptxas_log = True
+    knobs.compilation.disable_line_info = False  # the SASS tile-loop counts read the line info
     log = io.StringIO()
     start = time.perf_counter()
     try:
@@ -228,6 +351,11 @@ def compile_job(job: Job) -> Result:
     result.wgmma = "warp_group_dot" in compiled.asm.get("ttgir", "")
     result.c7515 = len(_PTXAS_C7515.findall(text))
     result.ptxas_warnings = [line.strip() for line in text.splitlines() if "warning" in line.lower()]
+    try:
+        sass = _sass_counts(fn, compiled.asm["cubin"])
+        result.sass_masked, result.sass_full = sass["masked"], sass["full"]
+    except (OSError, subprocess.CalledProcessError) as exc:  # no nvdisasm: the counts stay unknown
+        result.ptxas_warnings.append(f"nvdisasm failed: {exc}")
     result.ok = True
     if used is None or spill is None:
         result.problems.append("no ptxas -v log")
@@ -248,7 +376,7 @@ def compile_job(job: Job) -> Result:
 
 def print_table(results: list[Result]) -> None:
     head = f"{'triton':<7} {'kernel':<18} {'sm':>3} {'dtype':<9} {'d':>4} {'flags':<13} {'config':<16} {'regs':>4} " \
-           f"{'spill st/ld':>11} {'stack':>6} {'smem KiB':>8} {'wgmma':>5}  problems"
+           f"{'spill st/ld':>11} {'stack':>6} {'smem KiB':>8} {'wgmma':>5} {'SASS/tile m/f':>13} {'m/f':>5}  problems"
     print(head)
     print("-" * len(head))
     for r in sorted(results, key=lambda r: (r.triton or "", r.kernel, -r.target, r.dtype, r.head_dim, r.flags,
@@ -256,10 +384,12 @@ def print_table(results: list[Result]) -> None:
         spill = f"{r.spill_stores}/{r.spill_loads}" if r.spill_stores is not None else "-"
         smem = f"{r.shared / 1024:.1f}" if r.shared is not None else "-"
         problems = "; ".join(r.problems) + (f" ({r.error})" if r.error else "")
+        sass = f"{r.sass_masked or '-'}/{r.sass_full or '-'}"
+        ratio = f"{r.sass_masked / r.sass_full:.2f}" if r.sass_masked and r.sass_full else "-"
         print(f"{r.triton or '-':<7} {r.kernel:<18} {r.target:>3} {r.dtype:<9} {r.head_dim:>4} {r.flags:<13} {r.config:<16} "
               f"{r.registers if r.registers is not None else '-':>4} {spill:>11} "
               f"{r.stack_frame if r.stack_frame is not None else '-':>6} {smem:>8} "
-              f"{'yes' if r.wgmma else 'no':>5}  {problems}")
+              f"{'yes' if r.wgmma else 'no':>5} {sass:>13} {ratio:>5}  {problems}")
 
 
 def summary(results: list[Result]) -> dict:
@@ -273,6 +403,8 @@ def summary(results: list[Result]) -> dict:
                                        for r in results),
             "no_wgmma_on_sm90_16bit": sum("no wgmma on sm_90" in r.problems for r in results),
             "c7515_warnings": sum(r.c7515 or 0 for r in results),
+            "max_sass_masked_over_full": max((round(r.sass_masked / r.sass_full, 2) for r in results
+                                              if r.sass_masked and r.sass_full), default=None),
             "tritons": sorted({r.triton for r in results if r.triton}),
             "failed": len(failed)}
 
@@ -287,6 +419,9 @@ def parse_args(argv=None):
                    default=None)
     p.add_argument("--head-dims", "--head_dims", type=int, nargs="+", default=None)
     p.add_argument("--kernels", nargs="+", default=None, help="only these kernel functions (e.g. _fwd_kernel)")
+    p.add_argument("--config", type=parse_config, action="append", default=[],
+                   help="what-if: launch a kernel with this config instead of the shipped one, e.g. "
+                        "dkdv=64x64/w8/s2 (BLOCK_M rows x BLOCK_N keys, warps, stages); repeatable")
     p.add_argument("--maxnreg", type=int, default=None,
                    help="what-if: cap registers per thread in every launch (ptxas then spills what does not fit)")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
@@ -299,7 +434,6 @@ def parse_args(argv=None):
 
 def other_triton(folder: Path, argv: list) -> list[Result]:
     """The same check run with the Triton installed in ``folder``; its rows (each naming its version)."""
-    import subprocess
     import tempfile
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "rows.json"
@@ -323,7 +457,7 @@ def main(argv=None) -> dict:
         if not 1 <= d <= 256:
             raise SystemExit(f"compile_check: head dim {d} is outside 1..256 (the kernels' limit)")
     start = time.perf_counter()
-    jobs = capture(targets, dtypes, head_dims, flag_sets)
+    jobs = capture(targets, dtypes, head_dims, flag_sets, replaced=dict(args.config))
     if args.kernels:
         unknown = set(args.kernels) - {j.kernel for j in jobs}
         if unknown:
