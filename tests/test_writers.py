@@ -358,3 +358,15 @@ def test_mmeb_results_follow_the_data_root_and_its_content(mmeb_root, tmp_path, 
     assert "inputs under" in caplog.text and "changed since it was scored" in caplog.text
     assert again["tasks"]["ImageNet-1K"]["score"] == pytest.approx(1.0) and not again["tasks"]["ImageNet-1K"]["resumed"]
     assert model.document_calls == 0  # the candidates (label texts) did not change: their cache still holds
+
+
+def test_a_full_disk_during_an_mmeb_run_is_one_line(mmeb_root, tmp_path, monkeypatch, capsys):
+    from tte_flash import evaluate
+    full_disk_on("summary.json", monkeypatch)
+    monkeypatch.setattr(mmeb, "atomic_write_bytes", writing.atomic_write_bytes)  # the failing one
+    args = ["--benchmark", "mmeb-v2", "--model", "tiny", "--data_root", str(mmeb_root), "--output", str(tmp_path),
+            "--tasks", "ImageNet-1K", "--batch_size", "4"]
+    assert evaluate.main(args) == 2
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "Traceback" not in err
+    assert leftovers(tmp_path) == []

@@ -307,7 +307,7 @@ def main(argv=None) -> int:
                                max_cot_tokens=args.max_cot_tokens, batch_size=args.batch_size,
                                shortcut=not args.no_shortcut, dataset=args.dataset, limit=args.limit,
                                reasoner=reasoner, allow_outside_image_root=args.allow_outside_image_root)
-    except (ValueError, FileNotFoundError, ImportError) as err:
+    except (ValueError, OSError, ImportError) as err:  # OSError: a missing file, a full disk, a lock held
         print(f"tte_flash.evaluate: error: {err}", file=sys.stderr)
         return 2
     result = {"model": args.model, "data": str(args.data), "image_root": str(args.image_root or Path(args.data).parent),
@@ -345,7 +345,7 @@ def _main_mmeb_v2(args) -> int:
                                      num_frames=args.num_frames, limit=args.limit, reasoner=reasoner,
                                      scoring=args.scoring,
                                      progress=lambda line: print(line, file=sys.stderr, flush=True))
-    except (ValueError, FileNotFoundError, ImportError) as err:
+    except (ValueError, OSError, ImportError) as err:  # OSError: a missing file, a full disk, a lock held
         print(f"tte_flash.evaluate: error: {err}", file=sys.stderr)
         return 2
     summaries = summary if isinstance(think_tokens, list) else {think_tokens: summary}
