@@ -11,7 +11,12 @@ Settings (every run starts from ``--model``, default the pretrained ``tiny-instr
 * ``k16_cot``: K=16 + COT loss (cot_weight 1): the TTE-Flash recipe;
 * ``explicit``: the explicit "Think Then Embed" pipeline: the embedder is trained on query + teacher
   trace (``--query_with_trace``, K=0), and at evaluation ``--reasoner`` (default: the same backbone,
-  untouched) generates the trace that the embedder reads after the query.
+  untouched) generates the trace that the embedder reads after the query;
+* the levers of issue 15 (training/README.md): ``k16_cot_noq`` (a COT branch that cannot read the query),
+  ``k16_distill`` / ``k16_distill_kl`` / ``k0_distill`` (explicit-to-latent self-distillation), ``k16_curriculum``
+  and ``k16_distill_curriculum`` (the trace replaced by think tokens stage by stage), and ``k16_cot_open`` /
+  ``k16_distill_open``: the think tokens on from the first step (no accuracy gate), for a pause-pretrained
+  ``--model`` (``training/pretrain.py --pause_tokens``) whose think tokens are not fresh.
 
 ``python training/tiny_ablation.py --report training/results/ti-*.json`` prints the markdown tables of
 training/README.md from results files.
@@ -43,7 +48,13 @@ SETTINGS = {"k0": {"think_tokens": 0, "cot_weight": 0.0}, "k16": {"think_tokens"
             "k16_curriculum": {"think_tokens": 16, "cot_weight": 1.0, "curriculum": (0.25, 0.5, 0.75)},
             "k16_distill_curriculum": {"think_tokens": 16, "cot_weight": 1.0, "extra": ["--distill_weight", "1"],
                                        "curriculum": (0.25, 0.5, 0.75)},
-            "k0_distill": {"think_tokens": 0, "cot_weight": 0.0, "extra": ["--distill_weight", "1"]}}
+            "k0_distill": {"think_tokens": 0, "cot_weight": 0.0, "extra": ["--distill_weight", "1"]},
+            # from a pause-pretrained backbone (pretrain.py --pause_tokens) the think tokens are not fresh: no gate
+            "k16_cot_open": {"think_tokens": 16, "cot_weight": 1.0,
+                             "extra": ["--think_warmup_steps", "0", "--think_warmup_accuracy", "0.0001"]},
+            "k16_distill_open": {"think_tokens": 16, "cot_weight": 1.0,
+                                 "extra": ["--distill_weight", "1", "--think_warmup_steps", "0",
+                                           "--think_warmup_accuracy", "0.0001"]}}
 
 
 def run(name, seed, args):
