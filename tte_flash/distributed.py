@@ -310,7 +310,8 @@ def encode_with_ray(model: str, input_path, output, *, role: str = "query", shar
         def start_stream(stream_role: str, kwargs: dict):
             context.execution_options.preserve_order = True  # vectors come back in input order
             path = str(input_path.resolve())
-            dataset = ray.data.read_parquet(path, columns=columns) if kind == "parquet" else \
+            # partitioning=None: no columns from hive-style folder names (lang=en/), which tte-flash encode never sees
+            dataset = ray.data.read_parquet(path, partitioning=None).select_columns(columns) if kind == "parquet" else \
                 ray.data.read_datasource(_jsonl_datasource()(path))
             # blocks of rows_per_call rows, so that every actor gets work (a file is read as few, big blocks)
             dataset = dataset.repartition(target_num_rows_per_block=rows_per_call).map_batches(
@@ -372,7 +373,8 @@ def main(argv=None) -> int:
     parser.add_argument("--shard_size", "--shard-size", type=int, default=10_000, help="embeddings per shard")
     parser.add_argument("--overwrite", action="store_true", help="replace a shard directory made with other settings")
     parser.add_argument("--address", default=None,
-                        help="Ray cluster address (auto, ray://head:10001); default: RAY_ADDRESS or a new local cluster")
+                        help="Ray cluster address (auto, ray://head:10001); default: RAY_ADDRESS, else a new "
+                             "local cluster")
     parser.add_argument("--num_workers", "--num-workers", type=int, default=None,
                         help="model actors (default: one per GPU, else one per CPU but one)")
     parser.add_argument("--num_gpus_per_worker", "--num-gpus-per-worker", type=float, default=None,
