@@ -153,17 +153,20 @@ def _config_label(fn, constexprs, options) -> str:
     names = [p.name for p in fn.params]
     named = {names[path[0]]: value for path, value in constexprs.items() if len(path) == 1}
     blocks = "x".join(str(named[k]) for k in ("BLOCK_M", "BLOCK_N") if k in named) or "-"
-    return f"{blocks} w{options.num_warps} s{options.num_stages}"
+    grads = "".join(name for name, flag in (("dK", "WITH_DK"), ("dV", "WITH_DV")) if named.get(flag))
+    part = f" {grads}" if grads in ("dK", "dV") else ""  # one of the two launches of a split dK/dV
+    return f"{blocks} w{options.num_warps} s{options.num_stages}{part}"
 
 
 def parse_config(text: str):
-    """``dkdv=64x32/w4/s2`` -> ("dkdv", KernelConfig(64, 32, 4, 2)): a what-if launch config (``--config``)."""
-    match = re.fullmatch(r"(fwd|dq|dkdv)=(\d+)x(\d+)/w(\d+)/s(\d+)", text)
+    """``dkdv=64x32/w4/s2`` -> ("dkdv", (64, 32, 4, 2)): a what-if launch config (``--config``); a dK/dV config may
+    end in ``/l2``: dV and dK in two launches."""
+    match = re.fullmatch(r"(fwd|dq|dkdv)=(\d+)x(\d+)/w(\d+)/s(\d+)(?:/l([12]))?", text)
     if not match:
-        raise argparse.ArgumentTypeError(f"expected KERNEL=BLOCK_MxBLOCK_N/wWARPS/sSTAGES (KERNEL in fwd, dq, "
-                                         f"dkdv), got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected KERNEL=BLOCK_MxBLOCK_N/wWARPS/sSTAGES[/lLAUNCHES] (KERNEL in fwd, "
+                                         f"dq, dkdv), got {text!r}")
     name, *numbers = match.groups()
-    return name, tuple(int(x) for x in numbers)
+    return name, tuple(int(x) for x in numbers if x is not None)
 
 
 @contextlib.contextmanager
@@ -237,13 +240,16 @@ _SASS_BRANCH = re.compile(r"\bBRA\b.*`\((\.L_x_\d+)\)")
 _SASS_LINE = re.compile(r'//## File "(.+?)", line (\d+)(?: inlined at "(.+?)", line (\d+))?')
 
 
-def masked_call_sites(path: str) -> dict:
-    """{line: MASKED} of every call in ``path`` that passes a constant ``MASKED`` argument (the kernels' calls
-    of their ``*_tiles`` loop functions): the inlined-at line of the loop's SASS says which loop it is."""
+def masked_lines(path: str) -> dict:
+    """Where the kernels in ``path`` say which tile loop they are in: ``sites``, {line: MASKED} of every call that
+    passes a constant ``MASKED`` (the kernels' calls of their ``*_tiles`` loop functions: Triton 3.9's line
+    info names them as the inlined-at line); ``tiles``, the lines of the functions taking ``MASKED``;
+    ``masked_only``, the lines of their ``if MASKED:`` bodies (Triton 3.6 keeps no inlining in its line info)."""
     import ast
     tree = ast.parse(Path(path).read_text())
-    params = {f.name: [a.arg for a in f.args.args] for f in ast.walk(tree) if isinstance(f, ast.FunctionDef)}
-    sites = {}
+    functions = [f for f in ast.walk(tree) if isinstance(f, ast.FunctionDef)]
+    params = {f.name: [a.arg for a in f.args.args] for f in functions}
+    sites, tiles, masked_only = {}, set(), set()
     for call in (n for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)):
         names = params.get(call.func.id, [])
         if "MASKED" not in names:
@@ -253,26 +259,33 @@ def masked_call_sites(path: str) -> dict:
             next((k.value for k in call.keywords if k.arg == "MASKED"), None)
         if isinstance(arg, ast.Constant) and isinstance(arg.value, bool):
             sites[call.lineno] = arg.value
-    return sites
+    for f in (f for f in functions if "MASKED" in params[f.name]):
+        tiles.update(range(f.lineno, f.end_lineno + 1))
+        for branch in ast.walk(f):
+            if isinstance(branch, ast.If) and isinstance(branch.test, ast.Name) and branch.test.id == "MASKED":
+                for statement in branch.body:
+                    masked_only.update(range(statement.lineno, statement.end_lineno + 1))
+    return {"sites": sites, "tiles": tiles, "masked_only": masked_only}
 
 
-def sass_tile_loops(sass: str, source: str, sites: dict) -> dict:
+def sass_tile_loops(sass: str, source: str, lines: dict) -> dict:
     """SASS instructions per tile of the masked and the mask-free loops, from ``nvdisasm -c -gi`` output.
 
     A tile loop is an innermost SASS loop (a backward branch whose body holds no other loop); its kind is
-    the ``MASKED`` argument of the call site its instructions are inlined at (``sites``). One iteration is
-    one tile, so its instruction count is the per-tile cost (the steady state of a pipelined loop; the
+    the ``MASKED`` argument of the call site its instructions are inlined at (``lines["sites"]``), or where the
+    line info has no inlining (Triton 3.6), masked iff it runs a line of an ``if MASKED:`` body. One iteration
+    is one tile, so its instruction count is the per-tile cost (the steady state of a pipelined loop; the
     dQ kernel's unrolled ranges give several loops of a kind: the mean is reported)."""
-    instructions, labels, branches, lines, group_open = [], {}, [], set(), False
+    instructions, labels, branches, current, group_open = [], {}, [], set(), False
     pending_labels = []
     for text in sass.splitlines():
         line = _SASS_LINE.search(text)
         if line:
             if not group_open:
-                lines, group_open = set(), True
+                current, group_open = set(), True
             for file, number in ((line.group(1), line.group(2)), (line.group(3), line.group(4))):
                 if file == source:
-                    lines.add(int(number))
+                    current.add(int(number))
             continue
         label = _SASS_LABEL.match(text)
         if label:
@@ -286,7 +299,7 @@ def sass_tile_loops(sass: str, source: str, sites: dict) -> dict:
         for name in pending_labels:
             labels[name] = address
         pending_labels = []
-        instructions.append((address, frozenset(lines)))
+        instructions.append((address, frozenset(current)))
         branch = _SASS_BRANCH.search(instruction.group(2))
         if branch:
             branches.append((address, branch.group(1)))
@@ -296,7 +309,10 @@ def sass_tile_loops(sass: str, source: str, sites: dict) -> dict:
     counts = {True: [], False: []}
     for start, end in innermost:
         body = [seen for address, seen in instructions if start <= address <= end]
-        kinds = {sites[n] for seen in body for n in seen if n in sites}
+        seen_lines = set().union(*body)
+        kinds = {lines["sites"][n] for n in seen_lines if n in lines["sites"]}
+        if not kinds and seen_lines & lines["tiles"]:
+            kinds = {bool(seen_lines & lines["masked_only"])}
         if len(kinds) == 1:
             counts[kinds.pop()].append(len(body))
     mean = lambda xs: round(sum(xs) / len(xs), 1) if xs else None  # noqa: E731
@@ -314,7 +330,7 @@ def _sass_counts(fn, cubin: bytes) -> dict:
         f.flush()
         sass = subprocess.run([knobs.nvidia.nvdisasm.path, "-c", "-gi", f.name], capture_output=True, text=True,
                               check=True).stdout
-    return sass_tile_loops(sass, source, masked_call_sites(source))
+    return sass_tile_loops(sass, source, masked_lines(source))
 
 
 def compile_job(job: Job) -> Result:

@@ -6,7 +6,9 @@ Algorithm
     Backward recomputes P from the saved log-sum-exp in two kernels: the dQ kernel runs first and also
     computes ``Delta = rowsum(dO * O)`` in its prologue (the FA2 preprocess, fused: dO is loaded there
     anyway), then the dK/dV kernel accumulates dK/dV per key block over every query head of its GQA group
-    in one program (no repeated K/V, no atomics, no partial buffers).
+    in one program (no repeated K/V, no atomics); where key blocks x KV heads are fewer than the SMs, the
+    group's query heads are split over programs (:func:`_dkdv_splits`) whose fp32 partials are summed in a fixed
+    order (deterministic). At head dim 256 dV and dK run as two launches (one accumulator each).
 
 Tiles to visit (FlexAttention's BlockMask idea)
     :func:`prepare_layout` checks the layout once per forward and keeps the mask as exact O(T) intervals
@@ -249,8 +251,9 @@ def _bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, ROW_LO, ROW_HI, GAP_LO, GAP_H
 @triton.jit
 def _dkdv_tiles(dk, dv, k, v, q_ptrs, do_ptrs, LSE_HEAD, DELTA_HEAD, BOUNDS, offs_m, col_lo, col_hi, d_ok, T,
                 stride_qt, stride_dot, qk_scale, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
-                DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """dK/dV of one key block accumulated over one query head's partial (``MASKED``) or full row blocks."""
+                DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, WITH_DK: tl.constexpr, WITH_DV: tl.constexpr):
+    """dK/dV of one key block accumulated over one query head's partial (``MASKED``) or full row blocks (only dK
+    or only dV where the other flag is off: its accumulator is then carried unchanged)."""
     count, first, stride = _segments(MASKED, False)
     for seg in range(0, count):
         start = tl.load(BOUNDS + first + stride * seg)  # two scalar loads per range, none per tile
@@ -262,11 +265,9 @@ def _dkdv_tiles(dk, dv, k, v, q_ptrs, do_ptrs, LSE_HEAD, DELTA_HEAD, BOUNDS, off
                 row_ok = rows < T
                 row_mask = row_ok[:, None] & d_ok[None, :]
                 lse = tl.load(LSE_HEAD + rows, mask=row_ok, other=0.0)
-                delta = tl.load(DELTA_HEAD + rows, mask=row_ok, other=0.0)
             else:  # a full tile lies inside [0, T)
                 row_mask = d_ok[None, :]
                 lse = tl.load(LSE_HEAD + rows)
-                delta = tl.load(DELTA_HEAD + rows)
             q = tl.load(q_ptrs + m0 * stride_qt, mask=row_mask, other=0.0).to(DOT_DTYPE)
             do = tl.load(do_ptrs + m0 * stride_dot, mask=row_mask, other=0.0).to(DOT_DTYPE)
             qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
@@ -274,24 +275,34 @@ def _dkdv_tiles(dk, dv, k, v, q_ptrs, do_ptrs, LSE_HEAD, DELTA_HEAD, BOUNDS, off
             if MASKED:
                 r = rows[None, :]
                 p_t = tl.where((r >= col_lo[:, None]) & (r < col_hi[:, None]), p_t, 0.0)
-            dv += tl.dot(p_t.to(do_ptrs.dtype.element_ty).to(DOT_DTYPE), do, input_precision=DOT_PRECISION)
-            dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-            ds_t = p_t * (dp_t - delta[None, :])
-            dk += tl.dot(ds_t.to(q_ptrs.dtype.element_ty).to(DOT_DTYPE), q, input_precision=DOT_PRECISION)
+            if WITH_DV:
+                dv += tl.dot(p_t.to(do_ptrs.dtype.element_ty).to(DOT_DTYPE), do, input_precision=DOT_PRECISION)
+            if WITH_DK:
+                if MASKED:
+                    delta = tl.load(DELTA_HEAD + rows, mask=row_ok, other=0.0)
+                else:
+                    delta = tl.load(DELTA_HEAD + rows)
+                dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+                ds_t = p_t * (dp_t - delta[None, :])
+                dk += tl.dot(ds_t.to(q_ptrs.dtype.element_ty).to(DOT_DTYPE), q, input_precision=DOT_PRECISION)
     return dk, dv
 
 
 @triton.jit
 def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, COL_LO, COL_HI, COL_BOUNDS,
                      stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
-                     stride_dkt, stride_dkh, stride_dvt, stride_dvh,
-                     T, GROUP, qk_scale, sm_scale,
+                     stride_dks, stride_dkt, stride_dkh, stride_dvs, stride_dvt, stride_dvh,
+                     T, GROUP, SPLITS, qk_scale, sm_scale,
                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr,
-                     DOT_PRECISION: tl.constexpr):
-    """One (key block, KV head): dK and dV of BLOCK_N keys, summed over the GROUP query heads of the KV head."""
+                     DOT_PRECISION: tl.constexpr, WITH_DK: tl.constexpr, WITH_DV: tl.constexpr):
+    """One (key block, KV head, split): dK and dV of BLOCK_N keys, summed over the query heads ``split``,
+    ``split + SPLITS``, ... of the KV head's GROUP (SPLITS == 1: all of them, written in the output dtype; else an
+    fp32 partial per split, summed by the launcher in a fixed order). Only dK or only dV where the other flag is
+    off: head dim 256 runs two launches, one accumulator each."""
     key_block = tl.program_id(0)
-    kv_head = tl.program_id(1)
+    kv_head = tl.program_id(1) // SPLITS
+    split = tl.program_id(1) % SPLITS
     keys = key_block * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -309,21 +320,24 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, COL_LO, COL_HI, COL_BOUNDS
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC_DTYPE)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC_DTYPE)
-    for g in range(0, GROUP):
+    for g in range(split, GROUP, SPLITS):
         head = kv_head * GROUP + g
         q_ptrs = Q + head * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :]
         do_ptrs = DO + head * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :]
         dk, dv = _dkdv_tiles(dk, dv, k, v, q_ptrs, do_ptrs, LSE + head * T, DELTA + head * T, bounds, offs_m, col_lo,
-                             col_hi, d_ok, T, stride_qt, stride_dot, qk_scale, BLOCK_M, True, DOT_DTYPE, DOT_PRECISION)
+                             col_hi, d_ok, T, stride_qt, stride_dot, qk_scale, BLOCK_M, True, DOT_DTYPE, DOT_PRECISION,
+                             WITH_DK, WITH_DV)
         dk, dv = _dkdv_tiles(dk, dv, k, v, q_ptrs, do_ptrs, LSE + head * T, DELTA + head * T, bounds, offs_m, col_lo,
                              col_hi, d_ok, T, stride_qt, stride_dot, qk_scale, BLOCK_M, False, DOT_DTYPE,
-                             DOT_PRECISION)
+                             DOT_PRECISION, WITH_DK, WITH_DV)
 
-    dk *= sm_scale
-    tl.store(DK + kv_head * stride_dkh + keys[:, None] * stride_dkt + offs_d[None, :], dk.to(DK.dtype.element_ty),
-             mask=key_mask)
-    tl.store(DV + kv_head * stride_dvh + keys[:, None] * stride_dvt + offs_d[None, :], dv.to(DV.dtype.element_ty),
-             mask=key_mask)
+    if WITH_DK:
+        dk *= sm_scale
+        tl.store(DK + split * stride_dks + kv_head * stride_dkh + keys[:, None] * stride_dkt + offs_d[None, :], dk.to(DK.dtype.element_ty),
+                 mask=key_mask)
+    if WITH_DV:
+        tl.store(DV + split * stride_dvs + kv_head * stride_dvh + keys[:, None] * stride_dvt + offs_d[None, :], dv.to(DV.dtype.element_ty),
+                 mask=key_mask)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -430,6 +444,7 @@ class KernelConfig(NamedTuple):
     block_n: int  # keys per tile
     num_warps: int
     num_stages: int  # software-pipelining depth of the inner loop's loads
+    dkdv_launches: int = 1  # dK/dV kernel only: 1 (both in one program), 2 (dV then dK: one accumulator each)
 
 
 # One fixed config per kernel, operand size and head-dim class (largest head dim it serves): the block table
@@ -439,9 +454,12 @@ class KernelConfig(NamedTuple):
 _CONFIGS = {
     ("fwd", 2): ((128, KernelConfig(128, 64, 8, 3)), (256, KernelConfig(64, 32, 4, 2))),
     ("dq", 2): ((64, KernelConfig(128, 64, 8, 2)), (128, KernelConfig(128, 32, 8, 2)),
-                (256, KernelConfig(64, 16, 4, 2))),
-    ("dkdv", 2): ((64, KernelConfig(32, 64, 4, 2)), (128, KernelConfig(16, 64, 4, 2)),
-                  (256, KernelConfig(16, 32, 8, 2))),
+                (256, KernelConfig(64, 32, 8, 2))),  # d256: 64x16 w4 spilled 112 B with Triton 3.6
+    # dK/dV: keys are the wgmma M side (64 rows a warpgroup): FA3's 128 keys x 64 queries at d64, 128 x 32 at d128
+    # (128 x 64 spills 72 B there); d256: both 64 x 256 fp32 accumulators do not fit, so dV and dK run as two
+    # launches (16 x 32 w8 had no wgmma: 32 keys < 64)
+    ("dkdv", 2): ((64, KernelConfig(64, 128, 8, 2)), (128, KernelConfig(32, 128, 8, 2)),
+                  (256, KernelConfig(16, 64, 8, 2, dkdv_launches=2))),
     # fp32 dots are IEEE (FMA, no tensor cores): small tiles, the larger ones spill heavily
     ("fwd", 4): ((128, KernelConfig(32, 16, 8, 2)), (256, KernelConfig(16, 16, 4, 2))),
     ("dq", 4): ((128, KernelConfig(32, 16, 8, 2)), (256, KernelConfig(16, 16, 4, 2))),
@@ -451,21 +469,27 @@ _CONFIGS = {
     ("dq", 8): ((256, KernelConfig(16, 16, 4, 1)),),
     ("dkdv", 8): ((256, KernelConfig(16, 16, 8, 1)),),
 }
-# Before Hopper (sm_80: no wgmma, operands in registers): the 16-bit forward's Hopper tiles spill there
+# Before Hopper (sm_80: no wgmma, operands in registers): the 16-bit forward's Hopper tiles spill there; the
+# backward keeps the tiles it was checked with before the Hopper dK/dV shapes (never compiled for sm_80 yet)
 _PRE_HOPPER_CONFIGS = {
     ("fwd", 2): ((64, KernelConfig(128, 64, 8, 3)), (128, KernelConfig(128, 32, 8, 3)),
                  (256, KernelConfig(64, 32, 8, 2))),
+    ("dq", 2): ((64, KernelConfig(128, 64, 8, 2)), (128, KernelConfig(128, 32, 8, 2)),
+                (256, KernelConfig(64, 16, 4, 2))),
+    ("dkdv", 2): ((64, KernelConfig(32, 64, 4, 2)), (128, KernelConfig(16, 64, 4, 2)),
+                  (256, KernelConfig(16, 32, 8, 2))),
 }
 _INTERPRET_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16}  # several tiles per sample in the small tests
 
 
 def _kernel_config(kernel_name: str, dtype: torch.dtype, head_dim: int, blocks=None) -> KernelConfig:
-    """The launch config: fixed ``blocks`` (``{"BLOCK_M", "BLOCK_N"}``; 16 x 16 when interpreting), else the
-    shipped one for the dtype, head dim and target (pre-Hopper GPUs get their own forward tiles)."""
+    """The launch config: fixed ``blocks`` (``{"BLOCK_M", "BLOCK_N"}``, optionally ``"DKDV_LAUNCHES"``; 16 x 16
+    when interpreting), else the shipped one for the dtype, head dim and target (pre-Hopper GPUs get their own
+    forward tiles)."""
     if blocks is None and _INTERPRET:
         blocks = _INTERPRET_BLOCKS
     if blocks is not None:
-        return KernelConfig(blocks["BLOCK_M"], blocks["BLOCK_N"], 4, 2)
+        return KernelConfig(blocks["BLOCK_M"], blocks["BLOCK_N"], 4, 2, blocks.get("DKDV_LAUNCHES", 1))
     block_d = max(16, triton.next_power_of_2(head_dim))
     configs = _CONFIGS
     arch = triton.runtime.driver.active.get_current_target().arch  # e.g. 90; a string on ROCm
@@ -528,11 +552,43 @@ def _attention_backward(do, q, k, v, out, lse, layout: KernelLayout, *, scale, g
              do.stride(0), do.stride(1), dq.stride(0), dq.stride(1), tokens, q_heads // kv_heads, scale * _LOG2E,
              scale), config, **common)
     config = _kernel_config("dkdv", q.dtype, head_dim, blocks)
-    _launch(_bwd_dkdv_kernel, (triton.cdiv(tokens, config.block_n), kv_heads),
-            (q, k, v, do, lse, delta, dk, dv, layout.q_lo, layout.q_hi, *_table_args(layout, config, by_row=False),
-             *strides, do.stride(0), do.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-             tokens, q_heads // kv_heads, scale * _LOG2E, scale), config, **common)
+    key_blocks, group = triton.cdiv(tokens, config.block_n), q_heads // kv_heads
+    splits = _dkdv_splits(q.device, key_blocks * kv_heads, group, blocks)
+    if splits == 1:
+        dk_out, dv_out = dk, dv
+    else:  # fp32 partial sums per split, (splits, T, Hkv, D); summed below in a fixed order (deterministic)
+        acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        dk_out, dv_out = (torch.empty((splits, *x.shape), device=x.device, dtype=acc_dtype) for x in (dk, dv))
+    args = (q, k, v, do, lse, delta, dk_out, dv_out, layout.q_lo, layout.q_hi,
+            *_table_args(layout, config, by_row=False), *strides, do.stride(0), do.stride(1),
+            *_split_strides(dk_out, splits), *_split_strides(dv_out, splits), tokens, group, splits, scale * _LOG2E,
+            scale)
+    # two launches where both accumulators do not fit in registers (head dim 256): dV (2 dots a tile), then dK (3)
+    passes = [(True, True)] if config.dkdv_launches == 1 else [(False, True), (True, False)]
+    for with_dk, with_dv in passes:
+        _launch(_bwd_dkdv_kernel, (key_blocks, kv_heads * splits), args, config, **common,
+                WITH_DK=with_dk, WITH_DV=with_dv)
+    if splits > 1:
+        dk.copy_(dk_out.sum(0))
+        dv.copy_(dv_out.sum(0))
     return dq, dk, dv
+
+
+def _split_strides(x: torch.Tensor, splits: int):
+    """(split, token, head) strides of a dK/dV output: the gradient itself, or its (splits, T, Hkv, D) partials."""
+    return (0, x.stride(0), x.stride(1)) if splits == 1 else (x.stride(0), x.stride(1), x.stride(2))
+
+
+def _dkdv_splits(device: torch.device, programs: int, group: int, blocks=None) -> int:
+    """Query-head splits of the dK/dV kernel: the fewest (a divisor of the GQA group) that give at least one
+    program per SM (a 4k-token layout with 2 KV heads and 64-key blocks has 128 programs for 132 SMs); 1 on the
+    CPU unless ``blocks["DKDV_SPLITS"]`` asks for more (tests)."""
+    if blocks is not None and "DKDV_SPLITS" in blocks:
+        return int(blocks["DKDV_SPLITS"])
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return next((s for s in range(1, group + 1) if group % s == 0 and programs * s >= sms), group)
 
 
 # ----------------------------------------------------------------------------------------------------

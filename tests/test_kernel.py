@@ -185,9 +185,15 @@ def test_head_dim_not_power_of_two():
                           cot_sees_query=False)
 
 
-@pytest.mark.parametrize("blocks", [{"BLOCK_M": 32, "BLOCK_N": 16}, {"BLOCK_M": 16, "BLOCK_N": 32}])
+@pytest.mark.parametrize("blocks", [{"BLOCK_M": 32, "BLOCK_N": 16}, {"BLOCK_M": 16, "BLOCK_N": 32},
+                                    {"BLOCK_M": 16, "BLOCK_N": 32, "DKDV_LAUNCHES": 2},
+                                    {"BLOCK_M": 32, "BLOCK_N": 16, "DKDV_SPLITS": 3},
+                                    {"BLOCK_M": 16, "BLOCK_N": 16, "DKDV_SPLITS": 2, "DKDV_LAUNCHES": 2}])
 def test_unequal_blocks(blocks):
-    """CUDA configs use BLOCK_M != BLOCK_N (their own block tables): run the launchers with such blocks."""
+    """CUDA configs use BLOCK_M != BLOCK_N (their own block tables): run the launchers with such blocks; head dim
+    256 computes dV and dK in two launches of the dK/dV kernel (DKDV_LAUNCHES 2); few key blocks split the GQA
+    group's query heads over programs (DKDV_SPLITS; 2 does not divide the group of 3), fp32 partials summed in a
+    fixed order."""
     def attention(q, k, v, seq_ids, token_types, **options):
         return _launch_with(q, k, v, kernel_module.prepare_layout(seq_ids, token_types, **options), blocks)
     assert_matches_oracle([(17, 5, 1, 20), (3, 0, 0, 0), (20, 3, 1, 6)], 6, 2, 16, torch.float32,
