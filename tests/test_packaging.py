@@ -91,7 +91,8 @@ def test_transformers_imports_from_the_root():
     assert done.stdout.strip() == "tte_flash.kernels.tte_attention"
 
 
-@pytest.mark.parametrize("module", ["tte_flash.evaluate", "tte_flash.synthetic", "tte_flash.mmeb"])
+@pytest.mark.parametrize("module", ["tte_flash.evaluate", "tte_flash.synthetic", "tte_flash.mmeb",
+                                    "tte_flash.mmeb_prepare", "tte_flash.distributed"])
 def test_documented_module_commands_run_from_the_root(module):
     done = _run(["-m", module, "--help"])
     assert done.returncode == 0, done.stderr[-3000:]
@@ -188,7 +189,7 @@ def test_every_import_is_declared_and_every_requirement_imported():
     assert not undeclared, "imported but not declared in setup.py:\n" + "\n".join(undeclared)
     imported = {_dist(IMPORT_TO_DIST.get(top, top)) for _, top, _ in imports}
     assert not core - imported, f"install_requires never imported by tte_flash/ or kernels/: {sorted(core - imported)}"
-    for name in ("train", "parquet", "dev"):  # Parquet files: pyarrow (tte_flash.data), datasets (tte_flash.cli)
+    for name in ("train", "parquet", "dev"):  # Parquet files: pyarrow (tte_flash.data); datasets (tests compare to it)
         assert {"pyarrow", "datasets"} <= extra_dists[name], name
     st = [r for r in extras["sentence-transformers"] if _dist(r) == "sentence-transformers"]
     assert st and all(">=5" in r.replace(" ", "") for r in st), st  # encode_query/encode_document: ST 5

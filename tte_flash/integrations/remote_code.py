@@ -20,7 +20,7 @@ Three rewrites besides the imports, each checked (a missing pattern raises at sa
 refactor cannot silently ship broken remote code):
 
 * ``tte_flash.kernels`` (Triton) is replaced by a shim: the installed package's kernel when
-  ``tte_flash`` is importable, else the reference attention (same contract, dense mask, any device).
+  ``tte_flash`` is importable, else the reference attention (same contract, SDPA over blocks of rows, any device).
   Remote code therefore never needs triton, and never fails on CUDA;
 * the attention-registry name ``ATTN_NAME = "tte"`` becomes a name unique to each loaded copy, so the
   package and any number of remote copies can live in one process without one's attention function
@@ -60,8 +60,8 @@ KERNELS_SHIM_EXPORTS = {"tte_attention", "prepare_layout", "tte_attention_with_l
 KERNELS_SHIM_SOURCE = '''"""Attention kernel for TTE-Flash remote code.
 
 The fused Triton kernel of the installed ``tte_flash`` package when there is one; otherwise the
-reference attention (PyTorch SDPA on a dense mask built from the same rule; same contract, any
-device, O(L^2) mask memory). Install ``tte-flash`` for the fused kernel.
+reference attention (PyTorch SDPA over blocks of query rows, each with its rows of the mask built from the
+same rule; same contract, any device, no L x L mask). Install ``tte-flash`` for the fused kernel.
 """
 try:
     from tte_flash.kernels import prepare_layout, tte_attention, tte_attention_with_layout
