@@ -97,3 +97,19 @@ def test_exported_backbone_keeps_its_pause_tokens(paused):
     assert torch.all((rows[ids[3:]] - mean).norm(dim=-1) < 0.5 * (rows[:n_existing] - mean).norm(dim=-1).mean())
     summary = json.loads((paused / "pretrain_summary.json").read_text())
     assert "pause_move1_short_answer" in summary["final"]
+
+
+def test_pause_probe_agrees_with_greedy_decoding(paused):
+    spec = importlib.util.spec_from_file_location("pause_probe_under_test", ROOT / "training/pause_probe.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    from tte_flash.world import eval_questions
+    model = TTEFlashModel.from_backbone(paused, max_think_tokens=3).eval()
+    questions = eval_questions("move1_short", 12)
+    for k in (0, 3):
+        records = [model.processor({"image": q["image"], "text": q["prompt"]}, i) for i, q in enumerate(questions)]
+        greedy = [ids[0] for ids in model._decode_from_think(records, k, 1)]  # step-by-step decoding, another path
+        wanted = [model.processor.tokenize_cot(q["answer"])[0] for q in questions]
+        predicted, reference = probe.first_token_predictions(model, questions, k, batch_size=5)
+        assert predicted == greedy and reference == wanted
+        assert probe.first_token_accuracy(model, questions, k) == sum(a == b for a, b in zip(greedy, wanted)) / 12
