@@ -226,9 +226,9 @@ def _compiled_flex(flex_attention):
 # Tile accounting: the previous scheme against the block table, on the CPU
 # ----------------------------------------------------------------------------------------------------
 
-# (kernel, BLOCK_M, BLOCK_N, the side a program owns): the shipped bf16/fp16 head-dim-128 configs, and
+# (kernel, BLOCK_M, BLOCK_N, the side a program owns): the shipped sm_90 bf16/fp16 head-dim-128 configs, and
 # FlexAttention's default 128 x 128 block for comparison with its block count
-TILE_SHAPES = (("fwd", 128, 64, "rows"), ("dq", 128, 32, "rows"), ("dkdv", 16, 64, "keys"),
+TILE_SHAPES = (("fwd", 128, 64, "rows"), ("dq", 128, 32, "rows"), ("dkdv", 32, 128, "keys"),
                ("flex-128", 128, 128, "rows"))
 
 
