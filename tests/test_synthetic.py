@@ -98,7 +98,12 @@ def test_answers_balanced_and_shortcuts_near_chance(datasets, task, hops):
         assert {"majority_colour", "present_in_image", "best_fixed_cell"} <= set(shortcuts)
     if task != "grid":
         assert {"named_in_query", "first_named", "last_named"} <= set(shortcuts)
-    assert max(shortcuts.values()) <= 1.5 / 8, shortcuts
+    # the moves alone confine the answer on a 3x3 grid (training/README.md): a rule that sees them is far above
+    # chance, and above the best fixed cell it refines; every other rule stays near chance
+    leaky = {"best_cell_per_moves"}
+    assert max(v for name, v in shortcuts.items() if name not in leaky) <= 1.5 / 8, shortcuts
+    if task == "grid" and hops > 0:
+        assert shortcuts["best_cell_per_moves"] >= shortcuts["best_fixed_cell"] + 0.03
 
 
 def test_shortcuts_catch_a_biased_set(tmp_path):

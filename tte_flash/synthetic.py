@@ -320,7 +320,10 @@ def shortcut_metrics(rows_or_path, image_root=None, k: int = 5) -> dict[str, dic
       ``first_named`` / ``last_named``: prefer the candidate named first (last) in the query;
     * with a query image and colour-name candidates: ``majority_colour`` / ``minority_colour`` (the
       candidate colour covering the most / the fewest pixels, among colours present),
-      ``present_in_image``, and ``best_fixed_cell`` (the colour of one fixed grid cell; the best cell).
+      ``present_in_image``, ``best_fixed_cell`` (the colour of one fixed grid cell; the best cell), and
+      for grid moves ``best_cell_per_moves``: the colour of the best fixed cell for each sequence of moves in
+      the query ("left of", "up", "down", ...), chosen on these rows: the moves alone, without the anchor
+      colour, confine where the answer can be on a small grid (an in-sample upper bound, as ``best_fixed_cell``).
     """
     rows, image_root = _eval_rows(rows_or_path, image_root)
     rules = _shortcut_scores(rows, image_root)
@@ -404,7 +407,28 @@ def _colour_rules(rows, cands, image_root) -> dict[str, list[list[float]]]:
         if best is None or wins > best[0]:
             best = (wins, scores)
     rules["best_fixed_cell"] = best[1]
+    queries = [(row.get("qry_text") or row.get("qry") or "").lower() for row in rows]
+    moves = [tuple(re.findall(MOVE_WORDS, q)) for q in queries]
+    if any(moves):
+        rules["best_cell_per_moves"] = _best_cell_per_group(moves, cell_colours, cands)
     return rules
+
+
+MOVE_WORDS = r"right of|left of|above|below|\bright\b|\bleft\b|\bup\b|\bdown\b"
+
+
+def _best_cell_per_group(groups, cell_colours, cands) -> list[list[float]]:
+    """Per group (a sequence of moves), the grid cell whose colour is most often the positive; every row
+    scores its candidates by that cell's colour."""
+    wins: dict[tuple, Counter] = {}
+    for group, cells, c in zip(groups, cell_colours, cands):
+        counter = wins.setdefault(group, Counter())
+        for index, colour in enumerate(cells):
+            counter[index] += bool(c) and colour == c[0].lower()
+    best = {group: min(counter, key=lambda i: (-counter[i], i)) if counter else None
+            for group, counter in wins.items()}
+    return [[float(best[g] is not None and best[g] < len(cells) and cells[best[g]] == t.lower()) for t in c]
+            for g, cells, c in zip(groups, cell_colours, cands)]
 
 
 def _colour_fractions(path) -> tuple[dict[str, float], list[str]]:
