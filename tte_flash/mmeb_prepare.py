@@ -24,9 +24,8 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .mmeb_data import TASKS, MissingTask, Task, annotation_files, select_tasks
+from .mmeb_data import MissingTask, Task, annotation_files, select_tasks
 
-logger = logging.getLogger("tte_flash.mmeb")
 
 MEDIA_REPO = "TIGER-Lab/MMEB-V2"
 IMAGE_TEST_REPO = "ziyjiang/MMEB_Test_Instruct"  # what VLM2Vec's image parsers load (DATASET_HF_PATH)
@@ -93,10 +92,10 @@ def test_file_download(task: Task) -> Missing:
 
 
 def _has_media(root: Path, task: Task) -> bool:
-    folder = root / task.media
     if task.modality == "image":  # image-tasks/<task>/ holds the images beside the test file
         folder = root / "image-tasks" / task.name
         return folder.is_dir() and any(p.suffix.lower() != ".parquet" for p in folder.rglob("*") if p.is_file())
+    folder = root / task.media
     return folder.is_dir() and any(folder.iterdir())
 
 

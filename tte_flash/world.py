@@ -368,10 +368,8 @@ def evaluate_backbone(model, n: int = 100, kinds=EVAL_KINDS, max_new_tokens: int
     for kind in kinds:
         questions = eval_questions(kind, n)
         if think_tokens:
-            items = [{"text": q["prompt"]} if q["image"] is None else {"image": q["image"], "text": q["prompt"]}
-                     for q in questions]
-            replies = model.generate_cot(items, think_tokens=think_tokens, max_new_tokens=min(max_new_tokens, 8),
-                                         batch_size=batch_size)
+            replies = model.generate_cot(model_inputs(questions), think_tokens=think_tokens,
+                                         max_new_tokens=min(max_new_tokens, 8), batch_size=batch_size)
         else:
             replies = generate_replies(model, questions, max_new_tokens, batch_size)
         finals = [_final(kind, r) for r in replies]
@@ -381,11 +379,15 @@ def evaluate_backbone(model, n: int = 100, kinds=EVAL_KINDS, max_new_tokens: int
     return result
 
 
+def model_inputs(samples) -> list[dict]:
+    """World samples as model inputs: the prompt, with its image where there is one."""
+    return [{"text": s["prompt"]} if s["image"] is None else {"image": s["image"], "text": s["prompt"]}
+            for s in samples]
+
+
 def generate_replies(model, samples, max_new_tokens: int = 64, batch_size: int = 50) -> list[str]:
     """Greedy replies (explicit generation, K=0, KV cache) to world samples."""
-    items = [{"text": s["prompt"]} if s["image"] is None else {"image": s["image"], "text": s["prompt"]}
-             for s in samples]
-    return model.generate_traces(items, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    return model.generate_traces(model_inputs(samples), max_new_tokens=max_new_tokens, batch_size=batch_size)
 
 
 def _final(kind: str, reply: str) -> str:
