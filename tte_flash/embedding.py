@@ -59,7 +59,12 @@ class EmbeddingMixin:
         out = None
         for k in sorted(set(budgets)):
             idx = [i for i, b in enumerate(budgets) if b == k]
-            part = self.encode([items[i] for i in idx], think_tokens=k, convert_to_tensor=True, **opts)
+            if k == 0:  # the K=0 pass already embedded these: reuse it, truncated and normalised as encode() does
+                part, norm = k0[idx][:, :opts.get("truncate_dim")], opts.get("normalize_embeddings")
+                if self.config.normalize_embeddings if norm is None else norm:
+                    part = F.normalize(part, dim=-1)
+            else:
+                part = self.encode([items[i] for i in idx], think_tokens=k, convert_to_tensor=True, **opts)
             out = part.new_empty(len(items), part.shape[1]) if out is None else out
             out[idx] = part
         out = out[0] if single else out
