@@ -1,22 +1,49 @@
 """Synthetic reasoning-retrieval data: small enough for the ``tiny`` preset on a CPU, with weak shortcuts.
 
     python -m tte_flash.synthetic --output_dir data --n_train 2000 --n_eval 200 --seed 0 --hops 1 \\
-        [--task grid|text|mixed] [--n_candidates 8]
+        [--task grid|text|mixed] [--n_candidates 8] [--grid 3] [--palette basic|world] [--sampling legacy|region]
 
 writes ``train.jsonl`` (MMEB-train columns + ``qry_cot``), ``eval.jsonl`` (MMEB-eval columns, positive
 first), ``images/{train,eval}/*.png``, ``meta.json`` and ``README.md``. Answers are colour names.
 
-**grid** (image): a 3x3 grid of solid cells, 28 px each (84x84 px), coloured with a random permutation
-of the nine colours in :data:`PALETTE`, so every colour appears exactly once. A cell is 2x2 patches of
-14 px, i.e. exactly one visual token after Qwen2-VL's 2x2 merge (9 visual tokens per image).
+**grid** (image): a ``grid`` x ``grid`` grid of solid cells (3x3 by default, 2 to 4 with the 20-colour
+world palette: every colour appears at most once, so a 5x5 grid needs more colours than any palette
+has), 28 px each, coloured with a random choice of distinct colours of the palette (:data:`PALETTE`'s
+nine by default). A cell is 2x2 patches of 14 px, i.e. exactly one visual token after Qwen2-VL's 2x2
+merge (9 visual tokens per 3x3 image).
 
 * ``hops=0``: "What colour is the cell in row 2, column 3?" (a direct lookup; a sanity level);
 * ``hops=1``: "What colour is the cell right of the red cell?" (find the cell, move, read);
 * ``hops=2``: "Start at the red cell, move right, then down. What colour is that cell?".
 
-The trace spells every step: "the red cell is at row 1 column 2. right of it is row 1 column 3. that
-cell is blue." Candidates are the positive plus ``n_candidates - 1`` other colours, never the colour
-the question names (with 8 candidates: every colour but the named one).
+Moves stay on the grid and never undo the one before. The trace spells every step: "the red cell is at
+row 1 column 2. right of it is row 1 column 3. that cell is blue." The train row's hard negative is the
+cell one step short (two hops) or another neighbour of the anchor (one hop).
+
+Sampling (``--sampling``) decides where the answer cell is and which colours are candidates:
+
+* ``legacy`` (the default; data sets regenerate byte for byte): the answer cell uniform over the grid,
+  then a path to it; candidates are the positive plus ``n_candidates - 1`` other colours of the image,
+  never the colour the question names (3x3, 8 candidates: every colour but the named one). **The moves
+  leak the answer**: they must stay on the grid, so "left of X" puts the answer out of the last column,
+  and ranking candidates by their cell for each sequence of moves, without reading the anchor colour
+  (``best_cell_per_moves``), gets Hit@1 0.26 / 0.38 on 3x3 at 1 / 2 hops and 0.20 / 0.30 on 4x4 (chance
+  0.125). Read no legacy grid score as reasoning beyond the moves.
+* ``region``: the moves first (uniform over the sequences that fit on the grid), then the answer cell
+  uniform over the moves' *region* (the cells where they can end), the anchor behind it; the
+  ``n_candidates - 1`` negatives are colours of other region cells (never the anchor's), and so is the
+  train row's hard negative (where the one-step-short cell or the anchor's other neighbours lie outside the
+  region: another region cell). Given the moves, the answer is any region cell and every candidate is in
+  the region, so the moves say nothing. It needs enough region cells: with 8 candidates only the 4x4 grid
+  (at 2 hops "left, left" ends in 8 cells, the anchor outside them: exactly 7 negatives); 3x3 allows at
+  most 5 candidates at 1 hop and 3 at 2 hops; anything more is a ValueError naming the short region.
+  What it leaves: the moves' population edge is ~0.01 (a fixed cell per sequence of moves scores 0.131 /
+  0.136 at 1 / 2 hops on 4x4: the anchor, never a candidate, is a tie where another cell would be a miss);
+  and since the anchor colour is never a candidate, a rule that sees the whole candidate list, walks each
+  candidate's cell back by the moves and keeps those landing on a non-candidate colour, finds the answer
+  without reading the anchor colour (0.22 / 0.18 on 4x4; legacy 0.29 / 0.42 on 4x4 and 1.0 on 3x3 with 8
+  candidates). It still takes the spatial step, and an embedder, which scores one candidate at a time
+  against a query embedded without them, cannot use it.
 
 **text** (no image): facts, then a question. ``hops=1``: "Ann's hat is red. Bob's hat is blue. ...
 Q: What colour is Bob's hat?"; ``hops=2``: "Ann has the cup. The cup is red. ... Q: What colour is
@@ -26,9 +53,11 @@ candidate is named in the text once. **mixed**: half grid, half text.
 Why shortcuts stay near chance: answers are balanced (each colour equally often, to within one row);
 every candidate colour is in the image (or named in the text) exactly once, so majority-colour,
 colour-present and mention-position rules tie; the query's words say nothing about the answer without
-the image (or the facts); the answer cell is uniform over the cells a path can reach.
-:func:`shortcut_baselines` measures the best such no-reasoning rules on an eval split, so a model's
-score can be shown beside them.
+the image (or the facts); with region sampling, nor do the moves. :func:`shortcut_baselines` measures the
+best such no-reasoning rules on an eval split (``best_cell_per_moves`` chosen on the eval rows, an
+in-sample upper bound that selection alone lifts above chance on a few hundred rows;
+``best_cell_per_moves_train`` fitted on the train split, what a model can learn from the moves), so a
+model's score can be shown beside them.
 """
 from __future__ import annotations
 
@@ -45,7 +74,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .data import EVAL_COLUMNS, load_rows, resolve_media
+from .data import EVAL_COLUMNS, TRAIN_COLUMNS, load_rows, resolve_media
 from .ranking import hit_at_k, ndcg_at_k, pad_scores
 from .world import PALETTE as WORLD_PALETTE
 
@@ -63,6 +92,7 @@ RELATION = {"right": "right of", "left": "left of", "up": "above", "down": "belo
 NAMES = ("Ann", "Bob", "Cal", "Dan", "Eve", "Fay", "Gus", "Hal", "Ivy", "Jon", "Kim", "Lee")
 THINGS = ("cat", "dog", "cup", "hat", "box", "pen", "key", "bag", "car", "map")
 TASKS = ("grid", "text", "mixed")
+SAMPLINGS = ("legacy", "region")  # how grid rows draw the moves, the answer cell and the negatives
 
 
 # ---------------------------------------------------------------------------------------- grid task
@@ -92,13 +122,57 @@ def _at(cell) -> str:
     return f"row {cell[0] + 1} column {cell[1] + 1}"
 
 
+def _move_regions(hops: int, grid: int = GRID) -> list[tuple[tuple[str, ...], list[tuple[int, int]]]]:
+    """Every sequence of ``hops`` moves that fits on the grid and never steps back, with its region: the
+    cells where it can end (row-major). Given the moves, the answer can only be in the region."""
+    regions: dict[tuple[str, ...], list[tuple[int, int]]] = {}
+    for end, options in sorted(_grid_paths(hops, grid).items()):
+        for _, moves in options:
+            regions.setdefault(moves, []).append(end)
+    return sorted(regions.items())
+
+
+def _region_capacity(hops: int, grid: int = GRID) -> tuple[int, tuple[str, ...]]:
+    """The fewest negative colours region sampling can draw for any row, and the moves that set it: the region's
+    cells other than the answer and, where it lies in the region, the anchor (-1 when no moves fit)."""
+    worst = (-1, ())
+    for moves, region in _move_regions(hops, grid):
+        for end in region:
+            free = len(region) - 1 - (_start(end, moves) in region)
+            if worst[0] < 0 or free < worst[0]:
+                worst = (free, moves)
+    return worst
+
+
+def _start(end, moves) -> tuple[int, int]:
+    """The cell that ``moves`` lead from to ``end``."""
+    return end[0] - sum(MOVES[m][0] for m in moves), end[1] - sum(MOVES[m][1] for m in moves)
+
+
 def grid_sample(rng: np.random.Generator, answer: str, hops: int, paths, size: int = GRID,
                 colours: tuple[str, ...] = COLOURS) -> dict:
-    """One grid question whose answer is ``answer``: the cell colours, query, trace, negatives.
+    """One grid question whose answer is ``answer``, legacy sampling (``paths``: :func:`_grid_paths`): the
+    answer cell uniform over the grid, then a path to it; negatives from every colour in the image.
     The ``size`` x ``size`` grid shows ``answer`` and ``size**2 - 1`` other colours drawn from ``colours``."""
-    ends = sorted(paths)  # the answer cell is uniform over the grid, then the path to it
+    ends = sorted(paths)
     options = paths[ends[rng.integers(len(ends))]]
     start, moves = options[rng.integers(len(options))]
+    return _grid_question(rng, answer, hops, start, moves, size, colours)
+
+
+def grid_sample_region(rng: np.random.Generator, answer: str, hops: int, regions, size: int = GRID,
+                       colours: tuple[str, ...] = COLOURS) -> dict:
+    """One grid question whose answer is ``answer``, region sampling (``regions``: :func:`_move_regions`): the
+    moves uniform over the sequences that fit, the answer cell uniform over where they can end, the start
+    behind it; negatives only from colours in that region, so the moves alone say nothing about the answer."""
+    moves, region = regions[rng.integers(len(regions))]
+    end = region[rng.integers(len(region))]
+    return _grid_question(rng, answer, hops, _start(end, moves), moves, size, colours, region)
+
+
+def _grid_question(rng, answer, hops, start, moves, size, colours, region=None) -> dict:
+    """The cell colours, query, trace and negatives of the walk ``moves`` from ``start``; ``region``: the
+    cells the negatives come from (None: every cell, legacy)."""
     cells = _walk(start, moves)
     end = cells[-1]
     others = [c for c in colours if c != answer]
@@ -124,9 +198,21 @@ def grid_sample(rng: np.random.Generator, answer: str, hops: int, paths, size: i
         named = anchor
         # hard negative: one step short (two hops) or a different step from the anchor (one hop)
         alternatives = [c for c in _neighbours(start, size) if c != end]
-        hard = grid[cells[1]] if hops == 2 else grid[alternatives[rng.integers(len(alternatives))]]
-    in_image = {c for row in shown for c in row}
-    pool = [c for c in colours if c in in_image and c not in (answer, named)]  # candidates: colours in the image
+        if region is None:
+            hard = grid[cells[1]] if hops == 2 else grid[alternatives[rng.integers(len(alternatives))]]
+        else:
+            # only cells of the region: a negative outside it would teach that the moves alone rule it out.
+            # The one-step-short cell (two hops) or a neighbour of the anchor in the region (one hop); where
+            # there is none, another region cell (neither the answer nor the anchor) at random
+            others_in_region = [c for c in region if c not in (start, end)]
+            meaningful = [c for c in ([cells[1]] if hops == 2 else alternatives) if c in others_in_region]
+            choices = meaningful or others_in_region
+            hard = grid[choices[rng.integers(len(choices))]]
+    if region is None:
+        in_image = {c for row in shown for c in row}
+        pool = [c for c in colours if c in in_image and c not in (answer, named)]  # candidates: colours in the image
+    else:
+        pool = [grid[c] for c in region if c not in (start, end)]  # candidates: colours where the moves can end
     return {"task": "grid", "hops": hops, "question": question, "cot": cot, "answer": answer, "pool": pool,
             "hard_negative": hard, "grid": shown}
 
@@ -192,7 +278,7 @@ def palette_colours(palette: str) -> tuple[str, ...]:
     return names
 
 
-def _check_args(task, hops, n_candidates, grid=GRID, colours=COLOURS):
+def _check_args(task, hops, n_candidates, grid=GRID, colours=COLOURS, sampling="legacy"):
     if not 2 <= grid <= 5:
         raise ValueError(f"grid must be 2 to 5 cells per side, got {grid}")
     if task != "text" and grid * grid > len(colours):
@@ -209,13 +295,31 @@ def _check_args(task, hops, n_candidates, grid=GRID, colours=COLOURS):
     if not 2 <= n_candidates <= most:
         raise ValueError(f"n_candidates must be in [2, {most}] for task={task}, hops={hops}, grid={grid} "
                          f"(candidates are colours shown in the image or named in the facts)")
+    if sampling not in SAMPLINGS:
+        raise ValueError(f"unknown sampling {sampling!r}; choose one of {SAMPLINGS}")
+    if sampling == "region":
+        _check_region(task, hops, n_candidates, grid)
 
 
-def _samples(rng, n, task, hops, n_candidates, grid=GRID, colours=COLOURS) -> list[dict]:
+def _check_region(task, hops, n_candidates, grid):
+    if task == "text":
+        raise ValueError("sampling='region' draws grid rows; task='text' has none (use 'legacy')")
+    free, moves = _region_capacity(hops, grid)
+    if n_candidates - 1 > free:
+        where = f"the moves {', '.join(moves)!r} leave" if moves else "the grid leaves"
+        fits = f"at most {free + 1} candidates" if free >= 1 else "no grid question here"
+        raise ValueError(f"sampling='region' draws the n_candidates - 1 = {n_candidates - 1} negatives from colours of "
+                         f"the cells where the moves can end, never the answer's or the anchor's; on a {grid}x{grid} "
+                         f"grid with {hops} hop(s) {where} only {free} such cells in some rows, so {fits}: "
+                         f"use fewer candidates or a larger grid")
+
+
+def _samples(rng, n, task, hops, n_candidates, grid=GRID, colours=COLOURS, sampling="legacy") -> list[dict]:
     tasks = ["grid" if (task == "grid" or (task == "mixed" and i % 2 == 0)) else "text" for i in range(n)]
-    paths = _grid_paths(hops, grid)
+    sample, plan = (grid_sample, _grid_paths(hops, grid)) if sampling == "legacy" else \
+        (grid_sample_region, _move_regions(hops, grid))
     answers = {t: iter(balanced_answers(rng, tasks.count(t), colours)) for t in ("grid", "text")}
-    return [grid_sample(rng, next(answers[t]), hops, paths, grid, colours) if t == "grid"
+    return [sample(rng, next(answers[t]), hops, plan, grid, colours) if t == "grid"
             else text_sample(rng, next(answers[t]), hops, n_candidates, colours) for t in tasks]
 
 
@@ -247,32 +351,35 @@ def _write_split(out: Path, split: str, samples: list[dict], rng, n_candidates: 
 
 
 def generate(output_dir, n_train: int, n_eval: int, seed: int = 0, hops: int = 1, n_candidates: int = 8,
-             task: str = "grid", hard_negatives: bool = True, grid: int = GRID, palette: str = "basic") -> dict:
+             task: str = "grid", hard_negatives: bool = True, grid: int = GRID, palette: str = "basic",
+             sampling: str = "legacy") -> dict:
     """Write a synthetic train/eval set to ``output_dir``; return ``{"paths": {...}, "stats": {...}}``.
 
     Deterministic by ``seed``; the eval split does not depend on ``n_train`` (separate random streams).
-    ``stats`` holds the answer counts and the eval split's shortcut baselines (hit@1).
+    ``stats`` holds the answer counts and the eval split's shortcut baselines (hit@1), including the ones
+    fitted on the train split. ``sampling``: ``legacy`` (the default; data sets regenerate byte for byte) or
+    ``region`` (grid rows whose moves say nothing about the answer; see the module docstring).
     """
     colours = palette_colours(palette)
-    _check_args(task, hops, n_candidates, grid, colours)
+    _check_args(task, hops, n_candidates, grid, colours, sampling)
     start = time.perf_counter()
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     splits = {}
     for stream, (split, n) in enumerate((("train", n_train), ("eval", n_eval))):
         rng = np.random.default_rng([seed, stream])
-        splits[split] = _write_split(out, split, _samples(rng, n, task, hops, n_candidates, grid, colours), rng, n_candidates,
-                                     hard_negatives)
+        samples = _samples(rng, n, task, hops, n_candidates, grid, colours, sampling)
+        splits[split] = _write_split(out, split, samples, rng, n_candidates, hard_negatives)
     name = f"synthetic-{task}-{hops}hop" + (f"-{grid}x{grid}" if grid != GRID else "") + \
-        (f"-{palette}" if palette != "basic" else "")
-    shortcuts = shortcut_baselines(splits["eval"][1], out) if n_eval else {}
+        (f"-{palette}" if palette != "basic" else "") + (f"-{sampling}" if sampling != "legacy" else "")
+    shortcuts = shortcut_baselines(splits["eval"][1], out, train_rows=splits["train"][1]) if n_eval else {}
     stats = {"n_train": n_train, "n_eval": n_eval, "chance_hit@1": 1 / n_candidates,
              "train_answers": dict(Counter(r["pos_text"] for r in splits["train"][1])),
              "eval_answers": dict(Counter(r["tgt_text"][0] for r in splits["eval"][1])),
              "shortcuts_hit@1": shortcuts, "seconds": round(time.perf_counter() - start, 3)}
     meta = {"name": name, "task": task, "hops": hops, "n_candidates": n_candidates, "seed": seed,
             "hard_negatives": hard_negatives, "palette": {c: WORLD_PALETTE[c] for c in colours}, "grid": grid, "cell_pixels": CELL,
-            "generator": "tte_flash.synthetic", **stats}
+            "generator": "tte_flash.synthetic", **({"sampling": sampling} if sampling != "legacy" else {}), **stats}
     paths = {"train": str(splits["train"][0]), "eval": str(splits["eval"][0]), "images": str(out / "images"),
              "meta": str(out / "meta.json"), "readme": str(out / "README.md"), "image_root": str(out)}
     Path(paths["meta"]).write_text(json.dumps(meta, indent=2) + "\n")
@@ -285,7 +392,8 @@ def _readme(meta: dict) -> str:
     return f"""# {meta['name']}
 
 Generated by `python -m tte_flash.synthetic --task {meta['task']} --hops {meta['hops']} \
---n_candidates {meta['n_candidates']} --seed {meta['seed']}` ({meta['n_train']} train rows, {meta['n_eval']} eval rows).
+--n_candidates {meta['n_candidates']} --seed {meta['seed']}{_readme_options(meta)}` ({meta['n_train']} train rows, \
+{meta['n_eval']} eval rows).
 
 {'**grid**' + __doc__.split('**grid**', 1)[1]}
 Files: `train.jsonl` (MMEB-train columns `qry`, `qry_image_path`, `pos_text`, `pos_image_path`, `neg_text`,
@@ -300,16 +408,26 @@ positive first), `images/` (paths are relative to this folder: `--image_root {{t
 """
 
 
+def _readme_options(meta: dict) -> str:
+    """The non-default CLI options of a data set, as its README's command spells them."""
+    palette = meta["palette"]
+    names = {COLOURS: "basic", tuple(WORLD_PALETTE): "world"}.get(tuple(palette), ",".join(palette))
+    options = {f"--grid {meta['grid']}": meta["grid"] != GRID, f"--palette {names}": names != "basic",
+               f"--sampling {meta.get('sampling')}": "sampling" in meta,
+               "--no_hard_negatives": not meta["hard_negatives"]}
+    return "".join(f" {option}" for option, shown in options.items() if shown)
+
+
 # ---------------------------------------------------------------------------------------- shortcuts
 
-def shortcut_baselines(rows_or_path, image_root=None) -> dict[str, float]:
+def shortcut_baselines(rows_or_path, image_root=None, train_rows=None) -> dict[str, float]:
     """Hit@1 of no-reasoning rules on MMEB-eval rows (a list or a JSONL/Parquet path; ``image_root``
     defaults to the file's folder), ties broken at random (expected value), so a model's score can
     be shown beside the best of them. See :func:`shortcut_metrics` for the rules."""
-    return {name: m["hit@1"] for name, m in shortcut_metrics(rows_or_path, image_root).items()}
+    return {name: m["hit@1"] for name, m in shortcut_metrics(rows_or_path, image_root, train_rows=train_rows).items()}
 
 
-def shortcut_metrics(rows_or_path, image_root=None, k: int = 5) -> dict[str, dict[str, float]]:
+def shortcut_metrics(rows_or_path, image_root=None, k: int = 5, train_rows=None) -> dict[str, dict[str, float]]:
     """``{rule: {"hit@1", "ndcg@5"}}`` for each no-reasoning rule that applies to the rows:
 
     * ``random``: chance;
@@ -323,10 +441,17 @@ def shortcut_metrics(rows_or_path, image_root=None, k: int = 5) -> dict[str, dic
       ``present_in_image``, ``best_fixed_cell`` (the colour of one fixed grid cell; the best cell), and
       for grid moves ``best_cell_per_moves``: the colour of the best fixed cell for each sequence of moves in
       the query ("left of", "up", "down", ...), chosen on these rows: the moves alone, without the anchor
-      colour, confine where the answer can be on a small grid (an in-sample upper bound, as ``best_fixed_cell``).
+      colour, confine where the answer can be on a small grid (an in-sample upper bound, as ``best_fixed_cell``;
+      with few rows per sequence of moves it is above chance even where the moves say nothing);
+    * with ``train_rows`` (MMEB-train rows or their JSONL/Parquet path, images under the same ``image_root``;
+      :func:`generate` passes its train split): ``best_cell_per_moves_train``, the same cell per sequence of
+      moves chosen on the train rows' positives and scored on these rows: out of sample, so no selection bias,
+      what a model could learn from the moves alone (a sequence of moves absent from train: all candidates tie).
     """
     rows, image_root = _eval_rows(rows_or_path, image_root)
-    rules = _shortcut_scores(rows, image_root)
+    if isinstance(train_rows, (str, os.PathLike)):
+        train_rows = load_rows(train_rows, TRAIN_COLUMNS)
+    rules = _shortcut_scores(rows, image_root, train_rows or [])
     return {name: {"hit@1": hit_at_k(pad_scores(s), 1, ties="expected"),
                    f"ndcg@{k}": ndcg_at_k(pad_scores(s), k, ties="expected")} for name, s in rules.items()}
 
@@ -357,7 +482,7 @@ def _candidates(row) -> list[str]:
     return [(t or "").strip() for t in texts]
 
 
-def _shortcut_scores(rows, image_root) -> dict[str, list[list[float]]]:
+def _shortcut_scores(rows, image_root, train_rows=()) -> dict[str, list[list[float]]]:
     cands = [_candidates(r) for r in rows]
     positives = Counter(c[0] for c in cands)
     appearances = Counter(t for c in cands for t in set(c))
@@ -373,7 +498,7 @@ def _shortcut_scores(rows, image_root) -> dict[str, list[list[float]]]:
         rules["first_named"] = [[-p if p >= 0 else -1e9 for p in row] for row in first]
         rules["last_named"] = [[p if p >= 0 else -1e9 for p in row] for row in last]
     if any(t.lower() in WORLD_PALETTE for c in cands for t in c):
-        rules.update(_colour_rules(rows, cands, image_root))
+        rules.update(_colour_rules(rows, cands, image_root, train_rows))
     return rules
 
 
@@ -385,13 +510,8 @@ def _mention(text: str, candidate: str, last: bool) -> float:
     return float(hits[-1] if last else hits[0]) if hits else -1.0
 
 
-def _colour_rules(rows, cands, image_root) -> dict[str, list[list[float]]]:
-    fractions, cell_colours = [], []
-    for row in rows:
-        path = resolve_media(image_root, row.get("qry_img_path") or row.get("qry_image_path"))
-        fraction, cells = _colour_fractions(path) if path else ({}, [])
-        fractions.append(fraction)
-        cell_colours.append(cells)
+def _colour_rules(rows, cands, image_root, train_rows=()) -> dict[str, list[list[float]]]:
+    fractions, cell_colours = zip(*(_row_colours(row, image_root) for row in rows))
     if not any(fractions):
         return {}
     rules = {
@@ -407,28 +527,60 @@ def _colour_rules(rows, cands, image_root) -> dict[str, list[list[float]]]:
         if best is None or wins > best[0]:
             best = (wins, scores)
     rules["best_fixed_cell"] = best[1]
-    queries = [(row.get("qry_text") or row.get("qry") or "").lower() for row in rows]
-    moves = [tuple(re.findall(MOVE_WORDS, q)) for q in queries]
+    moves = [_moves(row) for row in rows]
     if any(moves):
-        rules["best_cell_per_moves"] = _best_cell_per_group(moves, cell_colours, cands)
+        positives = [c[0].lower() if c else None for c in cands]
+        best = _best_cell_per_group(moves, cell_colours, positives)
+        rules["best_cell_per_moves"] = _score_by_cell(best, moves, cell_colours, cands)
+        if train_rows:
+            train_cells = [_cell_colours(resolve_media(image_root, row.get("qry_image_path"))) for row in train_rows]
+            train_positives = [(row.get("pos_text") or "").strip().lower() for row in train_rows]
+            best = _best_cell_per_group([_moves(row) for row in train_rows], train_cells, train_positives)
+            rules["best_cell_per_moves_train"] = _score_by_cell(best, moves, cell_colours, cands)
     return rules
 
 
 MOVE_WORDS = r"right of|left of|above|below|\bright\b|\bleft\b|\bup\b|\bdown\b"
 
 
-def _best_cell_per_group(groups, cell_colours, cands) -> list[list[float]]:
-    """Per group (a sequence of moves), the grid cell whose colour is most often the positive; every row
-    scores its candidates by that cell's colour."""
+def _moves(row) -> tuple[str, ...]:
+    """The move words of a row's query, in order (eval or train columns)."""
+    return tuple(re.findall(MOVE_WORDS, (row.get("qry_text") or row.get("qry") or "").lower()))
+
+
+def _row_colours(row, image_root) -> tuple[dict[str, float], list[str]]:
+    path = resolve_media(image_root, row.get("qry_img_path") or row.get("qry_image_path"))
+    return _colour_fractions(path) if path else ({}, [])
+
+
+def _best_cell_per_group(groups, cell_colours, positives) -> dict[tuple, int | None]:
+    """Per group (a sequence of moves), the grid cell whose colour is most often the positive (lowest index
+    on ties; None for a group without images)."""
     wins: dict[tuple, Counter] = {}
-    for group, cells, c in zip(groups, cell_colours, cands):
+    for group, cells, positive in zip(groups, cell_colours, positives):
         counter = wins.setdefault(group, Counter())
         for index, colour in enumerate(cells):
-            counter[index] += bool(c) and colour == c[0].lower()
-    best = {group: min(counter, key=lambda i: (-counter[i], i)) if counter else None
-            for group, counter in wins.items()}
-    return [[float(best[g] is not None and best[g] < len(cells) and cells[best[g]] == t.lower()) for t in c]
+            counter[index] += positive is not None and colour == positive
+    return {group: min(counter, key=lambda i: (-counter[i], i)) if counter else None for group, counter in wins.items()}
+
+
+def _score_by_cell(best, groups, cell_colours, cands) -> list[list[float]]:
+    """Every row scores its candidates by the colour of its group's cell (1 for that colour, else 0)."""
+    return [[float(best.get(g) is not None and best[g] < len(cells) and cells[best[g]] == t.lower()) for t in c]
             for g, cells, c in zip(groups, cell_colours, cands)]
+
+
+def _cell_colours(path) -> list[str]:
+    """The nearest palette colour at each grid cell's centre, row-major (the centres of
+    :func:`_colour_fractions` without the pixel shares: ~8x faster, for fitting on a train split)."""
+    if not path:
+        return []
+    with Image.open(path) as img:
+        centres = np.asarray(img.convert("RGB"), dtype=np.float32)[CELL // 2::CELL, CELL // 2::CELL]  # (G, G, 3)
+    palette = np.array(list(WORLD_PALETTE.values()), dtype=np.float32)  # (C, 3)
+    nearest = ((centres.reshape(-1, 1, 3) - palette) ** 2).sum(-1).argmin(-1)  # (G*G,)
+    names = tuple(WORLD_PALETTE)
+    return [names[i] for i in nearest]
 
 
 def _colour_fractions(path) -> tuple[dict[str, float], list[str]]:
@@ -459,19 +611,24 @@ def main(argv=None) -> int:
     parser.add_argument("--palette", default="basic",
                         help="basic (9 colours), world (20: the world tiny-instruct was pretrained on) or a "
                              "comma-separated list of world colours")
+    parser.add_argument("--sampling", default="legacy", choices=SAMPLINGS,
+                        help="grid rows: legacy (answer cell uniform over the grid, then a path to it; the moves alone "
+                             "confine the answer) or region (moves first, the answer cell uniform over where they can "
+                             "end, negatives from that region only)")
     parser.add_argument("--no_hard_negatives", "--no-hard-negatives", action="store_true",
                         help="train rows without neg_text")
     args = parser.parse_args(argv)
     try:
         result = generate(args.output_dir, args.n_train, args.n_eval, seed=args.seed, hops=args.hops,
                           n_candidates=args.n_candidates, task=args.task, hard_negatives=not args.no_hard_negatives,
-                          grid=args.grid, palette=args.palette)
+                          grid=args.grid, palette=args.palette, sampling=args.sampling)
     except ValueError as err:
         print(f"tte_flash.synthetic: error: {err}", file=sys.stderr)
         return 2
     stats = result["stats"]
     print(f"wrote {stats['n_train']} train and {stats['n_eval']} eval rows to {args.output_dir} "
-          f"in {stats['seconds']:.1f}s ({args.task}, {args.hops} hop(s), {args.n_candidates} candidates)")
+          f"in {stats['seconds']:.1f}s ({args.task}, {args.hops} hop(s), {args.n_candidates} candidates, "
+          f"{args.sampling} sampling)")
     print(f"no-reasoning shortcuts on eval, hit@1 (chance {stats['chance_hit@1']:.3f}):")
     for name, value in sorted(stats["shortcuts_hit@1"].items(), key=lambda kv: -kv[1]):
         print(f"  {name:22s} {value:.3f}")
