@@ -140,8 +140,8 @@ class EvalCallback(TrainerCallback):
     def _run(self, model, step):
         start = time.perf_counter()
         result = evaluate_backbone(model, n=self.n, kinds=self.kinds)
-        if self.pause_tokens:  # the one-word kinds again, answered after the pause tokens
-            short = [k for k in self.kinds if k.endswith("_short")]
+        if self.pause_tokens:  # the one-word kinds and locate again, answered after the pause tokens
+            short = [k for k in self.kinds if k.endswith("_short") or k == "locate"]
             paused = evaluate_backbone(model, n=self.n, kinds=short, think_tokens=self.pause_tokens)
             result["examples"].update({f"pause_{k}": v for k, v in paused.pop("examples").items()})
             result.update({f"pause_{k}": v for k, v in paused.items()})

@@ -16,7 +16,8 @@ Settings (every run starts from ``--model``, default the pretrained ``tiny-instr
   ``k16_distill`` / ``k16_distill_kl`` / ``k0_distill`` (explicit-to-latent self-distillation), ``k16_curriculum``
   and ``k16_distill_curriculum`` (the trace replaced by think tokens stage by stage), and ``k16_cot_open`` /
   ``k16_distill_open``: the think tokens on from the first step (no accuracy gate), for a pause-pretrained
-  ``--model`` (``training/pretrain.py --pause_tokens``) whose think tokens are not fresh.
+  ``--model`` (``training/pretrain.py --pause_tokens``) whose think tokens are not fresh; ``k32_cot_open``,
+  ``k32_distill_open`` and ``k32_open`` (no COT loss) the same at K=32.
 
 ``python training/tiny_ablation.py --report training/results/ti-*.json`` prints the markdown tables of
 training/README.md from results files.
@@ -55,6 +56,10 @@ SETTINGS = {"k0": {"think_tokens": 0, "cot_weight": 0.0}, "k16": {"think_tokens"
             "k16_distill_open": {"think_tokens": 16, "cot_weight": 1.0,
                                  "extra": ["--distill_weight", "1", "--think_warmup_steps", "0",
                                            "--think_warmup_accuracy", "0.0001"]}}
+# the same at K=32 (a backbone pause-pretrained with 32 think tokens: one per cell of a 5x5 grid and more)
+SETTINGS.update({name.replace("k16", "k32"): {**SETTINGS[name], "think_tokens": 32}
+                 for name in ("k16_cot_open", "k16_distill_open")})
+SETTINGS["k32_open"] = {"think_tokens": 32, "cot_weight": 0.0, "extra": SETTINGS["k16_cot_open"]["extra"]}
 
 
 def run(name, seed, args):

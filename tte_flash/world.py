@@ -363,13 +363,14 @@ def evaluate_backbone(model, n: int = 100, kinds=EVAL_KINDS, max_new_tokens: int
     Per kind: the share of replies whose last word is the right answer, and the share equal to the
     reference reply. ``examples`` keeps three (prompt, reply, reference) triples per kind. With
     ``think_tokens`` K > 0 the reply is decoded after K think tokens (``generate_cot``: the layout of
-    pause-pretraining and of the TTE COT branch), with at most 8 new tokens (for the one-word kinds)."""
+    pause-pretraining and of the TTE COT branch), with at most 8 new tokens (16 for ``locate``)."""
     result = {"examples": {}}
     for kind in kinds:
         questions = eval_questions(kind, n)
         if think_tokens:
+            cap = 16 if kind == "locate" else 8  # "the navy cell is at row 2 column 1." is 10 tokens
             replies = model.generate_cot(model_inputs(questions), think_tokens=think_tokens,
-                                         max_new_tokens=min(max_new_tokens, 8), batch_size=batch_size)
+                                         max_new_tokens=min(max_new_tokens, cap), batch_size=batch_size)
         else:
             replies = generate_replies(model, questions, max_new_tokens, batch_size)
         finals = [_final(kind, r) for r in replies]
