@@ -13,6 +13,12 @@ skipped and reported as such instead of exhausting the machine's memory.
 
     python benchmarks/block_table_build.py                       # the working tree's builder
     python benchmarks/block_table_build.py --before 52d5fc1      # and the builder of that commit
+    python benchmarks/block_table_build.py --tile-mix benchmarks/results/compile-check-....json
+
+``--tile-mix JSON`` prints instead, for each launch of a ``compile_check.py --json`` report, how many of its
+tiles fall in each tile kind on the packed layouts (``--tokens``, default 16k here) and the tile-weighted SASS
+instructions of a partial tile over a full one (the per-kind counts of the report, weighted by the kinds'
+tile counts): what a partial tile costs on average where the kinds occur as in training.
 
 Writes ``benchmarks/results/block_table_build.json`` (``--output`` to change): one row per measurement
 with the versions, commit and date.
@@ -42,6 +48,9 @@ LAYOUTS = {
     # packed training-like samples of ~1k tokens (what the table's cost looked like before: unchanged)
     "packed": lambda tokens: [(700, 16, 1, 307)] * (tokens // 1024) + (
         [(tokens % 1024, 0, 0, 0)] if tokens % 1024 else []),
+    # packed inference-like samples (no COT) of 1000 tokens: odd lengths, so sample starts cut tiles
+    "packed-infer": lambda tokens: [(983, 16, 1, 0)] * (tokens // 1000) + (
+        [(tokens % 1000, 0, 0, 0)] if tokens % 1000 else []),
 }
 # the shipped bf16 tiles at head dim 128 (fwd 128x64, dQ 128x32, dK/dV 16x64) and the interpreter's 16x16
 SHAPES = [(128, 64), (128, 32), (16, 64), (16, 16)]
@@ -157,6 +166,34 @@ def print_row(r: dict) -> None:
           flush=True)
 
 
+def tile_mix(report: Path, layouts, tokens: int) -> list[dict]:
+    """Per launch of a compile_check report and layout: tiles of each kind (the side the kernel's programs own) and
+    the tile-weighted SASS instructions of a partial tile over a full tile."""
+    import re
+
+    sys.path.insert(0, str(REPO))
+    from tte_flash.kernels.block_table import FULL, KIND_NAMES, build_block_table, kind_counts
+    rows = []
+    for launch in json.loads(report.read_text())["rows"]:
+        if not launch.get("sass_full") or not launch.get("sass_kinds"):
+            continue
+        block_m, block_n = map(int, re.match(r"(\d+)x(\d+)", launch["config"]).groups())
+        by_row = launch["kernel"] != "_bwd_dkdv_kernel"
+        for layout in layouts:
+            table = build_block_table(*layout_intervals(LAYOUTS[layout](tokens)), block_m, block_n)
+            counts = kind_counts(table, by_row).sum(0).tolist()
+            partial = {KIND_NAMES[k]: n for k, n in enumerate(counts) if k != FULL and n}
+            cost = sum(n * launch["sass_kinds"][name] for name, n in partial.items())
+            weighted = cost / sum(partial.values()) / launch["sass_full"] if partial else None
+            rows.append(dict(triton=launch["triton"], kernel=launch["kernel"], head_dim=launch["head_dim"],
+                             config=launch["config"], layout=layout, tokens=tokens, full=counts[FULL], **partial,
+                             partial_over_full_weighted=round(weighted, 3) if weighted else None))
+            print(f"{launch['triton']:6} {launch['kernel']:17} d{launch['head_dim']:<4} {launch['config']:19} "
+                  f"{layout:13} full {counts[FULL]:6} " + " ".join(f"{k} {v}" for k, v in partial.items())
+                  + f"  partial/full (weighted) {weighted:.2f}" if weighted else "")
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, nargs="+", default=[16384, 32768, 131072])
@@ -167,6 +204,9 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads of a build (1: on loaded cores, 2 threads wait ~0.5 s for each other)")
     p.add_argument("--output", type=Path, default=RESULTS / "block_table_build.json")
+    p.add_argument("--tile-mix", type=Path, default=None, metavar="COMPILE_CHECK_JSON",
+                   help="print tile kinds and the tile-weighted partial/full SASS of each launch in this report "
+                        "(layouts --layouts, one size: the first --tokens, 16384 by default here)")
     p.add_argument("--one", nargs=5, metavar=("LAYOUT", "TOKENS", "BLOCK_M", "BLOCK_N", "REVISION"),
                    help=argparse.SUPPRESS)  # one measurement in this process (used by the parent)
     args = p.parse_args(argv)
@@ -175,6 +215,10 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
         layout, tokens, block_m, block_n, revision = args.one
         print(json.dumps(measure_one(layout, int(tokens), int(block_m), int(block_n), revision or None)))
+        return 0
+    if args.tile_mix:
+        tokens = args.tokens[0] if argv and "--tokens" in argv else 16384
+        tile_mix(args.tile_mix, args.layouts if "--layouts" in (argv or sys.argv) else sorted(LAYOUTS), tokens)
         return 0
     print(f"{'layout':10} {'tokens':>7} {'block':8} {'build':6}  result")
     rows = run(args)

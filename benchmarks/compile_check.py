@@ -75,8 +75,8 @@ class Result(Case):
     shared: int | None = None
     wgmma: bool | None = None
     c7515: int | None = None  # ptxas warnings C7515: wgmma serialised (an accumulator live across loops, ...)
-    sass_masked: float | None = None  # SASS instructions per tile of the masked (partial-tile) loop body
     sass_full: float | None = None  # SASS instructions per tile of the mask-free (full-tile) loop body
+    sass_kinds: dict = field(default_factory=dict)  # the same per partial-tile kind (cut_lo, cut_hi, cut_lo_hi, ...)
     ptxas_warnings: list = field(default_factory=list)  # every ptxas warning line, as ptxas wrote it
     triton: str | None = None  # the Triton version that compiled it
     seconds: float | None = None
@@ -240,42 +240,40 @@ _SASS_BRANCH = re.compile(r"\bBRA\b.*`\((\.L_x_\d+)\)")
 _SASS_LINE = re.compile(r'//## File "(.+?)", line (\d+)(?: inlined at "(.+?)", line (\d+))?')
 
 
-def masked_lines(path: str) -> dict:
-    """Where the kernels in ``path`` say which tile loop they are in: ``sites``, {line: MASKED} of every call that
-    passes a constant ``MASKED`` (the kernels' calls of their ``*_tiles`` loop functions: Triton 3.9's line
-    info names them as the inlined-at line); ``tiles``, the lines of the functions taking ``MASKED``;
-    ``masked_only``, the lines of their ``if MASKED:`` bodies (Triton 3.6 keeps no inlining in its line info)."""
+def mask_kind_lines(path: str, namespace: dict) -> dict:
+    """Where the kernels in ``path`` say which tile kind a line serves: ``tiles``, the lines of the functions that
+    take a ``MASK`` parameter (the kernels' tile loops and mask tests); ``kinds``, {line: kind} of the body of every
+    ``if MASK == NAME:`` (or ``elif``), NAME evaluated in ``namespace`` (the kernel module's globals; a
+    ``tl.constexpr`` counts as its value). Each kind's mask tests sit in such a branch (``_rows_see``), and a
+    mask-free loop runs none of them. Other tests of ``MASK`` (``!=``, ``or``) are shared by several kinds: ignored."""
     import ast
     tree = ast.parse(Path(path).read_text())
-    functions = [f for f in ast.walk(tree) if isinstance(f, ast.FunctionDef)]
-    params = {f.name: [a.arg for a in f.args.args] for f in functions}
-    sites, tiles, masked_only = {}, set(), set()
-    for call in (n for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)):
-        names = params.get(call.func.id, [])
-        if "MASKED" not in names:
+    tiles, kinds = set(), {}
+    for f in (n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)):
+        if "MASK" in [a.arg for a in f.args.args]:
+            tiles.update(range(f.lineno, f.end_lineno + 1))
+    for branch in (n for n in ast.walk(tree) if isinstance(n, ast.If)):
+        test = branch.test
+        if not (isinstance(test, ast.Compare) and isinstance(test.left, ast.Name) and test.left.id == "MASK"
+                and len(test.ops) == 1 and isinstance(test.ops[0], ast.Eq)):
             continue
-        index = names.index("MASKED")
-        arg = call.args[index] if index < len(call.args) else \
-            next((k.value for k in call.keywords if k.arg == "MASKED"), None)
-        if isinstance(arg, ast.Constant) and isinstance(arg.value, bool):
-            sites[call.lineno] = arg.value
-    for f in (f for f in functions if "MASKED" in params[f.name]):
-        tiles.update(range(f.lineno, f.end_lineno + 1))
-        for branch in ast.walk(f):
-            if isinstance(branch, ast.If) and isinstance(branch.test, ast.Name) and branch.test.id == "MASKED":
-                for statement in branch.body:
-                    masked_only.update(range(statement.lineno, statement.end_lineno + 1))
-    return {"sites": sites, "tiles": tiles, "masked_only": masked_only}
+        value = eval(compile(ast.Expression(test.comparators[0]), path, "eval"), dict(namespace))  # noqa: S307
+        for statement in branch.body:
+            kinds.update(dict.fromkeys(range(statement.lineno, statement.end_lineno + 1), int(getattr(value, "value",
+                                                                                                          value))))
+    return {"tiles": tiles, "kinds": kinds}
 
 
-def sass_tile_loops(sass: str, source: str, lines: dict) -> dict:
-    """SASS instructions per tile of the masked and the mask-free loops, from ``nvdisasm -c -gi`` output.
+def sass_tile_loops(sass: str, source: str, lines: dict, full: int = 0) -> dict:
+    """SASS instructions per tile of each tile kind's loop, {kind: count}, from ``nvdisasm -c -gi`` output.
 
-    A tile loop is an innermost SASS loop (a backward branch whose body holds no other loop); its kind is
-    the ``MASKED`` argument of the call site its instructions are inlined at (``lines["sites"]``), or where the
-    line info has no inlining (Triton 3.6), masked iff it runs a line of an ``if MASKED:`` body. One iteration
-    is one tile, so its instruction count is the per-tile cost (the steady state of a pipelined loop; the
-    dQ kernel's unrolled ranges give several loops of a kind: the mean is reported)."""
+    A tile loop is an innermost SASS loop (a backward branch whose body holds no other loop). Its kind is the one
+    whose ``if MASK == kind:`` lines (``lines["kinds"]``, :func:`mask_kind_lines`) it runs, or ``full`` where it runs
+    none of them but runs lines of a tile function (``lines["tiles"]``); a loop that runs the lines of two kinds is
+    left out. The line info of each instruction is the ``//## File ..., line N [inlined at ..., line M]`` comments
+    before it (every line of ``source`` they name: Triton 3.9 names the inlining chain, 3.6 the innermost line). One
+    iteration is one tile, so its instruction count is the per-tile cost (the steady state of a pipelined loop;
+    several loops of one kind, e.g. a kind's two unrolled ranges: the mean)."""
     instructions, labels, branches, current, group_open = [], {}, [], set(), False
     pending_labels = []
     for text in sass.splitlines():
@@ -306,17 +304,16 @@ def sass_tile_loops(sass: str, source: str, lines: dict) -> dict:
     loops = {(labels[target], address) for address, target in branches
              if target in labels and labels[target] < address}
     innermost = [(s, e) for s, e in loops if not any((s2, e2) != (s, e) and s <= s2 and e2 <= e for s2, e2 in loops)]
-    counts = {True: [], False: []}
-    for start, end in innermost:
+    counts: dict = {}
+    for start, end in sorted(innermost):
         body = [seen for address, seen in instructions if start <= address <= end]
         seen_lines = set().union(*body)
-        kinds = {lines["sites"][n] for n in seen_lines if n in lines["sites"]}
+        kinds = {lines["kinds"][n] for n in seen_lines if n in lines["kinds"]}
         if not kinds and seen_lines & lines["tiles"]:
-            kinds = {bool(seen_lines & lines["masked_only"])}
+            kinds = {full}
         if len(kinds) == 1:
-            counts[kinds.pop()].append(len(body))
-    mean = lambda xs: round(sum(xs) / len(xs), 1) if xs else None  # noqa: E731
-    return {"masked": mean(counts[True]), "full": mean(counts[False])}
+            counts.setdefault(kinds.pop(), []).append(len(body))
+    return {kind: round(sum(xs) / len(xs), 1) for kind, xs in sorted(counts.items())}
 
 
 def _sass_counts(fn, cubin: bytes) -> dict:
@@ -330,7 +327,10 @@ def _sass_counts(fn, cubin: bytes) -> dict:
         f.flush()
         sass = subprocess.run([knobs.nvidia.nvdisasm.path, "-c", "-gi", f.name], capture_output=True, text=True,
                               check=True).stdout
-    return sass_tile_loops(sass, source, masked_lines(source))
+    kernels = importlib.import_module(KERNEL_MODULE)
+    per_kind = sass_tile_loops(sass, source, mask_kind_lines(source, vars(kernels)), full=int(kernels.FULL))
+    names = importlib.import_module("tte_flash.kernels.block_table").KIND_NAMES
+    return {names[kind]: count for kind, count in per_kind.items()}
 
 
 def compile_job(job: Job) -> Result:
@@ -369,7 +369,8 @@ def compile_job(job: Job) -> Result:
     result.ptxas_warnings = [line.strip() for line in text.splitlines() if "warning" in line.lower()]
     try:
         sass = _sass_counts(fn, compiled.asm["cubin"])
-        result.sass_masked, result.sass_full = sass["masked"], sass["full"]
+        result.sass_full = sass.pop("full", None)
+        result.sass_kinds = sass
     except (OSError, subprocess.CalledProcessError) as exc:  # no nvdisasm: the counts stay unknown
         result.ptxas_warnings.append(f"nvdisasm failed: {exc}")
     result.ok = True
@@ -390,9 +391,21 @@ def compile_job(job: Job) -> Result:
 # Report
 # ---------------------------------------------------------------------------------------------------------------
 
+SASS_KINDS = ("cut_lo", "cut_hi", "cut_lo_hi", "cut_any")  # partial-tile kinds (kernels/block_table.py)
+
+
+def sass_ratios(r: Result):
+    """(largest of the one-bound kinds cut_lo / cut_hi, largest of every partial kind) over the full tile's count."""
+    if not r.sass_full or not r.sass_kinds:
+        return None, None
+    one = [r.sass_kinds[k] for k in ("cut_lo", "cut_hi") if k in r.sass_kinds]
+    return (round(max(one) / r.sass_full, 2) if one else None), round(max(r.sass_kinds.values()) / r.sass_full, 2)
+
+
 def print_table(results: list[Result]) -> None:
     head = f"{'triton':<7} {'kernel':<18} {'sm':>3} {'dtype':<9} {'d':>4} {'flags':<13} {'config':<16} {'regs':>4} " \
-           f"{'spill st/ld':>11} {'stack':>6} {'smem KiB':>8} {'wgmma':>5} {'SASS/tile m/f':>13} {'m/f':>5}  problems"
+           f"{'spill st/ld':>11} {'stack':>6} {'smem KiB':>8} {'wgmma':>5} {'SASS/tile full|lo/hi/lohi/any':>30} " \
+           f"{'1cut/f':>6} {'max/f':>6}  problems"
     print(head)
     print("-" * len(head))
     for r in sorted(results, key=lambda r: (r.triton or "", r.kernel, -r.target, r.dtype, r.head_dim, r.flags,
@@ -400,12 +413,13 @@ def print_table(results: list[Result]) -> None:
         spill = f"{r.spill_stores}/{r.spill_loads}" if r.spill_stores is not None else "-"
         smem = f"{r.shared / 1024:.1f}" if r.shared is not None else "-"
         problems = "; ".join(r.problems) + (f" ({r.error})" if r.error else "")
-        sass = f"{r.sass_masked or '-'}/{r.sass_full or '-'}"
-        ratio = f"{r.sass_masked / r.sass_full:.2f}" if r.sass_masked and r.sass_full else "-"
+        kinds = "/".join(f"{r.sass_kinds[k]:g}" if k in r.sass_kinds else "-" for k in SASS_KINDS)
+        sass = f"{r.sass_full or '-':g}|{kinds}" if r.sass_full else f"-|{kinds}"
+        one_cut, worst = (f"{x:.2f}" if x else "-" for x in sass_ratios(r))
         print(f"{r.triton or '-':<7} {r.kernel:<18} {r.target:>3} {r.dtype:<9} {r.head_dim:>4} {r.flags:<13} {r.config:<16} "
               f"{r.registers if r.registers is not None else '-':>4} {spill:>11} "
               f"{r.stack_frame if r.stack_frame is not None else '-':>6} {smem:>8} "
-              f"{'yes' if r.wgmma else 'no':>5} {sass:>13} {ratio:>5}  {problems}")
+              f"{'yes' if r.wgmma else 'no':>5} {sass:>30} {one_cut:>6} {worst:>6}  {problems}")
 
 
 def summary(results: list[Result]) -> dict:
@@ -419,8 +433,10 @@ def summary(results: list[Result]) -> dict:
                                        for r in results),
             "no_wgmma_on_sm90_16bit": sum("no wgmma on sm_90" in r.problems for r in results),
             "c7515_warnings": sum(r.c7515 or 0 for r in results),
-            "max_sass_masked_over_full": max((round(r.sass_masked / r.sass_full, 2) for r in results
-                                              if r.sass_masked and r.sass_full), default=None),
+            "max_sass_one_cut_over_full": max((sass_ratios(r)[0] for r in results if sass_ratios(r)[0]),
+                                              default=None),
+            "max_sass_any_kind_over_full": max((sass_ratios(r)[1] for r in results if sass_ratios(r)[1]),
+                                               default=None),
             "tritons": sorted({r.triton for r in results if r.triton}),
             "failed": len(failed)}
 

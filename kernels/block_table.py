@@ -1,43 +1,49 @@
-"""Block-level visibility table of a packed TTE layout as per-block ranges (DESIGN.md §11).
+"""Block-level visibility table of a packed TTE layout, with a mask class per tile (DESIGN.md §3, §11).
 
 For a tiling of the (rows x keys) score matrix into BLOCK_M x BLOCK_N tiles, the table says, per row
-block, which key blocks hold at least one visible pair, split into *partial* ones (the per-element mask
-is needed) and *full* ones (every pair visible: no mask), and the same transposed per key block for the
-dK/dV kernel. This is FlexAttention's BlockMask (per row block the key blocks to visit and which are
-full), stored not as a list of blocks but as ranges, as FlashMask stores a mask as column bounds: for
-the TTE mask a block's visible blocks are a contiguous range with a few sub-ranges cut out, so the
-table is O(T / BLOCK) int32 whatever the sample lengths (one 128k-token sample: kilobytes, where a
-list of tiles grows with the sample's length squared), built with O(T) torch ops on the layout's device
-and no host sync, once per layout and block shape and shared by every layer and head.
+block, which key blocks hold at least one visible pair and, for each, which of the mask's tests can fail
+inside it (the tile's *kind*); and the same per key block for the dK/dV kernel. A kernel runs one loop per
+kind, compiled with only that kind's tests, so a tile cut only by the causal diagonal compares ``j < row_hi``
+and nothing else, and a tile every pair of which is visible compares nothing. This is FlexAttention's
+BlockMask (per row block the key blocks to visit, full ones apart) with FlashMask's bounds (a partial tile's
+mask from int32 bounds compared in registers), split one step further by which bound cuts the tile.
 
-Format: ``row_bounds`` is ``(row blocks, 8)`` int32, ``col_bounds`` ``(key blocks, 8)``. For one block
-the 8 non-decreasing bounds ``b0..b7`` cut ``[b0, b7)`` into seven ranges of the other side's blocks::
+Kinds (the tests a kernel applies; row i, key j; the intervals are :func:`tte_flash.mask.mask_intervals`'s)::
 
-    [b0, b1) partial   [b1, b2) full   [b2, b3) partial   [b3, b4) skipped
-    [b4, b5) partial   [b5, b6) full   [b6, b7) partial
+    FULL       0  none: every pair of the tile is visible
+    CUT_LO     1  j >= row_lo[i] only (a sample start, or a COT row that does not see its QUERY span)
+    CUT_HI     2  j < row_hi[i] only (the causal diagonal, the end of a bidirectional THINK span, T)
+    CUT_LO_HI  3  both (a tile across a sample boundary on the diagonal, short samples)
+    CUT_ANY    4  both and not gap_lo[i] <= j < gap_hi[i] (COT rows x the EMB span: the only gap)
 
-A kernel visits the partial ranges in increasing block order (its masked loop), then the full ones
-(its mask-free loop), one inner ``for`` per range (``tte_attention._segments``): two scalar loads per
-range, none per tile. The order is the one a sorted list of the same tiles would give. The key-block
-side has one full range only, and its ``b2 .. b6`` are equal: the dK/dV kernel walks b0-b1, b6-b7
-(partial) and b1-b2 (full) only.
+For a key block (the dK/dV kernel: rows that see key j are ``[col_lo[j], col_hi[j])``), CUT_LO tests
+``i >= col_lo[j]``, CUT_HI ``i < col_hi[j]``; there is no gap, so no CUT_ANY.
 
-Why ranges are exact (the intervals are :func:`tte_flash.mask.mask_intervals`'s):
+Why each kind is one or two ranges of blocks (row side; the key side is the same with rows and keys
+swapped and no gap). Over the real rows of a row block (padding rows past ``T`` are ignored: their
+outputs are never stored), let ``L = max row_lo``, ``H = min row_hi``, and ``[G0, G1)`` span every
+COT row's gap. In key block ``b`` (keys ``[b*BN, (b+1)*BN)``) the LO test can fail only if
+``b*BN < L`` (a prefix of the blocks), the HI test only if ``(b+1)*BN > H`` (a suffix: it holds
+every block past ``T``, since ``row_hi <= T``), the gap test only if the block meets ``[G0, G1)`` (a
+middle range). So of the visited range (below) the kind of block ``b`` is CUT_ANY inside the gap range,
+else FULL / CUT_LO / CUT_HI / CUT_LO_HI by the two conditions: each kind is a range minus the gap
+range, at most two ranges. A kind whose tests do not include HI holds no block past ``T``: it loads
+its tiles unmasked.
 
-* *Key block, rows that see it* (``col_bounds``): the rows that see key ``j`` are one interval
-  ``[col_lo[j], col_hi[j])`` containing ``j``; over a block of consecutive keys their union is one
-  interval, so the visited row blocks are one range, and the rows that see every key of the block (the
-  intersection) one range inside it: partial ``[b0, b1)``, full ``[b1, b2)``, partial ``[b6, b7)``, the
-  ranges between empty (``b2 == ... == b6``).
-* *Row block, keys it sees* (``row_bounds``): row ``i`` sees ``[row_lo[i], row_hi[i])`` (which contains
-  ``i``) minus the gap ``[gap_lo[i], gap_hi[i])`` (the EMB span, for COT rows only). The union over
-  consecutive rows is one interval; a key inside it is unseen only if every row whose interval holds it
-  is a COT row with it in the gap, which happens only for the EMB keys of the block's first sample when
-  the block starts inside that sample's COT span (any later sample's EMB rows are in the block, and they
-  see the EMB keys). Whole key blocks of such EMB keys are the skipped range ``[b3, b4)``. A tile is full
-  iff its keys lie in every row's interval (the intersection ``[max row_lo, min row_hi)``, empty when the
-  block spans two samples or overhangs ``T``) and outside the gap of any COT row in the block (the same
-  EMB span for all of them): two ranges, before and after that span.
+Visited blocks (every one holds a visible pair): the keys a row block sees are one interval (the union of
+its rows' intervals, each of which contains its row) except, for COT rows, the EMB gap: a key in the union
+is unseen only if every row that holds it is a COT row with it in its gap, which happens only for the EMB
+keys of the block's first sample when the block starts inside that sample's COT span (a later sample's EMB
+row is in the block and sees them). Whole key blocks of such EMB keys (inside the gap range) are left out
+of CUT_ANY's range: that range minus this *skipped* one, two ranges again.
+
+Format: ``row_bounds`` is ``(row blocks, 5 kinds x 2 ranges x 2)`` int32 and ``col_bounds`` ``(key blocks,
+4 kinds x 1 range x 2)``: for kind ``k`` and range ``r`` the other side's blocks ``[start, end)`` sit at
+``4k + 2r`` (row side) or ``2k`` (key side); an empty range is ``(0, 0)``. A kernel walks the partial kinds
+in increasing order, then FULL, each range in increasing block order: two scalar loads per range, none per tile. The
+table is O(T / BLOCK) int32 whatever the sample lengths (one 128k-token sample: kilobytes), built with O(T)
+torch ops on the layout's device and no host sync, once per layout and block shape, and shared by every
+layer and head.
 """
 from __future__ import annotations
 
@@ -45,14 +51,18 @@ from typing import NamedTuple
 
 import torch
 
-BOUNDS = 8  # int32 bounds per block
+FULL, CUT_LO, CUT_HI, CUT_LO_HI, CUT_ANY = range(5)  # tile kinds: the mask tests a tile needs (docstring)
+KIND_NAMES = {FULL: "full", CUT_LO: "cut_lo", CUT_HI: "cut_hi", CUT_LO_HI: "cut_lo_hi", CUT_ANY: "cut_any"}
+ROW_KINDS, ROW_RANGES = 5, 2  # row side: every kind, each up to two ranges (a range minus the gap range)
+COL_KINDS, COL_RANGES = 4, 1  # key side: no gap, so no CUT_ANY and one range per kind
+ROW_BOUNDS, COL_BOUNDS = ROW_KINDS * ROW_RANGES * 2, COL_KINDS * COL_RANGES * 2  # int32 per block
 
 
 class BlockTable(NamedTuple):
     block_m: int  # rows per tile
     block_n: int  # keys per tile
-    row_bounds: torch.Tensor  # (row blocks, 8) int32: key-block ranges of each row block (module docstring)
-    col_bounds: torch.Tensor  # (key blocks, 8) int32: row-block ranges of each key block
+    row_bounds: torch.Tensor  # (row blocks, 20) int32: key-block ranges of each kind per row block (docstring)
+    col_bounds: torch.Tensor  # (key blocks, 8) int32: row-block ranges of each kind per key block
     visible_pairs: torch.Tensor  # () int64: visible (row, key) pairs of the layout (all inside visited tiles)
 
 
@@ -68,23 +78,41 @@ def _ceil_div(x: torch.Tensor, d: int) -> torch.Tensor:
     return -torch.div(-x, d, rounding_mode="floor")
 
 
-def _ranges(lo: torch.Tensor, hi: torch.Tensor, block: int):
-    """Whole blocks inside the key (or row) intervals [lo, hi): (first, end), end <= first when none."""
-    return _ceil_div(lo, block), torch.div(hi, block, rounding_mode="floor")
+def _floor_div(x: torch.Tensor, d: int) -> torch.Tensor:
+    return torch.div(x, d, rounding_mode="floor")
 
 
-def _chain(v0: torch.Tensor, v1: torch.Tensor, cuts) -> torch.Tensor:
-    """(n, 8) bounds of the visited range [v0, v1) with three ordered sub-ranges cut out (full, skipped,
-    full, as (start, end) each); an empty cut collapses onto the previous bound so the bounds stay sorted."""
-    bounds, last = [v0], v0
-    for start, end in cuts:
-        start, end = torch.maximum(start, last), torch.minimum(end, v1)
-        empty = start >= end
-        start, end = torch.where(empty, last, start), torch.where(empty, last, end)
-        bounds += [start, end]
-        last = end
-    bounds.append(torch.maximum(v1, last))
-    return torch.stack(bounds, 1).to(torch.int32).contiguous()
+def _minus(start, end, cut_start, cut_end):
+    """[start, end) minus [cut_start, cut_end) as two ranges (an empty cut must be given as (big, big))."""
+    return [(start, torch.minimum(end, cut_start)), (torch.maximum(start, cut_end), end)]
+
+
+def _pack(ranges) -> torch.Tensor:
+    """(n, 2 * len(ranges)) int32 of (start, end) pairs, an empty range written (0, 0)."""
+    columns = []
+    for start, end in ranges:
+        empty = end <= start
+        columns += [torch.where(empty, 0, start), torch.where(empty, 0, end)]
+    return torch.stack(columns, 1).to(torch.int32).contiguous()
+
+
+def _kind_ranges(first, end, lo_end, hi_start):
+    """(start, end) of FULL, CUT_LO, CUT_HI, CUT_LO_HI in the visited blocks [first, end): the LO test can fail in
+    blocks < lo_end, the HI test in blocks >= hi_start."""
+    return [(torch.maximum(first, lo_end), torch.minimum(end, hi_start)),
+            (first, torch.minimum(torch.minimum(lo_end, hi_start), end)),
+            (torch.maximum(torch.maximum(lo_end, hi_start), first), end),
+            (torch.maximum(hi_start, first), torch.minimum(lo_end, end))]
+
+
+def _side(lo, hi, block: int, other: int, big: int):
+    """Per block of ``block`` tokens (real tokens only): its visited range of ``other``-blocks and the block
+    bounds of its LO / HI tests, from the token intervals [lo, hi) of the other side."""
+    first = _floor_div(_blocks(lo, block, big).amin(1), other)
+    end = _ceil_div(_blocks(hi, block, 0).amax(1), other)
+    lo_end = _ceil_div(_blocks(lo, block, 0).amax(1), other)  # LO can fail only in blocks < lo_end
+    hi_start = _floor_div(_blocks(hi, block, big).amin(1), other)  # HI can fail only in blocks >= hi_start
+    return first, end, lo_end, hi_start
 
 
 def build_block_table(row_lo, row_hi, gap_lo, gap_hi, col_lo, col_hi, block_m: int, block_n: int) -> BlockTable:
@@ -92,73 +120,85 @@ def build_block_table(row_lo, row_hi, gap_lo, gap_hi, col_lo, col_hi, block_m: i
     sees ``[row_lo, row_hi)`` minus ``[gap_lo, gap_hi)``; the rows that see key ``j`` are ``[col_lo, col_hi)``).
     O(T) time and memory, no host sync."""
     tokens = col_lo.numel()
-    big = tokens + max(block_m, block_n)  # past every bound: a padding row/key sees nothing, intersects all
+    big = tokens + max(block_m, block_n)  # past every bound: padding tokens drop out of every min / max
+    nowhere = -(-big // min(block_m, block_n)) + 1  # a block index past every block: an empty cut
     row_lo, row_hi, gap_lo, gap_hi, col_lo, col_hi = (x.long() for x in (row_lo, row_hi, gap_lo, gap_hi, col_lo,
                                                                         col_hi))
+    # row side: the four kinds of the gap-free test, minus the blocks meeting a COT row's gap (CUT_ANY)
+    first, end, lo_end, hi_start = _side(row_lo, row_hi, block_m, block_n, big)
+    has_gap = gap_hi > gap_lo
+    gap_first = _floor_div(_blocks(torch.where(has_gap, gap_lo, big), block_m, big).amin(1), block_n)
+    gap_end = _ceil_div(_blocks(torch.where(has_gap, gap_hi, 0), block_m, 0).amax(1), block_n)
+    no_gap = gap_end <= gap_first
+    gap_first, gap_end = torch.where(no_gap, nowhere, gap_first), torch.where(no_gap, nowhere, gap_end)
+    # a block starting inside a sample's COT span sees none of that sample's EMB keys: skip whole blocks of them
+    starts = torch.arange(first.numel(), device=col_lo.device) * block_m
+    skip_first = _ceil_div(gap_lo[starts], block_n) if tokens else first
+    skip_end = _floor_div(gap_hi[starts], block_n) if tokens else first
+    no_skip = skip_end <= skip_first
+    skip_first, skip_end = torch.where(no_skip, nowhere, skip_first), torch.where(no_skip, nowhere, skip_end)
+    ranges = []
+    for start, stop in _kind_ranges(first, end, lo_end, hi_start):
+        ranges += _minus(start, stop, gap_first, gap_end)
+    ranges += _minus(torch.maximum(gap_first, first), torch.minimum(gap_end, end), skip_first, skip_end)
+    row_bounds = _pack(ranges)
 
-    # per row block: the keys its rows see (union), see all (intersection), and the EMB gap of its COT rows
-    union_lo = _blocks(row_lo, block_m, big).amin(1)
-    union_hi = _blocks(row_hi, block_m, 0).amax(1)
-    common_lo = _blocks(row_lo, block_m, big).amax(1)
-    common_hi = _blocks(row_hi, block_m, 0).amin(1)  # common_lo >= common_hi: no full tile
-    emb_lo = _blocks(gap_lo, block_m, 0).amax(1)  # one sample's COT rows share one gap
-    emb_hi = _blocks(gap_hi, block_m, 0).amax(1)
-    first = torch.arange(union_lo.numel(), device=col_lo.device) * block_m  # the block's first row
-    v0, v1 = torch.div(union_lo, block_n, rounding_mode="floor"), _ceil_div(union_hi, block_n)
-    full_lo, full_hi = _ranges(common_lo, common_hi, block_n)
-    has_gap = emb_hi > emb_lo
-    before_gap_hi = torch.where(has_gap, torch.minimum(full_hi, torch.div(emb_lo, block_n, rounding_mode="floor")),
-                                full_hi)
-    after_gap_lo = torch.where(has_gap, torch.maximum(full_lo, _ceil_div(emb_hi, block_n)), full_hi)
-    # a block starting inside a sample's COT span does not see that sample's EMB keys: skip whole blocks of them
-    skip_lo, skip_hi = _ranges(gap_lo[first], gap_hi[first], block_n) if tokens else (v0, v0)
-    row_bounds = _chain(v0, v1, [(full_lo, before_gap_hi), (skip_lo, skip_hi), (after_gap_lo, full_hi)])
-
-    # per key block: the rows that see one of its keys (union), see all of them (intersection)
-    union_lo = _blocks(col_lo, block_n, big).amin(1)
-    union_hi = _blocks(col_hi, block_n, 0).amax(1)
-    full_lo, full_hi = _ranges(_blocks(col_lo, block_n, big).amax(1), _blocks(col_hi, block_n, 0).amin(1), block_m)
-    c0, c3 = torch.div(union_lo, block_m, rounding_mode="floor"), _ceil_div(union_hi, block_m)
-    col_bounds = _chain(c0, c3, [(full_lo, full_hi), (c3, c3), (c3, c3)])
-
+    # key side: rows that see key j are one interval, so no gap and one range per kind
+    col_bounds = _pack(_kind_ranges(*_side(col_lo, col_hi, block_n, block_m, big)))
     visible = (col_hi - col_lo).sum()
     return BlockTable(block_m, block_n, row_bounds, col_bounds, visible)
 
 
-def range_counts(bounds: torch.Tensor):
-    """(partial, full) blocks of each row of a bounds tensor ((n, 8) -> two (n,) int64)."""
-    b = bounds.long()
-    partial = (b[:, 1] - b[:, 0]) + (b[:, 3] - b[:, 2]) + (b[:, 5] - b[:, 4]) + (b[:, 7] - b[:, 6])
-    return partial, (b[:, 2] - b[:, 1]) + (b[:, 6] - b[:, 5])
+def _ranges(table: BlockTable, by_row: bool) -> torch.Tensor:
+    """(blocks, kinds, ranges, 2) int64 view of one side's bounds."""
+    bounds = table.row_bounds if by_row else table.col_bounds
+    kinds, ranges = (ROW_KINDS, ROW_RANGES) if by_row else (COL_KINDS, COL_RANGES)
+    return bounds.long().view(-1, kinds, ranges, 2)
+
+
+def visiting_order(by_row: bool = True) -> list:
+    """The order the kernels visit one side's kinds in: the partial kinds in increasing order, then FULL."""
+    return list(range(1, ROW_KINDS if by_row else COL_KINDS)) + [FULL]
+
+
+def kind_counts(table: BlockTable, by_row: bool = True) -> torch.Tensor:
+    """(blocks, kinds) int64: tiles of each kind per block of one side."""
+    ranges = _ranges(table, by_row)
+    return (ranges[..., 1] - ranges[..., 0]).sum(2)
 
 
 def tile_counts(table: BlockTable) -> dict:
-    """Visited / partial / full tiles and visible pairs over computed pairs (every visited tile has a visible pair)."""
-    partial, full = (int(x.sum()) for x in range_counts(table.row_bounds))
-    visited = partial + full
+    """Visited / partial / full tiles, tiles of each kind (row side) and visible pairs over computed pairs (every
+    visited tile has a visible pair)."""
+    per_kind = [int(x) for x in kind_counts(table).sum(0)] if table.row_bounds.numel() else [0] * ROW_KINDS
+    visited, full = sum(per_kind), per_kind[FULL]
     visible = int(table.visible_pairs)
     computed = visited * table.block_m * table.block_n
     return dict(block_m=table.block_m, block_n=table.block_n, visited=visited, with_visible_pair=visited,
-                partial=partial, full=full, visible_pairs=visible,
-                visible_over_computed=visible / computed if computed else 0.0)
+                partial=visited - full, full=full, **{KIND_NAMES[k]: per_kind[k] for k in KIND_NAMES if k != FULL},
+                visible_pairs=visible, visible_over_computed=visible / computed if computed else 0.0)
+
+
+def tile_kinds(table: BlockTable, by_row: bool = True):
+    """Every visited tile in a kernel's visiting order: (group, member, kind), (tiles,) int64 each, where a group is
+    a row block (``by_row``) or a key block; per group its kinds in :func:`visiting_order`, each kind's ranges in
+    order, members ascending. Materialises the tiles (O(tiles)): for tests and accounting, never on a launch path."""
+    order = torch.tensor(visiting_order(by_row))
+    ranges = _ranges(table, by_row)[:, order]
+    blocks, kinds, per_kind = ranges.shape[:3]
+    start, size = ranges[..., 0].reshape(blocks, -1), (ranges[..., 1] - ranges[..., 0]).reshape(blocks, -1)
+    slot = torch.arange(kinds * per_kind, device=ranges.device).expand(blocks, -1)
+    group = torch.arange(blocks, device=ranges.device)[:, None].expand(-1, kinds * per_kind)
+    start, size, slot, group = (x.reshape(-1) for x in (start, size, slot, group))  # (group, kind, range) order
+    tile_slot = torch.repeat_interleave(torch.arange(size.numel(), device=ranges.device), size)
+    offset = torch.arange(tile_slot.numel(), device=ranges.device) - (torch.cumsum(size, 0) - size)[tile_slot]
+    return group[tile_slot], start[tile_slot] + offset, order[torch.div(slot[tile_slot], per_kind, rounding_mode="floor")]
 
 
 def tiles(table: BlockTable, by_row: bool = True):
-    """Every visited tile in a kernel's visiting order: (group, member, full), (tiles,) each, where a group is a
-    row block (``by_row``) or a key block; per group its partial members, then its full ones, each ascending.
-    Materialises the tiles (O(tiles)): for tests and accounting, never on the launch path."""
-    bounds = (table.row_bounds if by_row else table.col_bounds).long()
-    groups = torch.arange(bounds.shape[0], device=bounds.device)
-    parts = []
-    for kind, (lo, hi) in enumerate([(0, 1), (2, 3), (4, 5), (6, 7), (1, 2), (5, 6)]):  # partial x4, full x2
-        size = bounds[:, hi] - bounds[:, lo]
-        group = torch.repeat_interleave(groups, size)
-        start = torch.cumsum(size, 0) - size
-        member = bounds[group, lo] + torch.arange(group.numel(), device=bounds.device) - start[group]
-        parts.append((group, member, torch.full_like(group, int(kind >= 4))))
-    group, member, full = (torch.cat(x) for x in zip(*parts))
-    order = torch.argsort((group * 2 + full) * (bounds.max() + 1 if bounds.numel() else 1) + member)
-    return group[order], member[order], full[order].bool()
+    """Every visited tile: (group, member, full), (tiles,) each, in the kernels' visiting order (:func:`tile_kinds`)."""
+    group, member, kind = tile_kinds(table, by_row)
+    return group, member, kind == FULL
 
 
 def tile_pairs(row_block: torch.Tensor, key_block: torch.Tensor, col_lo: torch.Tensor, col_hi: torch.Tensor,

@@ -14,21 +14,27 @@ Tiles to visit (FlexAttention's BlockMask idea)
     :func:`prepare_layout` checks the layout once per forward and keeps the mask as exact O(T) intervals
     (:func:`tte_flash.mask.mask_intervals`). Per block shape, a block table (:mod:`.block_table`, built
     on first use and cached in the :class:`KernelLayout`, so shared by every layer and head) gives for
-    each row block the key blocks holding a visible pair, partial ones apart from full ones, and the
-    same per key block, as 8 int32 range bounds per block (O(T / BLOCK) whatever the sample lengths).
-    Each kernel runs two loops, the masked one over the partial ranges and the mask-free one over the
-    full ranges (``MASKED: tl.constexpr``), each an outer loop over the ranges around an inner
-    ``for`` per range (:func:`_segments`): two scalar loads per range, no metadata load per tile.
+    each row block the key blocks holding a visible pair, grouped by *kind*: the mask tests a tile needs
+    (FULL none, CUT_LO, CUT_HI, CUT_LO_HI, CUT_ANY), and the same per key block, as int32 range bounds (20
+    per row block, 8 per key block: O(T / BLOCK) whatever the sample lengths). Each kernel runs one loop
+    per kind (``MASK: tl.constexpr``, a ``tl.static_range`` over the kinds), each over that kind's ranges:
+    two scalar loads per range, no metadata load per tile.
 
 Devices
     Every launch runs under ``torch.cuda.device(q.device)`` (:func:`_device_guard`), as FlashAttention-2
     and FlexAttention launch: on the tensors' GPU and its current stream, whichever GPU is current.
 
-Per-element mask of a partial tile (FlashMask's bounds idea)
+Per-element mask of a partial tile (FlashMask's bounds idea, one test per bound that cuts the tile)
     Compared in registers against int32 bounds loaded once per program, never per tile: in the forward
     and dQ kernels (rows fixed) key ``j`` is visible to row ``i`` iff ``row_lo[i] <= j < row_hi[i]`` and
     not ``gap_lo[i] <= j < gap_hi[i]`` (the EMB span, for COT rows); in the dK/dV kernel (keys fixed) iff
-    ``col_lo[j] <= i < col_hi[j]``. Padding rows/keys past ``T`` fall outside every interval.
+    ``col_lo[j] <= i < col_hi[j]``. A tile's loop applies only its kind's tests (:func:`_rows_see`,
+    :func:`_cols_see`: a tile on the causal diagonal compares ``j < row_hi`` alone), each as one integer
+    compare of the loop-invariant offsets within the tile against the bound shifted by the tile's start,
+    and one select, per element: the floor for a per-element mask. Kinds without the HI test never hold a
+    token past ``T`` and load unmasked. Padding rows/keys past ``T`` are never stored (their scores may be
+    unmasked in a FULL or CUT_LO tile; they stay finite). Per-tile SASS of each kind's loop, Triton 3.9 and
+    3.6: ``benchmarks/README.md`` ("Kernel design: compile-time evidence").
 
 Dtypes and head dims
     fp16 / bf16 (fp32 accumulation), fp32 (``ieee`` dot precision, i.e. no TF32) and fp64 (fp64
@@ -63,6 +69,7 @@ import triton.language as tl
 
 from tte_flash.mask import check_layout, mask_intervals
 
+from . import block_table
 from .block_table import BlockTable, build_block_table
 
 # Read once, at the same time as the kernels below are decorated (Triton decides then too).
@@ -77,53 +84,66 @@ _MAX_HEAD_DIM = 256
 # Kernels
 # ----------------------------------------------------------------------------------------------------
 
-@triton.jit
-def _rows_see(keys, row_lo, row_hi, gap_lo, gap_hi):
-    """(BLOCK_M, BLOCK_N) mask of a partial tile from the rows' key intervals ((BLOCK_M,) each)."""
-    k = keys[None, :]
-    return (k >= row_lo[:, None]) & (k < row_hi[:, None]) & ((k < gap_lo[:, None]) | (k >= gap_hi[:, None]))
+# Tile kinds of the block table (kernels/block_table.py), as constexprs the kernels can read
+FULL, CUT_LO, CUT_HI, CUT_LO_HI, CUT_ANY = (tl.constexpr(kind) for kind in (
+    block_table.FULL, block_table.CUT_LO, block_table.CUT_HI, block_table.CUT_LO_HI, block_table.CUT_ANY))
+ROW_KINDS, COL_KINDS = tl.constexpr(block_table.ROW_KINDS), tl.constexpr(block_table.COL_KINDS)
+# int32 bounds per block: a row block's kind k, range r at 4k + 2r (two ranges per kind), a key block's at 2k
+ROW_BOUND_COUNT, COL_BOUND_COUNT = tl.constexpr(block_table.ROW_BOUNDS), tl.constexpr(block_table.COL_BOUNDS)
 
 
 @triton.jit
-def _segments(MASKED: tl.constexpr, BY_ROW: tl.constexpr):
-    """Where a block's partial (``MASKED``) or full ranges sit in its 8 table bounds: ``count`` ranges, range
-    ``r`` is ``[b[first + stride * r], b[first + stride * r + 1])``, in increasing block order. A row block
-    (``BY_ROW``): partial b0-b1, b2-b3, b4-b5, b6-b7, full b1-b2, b5-b6; a key block (whose b2 .. b6 are
-    equal): partial b0-b1, b6-b7, full b1-b2. The dQ kernel unrolls the same row-block ranges instead."""
-    if BY_ROW:
-        if MASKED:
-            count, first, stride = 4, 0, 2
-        else:
-            count, first, stride = 2, 1, 4
-    else:
-        if MASKED:
-            count, first, stride = 2, 0, 6
-        else:
-            count, first, stride = 1, 1, 0
-    return count, first, stride
+def _rows_see(offs_n, n0, row_lo, row_hi, gap_lo, gap_hi, MASK: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) mask of a partial tile with keys ``n0 + offs_n`` from the rows' key intervals ((BLOCK_M,)
+    each): only the tests that can fail in a tile of kind ``MASK`` (each kind's tests in its own branch:
+    compile_check reads them). The bounds are shifted by ``n0`` per row, so each element compares the
+    loop-invariant ``offs_n`` (one integer compare and one select per element and test)."""
+    k = offs_n[None, :]
+    if MASK == CUT_LO:
+        see = k >= (row_lo - n0)[:, None]
+    elif MASK == CUT_HI:
+        see = k < (row_hi - n0)[:, None]
+    elif MASK == CUT_LO_HI:
+        see = (k >= (row_lo - n0)[:, None]) & (k < (row_hi - n0)[:, None])
+    elif MASK == CUT_ANY:
+        see = (k >= (row_lo - n0)[:, None]) & (k < (row_hi - n0)[:, None]) & (
+            (k < (gap_lo - n0)[:, None]) | (k >= (gap_hi - n0)[:, None]))
+    return see
+
+
+@triton.jit
+def _cols_see(offs_m, m0, col_lo, col_hi, MASK: tl.constexpr):
+    """(BLOCK_N, BLOCK_M) mask of a partial tile of the dK/dV kernel with rows ``m0 + offs_m`` from the keys' row
+    intervals ((BLOCK_N,) each), as :func:`_rows_see`."""
+    r = offs_m[None, :]
+    if MASK == CUT_LO:
+        see = r >= (col_lo - m0)[:, None]
+    elif MASK == CUT_HI:
+        see = r < (col_hi - m0)[:, None]
+    elif MASK == CUT_LO_HI:
+        see = (r >= (col_lo - m0)[:, None]) & (r < (col_hi - m0)[:, None])
+    return see
 
 
 @triton.jit
 def _fwd_tiles(acc, m_i, l_i, q, k_ptrs, v_ptrs, BOUNDS, offs_n, row_lo, row_hi, gap_lo, gap_hi, d_ok, T,
-               stride_kt, stride_vt, qk_scale, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+               stride_kt, stride_vt, qk_scale, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
                DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Online-softmax update of one row block over its partial (``MASKED``) or full key blocks."""
-    count, first, stride = _segments(MASKED, True)
-    for seg in range(0, count):
-        start = tl.load(BOUNDS + first + stride * seg)  # two scalar loads per range, none per tile
-        end = tl.load(BOUNDS + first + stride * seg + 1)
+    """Online-softmax update of one row block over its key blocks of kind ``MASK`` (two ranges)."""
+    for seg in range(0, 2):
+        start = tl.load(BOUNDS + 4 * MASK + 2 * seg)  # two scalar loads per range, none per tile
+        end = tl.load(BOUNDS + 4 * MASK + 2 * seg + 1)
         for block in range(start, end):
             n0 = block * BLOCK_N
-            keys = n0 + offs_n
-            if MASKED:
-                key_mask = (keys < T)[:, None] & d_ok[None, :]
-            else:  # a full tile lies inside [0, T)
+            if MASK == FULL or MASK == CUT_LO:  # no HI test: the tile lies inside [0, T)
                 key_mask = d_ok[None, :]
+            else:
+                key_mask = (offs_n < T - n0)[:, None] & d_ok[None, :]  # the tile past T
             k = tl.load(k_ptrs + n0 * stride_kt, mask=key_mask, other=0.0).to(DOT_DTYPE)
             v = tl.load(v_ptrs + n0 * stride_vt, mask=key_mask, other=0.0)
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
-            if MASKED:
-                qk = tl.where(_rows_see(keys, row_lo, row_hi, gap_lo, gap_hi), qk, float("-inf"))
+            if MASK != FULL:
+                qk = tl.where(_rows_see(offs_n, n0, row_lo, row_hi, gap_lo, gap_hi, MASK), qk, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, axis=1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
             p = tl.exp2(qk - m_safe[:, None])
@@ -158,17 +178,18 @@ def _fwd_kernel(Q, K, V, O, LSE, ROW_LO, ROW_HI, GAP_LO, GAP_HI, ROW_BOUNDS,
     row_hi = tl.load(ROW_HI + rows, mask=row_ok, other=0)
     gap_lo = tl.load(GAP_LO + rows, mask=row_ok, other=0)
     gap_hi = tl.load(GAP_HI + rows, mask=row_ok, other=0)
-    bounds = ROW_BOUNDS + 8 * row_block  # this row block's key-block ranges (kernels/block_table.py)
+    bounds = ROW_BOUNDS + ROW_BOUND_COUNT * row_block  # this row block's key-block ranges per kind
     k_ptrs = K + kv_head * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :]
     v_ptrs = V + kv_head * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :]
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC_DTYPE)
     l_i = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC_DTYPE)
-    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_ptrs, v_ptrs, bounds, offs_n, row_lo, row_hi, gap_lo, gap_hi,
-                               d_ok, T, stride_kt, stride_vt, qk_scale, BLOCK_N, True, DOT_DTYPE, DOT_PRECISION)
-    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_ptrs, v_ptrs, bounds, offs_n, row_lo, row_hi, gap_lo, gap_hi,
-                               d_ok, T, stride_kt, stride_vt, qk_scale, BLOCK_N, False, DOT_DTYPE, DOT_PRECISION)
+    for kind in tl.static_range(1, ROW_KINDS):  # one loop per partial kind, with only that kind's mask tests
+        acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_ptrs, v_ptrs, bounds, offs_n, row_lo, row_hi, gap_lo, gap_hi,
+                                   d_ok, T, stride_kt, stride_vt, qk_scale, BLOCK_N, kind, DOT_DTYPE, DOT_PRECISION)
+    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_ptrs, v_ptrs, bounds, offs_n, row_lo, row_hi, gap_lo, gap_hi, d_ok,
+                               T, stride_kt, stride_vt, qk_scale, BLOCK_N, FULL, DOT_DTYPE, DOT_PRECISION)
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # only padding rows (every real row sees itself)
     out = (acc / l_safe[:, None]).to(O.dtype.element_ty)
@@ -178,26 +199,25 @@ def _fwd_kernel(Q, K, V, O, LSE, ROW_LO, ROW_HI, GAP_LO, GAP_HI, ROW_BOUNDS,
 
 @triton.jit
 def _dq_tiles(dq, q, do, lse, delta, k_ptrs, v_ptrs, BOUNDS, offs_n, row_lo, row_hi, gap_lo, gap_hi, d_ok, T,
-              stride_kt, stride_vt, qk_scale, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, DOT_DTYPE: tl.constexpr,
+              stride_kt, stride_vt, qk_scale, BLOCK_N: tl.constexpr, MASK: tl.constexpr, DOT_DTYPE: tl.constexpr,
               DOT_PRECISION: tl.constexpr):
-    """dQ of one row block accumulated over its partial (``MASKED``) or full key blocks."""
+    """dQ of one row block accumulated over its key blocks of kind ``MASK`` (two ranges)."""
     # the ranges unrolled here (a dynamic loop over them spills at head dim 256 on sm_90, 64x16 tiles)
-    for seg in tl.static_range(0, 4 if MASKED else 2):
-        start = tl.load(BOUNDS + (0 if MASKED else 1) + (2 if MASKED else 4) * seg)  # two scalar loads per range
-        end = tl.load(BOUNDS + (1 if MASKED else 2) + (2 if MASKED else 4) * seg)
+    for seg in tl.static_range(0, 2):
+        start = tl.load(BOUNDS + 4 * MASK + 2 * seg)  # two scalar loads per range, none per tile
+        end = tl.load(BOUNDS + 4 * MASK + 2 * seg + 1)
         for block in range(start, end):
             n0 = block * BLOCK_N
-            keys = n0 + offs_n
-            if MASKED:
-                key_mask = (keys < T)[:, None] & d_ok[None, :]
-            else:
+            if MASK == FULL or MASK == CUT_LO:  # no HI test: the tile lies inside [0, T)
                 key_mask = d_ok[None, :]
+            else:
+                key_mask = (offs_n < T - n0)[:, None] & d_ok[None, :]  # the tile past T
             k = tl.load(k_ptrs + n0 * stride_kt, mask=key_mask, other=0.0).to(DOT_DTYPE)
             v = tl.load(v_ptrs + n0 * stride_vt, mask=key_mask, other=0.0).to(DOT_DTYPE)
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
             p = tl.exp2(qk - lse[:, None])
-            if MASKED:
-                p = tl.where(_rows_see(keys, row_lo, row_hi, gap_lo, gap_hi), p, 0.0)
+            if MASK != FULL:
+                p = tl.where(_rows_see(offs_n, n0, row_lo, row_hi, gap_lo, gap_hi, MASK), p, 0.0)
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
             ds = p * (dp - delta[:, None])
             dq += tl.dot(ds.to(k_ptrs.dtype.element_ty).to(DOT_DTYPE), k, input_precision=DOT_PRECISION)
@@ -234,57 +254,75 @@ def _bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, ROW_LO, ROW_HI, GAP_LO, GAP_H
     row_hi = tl.load(ROW_HI + rows, mask=row_ok, other=0)
     gap_lo = tl.load(GAP_LO + rows, mask=row_ok, other=0)
     gap_hi = tl.load(GAP_HI + rows, mask=row_ok, other=0)
-    bounds = ROW_BOUNDS + 8 * row_block  # this row block's key-block ranges (kernels/block_table.py)
+    bounds = ROW_BOUNDS + ROW_BOUND_COUNT * row_block  # this row block's key-block ranges per kind
     k_ptrs = K + kv_head * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :]
     v_ptrs = V + kv_head * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :]
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC_DTYPE)
-    dq = _dq_tiles(dq, q, do, lse, delta, k_ptrs, v_ptrs, bounds, offs_n, row_lo, row_hi, gap_lo, gap_hi, d_ok, T,
-                   stride_kt, stride_vt, qk_scale, BLOCK_N, True, DOT_DTYPE, DOT_PRECISION)
-    dq = _dq_tiles(dq, q, do, lse, delta, k_ptrs, v_ptrs, bounds, offs_n, row_lo, row_hi, gap_lo, gap_hi, d_ok, T,
-                   stride_kt, stride_vt, qk_scale, BLOCK_N, False, DOT_DTYPE, DOT_PRECISION)
+    for kind in tl.static_range(1, ROW_KINDS):  # one loop per partial kind, with only that kind's mask tests
+        dq = _dq_tiles(dq, q, do, lse, delta, k_ptrs, v_ptrs, bounds, offs_n, row_lo, row_hi, gap_lo, gap_hi, d_ok,
+                       T, stride_kt, stride_vt, qk_scale, BLOCK_N, kind, DOT_DTYPE, DOT_PRECISION)
+    dq = _dq_tiles(dq, q, do, lse, delta, k_ptrs, v_ptrs, bounds, offs_n, row_lo, row_hi, gap_lo, gap_hi, d_ok,
+                   T, stride_kt, stride_vt, qk_scale, BLOCK_N, FULL, DOT_DTYPE, DOT_PRECISION)
     dq *= sm_scale
     tl.store(DQ + head * stride_dqh + rows[:, None] * stride_dqt + offs_d[None, :], dq.to(DQ.dtype.element_ty),
              mask=row_mask)
 
 
 @triton.jit
-def _dkdv_tiles(dk, dv, k, v, q_ptrs, do_ptrs, LSE_HEAD, DELTA_HEAD, BOUNDS, offs_m, col_lo, col_hi, d_ok, T,
-                stride_qt, stride_dot, qk_scale, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
-                DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, WITH_DK: tl.constexpr, WITH_DV: tl.constexpr):
-    """dK/dV of one key block accumulated over one query head's partial (``MASKED``) or full row blocks (only dK
-    or only dV where the other flag is off: its accumulator is then carried unchanged)."""
-    count, first, stride = _segments(MASKED, False)
-    for seg in range(0, count):
-        start = tl.load(BOUNDS + first + stride * seg)  # two scalar loads per range, none per tile
-        end = tl.load(BOUNDS + first + stride * seg + 1)
-        for block in range(start, end):
-            m0 = block * BLOCK_M
-            rows = m0 + offs_m
-            if MASKED:
-                row_ok = rows < T
-                row_mask = row_ok[:, None] & d_ok[None, :]
-                lse = tl.load(LSE_HEAD + rows, mask=row_ok, other=0.0)
-            else:  # a full tile lies inside [0, T)
-                row_mask = d_ok[None, :]
-                lse = tl.load(LSE_HEAD + rows)
-            q = tl.load(q_ptrs + m0 * stride_qt, mask=row_mask, other=0.0).to(DOT_DTYPE)
-            do = tl.load(do_ptrs + m0 * stride_dot, mask=row_mask, other=0.0).to(DOT_DTYPE)
-            qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
-            p_t = tl.exp2(qk_t - lse[None, :])
-            if MASKED:
-                r = rows[None, :]
-                p_t = tl.where((r >= col_lo[:, None]) & (r < col_hi[:, None]), p_t, 0.0)
-            if WITH_DV:
-                dv += tl.dot(p_t.to(do_ptrs.dtype.element_ty).to(DOT_DTYPE), do, input_precision=DOT_PRECISION)
-            if WITH_DK:
-                if MASKED:
-                    delta = tl.load(DELTA_HEAD + rows, mask=row_ok, other=0.0)
-                else:
-                    delta = tl.load(DELTA_HEAD + rows)
-                dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-                ds_t = p_t * (dp_t - delta[None, :])
-                dk += tl.dot(ds_t.to(q_ptrs.dtype.element_ty).to(DOT_DTYPE), q, input_precision=DOT_PRECISION)
+def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, BOUNDS, offs_m, offs_d, col_lo, col_hi, d_ok, T, kv_head, split,
+                GROUP, SPLITS, stride_qt, stride_qh, stride_dot, stride_doh, qk_scale, BLOCK_M: tl.constexpr,
+                MASK: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, WITH_DK: tl.constexpr,
+                WITH_DV: tl.constexpr):
+    """dK/dV of one key block accumulated over its row blocks of kind ``MASK`` (one range) for the query heads
+    ``split``, ``split + SPLITS``, ... of its KV head's group (only dK or only dV where the other flag is off: its
+    accumulator is then carried unchanged). The head loop sits inside the kind's loop, not around the kinds'
+    loops: what each kind's tile loop keeps in registers across it is then live in that kind's loop only (around
+    four kinds it spilled)."""
+    start = tl.load(BOUNDS + 2 * MASK)  # two scalar loads per range, none per tile
+    end = tl.load(BOUNDS + 2 * MASK + 1)
+    for g in range(split, GROUP, SPLITS):
+        head = kv_head * GROUP + g
+        dk, dv = _dkdv_head_tiles(dk, dv, k, v, Q + head * stride_qh, DO + head * stride_doh, LSE + head * T,
+                                  DELTA + head * T, start, end, offs_m, offs_d, col_lo, col_hi, d_ok, T, stride_qt,
+                                  stride_dot, qk_scale, BLOCK_M, MASK, DOT_DTYPE, DOT_PRECISION, WITH_DK, WITH_DV)
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_head_tiles(dk, dv, k, v, Q_HEAD, DO_HEAD, LSE_HEAD, DELTA_HEAD, start, end, offs_m, offs_d, col_lo, col_hi,
+                     d_ok, T, stride_qt, stride_dot, qk_scale, BLOCK_M: tl.constexpr, MASK: tl.constexpr,
+                     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, WITH_DK: tl.constexpr,
+                     WITH_DV: tl.constexpr):
+    """dK/dV of one key block over one query head's row blocks ``[start, end)`` of kind ``MASK``."""
+    q_ptrs = Q_HEAD + offs_m[:, None] * stride_qt + offs_d[None, :]
+    do_ptrs = DO_HEAD + offs_m[:, None] * stride_dot + offs_d[None, :]
+    for block in range(start, end):
+        m0 = block * BLOCK_M
+        rows = m0 + offs_m
+        if MASK == FULL or MASK == CUT_LO:  # no HI test: the tile lies inside [0, T)
+            row_mask = d_ok[None, :]
+            lse = tl.load(LSE_HEAD + rows)
+        else:
+            row_ok = rows < T
+            row_mask = row_ok[:, None] & d_ok[None, :]
+            lse = tl.load(LSE_HEAD + rows, mask=row_ok, other=0.0)
+        q = tl.load(q_ptrs + m0 * stride_qt, mask=row_mask, other=0.0).to(DOT_DTYPE)
+        do = tl.load(do_ptrs + m0 * stride_dot, mask=row_mask, other=0.0).to(DOT_DTYPE)
+        qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
+        p_t = tl.exp2(qk_t - lse[None, :])
+        if MASK != FULL:
+            p_t = tl.where(_cols_see(offs_m, m0, col_lo, col_hi, MASK), p_t, 0.0)
+        if WITH_DV:
+            dv += tl.dot(p_t.to(do_ptrs.dtype.element_ty).to(DOT_DTYPE), do, input_precision=DOT_PRECISION)
+        if WITH_DK:
+            if MASK == FULL or MASK == CUT_LO:
+                delta = tl.load(DELTA_HEAD + rows)
+            else:
+                delta = tl.load(DELTA_HEAD + rows, mask=row_ok, other=0.0)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk += tl.dot(ds_t.to(q_ptrs.dtype.element_ty).to(DOT_DTYPE), q, input_precision=DOT_PRECISION)
     return dk, dv
 
 
@@ -316,20 +354,17 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, COL_LO, COL_HI, COL_BOUNDS
     v = v.to(DOT_DTYPE)
     col_lo = tl.load(COL_LO + keys, mask=key_ok, other=0)  # padding keys: empty intervals
     col_hi = tl.load(COL_HI + keys, mask=key_ok, other=0)
-    bounds = COL_BOUNDS + 8 * key_block  # this key block's row-block ranges (kernels/block_table.py)
+    bounds = COL_BOUNDS + COL_BOUND_COUNT * key_block  # this key block's row-block ranges per kind
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC_DTYPE)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC_DTYPE)
-    for g in range(split, GROUP, SPLITS):
-        head = kv_head * GROUP + g
-        q_ptrs = Q + head * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :]
-        do_ptrs = DO + head * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :]
-        dk, dv = _dkdv_tiles(dk, dv, k, v, q_ptrs, do_ptrs, LSE + head * T, DELTA + head * T, bounds, offs_m, col_lo,
-                             col_hi, d_ok, T, stride_qt, stride_dot, qk_scale, BLOCK_M, True, DOT_DTYPE, DOT_PRECISION,
-                             WITH_DK, WITH_DV)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, q_ptrs, do_ptrs, LSE + head * T, DELTA + head * T, bounds, offs_m, col_lo,
-                             col_hi, d_ok, T, stride_qt, stride_dot, qk_scale, BLOCK_M, False, DOT_DTYPE,
-                             DOT_PRECISION, WITH_DK, WITH_DV)
+    for kind in tl.static_range(1, COL_KINDS):  # one loop per partial kind, with only that kind's mask tests
+        dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, bounds, offs_m, offs_d, col_lo, col_hi, d_ok, T,
+                             kv_head, split, GROUP, SPLITS, stride_qt, stride_qh, stride_dot, stride_doh, qk_scale,
+                             BLOCK_M, kind, DOT_DTYPE, DOT_PRECISION, WITH_DK, WITH_DV)
+    dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, bounds, offs_m, offs_d, col_lo, col_hi, d_ok, T, kv_head,
+                         split, GROUP, SPLITS, stride_qt, stride_qh, stride_dot, stride_doh, qk_scale, BLOCK_M, FULL,
+                         DOT_DTYPE, DOT_PRECISION, WITH_DK, WITH_DV)
 
     if WITH_DK:
         dk *= sm_scale
@@ -452,7 +487,8 @@ class KernelConfig(NamedTuple):
 # registers / spills / shared memory for sm_90 and sm_80 (no GPU timing yet). fp32 and fp64 tiles are
 # smaller: their operands take 2-4x the shared memory and registers of 16-bit ones.
 _CONFIGS = {
-    ("fwd", 2): ((128, KernelConfig(128, 64, 8, 3)), (256, KernelConfig(64, 32, 4, 2))),
+    # d256: 64x32 w4 spilled 40 B with Triton 3.9 once each tile kind had its own loop (128x32 w8: 236 registers)
+    ("fwd", 2): ((128, KernelConfig(128, 64, 8, 3)), (256, KernelConfig(128, 32, 8, 2))),
     ("dq", 2): ((64, KernelConfig(128, 64, 8, 2)), (128, KernelConfig(128, 32, 8, 2)),
                 (256, KernelConfig(64, 32, 8, 2))),  # d256: 64x16 w4 spilled 112 B with Triton 3.6
     # dK/dV: keys are the wgmma M side (64 rows a warpgroup): FA3's 128 keys x 64 queries at d64, 128 x 32 at d128

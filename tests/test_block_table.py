@@ -1,7 +1,8 @@
 """The kernels' block table (``tte_flash.kernels.block_table``) as ranges equals the tile lists of the
 earlier construction (kept below as the reference: one entry per (key, row block) pair a key's rows
-touch, O(sum of sample lengths squared)), tile by tile, in the kernels' visiting order, with the same
-full/partial split and pair counts, on random packed layouts; and it stays O(T) for one long sample.
+touch, O(sum of sample lengths squared)), tile by tile, with the same full/partial split and pair counts,
+on random packed layouts; each tile's kind (the mask tests a kernel applies to it) gives exactly the dense
+mask on it; and the table stays O(T) for one long sample.
 
 No kernel launch here: the table is pure torch arithmetic (the kernel's use of it is tested against the
 float64 oracle in ``test_kernel.py``).
@@ -11,7 +12,9 @@ import random
 import pytest
 import torch
 
-from tte_flash.kernels.block_table import build_block_table, tile_counts, tile_pairs, tiles
+from tte_flash.kernels.block_table import (COL_BOUNDS, CUT_ANY, CUT_HI, CUT_LO, CUT_LO_HI, FULL, KIND_NAMES,
+                                          ROW_BOUNDS, build_block_table, tile_counts, tile_kinds, tile_pairs,
+                                          tiles)
 from tte_flash.mask import COT, EMB, QUERY, THINK, dense_mask, mask_intervals
 
 BLOCKS = [(16, 16), (32, 16), (16, 32), (64, 32), (128, 64), (16, 64), (128, 32)]
@@ -35,7 +38,8 @@ def intervals(samples, think_bidirectional, cot_sees_query):
 
 def reference_tiles(col_lo, col_hi, block_m, block_n):
     """The earlier builder: every (key, row block) pair a key's row interval touches, summed per tile.
-    Returns (row side, key side, pairs): [(group, member, full)] per side, each group's partial members
+    Returns (row side, key side, pairs): [(group, member, full)] per side (full: every pair of the tile's real
+    rows and keys visible, its member block inside T), each group's partial members
     then its full ones, ascending; and the visible pairs of each row-side tile."""
     tokens = col_lo.numel()
     col_lo, col_hi = col_lo.long(), col_hi.long()
@@ -49,11 +53,17 @@ def reference_tiles(col_lo, col_hi, block_m, block_n):
     overlap = torch.minimum(col_hi[key], m0 + block_m) - torch.maximum(col_lo[key], m0)
     tile, inverse = torch.unique(row_block * key_blocks + key // block_n, sorted=True, return_inverse=True)
     pairs = torch.zeros(tile.numel(), dtype=torch.long).index_add_(0, inverse, overlap)
-    full = (pairs == block_m * block_n).tolist()
-    rows, keys = (tile // key_blocks).tolist(), (tile % key_blocks).tolist()
+    rows, keys = tile // key_blocks, tile % key_blocks
+    # full: every pair of its real rows and keys visible (padding past T is never stored, so never masked), and
+    # the blocks a program loads per tile (key blocks for a row block, row blocks for a key block) inside T
+    all_real = pairs == torch.clamp(tokens - rows * block_m, max=block_m) * torch.clamp(tokens - keys * block_n,
+                                                                                          max=block_n)
+    full_by_row = (all_real & ((keys + 1) * block_n <= tokens)).tolist()
+    full_by_key = (all_real & ((rows + 1) * block_m <= tokens)).tolist()
+    rows, keys = rows.tolist(), keys.tolist()
     pairs_of = dict(zip(zip(rows, keys), pairs.tolist()))
-    by_row = sorted(zip(rows, keys, full), key=lambda t: (t[0], t[2], t[1]))
-    by_key = sorted(zip(keys, rows, full), key=lambda t: (t[0], t[2], t[1]))
+    by_row = sorted(zip(rows, keys, full_by_row), key=lambda t: (t[0], t[2], t[1]))
+    by_key = sorted(zip(keys, rows, full_by_key), key=lambda t: (t[0], t[2], t[1]))
     return by_row, by_key, [pairs_of[r, k] for r, k, _ in by_row]
 
 
@@ -61,8 +71,9 @@ def assert_table_equals_reference(samples, think_bidirectional, cot_sees_query, 
     bounds = intervals(samples, think_bidirectional, cot_sees_query)
     table = build_block_table(*bounds, block_m, block_n)
     by_row, by_key, pairs = reference_tiles(bounds[4], bounds[5], block_m, block_n)
-    got_row = list(zip(*(x.tolist() for x in tiles(table, by_row=True))))
-    got_key = list(zip(*(x.tolist() for x in tiles(table, by_row=False))))
+    # the same tiles, each once; compared in the reference's order (per group partial then full, ascending)
+    got_row = sorted(zip(*(x.tolist() for x in tiles(table, by_row=True))), key=lambda t: (t[0], t[2], t[1]))
+    got_key = sorted(zip(*(x.tolist() for x in tiles(table, by_row=False))), key=lambda t: (t[0], t[2], t[1]))
     context = f"{samples} bidir={think_bidirectional} cot_sees_query={cot_sees_query} {block_m}x{block_n}"
     assert got_row == by_row, context
     assert got_key == by_key, context
@@ -72,12 +83,53 @@ def assert_table_equals_reference(samples, think_bidirectional, cot_sees_query, 
     assert counts["visited"] == len(by_row) and counts["full"] == sum(f for *_, f in by_row), context
     assert counts["visible_pairs"] == sum(pairs), context
     tokens = bounds[0].numel()
-    assert table.row_bounds.shape == (-(-tokens // block_m), 8) and table.col_bounds.shape == (-(-tokens // block_n), 8)
-    for b in (table.row_bounds, table.col_bounds):
-        assert b.dtype == torch.int32 and (b.diff(dim=1) >= 0).all(), context
-    # the dK/dV kernel walks a key block's b0-b1, b6-b7 (partial) and b1-b2 (full) only
-    assert (table.col_bounds[:, 2:7] == table.col_bounds[:, 2:3]).all(), context
+    assert table.row_bounds.shape == (-(-tokens // block_m), ROW_BOUNDS)
+    assert table.col_bounds.shape == (-(-tokens // block_n), COL_BOUNDS)
+    for b in (table.row_bounds, table.col_bounds):  # (start, end) pairs, an empty range written (0, 0)
+        start, end = b.long().view(b.shape[0], -1, 2).unbind(-1)
+        assert b.dtype == torch.int32 and ((end > start) | ((start == 0) & (end == 0))).all(), context
+    if tokens <= 600:  # tile by tile in Python: the long layouts are checked for their structure only
+        assert_kinds_give_the_dense_mask(samples, think_bidirectional, cot_sees_query, table)
     return table
+
+
+def kind_mask(kind, lo, hi, gap_lo=None, gap_hi=None):
+    """The tests a kernel applies to a tile of ``kind``: (rows, keys) bool from the rows' [lo, hi) bounds relative
+    to the tile's keys (or, on the key side, the keys' bounds relative to its rows), as the kernels write them."""
+    offsets = torch.arange(lo.shape[1])[None, :]
+    see = torch.ones(lo.shape, dtype=torch.bool)
+    if kind in (CUT_LO, CUT_LO_HI, CUT_ANY):
+        see &= offsets >= lo
+    if kind in (CUT_HI, CUT_LO_HI, CUT_ANY):
+        see &= offsets < hi
+    if kind == CUT_ANY:
+        see &= (offsets < gap_lo) | (offsets >= gap_hi)
+    return see
+
+
+def assert_kinds_give_the_dense_mask(samples, think_bidirectional, cot_sees_query, table):
+    """Every visited tile, both sides: its kind's tests alone give the dense mask on its real rows and keys; a kind
+    without the HI test never holds a token past T (its loads are unmasked)."""
+    seq, types = layout(samples)
+    tokens, block_m, block_n = seq.numel(), table.block_m, table.block_n
+    mask = dense_mask(seq, types, think_bidirectional=think_bidirectional, cot_sees_query=cot_sees_query)
+    row_lo, row_hi, gap_lo, gap_hi, col_lo, col_hi = (x.long() for x in intervals(samples, think_bidirectional,
+                                                                                   cot_sees_query))
+    context = f"{samples} bidir={think_bidirectional} cot_sees_query={cot_sees_query} {block_m}x{block_n}"
+    for row_block, key_block, kind in zip(*(x.tolist() for x in tile_kinds(table, by_row=True))):
+        rows = torch.arange(row_block * block_m, min(row_block * block_m + block_m, tokens))  # real rows only
+        n0 = key_block * block_n
+        keys = torch.arange(n0, min(n0 + block_n, tokens))
+        assert kind in (CUT_HI, CUT_LO_HI, CUT_ANY) or n0 + block_n <= tokens, (context, row_block, key_block, kind)
+        got = kind_mask(kind, *(x[rows, None].expand(-1, block_n) - n0 for x in (row_lo, row_hi, gap_lo, gap_hi)))
+        assert torch.equal(got[:, :keys.numel()], mask[rows][:, keys]), (context, row_block, key_block, kind)
+    for key_block, row_block, kind in zip(*(x.tolist() for x in tile_kinds(table, by_row=False))):
+        keys = torch.arange(key_block * block_n, min(key_block * block_n + block_n, tokens))
+        m0 = row_block * block_m
+        rows = torch.arange(m0, min(m0 + block_m, tokens))
+        assert kind in (CUT_HI, CUT_LO_HI) or m0 + block_m <= tokens, (context, row_block, key_block, kind)
+        got = kind_mask(kind, *(x[keys, None].expand(-1, block_m) - m0 for x in (col_lo, col_hi)))  # (keys, rows)
+        assert torch.equal(got[:, :rows.numel()], mask[rows][:, keys].T), (context, row_block, key_block, kind)
 
 
 def random_samples(rng, tokens=None):
@@ -146,7 +198,9 @@ def test_matches_the_dense_mask_tile_by_tile():
                 pairs = padded.view(rows // block_m, block_m, keys // block_n, block_n).sum((1, 3))
                 row, key, full = tiles(table)
                 assert sorted(map(list, zip(row.tolist(), key.tolist()))) == pairs.nonzero().tolist()
-                assert full.tolist() == (pairs[row, key] == block_m * block_n).tolist()
+                real = (tokens - row * block_m).clamp(max=block_m) * (tokens - key * block_n).clamp(max=block_n)
+                inside = (key + 1) * block_n <= tokens  # a full tile's keys are loaded unmasked
+                assert full.tolist() == ((pairs[row, key] == real) & inside).tolist()
 
 
 @pytest.mark.parametrize("block_m, block_n", [(16, 16), (16, 64), (128, 64)])
@@ -157,8 +211,10 @@ def test_128k_token_sample_is_o_of_t(block_m, block_n):
     tokens = 131072
     table = build_block_table(*intervals([(tokens, 0, 0, 0)], False, True), block_m, block_n)
     size = sum(x.numel() * x.element_size() for x in (table.row_bounds, table.col_bounds))
-    assert size == 8 * 4 * (tokens // block_m + tokens // block_n) < 1 << 20
+    assert size == 4 * (ROW_BOUNDS * tokens // block_m + COL_BOUNDS * tokens // block_n) < 1 << 20
     counts = tile_counts(table)
+    # one causal sample: only the diagonal cuts a tile, so every partial tile tests j < row_hi only
+    assert counts["cut_hi"] == counts["partial"] > 0 and counts["cut_lo"] == counts["cut_lo_hi"] == 0
     rows = tokens // block_m
     visited = sum(-(-(r + 1) * block_m // block_n) for r in range(rows))
     full = sum(r * block_m // block_n for r in range(rows))  # key blocks wholly at or before the block's first row
@@ -168,5 +224,23 @@ def test_128k_token_sample_is_o_of_t(block_m, block_n):
 
 def test_empty_layout():
     table = build_block_table(*intervals([], False, True), 16, 16)
-    assert table.row_bounds.shape == (0, 8) and table.col_bounds.shape == (0, 8)
+    assert table.row_bounds.shape == (0, ROW_BOUNDS) and table.col_bounds.shape == (0, COL_BOUNDS)
     assert tile_counts(table)["visited"] == 0
+
+
+@pytest.mark.parametrize("samples, think_bidirectional, cot_sees_query, block_m, block_n, kinds", [
+    # packed causal samples of odd lengths: the diagonal (HI), sample starts (LO), both where a row block spans two
+    ([(37, 0, 0, 0), (90, 0, 0, 0), (41, 0, 0, 0)], False, True, 32, 16, {FULL, CUT_LO, CUT_HI, CUT_LO_HI}),
+    # COT rows far from their EMB key: the gap alone (CUT_ANY) in the EMB key block
+    ([(40, 8, 1, 70)], False, True, 16, 16, {FULL, CUT_HI, CUT_ANY}),
+    # COT rows that do not see the query: their row_lo is the THINK start (LO inside one sample)
+    ([(40, 8, 1, 70)], False, False, 16, 16, {FULL, CUT_LO, CUT_HI, CUT_ANY}),
+    # bidirectional THINK: a THINK row's row_hi is the THINK end (HI past the diagonal)
+    ([(17, 33, 1, 0)], True, True, 16, 16, {FULL, CUT_HI}),
+])
+def test_each_kind_arises_and_is_exact(samples, think_bidirectional, cot_sees_query, block_m, block_n, kinds):
+    """Layouts chosen to produce each tile kind: they appear (row side), and each gives the dense mask exactly."""
+    table = assert_table_equals_reference(samples, think_bidirectional, cot_sees_query, block_m, block_n)
+    counts = tile_counts(table)
+    assert {kind for kind, name in KIND_NAMES.items() if counts.get(name, counts["full"] if kind == FULL else 0)} \
+        == kinds, counts

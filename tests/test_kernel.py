@@ -24,7 +24,8 @@ from hypothesis import example, given, settings, strategies as st  # noqa: E402
 
 from tte_flash.attention import reference_attention  # noqa: E402
 from tte_flash.kernels import prepare_layout, tte_attention, tte_attention_with_layout  # noqa: E402
-from tte_flash.kernels.block_table import tile_counts, tile_pairs, tiles  # noqa: E402
+from tte_flash.kernels.block_table import (COL_BOUNDS, ROW_BOUNDS, tile_counts, tile_kinds, tile_pairs,  # noqa: E402
+                                          tiles)
 from tte_flash.mask import COT, EMB, QUERY, THINK, dense_mask  # noqa: E402
 
 # the module (its name is shadowed by the function in tte_flash.kernels): internal launchers and bounds
@@ -135,6 +136,41 @@ def test_long_sample_group1_d64_fp32(samples, think_bidirectional, cot_sees_quer
             return _launch_with(q, k, v, kernel_module.prepare_layout(seq_ids, token_types, **options), blocks)
     assert_matches_oracle(samples, 2, 2, 64, torch.float32, think_bidirectional=think_bidirectional,
                           cot_sees_query=cot_sees_query, attention=attention)
+
+
+# (samples, think_bidirectional, cot_sees_query, blocks, (Hq, Hkv, D), row-side kinds, key-side kinds): layouts chosen
+# so that, together, every tile kind runs in every kernel (FULL 0, CUT_LO 1, CUT_HI 2, CUT_LO_HI 3, CUT_ANY 4)
+KIND_CASES = [
+    # packed causal samples, T = 128 (a multiple of 16), GROUP=1, head dim 64: sample starts (LO), the diagonal (HI),
+    # both where a block spans two samples
+    ([(37, 0, 0, 0), (50, 0, 0, 0), (41, 0, 0, 0)], False, True, (16, 16), (2, 2, 64), {0, 1, 2, 3}, {0, 1, 2, 3}),
+    # odd lengths, T = 53 (the last tiles overhang T), GQA 2
+    ([(23, 0, 0, 0), (9, 0, 0, 0), (21, 0, 0, 0)], False, True, (16, 16), (4, 2, 32), {0, 1, 2, 3}, {1, 2, 3}),
+    # one sample with a long COT: the EMB gap (ANY), COT rows that do not see the query (LO in one sample),
+    # bidirectional THINK (HI past the diagonal); every row-side kind at 32 x 16
+    ([(40, 8, 1, 70)], True, False, (32, 16), (3, 1, 32), {0, 1, 2, 3, 4}, {1, 2, 3}),
+    ([(40, 8, 1, 70)], False, True, (16, 16), (6, 1, 16), {0, 2, 4}, {0, 1, 2, 3}),
+    ([(17, 33, 1, 0), (5, 3, 1, 7)], True, True, (16, 32), (2, 1, 32), {0, 1, 2, 4}, {0, 1, 2, 3}),
+]
+
+
+@pytest.mark.parametrize("samples, think_bidirectional, cot_sees_query, blocks, heads, row_kinds, key_kinds",
+                         KIND_CASES)
+def test_every_tile_kind_matches_the_oracle(samples, think_bidirectional, cot_sees_query, blocks, heads, row_kinds,
+                                            key_kinds):
+    """Each tile kind runs its own loop with only its mask tests (kernels/block_table.py): the layouts here make
+    every kind occur on both sides (checked from the table the launch uses), and forward and gradients match the
+    float64 oracle on the dense mask."""
+    seq_ids, token_types = build_layout(samples)
+    options = dict(think_bidirectional=think_bidirectional, cot_sees_query=cot_sees_query)
+    table = kernel_module.prepare_layout(seq_ids, token_types, **options).block_table(*blocks)
+    assert set(tile_kinds(table, by_row=True)[2].tolist()) == row_kinds
+    assert set(tile_kinds(table, by_row=False)[2].tolist()) == key_kinds
+
+    def attention(q, k, v, seq_ids, token_types, **options):
+        layout = kernel_module.prepare_layout(seq_ids, token_types, **options)
+        return _launch_with(q, k, v, layout, {"BLOCK_M": blocks[0], "BLOCK_N": blocks[1]})
+    assert_matches_oracle(samples, *heads, torch.float32, **options, attention=attention)
 
 
 def test_launches_run_under_the_tensors_device(monkeypatch):
@@ -289,8 +325,8 @@ def table_lists(table, by_row):
 @example(samples=[(3, 2, 40, 35), (2, 0, 20, 5)], think_bidirectional=True, cot_sees_query=False, blocks=(16, 16))
 @example(samples=[(30, 0, 33, 40)], think_bidirectional=False, cot_sees_query=True, blocks=(16, 16))
 def test_block_table_visits_exactly_the_nonempty_tiles(samples, think_bidirectional, cot_sees_query, blocks):
-    """The block table lists every tile with a visible pair and no other, each once per direction, sorted;
-    a tile listed full has every pair visible (none past the last token), a partial one does not; the
+    """The block table lists every tile with a visible pair and no other, each once per direction;
+    a tile listed full has every pair of its real rows and keys visible, a partial one does not; the
     pair counts are the dense mask's. Work scales with visible pairs, and full tiles need no mask."""
     seq_ids, token_types = build_layout(samples)
     mask = dense_mask(seq_ids, token_types, think_bidirectional=think_bidirectional, cot_sees_query=cot_sees_query)
@@ -300,20 +336,27 @@ def test_block_table_visits_exactly_the_nonempty_tiles(samples, think_bidirectio
                             cot_sees_query=cot_sees_query)
     table = layout.block_table(block_m, block_n)
     assert layout.block_table(block_m, block_n) is table  # built once, shared by every layer and head
+    real = torch.tensor([[min(block_m, len(seq_ids) - r * block_m) * min(block_n, len(seq_ids) - c * block_n)
+                          for c in range(pairs.shape[1])] for r in range(pairs.shape[0])], dtype=torch.long)
     expected = {(kind, r, c) for r, c in pairs.nonzero().tolist()
-                for kind in ["full" if pairs[r, c] == block_m * block_n else "partial"]}
+                for kind in ["full" if pairs[r, c] == real[r, c] else "partial"]}
     by_row, by_col = table_lists(table, by_row=True), table_lists(table, by_row=False)
     assert len(by_row) == 2 * pairs.shape[0] and len(by_col) == 2 * pairs.shape[1]
-    for lists in (by_row, by_col):
-        assert all(members == sorted(set(members)) for members in lists.values())
-    assert {(kind, r, c) for (r, kind), cs in by_row.items() for c in cs} == expected
-    assert {(kind, r, c) for (c, kind), rs in by_col.items() for r in rs} == expected
+    for lists in (by_row, by_col):  # each tile once
+        assert all(len(members) == len(set(members)) for members in lists.values())
+    # full: every pair of the tile's real rows and keys visible, and the blocks a program loads per tile inside T
+    # (key blocks for a row block, row blocks for a key block): those are loaded unmasked
+    tokens = len(seq_ids)
+    assert {(kind, r, c) for (r, kind), cs in by_row.items() for c in cs} == {
+        ("full" if kind == "full" and (c + 1) * block_n <= tokens else "partial", r, c) for kind, r, c in expected}
+    assert {(kind, r, c) for (c, kind), rs in by_col.items() for r in rs} == {
+        ("full" if kind == "full" and (r + 1) * block_m <= tokens else "partial", r, c) for kind, r, c in expected}
     visited = [(r, c) for r in range(pairs.shape[0]) for kind in ("partial", "full") for c in by_row[r, kind]]
     rows, keys = torch.tensor(visited, dtype=torch.long).view(-1, 2).T
     assert tile_pairs(rows, keys, layout.q_lo, layout.q_hi, block_m, block_n).tolist() == [
         int(pairs[r, c]) for r, c in visited]
-    for bounds in (table.row_bounds, table.col_bounds):  # 8 sorted int32 bounds per block, O(T) in all
-        assert bounds.dtype == torch.int32 and bounds.shape[1] == 8 and (bounds.diff(dim=1) >= 0).all()
+    for bounds, count in ((table.row_bounds, ROW_BOUNDS), (table.col_bounds, COL_BOUNDS)):  # O(T) in all
+        assert bounds.dtype == torch.int32 and bounds.shape[1] == count
     counts = tile_counts(table)
     assert counts["visible_pairs"] == int(mask.sum()) and counts["visited"] == int((pairs > 0).sum())
 
@@ -578,6 +621,8 @@ def test_flash_numerics_is_the_interpreted_kernel():
     exact = flash_numerics(*inputs, mask, 32 ** -0.5, rounded=torch.float64)
     for name, got, emu, ref in zip(("out", "dq", "dk", "dv"), kernel, truncated, exact):
         size = float(ref.abs().max())
-        gap, err = float((got.double() - emu).abs().max()), float((got.double() - ref).abs().max())
-        assert gap <= 2 ** -7 * size, (name, gap, size)  # a bf16 unit at the largest value
-        assert gap < 0.5 * err, (name, gap, err)
+        gap, err = (got.double() - emu).abs(), (got.double() - ref).abs()
+        assert float(gap.max()) <= 2 ** -7 * size, (name, float(gap.max()), size)  # a bf16 unit at the largest value
+        # far closer on average: the order the kernel visits tiles in (not modelled) flips single bf16 units at a
+        # few elements, which a max cannot tell from a modelling error (the mean ratio is ~0.05 here)
+        assert float(gap.mean()) < 0.2 * float(err.mean()), (name, float(gap.mean()), float(err.mean()))
