@@ -5,7 +5,9 @@ Triton compiles for a target with no driver (DESIGN.md §11): this script drives
 reports the target, intercepts every launch before compilation (so the signature, constexprs, alignment
 specialisation and autotune configs are exactly those of a real launch), then compiles each one with
 ``triton.compile`` and reads the result: registers, spill bytes and stack frame (from the ``ptxas -v`` log of
-Triton's own ptxas), shared memory (kernel metadata) and whether the TTGIR uses wgmma (Hopper tensor cores).
+Triton's own ptxas), shared memory (kernel metadata) and whether the TTGIR uses wgmma (Hopper tensor cores), and the
+SASS instructions per tile of each tile kind's loop (``nvdisasm``; :func:`sass_tile_loops`): the full tile's and each
+partial kind's (cut_lo, cut_hi, cut_lo_hi, cut_any: ``kernels/block_table.py``), their largest ratios in the summary.
 
 It fails (exit status 1) on a compile error, a spill on sm_90 in a shipped (16-bit) config, an sm_90 16-bit
 launch without wgmma, a ptxas warning C7515 (wgmma serialised), or shared memory over the target's per-block
@@ -155,18 +157,21 @@ def _config_label(fn, constexprs, options) -> str:
     blocks = "x".join(str(named[k]) for k in ("BLOCK_M", "BLOCK_N") if k in named) or "-"
     grads = "".join(name for name, flag in (("dK", "WITH_DK"), ("dV", "WITH_DV")) if named.get(flag))
     part = f" {grads}" if grads in ("dK", "dV") else ""  # one of the two launches of a split dK/dV
+    part += "".join(f" {label}" for label, flag in (("tma", "TMA"), ("ws", "WARP_SPECIALIZE")) if named.get(flag))
     return f"{blocks} w{options.num_warps} s{options.num_stages}{part}"
 
 
 def parse_config(text: str):
-    """``dkdv=64x32/w4/s2`` -> ("dkdv", (64, 32, 4, 2)): a what-if launch config (``--config``); a dK/dV config may
-    end in ``/l2``: dV and dK in two launches."""
-    match = re.fullmatch(r"(fwd|dq|dkdv)=(\d+)x(\d+)/w(\d+)/s(\d+)(?:/l([12]))?", text)
-    if not match:
-        raise argparse.ArgumentTypeError(f"expected KERNEL=BLOCK_MxBLOCK_N/wWARPS/sSTAGES[/lLAUNCHES] (KERNEL in fwd, "
-                                         f"dq, dkdv), got {text!r}")
-    name, *numbers = match.groups()
-    return name, tuple(int(x) for x in numbers if x is not None)
+    """``dkdv=64x32/w4/s2`` -> ("dkdv", (64, 32, 4, 2, 1)): a what-if launch config (``--config``); a dK/dV config
+    may end in ``/l2`` (dV and dK in two launches), a forward one in ``/tma`` (K/V by TMA descriptors) and ``/ws``
+    (warp-specialised tile loops): (..., tma, warp_specialize) appended."""
+    match = re.fullmatch(r"(fwd|dq|dkdv)=(\d+)x(\d+)/w(\d+)/s(\d+)(?:/l([12]))?(/tma)?(/ws)?", text)
+    if not match or (match.group(1) != "fwd" and (match.group(7) or match.group(8))):
+        raise argparse.ArgumentTypeError(f"expected KERNEL=BLOCK_MxBLOCK_N/wWARPS/sSTAGES[/lLAUNCHES][/tma][/ws] (KERNEL "
+                                         f"in fwd, dq, dkdv; /tma, /ws: forward only), got {text!r}")
+    name, *numbers, tma, ws = match.groups()
+    config = tuple(int(x) for x in numbers[:4]) + (int(numbers[4] or 1),)
+    return name, config + ((bool(tma), bool(ws)) if tma or ws else ())
 
 
 @contextlib.contextmanager
@@ -237,6 +242,7 @@ _PTXAS_C7515 = re.compile(r"C7515")
 _SASS_INSTRUCTION = re.compile(r"^\s*/\*([0-9a-f]+)\*/\s+(.*?)\s*;")
 _SASS_LABEL = re.compile(r"^(\.L_x_\d+):")
 _SASS_BRANCH = re.compile(r"\bBRA\b.*`\((\.L_x_\d+)\)")
+_SASS_MATH = re.compile(r"^(?:@!?U?P\w+\s+)?(?:HGMMA|HMMA|IMMA|DMMA|FFMA|DFMA|FMUL|DMUL)\b")  # a tile's arithmetic
 _SASS_LINE = re.compile(r'//## File "(.+?)", line (\d+)(?: inlined at "(.+?)", line (\d+))?')
 
 
@@ -267,7 +273,9 @@ def mask_kind_lines(path: str, namespace: dict) -> dict:
 def sass_tile_loops(sass: str, source: str, lines: dict, full: int = 0) -> dict:
     """SASS instructions per tile of each tile kind's loop, {kind: count}, from ``nvdisasm -c -gi`` output.
 
-    A tile loop is an innermost SASS loop (a backward branch whose body holds no other loop). Its kind is the one
+    A tile loop is an innermost SASS loop (a backward branch) that does arithmetic (an MMA, FMA or FMUL: a TMA
+    barrier's wait loop inside a tile loop does none, and is neither counted nor makes the tile loop an outer
+    one); the body's instructions are counted once, wait loop included. Its kind is the one
     whose ``if MASK == kind:`` lines (``lines["kinds"]``, :func:`mask_kind_lines`) it runs, or ``full`` where it runs
     none of them but runs lines of a tile function (``lines["tiles"]``); a loop that runs the lines of two kinds is
     left out. The line info of each instruction is the ``//## File ..., line N [inlined at ..., line M]`` comments
@@ -297,16 +305,18 @@ def sass_tile_loops(sass: str, source: str, lines: dict, full: int = 0) -> dict:
         for name in pending_labels:
             labels[name] = address
         pending_labels = []
-        instructions.append((address, frozenset(current)))
+        instructions.append((address, frozenset(current), bool(_SASS_MATH.search(instruction.group(2)))))
         branch = _SASS_BRANCH.search(instruction.group(2))
         if branch:
             branches.append((address, branch.group(1)))
     loops = {(labels[target], address) for address, target in branches
              if target in labels and labels[target] < address}
+    # a tile loop does math (a wait loop on a TMA barrier inside it does not, and does not make it an outer loop)
+    loops = {(s, e) for s, e in loops if any(math for address, _, math in instructions if s <= address <= e)}
     innermost = [(s, e) for s, e in loops if not any((s2, e2) != (s, e) and s <= s2 and e2 <= e for s2, e2 in loops)]
     counts: dict = {}
     for start, end in sorted(innermost):
-        body = [seen for address, seen in instructions if start <= address <= end]
+        body = [seen for address, seen, _ in instructions if start <= address <= end]
         seen_lines = set().union(*body)
         kinds = {lines["kinds"][n] for n in seen_lines if n in lines["kinds"]}
         if not kinds and seen_lines & lines["tiles"]:

@@ -126,21 +126,28 @@ def _cols_see(offs_m, m0, col_lo, col_hi, MASK: tl.constexpr):
 
 
 @triton.jit
-def _fwd_tiles(acc, m_i, l_i, q, k_ptrs, v_ptrs, BOUNDS, offs_n, row_lo, row_hi, gap_lo, gap_hi, d_ok, T,
+def _fwd_tiles(acc, m_i, l_i, q, k_src, v_src, BOUNDS, offs_n, row_lo, row_hi, gap_lo, gap_hi, d_ok, T,
                stride_kt, stride_vt, qk_scale, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
-               DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Online-softmax update of one row block over its key blocks of kind ``MASK`` (two ranges)."""
+               DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr = False,
+               WARP_SPECIALIZE: tl.constexpr = False):
+    """Online-softmax update of one row block over its key blocks of kind ``MASK`` (two ranges). K/V come from
+    pointers (``k_src``/``v_src`` the first tile's) or, with ``TMA``, from tensor descriptors (TMA loads: rows past
+    ``T`` read as zeros, no mask); ``WARP_SPECIALIZE`` asks Triton for producer/consumer warps in the tile loop."""
     for seg in range(0, 2):
         start = tl.load(BOUNDS + 4 * MASK + 2 * seg)  # two scalar loads per range, none per tile
         end = tl.load(BOUNDS + 4 * MASK + 2 * seg + 1)
-        for block in range(start, end):
+        for block in tl.range(start, end, warp_specialize=WARP_SPECIALIZE):
             n0 = block * BLOCK_N
-            if MASK == FULL or MASK == CUT_LO:  # no HI test: the tile lies inside [0, T)
-                key_mask = d_ok[None, :]
+            if TMA:
+                k = k_src.load([n0, 0]).to(DOT_DTYPE)
+                v = v_src.load([n0, 0])
             else:
-                key_mask = (offs_n < T - n0)[:, None] & d_ok[None, :]  # the tile past T
-            k = tl.load(k_ptrs + n0 * stride_kt, mask=key_mask, other=0.0).to(DOT_DTYPE)
-            v = tl.load(v_ptrs + n0 * stride_vt, mask=key_mask, other=0.0)
+                if MASK == FULL or MASK == CUT_LO:  # no HI test: the tile lies inside [0, T)
+                    key_mask = d_ok[None, :]
+                else:
+                    key_mask = (offs_n < T - n0)[:, None] & d_ok[None, :]  # the tile past T
+                k = tl.load(k_src + n0 * stride_kt, mask=key_mask, other=0.0).to(DOT_DTYPE)
+                v = tl.load(v_src + n0 * stride_vt, mask=key_mask, other=0.0)
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
             if MASK != FULL:
                 qk = tl.where(_rows_see(offs_n, n0, row_lo, row_hi, gap_lo, gap_hi, MASK), qk, float("-inf"))
@@ -149,7 +156,7 @@ def _fwd_tiles(acc, m_i, l_i, q, k_ptrs, v_ptrs, BOUNDS, offs_n, row_lo, row_hi,
             p = tl.exp2(qk - m_safe[:, None])
             alpha = tl.exp2(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            p = p.to(v_ptrs.dtype.element_ty).to(DOT_DTYPE)
+            p = p.to(v.dtype).to(DOT_DTYPE)
             acc = acc * alpha[:, None] + tl.dot(p, v.to(DOT_DTYPE), input_precision=DOT_PRECISION)
             m_i = m_new
     return acc, m_i, l_i
@@ -160,8 +167,10 @@ def _fwd_kernel(Q, K, V, O, LSE, ROW_LO, ROW_HI, GAP_LO, GAP_HI, ROW_BOUNDS,
                 stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
                 T, GROUP, qk_scale,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                ACC_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """One (query block, query head): O and LSE (base 2) of BLOCK_M rows."""
+                ACC_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                TMA: tl.constexpr = False, WARP_SPECIALIZE: tl.constexpr = False):
+    """One (query block, query head): O and LSE (base 2) of BLOCK_M rows (``TMA``, ``WARP_SPECIALIZE``: see
+    :class:`KernelConfig`)."""
     row_block = tl.program_id(0)
     head = tl.program_id(1)
     kv_head = head // GROUP
@@ -179,17 +188,25 @@ def _fwd_kernel(Q, K, V, O, LSE, ROW_LO, ROW_HI, GAP_LO, GAP_HI, ROW_BOUNDS,
     gap_lo = tl.load(GAP_LO + rows, mask=row_ok, other=0)
     gap_hi = tl.load(GAP_HI + rows, mask=row_ok, other=0)
     bounds = ROW_BOUNDS + ROW_BOUND_COUNT * row_block  # this row block's key-block ranges per kind
-    k_ptrs = K + kv_head * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :]
-    v_ptrs = V + kv_head * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :]
+    if TMA:  # TMA descriptors of this KV head's (T, HEAD_DIM) keys and values
+        k_src = tl.make_tensor_descriptor(K + kv_head * stride_kh, shape=[T, HEAD_DIM], strides=[stride_kt, 1],
+                                          block_shape=[BLOCK_N, BLOCK_D])
+        v_src = tl.make_tensor_descriptor(V + kv_head * stride_vh, shape=[T, HEAD_DIM], strides=[stride_vt, 1],
+                                          block_shape=[BLOCK_N, BLOCK_D])
+    else:
+        k_src = K + kv_head * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :]
+        v_src = V + kv_head * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :]
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC_DTYPE)
     l_i = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC_DTYPE)
     for kind in tl.static_range(1, ROW_KINDS):  # one loop per partial kind, with only that kind's mask tests
-        acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_ptrs, v_ptrs, bounds, offs_n, row_lo, row_hi, gap_lo, gap_hi,
-                                   d_ok, T, stride_kt, stride_vt, qk_scale, BLOCK_N, kind, DOT_DTYPE, DOT_PRECISION)
-    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_ptrs, v_ptrs, bounds, offs_n, row_lo, row_hi, gap_lo, gap_hi, d_ok,
-                               T, stride_kt, stride_vt, qk_scale, BLOCK_N, FULL, DOT_DTYPE, DOT_PRECISION)
+        acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_src, v_src, bounds, offs_n, row_lo, row_hi, gap_lo, gap_hi,
+                                   d_ok, T, stride_kt, stride_vt, qk_scale, BLOCK_N, kind, DOT_DTYPE, DOT_PRECISION,
+                                   TMA, WARP_SPECIALIZE)
+    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_src, v_src, bounds, offs_n, row_lo, row_hi, gap_lo, gap_hi, d_ok,
+                               T, stride_kt, stride_vt, qk_scale, BLOCK_N, FULL, DOT_DTYPE, DOT_PRECISION, TMA,
+                               WARP_SPECIALIZE)
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # only padding rows (every real row sees itself)
     out = (acc / l_safe[:, None]).to(O.dtype.element_ty)
@@ -480,6 +497,8 @@ class KernelConfig(NamedTuple):
     num_warps: int
     num_stages: int  # software-pipelining depth of the inner loop's loads
     dkdv_launches: int = 1  # dK/dV kernel only: 1 (both in one program), 2 (dV then dK: one accumulator each)
+    tma: bool = False  # forward only: K/V through TMA descriptors (sm_90; needs triton.set_allocator on a GPU)
+    warp_specialize: bool = False  # forward only: tl.range(..., warp_specialize=True) on the tile loops (sm_90)
 
 
 # One fixed config per kernel, operand size and head-dim class (largest head dim it serves): the block table
@@ -519,13 +538,15 @@ _INTERPRET_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16}  # several tiles per sample i
 
 
 def _kernel_config(kernel_name: str, dtype: torch.dtype, head_dim: int, blocks=None) -> KernelConfig:
-    """The launch config: fixed ``blocks`` (``{"BLOCK_M", "BLOCK_N"}``, optionally ``"DKDV_LAUNCHES"``; 16 x 16
+    """The launch config: fixed ``blocks`` (``{"BLOCK_M", "BLOCK_N"}``, optionally ``"DKDV_LAUNCHES"``, ``"TMA"``,
+    ``"WARP_SPECIALIZE"``; 16 x 16
     when interpreting), else the shipped one for the dtype, head dim and target (pre-Hopper GPUs get their own
     forward tiles)."""
     if blocks is None and _INTERPRET:
         blocks = _INTERPRET_BLOCKS
     if blocks is not None:
-        return KernelConfig(blocks["BLOCK_M"], blocks["BLOCK_N"], 4, 2, blocks.get("DKDV_LAUNCHES", 1))
+        return KernelConfig(blocks["BLOCK_M"], blocks["BLOCK_N"], 4, 2, blocks.get("DKDV_LAUNCHES", 1),
+                            blocks.get("TMA", False), blocks.get("WARP_SPECIALIZE", False))
     block_d = max(16, triton.next_power_of_2(head_dim))
     configs = _CONFIGS
     arch = triton.runtime.driver.active.get_current_target().arch  # e.g. 90; a string on ROCm
@@ -565,8 +586,13 @@ def _attention_forward(q, k, v, layout: KernelLayout, *, scale, out=None, blocks
             *_table_args(layout, config, by_row=True),
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             out.stride(0), out.stride(1), tokens, q_heads // k.shape[1], scale * _LOG2E)
+    extra = dict(TMA=True) if config.tma else {}
+    if config.warp_specialize:
+        extra["WARP_SPECIALIZE"] = True
+    if config.tma and q.device.type == "cuda":  # descriptors made on the device need Triton's scratch allocator
+        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device=q.device))
     _launch(_fwd_kernel, (triton.cdiv(tokens, config.block_m), q_heads), args, config, HEAD_DIM=head_dim,
-            BLOCK_D=max(16, triton.next_power_of_2(head_dim)), **_dtype_constexprs(q.dtype))
+            BLOCK_D=max(16, triton.next_power_of_2(head_dim)), **_dtype_constexprs(q.dtype), **extra)
     return out, lse
 
 

@@ -158,3 +158,20 @@ def test_the_kernels_have_a_branch_for_every_partial_kind():
     lines = mask_kind_lines(kernels.__file__, vars(kernels))
     partial = set(block_table.KIND_NAMES) - {block_table.FULL}
     assert set(lines["kinds"].values()) == partial
+
+
+def test_a_wait_loop_inside_a_tile_loop_is_not_the_tile_loop(tmp_path):
+    """With TMA loads, a tile loop holds a barrier wait loop (no arithmetic): the tile loop is still the one counted,
+    its body (wait loop included) once; a loop without arithmetic is never a tile loop."""
+    lines = kernel_lines(tmp_path)
+    sass = Sass()
+    top = sass.label()
+    sass.at(TILE_LINE, HI_LINE).ops(5)
+    sass.loop([TILE_LINE], 3)  # placeholder, rewritten below as a wait loop (no FFMA)
+    sass.text[-3] = sass.text[-3].replace("FFMA R2, R2, R3, R4", "SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR4], R3")
+    sass.text[-2] = sass.text[-2].replace("FFMA R2, R2, R3, R4", "SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR4], R3")
+    sass.at(TILE_LINE).ops(4).branch(top)
+    waiting_only = sass.label()
+    sass.at(TILE_LINE).ops(2, name="NANOSLEEP 0x20")
+    sass.branch(waiting_only)
+    assert sass_tile_loops(str(sass), SRC, lines) == {2: 5 + 3 + 4 + 1}

@@ -173,6 +173,21 @@ def test_every_tile_kind_matches_the_oracle(samples, think_bidirectional, cot_se
     assert_matches_oracle(samples, *heads, torch.float32, **options, attention=attention)
 
 
+@pytest.mark.parametrize("case", [KIND_CASES[1], KIND_CASES[2]])
+def test_forward_with_tma_descriptors_matches_the_oracle(case):
+    """The forward's optional sm_90 path (KernelConfig.tma: K/V by TMA descriptors, rows past T read as zeros, no
+    load mask; warp_specialize on the tile loops): same result as the oracle, odd T and every row-side kind."""
+    samples, think_bidirectional, cot_sees_query, blocks, heads, _, _ = case
+    options = dict(think_bidirectional=think_bidirectional, cot_sees_query=cot_sees_query)
+    seq_ids, token_types = build_layout(samples)
+    q, k, v = (x.detach() for x in random_qkv(len(seq_ids), *heads, torch.float32))
+    layout = kernel_module.prepare_layout(seq_ids, token_types, **options)
+    flags = {"BLOCK_M": blocks[0], "BLOCK_N": blocks[1], "TMA": True, "WARP_SPECIALIZE": True}
+    out, _ = kernel_module._attention_forward(q, k, v, layout, scale=heads[2] ** -0.5, blocks=flags)
+    expected = oracle_attention(q, k, v, seq_ids, token_types, **options)
+    torch.testing.assert_close(out.double(), expected, atol=2e-4, rtol=2e-4)
+
+
 def test_launches_run_under_the_tensors_device(monkeypatch):
     """Every launch runs inside ``torch.cuda.device(q.device)`` for CUDA tensors (FA2/Flex do the same), so a
     tensor on cuda:1 is never launched on the current device cuda:0; on the CPU no CUDA call is made. Checked
