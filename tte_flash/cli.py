@@ -94,6 +94,35 @@ def _part(value: str) -> tuple[int, int]:
     return worker, workers
 
 
+def add_encode_options(parser) -> None:
+    """The encoding options ``tte-flash encode`` and ``tte-flash ray-encode`` share (read by :func:`encode_kwargs`)."""
+    parser.add_argument("--role", choices=("query", "document"), default="query",
+                        help="query (default: with think tokens) or document (a corpus to search: no think tokens)")
+    parser.add_argument("--think_tokens", "--think-tokens", type=int, default=None)
+    parser.add_argument("--instruction", default=None, help="prepended to every input")
+    parser.add_argument("--batch_size", "--batch-size", type=int, default=32, help="most inputs per forward pass")
+    parser.add_argument("--max_batch_tokens", "--max-batch-tokens", type=int, default=None,
+                        help="most tokens per forward pass, padding included (default 16384; 0: no limit)")
+    parser.add_argument("--max_length", "--max-length", type=int, default=None,
+                        help="most tokens per input, think tokens and <emb> included; longer inputs lose text from "
+                             "the end, with a warning")
+
+
+def add_shard_options(parser, overwrite_help: str) -> None:
+    parser.add_argument("--shard_size", "--shard-size", type=int, default=10_000, help="embeddings per shard")
+    parser.add_argument("--overwrite", action="store_true", help=overwrite_help)
+
+
+def encode_kwargs(args) -> dict:
+    """``encode_query``/``encode_document`` keyword arguments from :func:`add_encode_options`' options."""
+    kwargs = {"batch_size": args.batch_size, "max_length": args.max_length, "instruction": args.instruction}
+    if args.max_batch_tokens is not None:
+        kwargs["max_batch_tokens"] = args.max_batch_tokens or None
+    if args.think_tokens is not None:
+        kwargs["think_tokens"] = args.think_tokens
+    return kwargs
+
+
 def encode(args) -> int:
     if args.devices:
         return _encode_on_devices(args)
@@ -104,12 +133,7 @@ def encode(args) -> int:
         raise ValueError(f"{args.output} exists; --overwrite replaces it")
     items = read_inputs(args.inputs, args.input_file)
     model = load_model(args.model)
-    kwargs = {"batch_size": args.batch_size, "max_length": args.max_length, "instruction": args.instruction,
-              "device": args.device}
-    if args.max_batch_tokens is not None:
-        kwargs["max_batch_tokens"] = args.max_batch_tokens or None
-    if args.think_tokens is not None:
-        kwargs["think_tokens"] = args.think_tokens
+    kwargs = {**encode_kwargs(args), "device": args.device}
     options = {"role": args.role, "shard_size": args.shard_size, "model_name": args.model, "show_progress_bar": True,
                **kwargs}
     try:
@@ -261,20 +285,10 @@ def main(argv=None) -> int:
                           "a .parquet file (its text/image/video/instruction columns); read lazily")
     enc.add_argument("--model", required=True, help="a trained checkpoint directory or Hub id (presets other than "
                                                      "tiny-instruct have random weights)")
-    enc.add_argument("--role", choices=("query", "document"), default="query",
-                     help="query (default: with think tokens) or document (a corpus to search: no think tokens)")
-    enc.add_argument("--think_tokens", "--think-tokens", type=int, default=None)
-    enc.add_argument("--instruction", default=None, help="prepended to every input")
-    enc.add_argument("--batch_size", "--batch-size", type=int, default=32, help="most inputs per batch")
-    enc.add_argument("--max_batch_tokens", "--max-batch-tokens", type=int, default=None,
-                     help="most tokens per batch, padding included (default 16384; 0: no limit)")
-    enc.add_argument("--max_length", "--max-length", type=int, default=None,
-                     help="most tokens per input, think tokens and <emb> included; longer inputs lose text from "
-                          "the end, with a warning")
+    add_encode_options(enc)
     enc.add_argument("--output", default="embeddings.npy",
                      help="a .npy file, or a directory of .npy shards + manifest.json (resumed if rerun)")
-    enc.add_argument("--shard_size", "--shard-size", type=int, default=10_000, help="embeddings per shard")
-    enc.add_argument("--overwrite", action="store_true", help="replace a shard directory made with other settings, or an existing .npy")
+    add_shard_options(enc, overwrite_help="replace a shard directory made with other settings, or an existing .npy")
     enc.add_argument("--device", default=None, help="e.g. cuda:0 (default: where the model loads)")
     enc.add_argument("--part", type=_part, default=(0, 1),
                      help="I/N: encode only shards I, I+N, ... (N processes share one --output directory)")

@@ -356,22 +356,16 @@ def _user_error(err: BaseException) -> BaseException:
 # ---------------------------------------------------------------------------------- CLI
 
 def main(argv=None) -> int:
+    from .cli import add_encode_options, add_shard_options, encode_kwargs
+
     parser = argparse.ArgumentParser(prog="tte-flash ray-encode", description=__doc__.split("\n\n")[0])
     parser.add_argument("--input", "--input_file", "--input-file", dest="input_file", required=True,
                         help="a JSONL file (strings or input dicts, one a line) or a .parquet file "
                              "(its text/image/video/instruction columns), as tte-flash encode --input")
     parser.add_argument("--model", required=True, help="a preset, Hub id or checkpoint directory every node can read")
     parser.add_argument("--output", required=True, help="a directory of .npy shards + manifest.json")
-    parser.add_argument("--role", choices=("query", "document"), default="query",
-                        help="query (default: with think tokens) or document (a corpus to search)")
-    parser.add_argument("--think_tokens", "--think-tokens", type=int, default=None)
-    parser.add_argument("--instruction", default=None, help="prepended to every input")
-    parser.add_argument("--batch_size", "--batch-size", type=int, default=32, help="most inputs per forward pass")
-    parser.add_argument("--max_batch_tokens", "--max-batch-tokens", type=int, default=None,
-                        help="most tokens per forward pass, padding included (default 16384; 0: no limit)")
-    parser.add_argument("--max_length", "--max-length", type=int, default=None, help="most tokens per input")
-    parser.add_argument("--shard_size", "--shard-size", type=int, default=10_000, help="embeddings per shard")
-    parser.add_argument("--overwrite", action="store_true", help="replace a shard directory made with other settings")
+    add_encode_options(parser)
+    add_shard_options(parser, overwrite_help="replace a shard directory made with other settings")
     parser.add_argument("--address", default=None,
                         help="Ray cluster address (auto, ray://head:10001); default: RAY_ADDRESS, else a new "
                              "local cluster")
@@ -383,11 +377,7 @@ def main(argv=None) -> int:
     parser.add_argument("--rows_per_call", "--rows-per-call", type=int, default=ROWS_PER_CALL,
                         help="rows sent to an actor at a time (Ray Data's map_batches batch size)")
     args = parser.parse_args(argv)
-    kwargs = {"batch_size": args.batch_size, "max_length": args.max_length, "instruction": args.instruction}
-    if args.max_batch_tokens is not None:
-        kwargs["max_batch_tokens"] = args.max_batch_tokens or None
-    if args.think_tokens is not None:
-        kwargs["think_tokens"] = args.think_tokens
+    kwargs = encode_kwargs(args)
     try:
         manifest = encode_with_ray(args.model, args.input_file, args.output, role=args.role,
                                    shard_size=args.shard_size, overwrite=args.overwrite, address=args.address,
