@@ -348,3 +348,67 @@ def test_cli_region(tmp_path, capsys):
     assert "region sampling" in capsys.readouterr().out
     assert main(["--output_dir", str(tmp_path), "--n_eval", "8", "--hops", "2", "--sampling", "region"]) == 2
     assert "at most 3 candidates" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------- position anchors
+
+def solve_from_position(query: str, image_path) -> tuple[str, tuple[int, int], list[tuple[int, int]]]:
+    """Answer a position-anchored walk ("... right of row 2, column 3?" / "Start at row 2, column 3, move up,
+    then left.") from the pixels, independently of the generator: (answer, start cell, visited cells)."""
+    grid = read_grid(image_path)
+    if m := re.search(r"cell (right of|left of|above|below) row (\d), column (\d)\?", query):
+        start, moves = (int(m[2]) - 1, int(m[3]) - 1), [m[1]]
+    else:
+        m = re.search(r"Start at row (\d), column (\d), move (\w+), then (\w+)\.", query)
+        start, moves = (int(m[1]) - 1, int(m[2]) - 1), [m[3], m[4]]
+    r, c = start
+    visited = []
+    for move in moves:
+        r, c = r + STEP[move][0], c + STEP[move][1]
+        assert 0 <= r < len(grid) and 0 <= c < len(grid)  # walks stay on the grid
+        visited.append((r, c))
+    return grid[r][c], start, visited
+
+
+@pytest.mark.parametrize("sampling,hops", [("legacy", 1), ("legacy", 2), ("region", 1), ("region", 2)])
+def test_position_anchor_rows_answer_from_the_named_cell(tmp_path, sampling, hops):
+    grid = 4 if sampling == "region" else 3
+    palette = "world" if sampling == "region" else "basic"
+    result = generate(tmp_path, n_train=40, n_eval=80, seed=5, hops=hops, grid=grid, palette=palette,
+                      sampling=sampling, anchor="position")
+    meta = json.loads(Path(result["paths"]["meta"]).read_text())
+    assert meta["anchor"] == "position" and meta["name"].endswith("-position-anchor")
+    assert "--anchor position" in Path(result["paths"]["readme"]).read_text()
+    root = Path(result["paths"]["image_root"])
+    for row in load_rows(result["paths"]["train"], TRAIN_COLUMNS):
+        answer, start, visited = solve_from_position(row["qry"], root / row["qry_image_path"])
+        assert answer == row["pos_text"] and row["neg_text"] != answer
+        # the trace names the start by position, then every visited cell, then the answer
+        cells = re.findall(r"row (\d) column (\d)", row["qry_cot"])
+        assert row["qry_cot"].startswith("start at ")
+        assert [(int(r) - 1, int(c) - 1) for r, c in cells] == [start, *visited]
+        assert row["qry_cot"].endswith(f"that cell is {answer}.")
+    for row in load_rows(result["paths"]["eval"], EVAL_COLUMNS):
+        answer, start, visited = solve_from_position(row["qry_text"], root / row["qry_img_path"])
+        assert row["tgt_text"][0] == answer and len(set(row["tgt_text"])) == 8
+        if sampling == "region":  # candidates from where the moves can end, never the start cell's colour
+            grid_colours = read_grid(root / row["qry_img_path"])
+            moves = re.findall(r"right of|left of|above|below|\b(?:right|left|up|down)\b", row["qry_text"])
+            region = {grid_colours[r][c] for r, c in region_of(moves, grid)}
+            assert set(row["tgt_text"]) <= region and grid_colours[start[0]][start[1]] not in row["tgt_text"]
+
+
+def test_position_anchor_leaves_the_default_stream_alone(tmp_path):
+    """The colour anchor is the default: the same seed gives the same rows as before the option existed."""
+    a = generate(tmp_path / "a", n_train=20, n_eval=20, seed=2, hops=1)
+    b = generate(tmp_path / "b", n_train=20, n_eval=20, seed=2, hops=1, anchor="colour")
+    assert Path(a["paths"]["train"]).read_bytes() == Path(b["paths"]["train"]).read_bytes()
+    assert "anchor" not in json.loads(Path(a["paths"]["meta"]).read_text())
+
+
+@pytest.mark.parametrize("kwargs,message", [({"anchor": "shape"}, "unknown anchor"),
+                                            ({"anchor": "position", "hops": 0}, "hops 1 or 2"),
+                                            ({"anchor": "position", "task": "text"}, "task grid or mixed")])
+def test_position_anchor_bad_arguments(tmp_path, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        generate(tmp_path, n_train=1, n_eval=1, **kwargs)

@@ -1,7 +1,8 @@
 """Synthetic reasoning-retrieval data: small enough for the ``tiny`` preset on a CPU, with weak shortcuts.
 
     python -m tte_flash.synthetic --output_dir data --n_train 2000 --n_eval 200 --seed 0 --hops 1 \\
-        [--task grid|text|mixed] [--n_candidates 8] [--grid 3] [--palette basic|world] [--sampling legacy|region]
+        [--task grid|text|mixed] [--n_candidates 8] [--grid 3] [--palette basic|world] [--sampling legacy|region] \
+        [--anchor colour|position]
 
 writes ``train.jsonl`` (MMEB-train columns + ``qry_cot``), ``eval.jsonl`` (MMEB-eval columns, positive
 first), ``images/{train,eval}/*.png``, ``meta.json`` and ``README.md``. Answers are colour names.
@@ -16,7 +17,10 @@ merge (9 visual tokens per 3x3 image).
 * ``hops=1``: "What colour is the cell right of the red cell?" (find the cell, move, read);
 * ``hops=2``: "Start at the red cell, move right, then down. What colour is that cell?".
 
-Moves stay on the grid and never undo the one before. The trace spells every step: "the red cell is at
+With ``--anchor position`` the walk starts at a named position instead of a named colour ("What colour
+is the cell right of row 2, column 3?", "Start at row 2, column 3, move up, then left. ..."; trace "start at
+row 2 column 3. right of it is row 2 column 4. that cell is blue."): no search for the anchor, only the
+moves and one read, the world's position-anchored wording (``tte_flash.world``). Moves stay on the grid and never undo the one before. The trace spells every step: "the red cell is at
 row 1 column 2. right of it is row 1 column 3. that cell is blue." The train row's hard negative is the
 cell one step short (two hops) or another neighbour of the anchor (one hop).
 
@@ -92,6 +96,7 @@ RELATION = {"right": "right of", "left": "left of", "up": "above", "down": "belo
 NAMES = ("Ann", "Bob", "Cal", "Dan", "Eve", "Fay", "Gus", "Hal", "Ivy", "Jon", "Kim", "Lee")
 THINGS = ("cat", "dog", "cup", "hat", "box", "pen", "key", "bag", "car", "map")
 TASKS = ("grid", "text", "mixed")
+ANCHORS = ("colour", "position")  # how a grid question names its start cell
 SAMPLINGS = ("legacy", "region")  # how grid rows draw the moves, the answer cell and the negatives
 
 
@@ -150,29 +155,30 @@ def _start(end, moves) -> tuple[int, int]:
 
 
 def grid_sample(rng: np.random.Generator, answer: str, hops: int, paths, size: int = GRID,
-                colours: tuple[str, ...] = COLOURS) -> dict:
+                colours: tuple[str, ...] = COLOURS, anchor: str = "colour") -> dict:
     """One grid question whose answer is ``answer``, legacy sampling (``paths``: :func:`_grid_paths`): the
     answer cell uniform over the grid, then a path to it; negatives from every colour in the image.
     The ``size`` x ``size`` grid shows ``answer`` and ``size**2 - 1`` other colours drawn from ``colours``."""
     ends = sorted(paths)
     options = paths[ends[rng.integers(len(ends))]]
     start, moves = options[rng.integers(len(options))]
-    return _grid_question(rng, answer, hops, start, moves, size, colours)
+    return _grid_question(rng, answer, hops, start, moves, size, colours, anchor=anchor)
 
 
 def grid_sample_region(rng: np.random.Generator, answer: str, hops: int, regions, size: int = GRID,
-                       colours: tuple[str, ...] = COLOURS) -> dict:
+                       colours: tuple[str, ...] = COLOURS, anchor: str = "colour") -> dict:
     """One grid question whose answer is ``answer``, region sampling (``regions``: :func:`_move_regions`): the
     moves uniform over the sequences that fit, the answer cell uniform over where they can end, the start
     behind it; negatives only from colours in that region, so the moves alone say nothing about the answer."""
     moves, region = regions[rng.integers(len(regions))]
     end = region[rng.integers(len(region))]
-    return _grid_question(rng, answer, hops, _start(end, moves), moves, size, colours, region)
+    return _grid_question(rng, answer, hops, _start(end, moves), moves, size, colours, region, anchor)
 
 
-def _grid_question(rng, answer, hops, start, moves, size, colours, region=None) -> dict:
+def _grid_question(rng, answer, hops, start, moves, size, colours, region=None, anchor="colour") -> dict:
     """The cell colours, query, trace and negatives of the walk ``moves`` from ``start``; ``region``: the
-    cells the negatives come from (None: every cell, legacy)."""
+    cells the negatives come from (None: every cell, legacy). ``anchor``: the start is named by its colour
+    ("the navy cell": finding it is the first step) or by its position ("row 2, column 3": no search)."""
     cells = _walk(start, moves)
     end = cells[-1]
     others = [c for c in colours if c != answer]
@@ -187,15 +193,18 @@ def _grid_question(rng, answer, hops, start, moves, size, colours, region=None) 
         cot = f"{_at(end)} is {answer}."
         named, hard = None, grid[cells[-1][::-1]] if end[0] != end[1] else grid[((end[0] + 1) % size, end[1])]
     else:
-        anchor = grid[start]
+        if anchor == "position":  # the world's wording (tte_flash.world): "row 2, column 3"; trace "start at ..."
+            place, opening, named = f"row {start[0] + 1}, column {start[1] + 1}", f"start at {_at(start)}.", None
+        else:
+            named = grid[start]
+            place, opening = f"the {named} cell", f"the {named} cell is at {_at(start)}."
         if hops == 1:
-            question = f"What colour is the cell {RELATION[moves[0]]} the {anchor} cell?"
+            question = f"What colour is the cell {RELATION[moves[0]]} {place}?"
             steps = f"{RELATION[moves[0]]} it is {_at(end)}."
         else:
-            question = f"Start at the {anchor} cell, move {moves[0]}, then {moves[1]}. What colour is that cell?"
+            question = f"Start at {place}, move {moves[0]}, then {moves[1]}. What colour is that cell?"
             steps = " ".join(f"{m}: {_at(c)}." for m, c in zip(moves, cells[1:]))
-        cot = f"the {anchor} cell is at {_at(start)}. {steps} that cell is {answer}."
-        named = anchor
+        cot = f"{opening} {steps} that cell is {answer}."
         # hard negative: one step short (two hops) or a different step from the anchor (one hop)
         alternatives = [c for c in _neighbours(start, size) if c != end]
         if region is None:
@@ -278,7 +287,11 @@ def palette_colours(palette: str) -> tuple[str, ...]:
     return names
 
 
-def _check_args(task, hops, n_candidates, grid=GRID, colours=COLOURS, sampling="legacy"):
+def _check_args(task, hops, n_candidates, grid=GRID, colours=COLOURS, sampling="legacy", anchor="colour"):
+    if anchor not in ANCHORS:
+        raise ValueError(f"unknown anchor {anchor!r}; choose one of {ANCHORS}")
+    if anchor != "colour" and (task == "text" or hops == 0):
+        raise ValueError(f"anchor={anchor!r} names the start of a grid walk: it needs task grid or mixed and hops 1 or 2")
     if not 2 <= grid <= 5:
         raise ValueError(f"grid must be 2 to 5 cells per side, got {grid}")
     if task != "text" and grid * grid > len(colours):
@@ -314,12 +327,13 @@ def _check_region(task, hops, n_candidates, grid):
                          f"use fewer candidates or a larger grid")
 
 
-def _samples(rng, n, task, hops, n_candidates, grid=GRID, colours=COLOURS, sampling="legacy") -> list[dict]:
+def _samples(rng, n, task, hops, n_candidates, grid=GRID, colours=COLOURS, sampling="legacy",
+             anchor="colour") -> list[dict]:
     tasks = ["grid" if (task == "grid" or (task == "mixed" and i % 2 == 0)) else "text" for i in range(n)]
     sample, plan = (grid_sample, _grid_paths(hops, grid)) if sampling == "legacy" else \
         (grid_sample_region, _move_regions(hops, grid))
     answers = {t: iter(balanced_answers(rng, tasks.count(t), colours)) for t in ("grid", "text")}
-    return [sample(rng, next(answers[t]), hops, plan, grid, colours) if t == "grid"
+    return [sample(rng, next(answers[t]), hops, plan, grid, colours, anchor) if t == "grid"
             else text_sample(rng, next(answers[t]), hops, n_candidates, colours) for t in tasks]
 
 
@@ -352,26 +366,29 @@ def _write_split(out: Path, split: str, samples: list[dict], rng, n_candidates: 
 
 def generate(output_dir, n_train: int, n_eval: int, seed: int = 0, hops: int = 1, n_candidates: int = 8,
              task: str = "grid", hard_negatives: bool = True, grid: int = GRID, palette: str = "basic",
-             sampling: str = "legacy") -> dict:
+             sampling: str = "legacy", anchor: str = "colour") -> dict:
     """Write a synthetic train/eval set to ``output_dir``; return ``{"paths": {...}, "stats": {...}}``.
 
     Deterministic by ``seed``; the eval split does not depend on ``n_train`` (separate random streams).
     ``stats`` holds the answer counts and the eval split's shortcut baselines (hit@1), including the ones
     fitted on the train split. ``sampling``: ``legacy`` (the default; data sets regenerate byte for byte) or
-    ``region`` (grid rows whose moves say nothing about the answer; see the module docstring).
+    ``region`` (grid rows whose moves say nothing about the answer; see the module docstring). ``anchor``:
+    the walk starts at a named colour (``colour``, the default: locating it is the first step) or at a named
+    position (``position``: "right of row 2, column 3", no search; the trace starts "start at row 2 column 3.").
     """
     colours = palette_colours(palette)
-    _check_args(task, hops, n_candidates, grid, colours, sampling)
+    _check_args(task, hops, n_candidates, grid, colours, sampling, anchor)
     start = time.perf_counter()
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     splits = {}
     for stream, (split, n) in enumerate((("train", n_train), ("eval", n_eval))):
         rng = np.random.default_rng([seed, stream])
-        samples = _samples(rng, n, task, hops, n_candidates, grid, colours, sampling)
+        samples = _samples(rng, n, task, hops, n_candidates, grid, colours, sampling, anchor)
         splits[split] = _write_split(out, split, samples, rng, n_candidates, hard_negatives)
     name = f"synthetic-{task}-{hops}hop" + (f"-{grid}x{grid}" if grid != GRID else "") + \
-        (f"-{palette}" if palette != "basic" else "") + (f"-{sampling}" if sampling != "legacy" else "")
+        (f"-{palette}" if palette != "basic" else "") + (f"-{sampling}" if sampling != "legacy" else "") + \
+        ("-position-anchor" if anchor != "colour" else "")
     shortcuts = shortcut_baselines(splits["eval"][1], out, train_rows=splits["train"][1]) if n_eval else {}
     stats = {"n_train": n_train, "n_eval": n_eval, "chance_hit@1": 1 / n_candidates,
              "train_answers": dict(Counter(r["pos_text"] for r in splits["train"][1])),
@@ -379,7 +396,8 @@ def generate(output_dir, n_train: int, n_eval: int, seed: int = 0, hops: int = 1
              "shortcuts_hit@1": shortcuts, "seconds": round(time.perf_counter() - start, 3)}
     meta = {"name": name, "task": task, "hops": hops, "n_candidates": n_candidates, "seed": seed,
             "hard_negatives": hard_negatives, "palette": {c: WORLD_PALETTE[c] for c in colours}, "grid": grid, "cell_pixels": CELL,
-            "generator": "tte_flash.synthetic", **({"sampling": sampling} if sampling != "legacy" else {}), **stats}
+            "generator": "tte_flash.synthetic", **({"sampling": sampling} if sampling != "legacy" else {}),
+            **({"anchor": anchor} if anchor != "colour" else {}), **stats}
     paths = {"train": str(splits["train"][0]), "eval": str(splits["eval"][0]), "images": str(out / "images"),
              "meta": str(out / "meta.json"), "readme": str(out / "README.md"), "image_root": str(out)}
     Path(paths["meta"]).write_text(json.dumps(meta, indent=2) + "\n")
@@ -413,7 +431,7 @@ def _readme_options(meta: dict) -> str:
     palette = meta["palette"]
     names = {COLOURS: "basic", tuple(WORLD_PALETTE): "world"}.get(tuple(palette), ",".join(palette))
     options = {f"--grid {meta['grid']}": meta["grid"] != GRID, f"--palette {names}": names != "basic",
-               f"--sampling {meta.get('sampling')}": "sampling" in meta,
+               f"--sampling {meta.get('sampling')}": "sampling" in meta, f"--anchor {meta.get('anchor')}": "anchor" in meta,
                "--no_hard_negatives": not meta["hard_negatives"]}
     return "".join(f" {option}" for option, shown in options.items() if shown)
 
@@ -615,13 +633,17 @@ def main(argv=None) -> int:
                         help="grid rows: legacy (answer cell uniform over the grid, then a path to it; the moves alone "
                              "confine the answer) or region (moves first, the answer cell uniform over where they can "
                              "end, negatives from that region only)")
+    parser.add_argument("--anchor", default="colour", choices=ANCHORS,
+                        help="grid walks start at a named colour (colour: 'right of the navy cell', finding it is the "
+                             "first step) or at a named position (position: 'right of row 2, column 3')")
     parser.add_argument("--no_hard_negatives", "--no-hard-negatives", action="store_true",
                         help="train rows without neg_text")
     args = parser.parse_args(argv)
     try:
         result = generate(args.output_dir, args.n_train, args.n_eval, seed=args.seed, hops=args.hops,
                           n_candidates=args.n_candidates, task=args.task, hard_negatives=not args.no_hard_negatives,
-                          grid=args.grid, palette=args.palette, sampling=args.sampling)
+                          grid=args.grid, palette=args.palette, sampling=args.sampling,
+                          anchor=args.anchor)
     except ValueError as err:
         print(f"tte_flash.synthetic: error: {err}", file=sys.stderr)
         return 2
