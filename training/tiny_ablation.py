@@ -17,7 +17,8 @@ Settings (every run starts from ``--model``, default the pretrained ``tiny-instr
   and ``k16_distill_curriculum`` (the trace replaced by think tokens stage by stage), and ``k16_cot_open`` /
   ``k16_distill_open``: the think tokens on from the first step (no accuracy gate), for a pause-pretrained
   ``--model`` (``training/pretrain.py --pause_tokens``) whose think tokens are not fresh; ``k32_cot_open``,
-  ``k32_distill_open`` and ``k32_open`` (no COT loss) the same at K=32.
+  ``k32_distill_open`` and ``k32_open`` (no COT loss) the same at K=32; ``k16_curriculum_open`` and
+  ``k16_distill_curriculum_open`` the curriculum levers without the gate.
 
 ``python training/tiny_ablation.py --report training/results/ti-*.json`` prints the markdown tables of
 training/README.md from results files.
@@ -56,9 +57,13 @@ SETTINGS = {"k0": {"think_tokens": 0, "cot_weight": 0.0}, "k16": {"think_tokens"
             "k16_distill_open": {"think_tokens": 16, "cot_weight": 1.0,
                                  "extra": ["--distill_weight", "1", "--think_warmup_steps", "0",
                                            "--think_warmup_accuracy", "0.0001"]}}
+OPEN = ["--think_warmup_steps", "0", "--think_warmup_accuracy", "0.0001"]  # no accuracy gate: the think tokens are not fresh
 # the same at K=32 (a backbone pause-pretrained with 32 think tokens: one per cell of a 5x5 grid and more)
 SETTINGS.update({name.replace("k16", "k32"): {**SETTINGS[name], "think_tokens": 32}
                  for name in ("k16_cot_open", "k16_distill_open")})
+# the curriculum levers with the think tokens on from the first step (a pause-pretrained backbone)
+SETTINGS.update({f"{name}_open": {**SETTINGS[name], "extra": SETTINGS[name].get("extra", []) + OPEN}
+                 for name in ("k16_curriculum", "k16_distill_curriculum")})
 SETTINGS["k32_open"] = {"think_tokens": 32, "cot_weight": 0.0, "extra": SETTINGS["k16_cot_open"]["extra"]}
 
 

@@ -1,8 +1,12 @@
 """``tte-flash demo``: the whole pipeline on a CPU in a few minutes, offline.
 
-1. generate synthetic reasoning-retrieval data (``tte_flash.synthetic``);
-2. TTE-train the pretrained ``tiny-instruct`` backbone (the CPU world's Qwen2-VL-2B-Instruct, shipped in
-   the package) with think budgets {0, K} and the CoT loss (``tte_flash.training``);
+1. generate synthetic reasoning-retrieval data (``tte_flash.synthetic``): by default a one-hop walk on a 4x4
+   grid from a named position ("What colour is the cell above row 3, column 4?"), a task where K=0 stays near
+   chance and the explicit pipeline is right almost always (training/README.md, "Report: think tokens that
+   earn their place");
+2. TTE-train the pretrained ``tiny-reasoner`` backbone (the CPU world's Qwen2-VL-2B-Instruct, shipped in
+   the package) with think budgets {0, K}, the CoT loss and explicit-to-latent self-distillation (the
+   recipe's default, ``--distill_weight``; ``tte_flash.training``);
 3. evaluate K=0, K and explicit CoT (the model writes a trace, then embeds query + trace): Hit@1,
    NDCG@5, queries/s, beside the no-reasoning shortcuts;
 4. decode what the think tokens say (how often the decoded trace names the right answer) and draw
@@ -23,12 +27,21 @@ from pathlib import Path
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="tte-flash demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--output_dir", "--output-dir", default="tte-flash-demo")
-    parser.add_argument("--model", default="tiny-instruct",
-                        help="starting point: a preset (tiny-instruct: pretrained; tiny: random), a Qwen2-VL "
-                             "backbone directory or a TTE-Flash checkpoint")
+    parser.add_argument("--model", default="tiny-reasoner",
+                        help="starting point: a preset (tiny-reasoner, tiny-instruct: pretrained; tiny: random), a "
+                             "Qwen2-VL backbone directory or a TTE-Flash checkpoint")
     parser.add_argument("--task", choices=("grid", "text", "mixed"), default="grid")
-    parser.add_argument("--hops", type=int, default=0,
+    parser.add_argument("--hops", type=int, default=1,
                         help="reasoning hops of the task (0: read the cell at a position; 1-2: see training/README.md)")
+    parser.add_argument("--anchor", choices=("colour", "position"), default="position",
+                        help="grid walks start at a named position (default) or a named colour (finding it first: "
+                             "beyond the tiny backbones, training/README.md)")
+    parser.add_argument("--grid", type=int, default=4, help="cells per side of the grid images")
+    parser.add_argument("--palette", default="world", help="basic (9 colours) or world (20)")
+    parser.add_argument("--sampling", choices=("legacy", "region"), default="region",
+                        help="region: the moves alone say nothing about the answer (tte_flash.synthetic)")
+    parser.add_argument("--distill_weight", "--distill-weight", type=float, default=1.0,
+                        help="explicit-to-latent self-distillation (0: the CoT loss alone)")
     parser.add_argument("--n_train", "--n-train", type=int, default=2000)
     parser.add_argument("--n_eval", "--n-eval", type=int, default=200)
     parser.add_argument("--steps", type=int, default=300)
@@ -49,15 +62,20 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     out = Path(args.output_dir)
     print(f"[1/5] synthetic {args.task} data ({args.hops} hop): {args.n_train} train / {args.n_eval} eval rows")
-    data = synthetic.generate(out / "data", args.n_train, args.n_eval, seed=args.seed, hops=args.hops, task=args.task)
+    grid_args = {} if args.task == "text" else {"grid": args.grid, "palette": args.palette, "sampling": args.sampling,
+                                                "anchor": args.anchor if args.hops else "colour"}
+    data = synthetic.generate(out / "data", args.n_train, args.n_eval, seed=args.seed, hops=args.hops, task=args.task,
+                              **grid_args)
     paths = data["paths"]
 
-    print(f"[2/5] TTE training from {args.model} for {args.steps} steps (CoT loss; K=0 for at least {args.steps // 4} "
+    lever = f"CoT loss{', self-distillation' if args.distill_weight > 0 else ''}"
+    print(f"[2/5] TTE training from {args.model} for {args.steps} steps ({lever}; K=0 for at least {args.steps // 4} "
           f"steps and until the in-batch accuracy reaches 0.5, then think budgets 0 and {args.think_tokens})")
     model_dir = out / "model"
     train_main(["--model", args.model, "--train_data", paths["train"], "--image_root", paths["image_root"],
                 "--output_dir", str(model_dir), "--think_tokens", "0", str(args.think_tokens),
                 "--think_warmup_steps", str(args.steps // 4), "--think_warmup_accuracy", "0.5",
+                "--distill_weight", str(args.distill_weight),
                 "--cot_weight", "1.0", "--max_steps", str(args.steps), "--per_device_train_batch_size",
                 str(args.batch_size), "--learning_rate", str(args.learning_rate), "--warmup_steps", str(max(1, args.steps // 10)),
                 "--lr_scheduler_type", "cosine", "--temperature", "0.05", "--logging_steps",
@@ -72,8 +90,12 @@ def main(argv=None) -> int:
                              max_cot_tokens=args.max_cot_tokens, shortcut=False)
     result["runs"] += explicit["runs"]
     print(format_table(result))
-    print("  (explicit-cot here: this model writes a trace, then embeds query + trace, an input it was not trained "
-          "on; the fair explicit pipeline trains its embedder on query + trace: training/tiny_ablation.py)")
+    if args.distill_weight > 0:
+        print("  (explicit-cot here: this model writes a trace, then embeds query + trace, as the distillation teacher "
+              "it was also trained as; time per query includes writing the trace)")
+    else:
+        print("  (explicit-cot here: this model writes a trace, then embeds query + trace, an input it was not trained "
+              "on; the fair explicit pipeline trains its embedder on query + trace: training/tiny_ablation.py)")
     (model_dir / "eval_results.json").write_text(json.dumps(result, indent=2) + "\n")
 
     print("[4/5] what the think tokens say, for the first eval query")

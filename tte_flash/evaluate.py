@@ -227,11 +227,11 @@ def _think_budget(value: str):
 def format_table(result: dict) -> str:
     """The runs (one line per mode and K) and the shortcut baselines, as a text table."""
     lines = [f"{result['dataset']}: {result['n']} queries, {result['n_documents']} unique candidates",
-             f"{'mode':18s} {'K':>5s} {'hit@1':>7s} {'ndcg@5':>7s} {'queries/s':>10s}"]
+             f"{'mode':18s} {'K':>5s} {'hit@1':>7s} {'ndcg@5':>7s} {'queries/s':>10s} {'ms/query':>9s}"]
     for run in result["runs"]:
-        m = run["metrics"]
+        m, rate = run["metrics"], run["queries_per_second"]
         lines.append(f"{run['mode']:18s} {str(run['think_tokens']):>5s} {m['hit@1']:7.4f} {m['ndcg@5']:7.4f} "
-                     f"{run['queries_per_second']:10.1f}")
+                     f"{rate:10.1f} {1000 / rate if rate else float('inf'):9.2f}")
     if result["runs"]:
         lines.append(f"{'chance':24s} {result['runs'][0]['chance']['hit@1']:7.4f}")
     if result.get("shortcuts"):
