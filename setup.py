@@ -22,7 +22,8 @@ setup(
     # kernels/ at the top level of the repo installs as tte_flash.kernels (never a top-level `kernels`,
     # which is the name of the Hugging Face `kernels` package that transformers probes for).
     package_dir={"tte_flash": "tte_flash", "tte_flash.kernels": "kernels"},
-    package_data={"tte_flash": ["presets/*.json", "presets/tiny-instruct/*", "presets/tiny-reasoner/*"]},
+    package_data={"tte_flash": ["presets/*.json", "presets/tiny-instruct/*", "presets/tiny-reasoner/*",
+                                 "presets/tiny-thinker/*"]},
     install_requires=[
         "torch>=2.5",
         "transformers>=5.0,<6",

@@ -17,11 +17,11 @@ def test_demo_end_to_end_reduced(tmp_path, capsys):
                                                                           ("explicit-cot", 0)}
     assert all(0 <= r["metrics"]["hit@1"] <= 1 for r in results["runs"])
     # the task where the recipe's K=16 beats K=0 (training/README.md): one-hop walks from a named position on a
-    # 4x4 grid, region sampling; trained with self-distillation from the shipped tiny-reasoner
+    # 4x4 grid, region sampling; trained with self-distillation from the shipped tiny-thinker
     meta = json.loads((out / "data" / "meta.json").read_text())
     assert (meta["anchor"], meta["sampling"], meta["grid"], meta["hops"]) == ("position", "region", 4, 1)
     summary = json.loads((out / "model" / "train_summary.json").read_text())
-    assert summary["distill_weight"] == 1.0 and summary["model"] == "tiny-reasoner"
+    assert summary["distill_weight"] == 1.0 and summary["model"] == "tiny-thinker"
     heatmaps = sorted((out / "explain").glob("*.png"))
     assert [p.name for p in heatmaps] == ["attention.png"]  # 4 think tokens, <emb> and their mean in one figure
     with Image.open(heatmaps[0]) as png:

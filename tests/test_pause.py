@@ -113,3 +113,30 @@ def test_pause_probe_agrees_with_greedy_decoding(paused):
         predicted, reference = probe.first_token_predictions(model, questions, k, batch_size=5)
         assert predicted == greedy and reference == wanted
         assert probe.first_token_accuracy(model, questions, k) == sum(a == b for a, b in zip(greedy, wanted)) / 12
+
+
+# ---------------------------------------------------------------------------------------- the shipped preset
+
+def test_tiny_thinker_preset_loads_offline_with_its_pretrained_think_tokens():
+    """tiny-thinker (tiny-reasoner pause-pretrained with 16 think tokens) equals from_backbone on its folder, and
+    its first 16 think-token rows are the pretrained ones, not re-initialised (the tokens 17-32 are new)."""
+    from tte_flash.loading import PRESET_DIR
+
+    folder = PRESET_DIR / "tiny-thinker"
+    a = TTEFlashModel.from_preset("tiny-thinker").eval()
+    b = TTEFlashModel.from_backbone(folder, max_think_tokens=32, image_min_pixels=3136, image_max_pixels=50176).eval()
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert (folder / "model.safetensors").stat().st_size <= 20 * 2 ** 20
+    saved = load_file(folder / "model.safetensors")
+    rows = next(v for k, v in saved.items() if k.endswith("embed_tokens.weight"))
+    tokenizer = json.loads((folder / "tokenizer.json").read_text())
+    ids = {t["content"]: t["id"] for t in tokenizer["added_tokens"]}
+    pretrained = [ids[think_token(i)] for i in range(16)]
+    embedding = a.get_input_embeddings().weight
+    assert [a.processor.tokenizer.convert_tokens_to_ids(think_token(i)) for i in range(16)] == pretrained
+    assert torch.equal(embedding[pretrained], rows[pretrained])
+    assert think_token(16) not in ids  # the 17th think token is new to this backbone
+    query = {"image": World(seed=0).sample("cell")["image"], "text": "What colour is the cell above row 2, column 1?"}
+    assert torch.allclose(torch.as_tensor(a.encode_query(query, think_tokens=16)),
+                          torch.as_tensor(b.encode_query(query, think_tokens=16)))

@@ -4,9 +4,9 @@
    grid from a named position ("What colour is the cell above row 3, column 4?"), a task where K=0 stays near
    chance and the explicit pipeline is right almost always (training/README.md, "Report: think tokens that
    earn their place");
-2. TTE-train the pretrained ``tiny-reasoner`` backbone (the CPU world's Qwen2-VL-2B-Instruct, shipped in
-   the package) with think budgets {0, K}, the CoT loss and explicit-to-latent self-distillation (the
-   recipe's default, ``--distill_weight``; ``tte_flash.training``);
+2. TTE-train the pretrained ``tiny-thinker`` backbone (the CPU world's Qwen2-VL-2B-Instruct, shipped in
+   the package, whose think tokens were in its pretraining) at K think tokens with the CoT loss and
+   explicit-to-latent self-distillation (the recipe's default, ``--distill_weight``; ``tte_flash.training``);
 3. evaluate K=0, K and explicit CoT (the model writes a trace, then embeds query + trace): Hit@1,
    NDCG@5, queries/s, beside the no-reasoning shortcuts;
 4. decode what the think tokens say (how often the decoded trace names the right answer) and draw
@@ -27,9 +27,13 @@ from pathlib import Path
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="tte-flash demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--output_dir", "--output-dir", default="tte-flash-demo")
-    parser.add_argument("--model", default="tiny-reasoner",
-                        help="starting point: a preset (tiny-reasoner, tiny-instruct: pretrained; tiny: random), a "
-                             "Qwen2-VL backbone directory or a TTE-Flash checkpoint")
+    parser.add_argument("--model", default="tiny-thinker",
+                        help="starting point: a preset (tiny-thinker: pretrained with think tokens; tiny-reasoner, "
+                             "tiny-instruct: pretrained; tiny: random), a Qwen2-VL backbone directory or a TTE-Flash "
+                             "checkpoint")
+    parser.add_argument("--think_warmup_steps", "--think-warmup-steps", type=int, default=0,
+                        help="train at K=0 for these steps first, and then until the in-batch accuracy reaches 0.5 "
+                             "(for a backbone whose think tokens are new; tiny-thinker's are pretrained: 0)")
     parser.add_argument("--task", choices=("grid", "text", "mixed"), default="grid")
     parser.add_argument("--hops", type=int, default=1,
                         help="reasoning hops of the task (0: read the cell at a position; 1-2: see training/README.md)")
@@ -69,12 +73,14 @@ def main(argv=None) -> int:
     paths = data["paths"]
 
     lever = f"CoT loss{', self-distillation' if args.distill_weight > 0 else ''}"
-    print(f"[2/5] TTE training from {args.model} for {args.steps} steps ({lever}; K=0 for at least {args.steps // 4} "
-          f"steps and until the in-batch accuracy reaches 0.5, then think budgets 0 and {args.think_tokens})")
+    gate = (["--think_warmup_steps", str(args.think_warmup_steps), "--think_warmup_accuracy", "0.5"]
+            if args.think_warmup_steps else [])
+    when = f"K=0 for at least {args.think_warmup_steps} steps and until the in-batch accuracy reaches 0.5, then " \
+        if gate else ""
+    print(f"[2/5] TTE training from {args.model} for {args.steps} steps ({lever}; {when}K={args.think_tokens})")
     model_dir = out / "model"
     train_main(["--model", args.model, "--train_data", paths["train"], "--image_root", paths["image_root"],
-                "--output_dir", str(model_dir), "--think_tokens", "0", str(args.think_tokens),
-                "--think_warmup_steps", str(args.steps // 4), "--think_warmup_accuracy", "0.5",
+                "--output_dir", str(model_dir), "--think_tokens", str(args.think_tokens), *gate,
                 "--distill_weight", str(args.distill_weight),
                 "--cot_weight", "1.0", "--max_steps", str(args.steps), "--per_device_train_batch_size",
                 str(args.batch_size), "--learning_rate", str(args.learning_rate), "--warmup_steps", str(max(1, args.steps // 10)),
@@ -83,7 +89,8 @@ def main(argv=None) -> int:
                 "--disable_tqdm", "true"])
     model = TTEFlashModel.from_pretrained(model_dir)
 
-    print("[3/5] evaluating K=0, K=%d and explicit CoT" % args.think_tokens)
+    print("[3/5] evaluating K=0, K=%d and explicit CoT (a model trained at K=0 alone stays near chance on this "
+          "task: training/README.md)" % args.think_tokens)
     result = evaluate_many(model, paths["eval"], paths["image_root"], think_tokens=(0, args.think_tokens),
                            modes=("latent",), max_cot_tokens=args.max_cot_tokens)
     explicit = evaluate_many(model, paths["eval"], paths["image_root"], think_tokens=(0,), modes=("explicit-cot",),
