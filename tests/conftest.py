@@ -17,6 +17,17 @@ from PIL import Image
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def load_script(relative: str, name: str):
+    """A repository script (e.g. ``training/pretrain.py``, not a package module) imported as module ``name``."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parent.parent / relative)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture(scope="session")
 def tiny_model():
     """A shared tiny model (random init). Tests must not modify it; use `fresh_tiny` for that."""

@@ -1,8 +1,6 @@
 """Pause-pretraining (issue 15, arXiv 2310.02226): think tokens between prompt and answer in the backbone's
 pretraining, laid out as in TTE training, kept by the exported backbone and reused by ``from_backbone``."""
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,18 +10,15 @@ from tte_flash import TTEFlashModel
 from tte_flash.mask import COT, EMB, QUERY, THINK
 from tte_flash.tokenization import think_token
 from tte_flash.world import World
+from conftest import load_script
 
-ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["--hidden_size", "32", "--intermediate_size", "64", "--num_layers", "2", "--num_heads", "2",
          "--mrope_section", "2", "3", "3", "--vision_depth", "1", "--vocab_size", "400", "--corpus_size", "1000",
          "--max_hops", "1", "--task_weights", "move_short=1,text_short=1", "--threads", "1"]
 
 
 def _pretrain_module():
-    spec = importlib.util.spec_from_file_location("pretrain_pause_under_test", ROOT / "training/pretrain.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("training/pretrain.py", "pretrain_pause_under_test")
 
 
 @pytest.fixture(scope="module")
@@ -100,9 +95,7 @@ def test_exported_backbone_keeps_its_pause_tokens(paused):
 
 
 def test_pause_probe_agrees_with_greedy_decoding(paused):
-    spec = importlib.util.spec_from_file_location("pause_probe_under_test", ROOT / "training/pause_probe.py")
-    probe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(probe)
+    probe = load_script("training/pause_probe.py", "pause_probe_under_test")
     from tte_flash.world import eval_questions
     model = TTEFlashModel.from_backbone(paused, max_think_tokens=3).eval()
     questions = eval_questions("move1_short", 12)

@@ -1,9 +1,7 @@
 """The tiny-reasoner additions: one-word hop tasks, the hop cap, the new eval kinds, resumable pretraining
 and the shipped tiny-reasoner preset (training/README.md, "The tiny-reasoner backbone")."""
-import importlib.util
 import json
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,8 +13,8 @@ from tte_flash.world import (ALL_EVAL_KINDS, EVAL_KINDS, NEW_EVAL_KINDS, TASK_WE
                              evaluate_backbone)
 
 from test_world import STEP, read_grid
+from conftest import load_script
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def solve_short(sample) -> str:
@@ -121,10 +119,7 @@ def test_locate_is_scored_on_the_whole_position():
 # ---------------------------------------------------------------------------------------- resumable pretraining
 
 def _pretrain_main():
-    spec = importlib.util.spec_from_file_location("pretrain_under_test", ROOT / "training/pretrain.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return load_script("training/pretrain.py", "pretrain_under_test").main
 
 
 @pytest.mark.parametrize("pause", [[], ["--pause_tokens", "2", "--pause_p", "0.5"]], ids=["plain", "pause"])

@@ -1,8 +1,6 @@
 """training/think_budget_curve.py: fixed-K rows agree with tte_flash.evaluate on the same test rows, the oracle
 bounds every fixed K, the auto rows account for every test query, and --save_policy writes the policy."""
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,15 +9,12 @@ from tte_flash import TTEFlashModel
 from tte_flash.data import load_rows
 from tte_flash.evaluate import evaluate_many
 from tte_flash.synthetic import generate
+from conftest import load_script
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("think_budget_curve", ROOT / "training/think_budget_curve.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("training/think_budget_curve.py", "think_budget_curve")
 
 
 @pytest.fixture(scope="module")

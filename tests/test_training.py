@@ -6,6 +6,7 @@ from PIL import Image
 
 from tte_flash import TTEFlashModel
 from tte_flash.training import main as train_main
+from conftest import load_script
 
 COLORS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220), "yellow": (230, 210, 40)}
 
@@ -140,11 +141,7 @@ def test_clear_errors_for_bad_data(tmp_path, breakage, message):
 
 
 def test_cot_probe_scores_hand_made_traces():
-    import importlib.util
-    from pathlib import Path
-    spec = importlib.util.spec_from_file_location("cot_probe", Path(__file__).parent.parent / "training/cot_probe.py")
-    probe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(probe)
+    probe = load_script("training/cot_probe.py", "cot_probe")
     rows = [{"qry_cot": "the red cell is at row 1 column 2. left of it is row 1 column 1. that cell is blue.",
              "tgt_text": ["blue", "red"]},
             {"qry_cot": "Bob's pen is black.", "tgt_text": ["black", "white"]},
@@ -158,12 +155,7 @@ def test_cot_probe_scores_hand_made_traces():
 
 def test_ablation_summary_and_report_on_hand_made_results(tmp_path):
     """tiny_ablation's summary (mean, min, max over seeds) and its markdown table, on known numbers."""
-    import importlib.util
-    from pathlib import Path
-    spec = importlib.util.spec_from_file_location("tiny_ablation",
-                                                  Path(__file__).parent.parent / "training/tiny_ablation.py")
-    ablation = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ablation)
+    ablation = load_script("training/tiny_ablation.py", "tiny_ablation")
     shortcut = {"shortcut_best": {"hit@1": 0.15, "ndcg@5": 0.4}, "shortcut_best_name": {"hit@1": "best_fixed_cell"}}
 
     def result(setting, seed, hits, traces=None, start=None):
