@@ -1,8 +1,10 @@
 """The training objective: InfoNCE and COT NLL by hand, gradient cache == plain step, DDP == one process."""
 import contextlib
+import copy
 import os
 import socket
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -11,7 +13,7 @@ import torch.nn.functional as F
 from conftest import random_image
 
 from tte_flash.collator import TrainCollator, content_key
-from tte_flash.losses import info_nce
+from tte_flash.losses import distillation_loss, info_nce
 from tte_flash.objective import Objective
 
 
@@ -124,6 +126,83 @@ def test_grad_cache_replays_dropout(fresh_tiny, rng, monkeypatch):
     unreplayed = grads(model)
     assert max((unreplayed[n] - reference[n]).abs().max() / reference[n].abs().max().clamp(min=1e-12)
                for n in reference if "lora" in n) > 0.05
+
+
+def traced_examples(rng, n):
+    """``examples`` with a trace in every row, as distillation's teacher (query + trace) needs."""
+    return [{**e, "cot": e["cot"] or f"row {i} has its own trace. it ends here."}
+            for i, e in enumerate(examples(rng, n))]
+
+
+# every pair of settings (distillation kind, teacher weight, COT weight, a chunk size that leaves a remainder
+# or divides the batch) in 8 cases rather than 16: the chunking is the parity of the other three
+DISTILL_CASES = [(kind, teacher_weight, cot_weight, *((5, 2) if (kind == "kl") ^ (teacher_weight > 0) ^ (cot_weight > 0)
+                                                      else (6, 3)))
+                 for kind in ("cosine", "kl") for teacher_weight in (0.0, 1.0) for cot_weight in (0.0, 0.7)]
+
+
+@pytest.mark.parametrize("kind, teacher_weight, cot_weight, rows, chunk_size", DISTILL_CASES)
+def test_grad_cache_with_distillation_equals_plain_step(fresh_tiny, rng, kind, teacher_weight, cot_weight, rows,
+                                                        chunk_size):
+    """With teachers in the batch (explicit-to-latent distillation), the gradient cache gives the plain step's
+    loss, stats and gradient of every parameter (float64), in chunks that divide the batch or leave a remainder."""
+    model = fresh_tiny().double().train()
+    train_batch = collator_for(model, teacher=True)(traced_examples(rng, rows))["train_batch"]
+    objective = Objective(temperature=0.05, cot_weight=cot_weight, distill_weight=0.8, distill_kind=kind,
+                          teacher_weight=teacher_weight)
+    loss, stats = objective.loss(model, train_batch)
+    loss.backward()
+    plain = grads(model)
+    model.zero_grad()
+    cached_loss, cached_stats = objective.grad_cache_backward(model, train_batch, chunk_size=chunk_size)
+    cached = grads(model)
+    torch.testing.assert_close(cached_loss, loss.detach(), atol=1e-9, rtol=1e-6)
+    assert "distill_loss" in stats and ("teacher_contrastive_loss" in stats) == (teacher_weight > 0)
+    assert cached_stats.keys() == stats.keys()
+    for key in stats:
+        torch.testing.assert_close(cached_stats[key].double(), stats[key].double(), atol=1e-9, rtol=1e-6, msg=key)
+    assert plain.keys() == cached.keys() and len(plain) > 10
+    for name in plain:
+        scale = plain[name].abs().max().item()
+        torch.testing.assert_close(cached[name], plain[name], atol=1e-6 * scale, rtol=1e-6, msg=name)
+
+
+def hand_distillation(student, teacher, targets, kind, temperature):
+    """Distillation written out: the teacher (n, d) a constant; for "kl" the targets scored by the teacher
+    are constants too, so the targets' gradient comes through the student's scores only."""
+    s, t, g = F.normalize(student, dim=-1), F.normalize(teacher.detach(), dim=-1), F.normalize(targets, dim=-1)
+    if kind == "cosine":
+        return (1 - (s * t).sum(-1)).mean()
+    log_p_teacher = (t @ g.detach().T / temperature).log_softmax(-1)
+    log_p_student = (s @ g.T / temperature).log_softmax(-1)
+    return (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(-1).mean()
+
+
+@pytest.mark.parametrize("kind", ["cosine", "kl"])
+def test_grad_cache_distillation_gives_the_teacher_no_gradient(fresh_tiny, rng, kind):
+    """Distillation alone (teacher_weight 0, no COT): the gradient-cache step's gradients are those of the
+    latent batch (no teacher rows) pulled toward teacher embeddings from a frozen copy of the model: nothing
+    flows back through the teacher's forward."""
+    model = fresh_tiny().double().train()
+    train_batch = collator_for(model, teacher=True)(traced_examples(rng, 5))["train_batch"]
+    objective = Objective(temperature=0.05, cot_weight=0.0, distill_weight=1.0, distill_kind=kind, teacher_weight=0.0)
+    objective.grad_cache_backward(model, train_batch, chunk_size=2)
+    cached = grads(model)
+    model.zero_grad()
+    frozen = copy.deepcopy(model)
+    with torch.no_grad():
+        batch, _, _, n = train_batch.pack()
+        teachers = frozen(tte_batch=batch).embeddings[n:2 * n]
+    batch, positive, keys, n = replace(train_batch, teacher_queries=None).pack()
+    embeddings = model(tte_batch=batch).embeddings
+    queries, targets = embeddings[:n], embeddings[n:]
+    contrastive, _ = info_nce(queries, targets, positive, keys, objective.temperature)
+    (contrastive + hand_distillation(queries, teachers, targets, kind, objective.temperature)).backward()
+    reference = grads(model)
+    assert reference.keys() == cached.keys() and len(reference) > 10
+    for name in reference:
+        scale = reference[name].abs().max().item()
+        torch.testing.assert_close(cached[name], reference[name], atol=1e-6 * scale, rtol=1e-6, msg=name)
 
 
 def test_cot_loss_is_mean_nll_over_rows_with_a_trace(fresh_tiny, rng):

@@ -71,6 +71,26 @@ def test_yaml_recipe_with_overrides(tmp_path):
     assert (tmp_path / "run" / "model.safetensors").is_file()  # LoRA merged into a full checkpoint
 
 
+def test_grad_cache_with_distillation_end_to_end(tmp_path, monkeypatch):
+    """--distill_weight with --grad_cache (chunks of 3 in batches of 8): the teacher rows reach the gradient
+    cache, the distillation and teacher stats are logged, and the losses of the first steps are the plain run's."""
+    from tte_flash.objective import Objective
+    data = make_data(tmp_path / "data", n=16)
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    data.write_text("".join(json.dumps({**r, "qry_cot": f"One colour. It is {r['pos_text']}."}) + "\n" for r in rows))
+    cached_batches = []
+    original = Objective.grad_cache_backward
+    monkeypatch.setattr(Objective, "grad_cache_backward", lambda self, model, batch, *rest, **kwargs:
+                        cached_batches.append(batch) or original(self, model, batch, *rest, **kwargs))
+    run = ["--max_steps", "2", "--save_strategy", "no", "--logging_steps", "1", "--distill_weight", "1"]
+    plain = train_main(args(data, tmp_path / "plain", *run))
+    cached = train_main(args(data, tmp_path / "cached", *run, "--grad_cache", "--grad_cache_chunk_size", "3"))
+    assert len(cached_batches) == 2 and all(b.teacher_queries is not None for b in cached_batches)
+    for key in ("loss", "distill_loss", "teacher_contrastive_loss"):
+        assert len(losses(cached, key)) == 2
+        assert losses(cached, key) == pytest.approx(losses(plain, key), rel=1e-4), key
+
+
 @pytest.mark.parametrize("grad_cache", [False, True])
 def test_think_warmup_trains_the_first_steps_at_k0(tmp_path, monkeypatch, grad_cache):
     """--think_warmup_steps N: steps 1..N see K=0 whatever the budgets, later steps the budgets."""
