@@ -77,6 +77,34 @@ def test_batch_invariance_alone_padded_packed(tiny_model, rng):
         np.testing.assert_allclose(padded, alone, atol=1e-5)
 
 
+def test_filled_rows_equal_one_sample_per_row(tiny_model, rng):
+    """collate(fill_rows=True) puts several short samples in one padded row; every <emb> state, COT
+    prediction and target equals the one-sample-per-row batch's, in record order, with images in any row."""
+    proc = tiny_model.processor
+    # a small image first and larger ones later: rows are filled longest first, so the vision inputs must follow
+    # the rows' order, not the records'
+    items = [{"text": "q", "image": random_image(rng, 30, 30)}, "a", "bb cc",
+             {"image": random_image(rng, 120, 100), "text": "x"}, "a somewhat longer plain text query with more bytes",
+             random_image(rng, 60, 60), "dd", {"text": "Which vehicle is second-closest?", "image": random_image(rng, 40, 90)}]
+    records = [proc(x) for x in items]
+    for trial in range(3):
+        ks = [int(k) for k in rng.integers(0, 6, len(records))]
+        cots = [None if rng.random() < 0.4 else [int(t) for t in rng.integers(10, 200, int(rng.integers(1, 9)))]  # bytes
+                for _ in records]
+        one = collate(records, proc.think_token_ids, proc.emb_token_id, think_tokens=ks, cot_ids=cots, packed=False)
+        filled = collate(records, proc.think_token_ids, proc.emb_token_id, think_tokens=ks, cot_ids=cots,
+                         packed=False, fill_rows=True)
+        assert filled.input_ids.shape[1] == one.input_ids.shape[1] and filled.input_ids.shape[0] < len(records)
+        torch.testing.assert_close(filled.cot_targets, one.cot_targets)
+        with torch.no_grad():
+            a, b = tiny_model.tte_forward(one), tiny_model.tte_forward(filled)
+            ha, hb = tiny_model._last_hidden(one), tiny_model._last_hidden(filled)
+        torch.testing.assert_close(b.embeddings, a.embeddings, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(hb[filled.cot_pred_index], ha[one.cot_pred_index], atol=1e-5, rtol=1e-5)
+        if one.cot_targets.numel():
+            torch.testing.assert_close(b.cot_nll_sum, a.cot_nll_sum, atol=1e-4, rtol=1e-5)
+
+
 def test_encode_outputs_follow_sentence_transformers_habits(tiny_model):
     single = tiny_model.encode_document("a red car")
     assert single.shape == (64,) and single.dtype == np.float32

@@ -94,7 +94,7 @@ class TrainBatch:
         batch = collate(queries + teachers + targets, self.think_ids, self.emb_id,
                         think_tokens=[self.think_tokens] * len(queries) + [0] * (len(teachers) + len(targets)),
                         cot_ids=[self.cots[i] for i in indices] + [None] * (len(teachers) + len(targets)),
-                        packed=self.packed, pad_id=self.pad_id)
+                        packed=self.packed, pad_id=self.pad_id, fill_rows=True)
         return batch, torch.tensor(positive), torch.tensor(keys, dtype=torch.long), len(queries)
 
 

@@ -341,11 +341,16 @@ def sample_layout(record: QueryRecord, think_ids: list[int], emb_id: int, cot_id
 
 
 def collate(records: list[QueryRecord], think_ids: list[int], emb_id: int, *, think_tokens,
-            cot_ids: list | None = None, packed: bool = True, pad_id: int = 0) -> TTEBatch:
+            cot_ids: list | None = None, packed: bool = True, pad_id: int = 0, fill_rows: bool = False) -> TTEBatch:
     """Lay out ``records`` as [query][think][emb][cot] samples in one packed row or a padded batch.
 
     ``think_tokens`` is an int or one int per record; ``cot_ids`` is None or one list (or None) per record.
     COT_1 is predicted from the last think token (the last query token when K=0), COT_j from COT_{j-1}.
+
+    ``fill_rows`` (padded batches only): a row holds as many whole samples as fit in the longest sample's
+    length (first fit, longest first) instead of one, so short samples (targets beside queries with traces)
+    do not each cost a row of padding; the mask keeps samples apart, as in a packed row. Embeddings, COT
+    targets and their order are the same as without it (record order).
     """
     n = len(records)
     ks = [think_tokens] * n if isinstance(think_tokens, int) else list(think_tokens)
@@ -354,13 +359,15 @@ def collate(records: list[QueryRecord], think_ids: list[int], emb_id: int, *, th
     lengths = [s[0].numel() for s in samples]
     if packed:
         rows, width = [list(range(n))], sum(lengths)
+    elif fill_rows and n:
+        rows, width = _fill_rows(lengths), max(lengths)
     else:
         rows, width = [[i] for i in range(n)], max(lengths)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     positions = torch.zeros(3, len(rows), width, dtype=torch.long)
     seq_ids = torch.zeros(len(rows), width, dtype=torch.int32)
     types = torch.zeros(len(rows), width, dtype=torch.uint8)
-    emb_index, cot_pred, cot_tgt = [], [], []
+    emb_index, cot_pred, cot_tgt = [0] * n, [[] for _ in range(n)], [[] for _ in range(n)]
     next_seq = 0
     for r, members in enumerate(rows):
         offset = 0
@@ -372,21 +379,37 @@ def collate(records: list[QueryRecord], think_ids: list[int], emb_id: int, *, th
             next_seq += 1
             base = r * width + offset
             emb_pos = base + int((tt == EMB).nonzero())
-            emb_index.append(emb_pos)
+            emb_index[i] = emb_pos
             m = len(cots[i] or [])
             if m:
                 first_cot = emb_pos + 1
-                cot_pred += [emb_pos - 1] + list(range(first_cot, first_cot + m - 1))
-                cot_tgt += list(cots[i])
+                cot_pred[i] = [emb_pos - 1] + list(range(first_cot, first_cot + m - 1))
+                cot_tgt[i] = list(cots[i])
             offset += ids.numel()
         if offset < width:  # padding is a sample of its own so rows never see it
             seq_ids[r, offset:] = next_seq
             next_seq += 1
     vision = {}
+    laid_out = [records[i] for members in rows for i in members]  # vision features fill their slots in row order
     for name in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
-        parts = [getattr(r, name) for r in records if getattr(r, name) is not None]
+        parts = [getattr(r, name) for r in laid_out if getattr(r, name) is not None]
         vision[name] = torch.cat(parts) if parts else None
     return TTEBatch(input_ids=input_ids, position_ids=positions, seq_ids=seq_ids, token_types=types,
                     emb_index=torch.tensor(emb_index, dtype=torch.long),
-                    cot_pred_index=torch.tensor(cot_pred, dtype=torch.long),
-                    cot_targets=torch.tensor(cot_tgt, dtype=torch.long), **vision)
+                    cot_pred_index=torch.tensor([j for part in cot_pred for j in part], dtype=torch.long),
+                    cot_targets=torch.tensor([t for part in cot_tgt for t in part], dtype=torch.long), **vision)
+
+
+def _fill_rows(lengths: list[int]) -> list[list[int]]:
+    """Sample indices per row: first fit, longest first, into rows as long as the longest sample; each row's
+    samples in record order (so a row of one sample each is the plain padded batch)."""
+    width, rows, free = max(lengths), [], []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        at = next((r for r, room in enumerate(free) if room >= lengths[i]), None)
+        if at is None:
+            rows.append([])
+            free.append(width)
+            at = len(rows) - 1
+        rows[at].append(i)
+        free[at] -= lengths[i]
+    return [sorted(members) for members in rows]

@@ -455,7 +455,7 @@ def main(argv=None):
     logger.info("training %s on %d rows; think budgets %s (K=0 for the first %d steps%s); cot_weight %s; %s batches; "
                 "grad_cache=%s", model_args.model, len(dataset), data_args.think_tokens,
                 data_args.think_warmup_steps, gate, data_args.cot_weight,
-                "packed" if packed else "padded", data_args.grad_cache)
+                "packed" if packed else "padded (rows filled)", data_args.grad_cache)
     result = trainer.train(resume_from_checkpoint=resume)
     final = trainer.model
     if model_args.lora:
