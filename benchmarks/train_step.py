@@ -125,8 +125,10 @@ def run(args) -> dict:
     from tte_flash.attention import resolve_backend
     packed = resolve_backend(base.config.attn_backend, device) == "triton"
     collator = TrainCollator(base.processor, think_budgets=(args.think_tokens,), use_cot=args.cot_tokens > 0,
-                             max_cot_tokens=max(args.cot_tokens, 2), packed=packed, seed=args.seed)
-    objective = Objective(temperature=0.02, cot_weight=1.0 if args.cot_tokens > 0 else 0.0)
+                             max_cot_tokens=max(args.cot_tokens, 2), packed=packed, seed=args.seed,
+                             teacher=args.distill_weight > 0)
+    objective = Objective(temperature=0.02, cot_weight=1.0 if args.cot_tokens > 0 else 0.0,
+                          distill_weight=args.distill_weight)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-5)
     image_size = None if args.image_size == "none" else tuple(int(x) for x in args.image_size.split("x"))
     steps = []
@@ -177,8 +179,8 @@ def run(args) -> dict:
         summary["fits_in_20_gb"] = summary["peak_memory_gb"] <= TARGET_CPU_GB
     return {"meta": {"device": device_name(device), "versions": versions(), "commit": git_commit(),
                      "preset": args.preset, "dtype": args.dtype, "batch_size": args.batch_size,
-                     "grad_cache_chunk": args.grad_cache_chunk, "think_tokens": args.think_tokens,
-                     "cot_tokens": args.cot_tokens, "lora": not args.no_lora, "image_size": args.image_size,
+                     "grad_cache_chunk": args.grad_cache_chunk, "distill_weight": args.distill_weight,
+                     "think_tokens": args.think_tokens, "cot_tokens": args.cot_tokens, "lora": not args.no_lora, "image_size": args.image_size,
                      "attn_backend": base.config.attn_backend, "packed": packed, "liger_kernels": args.liger_kernels,
                      "threads": torch.get_num_threads(),
                      "parameters": counts, "build_seconds": round(build_s, 1),
@@ -230,6 +232,9 @@ def parse_args(argv=None):
                         "0 for a plain step)")
     p.add_argument("--think-tokens", "--think_tokens", type=int, default=16)
     p.add_argument("--cot-tokens", "--cot_tokens", type=int, default=256, help="trace words per query (0: no COT)")
+    p.add_argument("--distill-weight", "--distill_weight", type=float, default=0.0,
+                   help="explicit-to-latent self-distillation as the recipe's --distill_weight: each query is also "
+                        "embedded with its trace at K=0 (the teacher rows are counted as work); needs --cot-tokens")
     p.add_argument("--image-size", "--image_size", default="448x336", help="WxH of the query images, or 'none'")
     p.add_argument("--no-lora", "--no_lora", action="store_true", help="train every language-model weight")
     p.add_argument("--liger-kernels", "--liger_kernels", action="store_true",
@@ -253,6 +258,8 @@ def parse_args(argv=None):
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.grad_cache_chunk < 0 or args.think_tokens < 0 or args.cot_tokens < 0:
         p.error("--grad-cache-chunk, --think-tokens and --cot-tokens must be >= 0")
+    if args.distill_weight < 0 or (args.distill_weight > 0 and args.cot_tokens == 0):
+        p.error("--distill-weight must be >= 0 and needs traces (--cot-tokens > 0): the teacher embeds query + trace")
     if args.image_size != "none":
         try:
             w, h = (int(x) for x in args.image_size.lower().split("x"))

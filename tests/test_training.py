@@ -1,5 +1,6 @@
 """The training entry point end to end on a small generated data set (CPU)."""
 import json
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -69,6 +70,19 @@ def test_yaml_recipe_with_overrides(tmp_path):
                           "--grad_cache_chunk_size", "3", "--lora"])
     assert trainer.state.global_step == 2 and losses(trainer, "cot_loss")
     assert (tmp_path / "run" / "model.safetensors").is_file()  # LoRA merged into a full checkpoint
+
+
+@pytest.mark.parametrize("recipe", sorted((Path(__file__).parents[1] / "training/configs").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_shipped_recipes_parse(recipe):
+    """Every recipe in training/configs parses into the training arguments (no unknown key, valid values); the
+    2B recipe keeps its gradient cache and the distillation lever together."""
+    from tte_flash.training import parse_args
+    gpu_only = ["--bf16", "false"] if "bf16: true" in recipe.read_text() else []  # transformers refuses bf16 on a CPU
+    model_args, data_args, training_args = parse_args([str(recipe), "--output_dir", "unused", *gpu_only])
+    assert training_args.max_steps > 0 and data_args.think_tokens
+    if recipe.name == "qwen2-vl-2b.yaml":
+        assert data_args.grad_cache and data_args.distill_weight > 0 and model_args.lora
 
 
 def test_grad_cache_with_distillation_end_to_end(tmp_path, monkeypatch):
