@@ -99,7 +99,7 @@ class PretrainCollator:
         ks = [self.pause_tokens if self.pause_tokens and float(torch.rand((), generator=self.rng)) < self.pause_p
               else 0 for _ in samples]
         batch = collate(records, self.processor.think_token_ids, self.processor.emb_token_id, think_tokens=ks,
-                        cot_ids=answers, packed=False, pad_id=self.processor.tokenizer.pad_token_id)
+                        cot_ids=answers, packed=False, fill_rows=True, pad_id=self.processor.tokenizer.pad_token_id)
         return {"size": torch.zeros(len(samples)), "batch": batch}  # accelerate reads the batch size off the first tensor
 
 
