@@ -4,7 +4,9 @@ The step of ``training/configs/qwen2-vl-2b.yaml`` on random weights (no download
 architecture, vision tower frozen, LoRA r16/alpha64/dropout 0.05 on every attention and MLP projection plus the
 think/emb token rows (``tte_flash.training.apply_lora``), K=16 think tokens, a COT trace per query (default
 256 tokens), the gradient cache (``Objective.grad_cache_backward``), then one AdamW step on the trainable
-parameters. Inputs are synthetic: a query of an image and a sentence, a text positive per query.
+parameters. The recipe also sets ``distill_weight: 1`` (each query embedded a second time with its trace, the
+distillation teacher): ``--distill-weight 1`` adds those rows; the default (0) is the step without them, as the
+GPU loan measures it. Inputs are synthetic: a query of an image and a sentence, a text positive per query.
 
     python benchmarks/train_step.py --preset qwen2-vl-2b --batch-size 2          # CPU: does one step fit?
     python benchmarks/train_step.py --preset qwen2-vl-2b --batch-size 128 --grad-cache-chunk 16 --steps 3  # GPU

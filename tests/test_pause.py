@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from tte_flash import TTEFlashModel
-from tte_flash.mask import COT, EMB, QUERY, THINK
+from tte_flash.mask import COT, QUERY, THINK
 from tte_flash.tokenization import think_token
 from tte_flash.world import World
 from conftest import load_script
@@ -39,39 +39,50 @@ def paused(pretrain, tmp_path_factory):
     return out
 
 
+def think_before_emb(batch) -> list[tuple[int, int]]:
+    """(K, flat <emb> index) of each sample, in record order: the think tokens right before its <emb> (rows may
+    hold several samples: the pretraining collator fills them)."""
+    types = batch.token_types.reshape(-1)
+    out = []
+    for emb in batch.emb_index.tolist():
+        k = 0
+        while emb - k - 1 >= 0 and int(types[emb - k - 1]) == THINK:
+            k += 1
+        out.append((k, emb))
+    return out
+
+
 @pytest.mark.parametrize("p, expect", [(1.0, {3}), (0.0, {0})])
 def test_collator_puts_the_pause_tokens_between_prompt_and_answer(paused, pretrain, p, expect):
     model = TTEFlashModel.from_backbone(paused, max_think_tokens=3)
     collator = pretrain.PretrainCollator(model.processor, pause_tokens=3, pause_p=p, seed=0)
-    samples = [World(seed=5).sample("move_short") for _ in range(4)]
+    world = World(seed=5)
+    samples = [world.sample("move_short") for _ in range(4)]  # different samples: rows may hold several
     batch = collator(samples)["batch"]
     think_ids = model.processor.think_token_ids
-    ks = set()
-    for row in range(4):
-        types = batch.token_types[row]
-        ids = batch.input_ids[row]
-        k = int((types == THINK).sum())
-        ks.add(k)
-        emb = int((types == EMB).nonzero())
-        # [prompt][think 0..k-1][emb][answer]: the think tokens right before <emb>, in order
+    ids, types = batch.input_ids.reshape(-1), batch.token_types.reshape(-1)
+    per_sample = think_before_emb(batch)
+    assert len(per_sample) == 4 and {k for k, _ in per_sample} == expect
+    for k, emb in per_sample:
+        # [prompt][think 0..k-1][emb][answer]: the think tokens right before <emb>, in order, then the answer
         assert ids[emb - k:emb].tolist() == think_ids[:k]
-        assert (types[emb + 1:] == COT).sum() > 0
-    assert ks == expect
-    # the first answer token is predicted from the last think token (the last prompt token without pauses)
-    first_pred = batch.cot_pred_index[0]
-    flat_types = batch.token_types.reshape(-1)
-    assert int(flat_types[first_pred]) == (THINK if p else QUERY)
+        assert int(types[emb - k - 1]) == QUERY and int(types[emb + 1]) == COT
+    # the first answer token of the first sample is predicted from its last think token (its last prompt token
+    # without pauses)
+    assert int(batch.cot_pred_index[0]) == per_sample[0][1] - 1
+    assert int(types[batch.cot_pred_index[0]]) == (THINK if p else QUERY)
 
 
 def test_pause_share_is_seeded(paused, pretrain):
     model = TTEFlashModel.from_backbone(paused, max_think_tokens=3)
-    samples = [World(seed=6).sample("move_short") for _ in range(40)]
+    world = World(seed=6)
+    samples = [world.sample("move_short") for _ in range(40)]
 
     def ks(seed):
         batch = pretrain.PretrainCollator(model.processor, pause_tokens=3, pause_p=0.5, seed=seed)(samples)["batch"]
-        return [int((batch.token_types[r] == THINK).sum()) for r in range(40)]
+        return [k for k, _ in think_before_emb(batch)]
 
-    assert ks(1) == ks(1)
+    assert ks(1) == ks(1) and ks(1) != ks(2)  # the draws, sample by sample, follow the seed
     assert set(ks(1)) == {0, 3} and 8 <= ks(1).count(3) <= 32
 
 

@@ -220,3 +220,13 @@ def test_liger_kernels_flag_errors_name_the_problem(monkeypatch):
     monkeypatch.setitem(sys.modules, "liger_kernel", None)  # import fails as if not installed
     with pytest.raises(ImportError, match="pip install liger-kernel"):
         apply_liger_kernels(object(), "cuda")
+
+
+def test_grad_cache_refuses_ddp_without_unused_parameter_search(tmp_path):
+    """Only the gradient cache's last chunk synchronises under DDP: training turns on DDP's search for unused
+    parameters with --grad_cache, and refuses to run with it switched off rather than leave gradients unaveraged."""
+    data = make_data(tmp_path / "data", n=16)
+    with pytest.raises(ValueError, match="ddp_find_unused_parameters"):
+        train_main(args(data, tmp_path / "run", "--max_steps", "1", "--grad_cache", "--ddp_find_unused_parameters",
+                        "false"))
+    assert not (tmp_path / "run" / "model.safetensors").exists()

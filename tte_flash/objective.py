@@ -93,7 +93,9 @@ class Objective:
         """Accumulate the gradients of :meth:`loss` into ``model`` chunk by chunk; return (loss, stats).
 
         ``backward(tensor)`` runs a backward pass (default ``tensor.backward()``; the Trainer passes
-        ``accelerator.backward``); ``no_sync()`` is a context for all chunks but the last (DDP).
+        ``accelerator.backward``); ``no_sync()`` is a context for all chunks but the last (DDP). Only that last
+        backward synchronises, so a DDP model must be wrapped with ``find_unused_parameters=True`` (training does
+        this): a parameter the last chunk does not use would otherwise never be averaged.
         ``scale`` multiplies what is backpropagated (gradient accumulation).
         """
         backward = backward or (lambda tensor: tensor.backward())

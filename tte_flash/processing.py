@@ -401,8 +401,9 @@ def collate(records: list[QueryRecord], think_ids: list[int], emb_id: int, *, th
 
 
 def _fill_rows(lengths: list[int]) -> list[list[int]]:
-    """Sample indices per row: first fit, longest first, into rows as long as the longest sample; each row's
-    samples in record order (so a row of one sample each is the plain padded batch)."""
+    """Sample indices per row: first fit, longest first, into rows as long as the longest sample. Rows come in
+    the order they were opened (longest sample first), the samples within a row in record order; callers read
+    outputs through ``emb_index`` / ``cot_pred_index``, which follow the layout."""
     width, rows, free = max(lengths), [], []
     for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
         at = next((r for r, room in enumerate(free) if room >= lengths[i]), None)

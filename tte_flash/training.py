@@ -440,6 +440,12 @@ def main(argv=None):
         apply_liger_kernels(model, device_type)
     if model_args.lora:
         model = apply_lora(model, model_args)
+    if data_args.grad_cache:  # only the last chunk's backward syncs under DDP: a parameter that chunk does not touch
+        # (e.g. a trainable vision tower on a text-only chunk) would never be averaged unless DDP looks for it
+        if training_args.ddp_find_unused_parameters is False:
+            raise ValueError("--grad_cache needs --ddp_find_unused_parameters true (or unset) under DDP: only the last "
+                             "chunk's backward synchronises, and parameters it does not use would not be averaged")
+        training_args.ddp_find_unused_parameters = True
     objective = Objective(temperature=temperature, cot_weight=data_args.cot_weight,
                           mask_duplicate_targets=data_args.mask_duplicate_targets,
                           distill_weight=data_args.distill_weight, distill_kind=data_args.distill_kind,
