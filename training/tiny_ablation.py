@@ -51,6 +51,9 @@ SETTINGS = {"k0": {"think_tokens": 0, "cot_weight": 0.0}, "k16": {"think_tokens"
             "k16_distill_curriculum": {"think_tokens": 16, "cot_weight": 1.0, "extra": ["--distill_weight", "1"],
                                        "curriculum": (0.25, 0.5, 0.75)},
             "k0_distill": {"think_tokens": 0, "cot_weight": 0.0, "extra": ["--distill_weight", "1"]},
+            # k16_distill_open without its think tokens (K=0, the same COT loss and distillation): the control that
+            # says whether the think tokens or the distillation do the work
+            "k0_distill_cot": {"think_tokens": 0, "cot_weight": 1.0, "extra": ["--distill_weight", "1"]},
             # from a pause-pretrained backbone (pretrain.py --pause_tokens) the think tokens are not fresh: no gate
             "k16_cot_open": {"think_tokens": 16, "cot_weight": 1.0,
                              "extra": ["--think_warmup_steps", "0", "--think_warmup_accuracy", "0.0001"]},
