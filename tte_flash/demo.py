@@ -89,8 +89,9 @@ def main(argv=None) -> int:
                 "--disable_tqdm", "true"])
     model = TTEFlashModel.from_pretrained(model_dir)
 
-    print("[3/5] evaluating K=0, K=%d and explicit CoT (a model trained at K=0 alone stays near chance on this "
-          "task: training/README.md)" % args.think_tokens)
+    print("[3/5] evaluating K=0, K=%d and explicit CoT (K=0 here is this model without its think tokens; a model "
+          "trained at K=0 alone stays near chance for 300 steps and needs about three times the steps: "
+          "training/README.md)" % args.think_tokens)
     result = evaluate_many(model, paths["eval"], paths["image_root"], think_tokens=(0, args.think_tokens),
                            modes=("latent",), max_cot_tokens=args.max_cot_tokens)
     explicit = evaluate_many(model, paths["eval"], paths["image_root"], think_tokens=(0,), modes=("explicit-cot",),
