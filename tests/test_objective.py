@@ -222,21 +222,31 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _ddp_worker(rank, world_size, port, out_dir, grad_cache):
+def _ddp_setup(mode):
+    """(model, objective, examples, collator kwargs, chunk) of a DDP comparison. ``grad_cache_teacher``: every row with
+    a trace, distillation on, chunks of 3 in each rank's 4 rows, so rank 0's last chunk is a text-only row and leaves
+    the vision tower unused (DDP must look for unused parameters, as training sets it)."""
+    from tte_flash import TTEFlashModel
+    torch.manual_seed(1)
+    model = TTEFlashModel.from_preset("tiny").train()
+    data = examples(np.random.default_rng(0), n=8)
+    if mode == "grad_cache_teacher":
+        data = [{**d, "cot": d["cot"] or "one step only"} for d in data]
+        return model, Objective(temperature=0.05, cot_weight=0.5, distill_weight=0.7), data, {"teacher": True}, 3
+    return model, Objective(temperature=0.05, cot_weight=0.5), data, {}, 2
+
+
+def _ddp_worker(rank, world_size, port, out_dir, mode):
     import torch.distributed as dist
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     torch.set_num_threads(1)
-    from tte_flash import TTEFlashModel
-    torch.manual_seed(1)
-    model = TTEFlashModel.from_preset("tiny").train()
-    ddp = torch.nn.parallel.DistributedDataParallel(model)
-    data = examples(np.random.default_rng(0), n=8)
+    model, objective, data, collate_kwargs, chunk = _ddp_setup(mode)
+    ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=mode != "plain")
     local = data[rank * 4:(rank + 1) * 4]
-    train_batch = collator_for(model)(local)["train_batch"]
-    objective = Objective(temperature=0.05, cot_weight=0.5)
-    if grad_cache:
-        loss, _ = objective.grad_cache_backward(ddp, train_batch, chunk_size=2, no_sync=ddp.no_sync)
+    train_batch = collator_for(model, **collate_kwargs)(local)["train_batch"]
+    if mode != "plain":
+        loss, _ = objective.grad_cache_backward(ddp, train_batch, chunk_size=chunk, no_sync=ddp.no_sync)
     else:
         loss, _ = objective.loss(ddp, train_batch)
         loss.backward()
@@ -253,10 +263,11 @@ def _ddp_worker(rank, world_size, port, out_dir, grad_cache):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("grad_cache", [False, True])
-def test_two_process_ddp_equals_single_process(tmp_path, grad_cache):
-    """A real 2-process gloo DDP run: averaged loss and gradients equal one process on the global batch."""
-    workers = torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path), grad_cache),
+@pytest.mark.parametrize("mode", ["plain", "grad_cache", "grad_cache_teacher"])
+def test_two_process_ddp_equals_single_process(tmp_path, mode):
+    """A real 2-process gloo DDP run: averaged loss and gradients equal one process on the global batch (with the
+    gradient cache, and with distillation's teacher rows and a last chunk that leaves parameters unused)."""
+    workers = torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path), mode),
                                           nprocs=2, join=False)
     deadline = time.monotonic() + 600  # a hung collective must fail the test, not stall CI
     while not workers.join(timeout=5):
@@ -265,11 +276,9 @@ def test_two_process_ddp_equals_single_process(tmp_path, grad_cache):
                 process.kill()
             pytest.fail("the 2-process DDP workers did not finish within 600 s")
     ddp = torch.load(tmp_path / "ddp.pt")
-    from tte_flash import TTEFlashModel
-    torch.manual_seed(1)
-    model = TTEFlashModel.from_preset("tiny").train()
-    train_batch = collator_for(model)(examples(np.random.default_rng(0), n=8))["train_batch"]
-    loss, _ = Objective(temperature=0.05, cot_weight=0.5).loss(model, train_batch)
+    model, objective, data, collate_kwargs, _ = _ddp_setup(mode)
+    train_batch = collator_for(model, **collate_kwargs)(data)["train_batch"]
+    loss, _ = objective.loss(model, train_batch)
     loss.backward()
     single = grads(model)
     torch.testing.assert_close(ddp["loss"], loss.detach(), atol=1e-5, rtol=1e-5)
