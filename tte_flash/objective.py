@@ -142,8 +142,8 @@ class Objective:
                         cot_correct = cot_correct + out.cot_correct.detach()
                         cot_local += batch.cot_targets.numel()
                 backward(surrogate * scale)
-        if self.cot_weight > 0 and cot_local > 0:  # as cot_nll's stats: the local mean NLL and accuracy
-            stats.update(cot_loss=cot_sum / cot_local, cot_accuracy=cot_correct.float() / cot_local)
+        if self.cot_weight > 0:  # cot_nll's stats of the whole local batch (none without COT tokens)
+            stats.update(cot_nll(cot_sum, cot_correct, cot_local, n_global=cot_global)[1])
         return embedding_loss.detach() + self.cot_weight * cot_total, stats
 
 
