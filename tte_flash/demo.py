@@ -2,7 +2,8 @@
 
 1. generate synthetic reasoning-retrieval data (``tte_flash.synthetic``): by default a one-hop walk on a 4x4
    grid from a named position ("What colour is the cell above row 3, column 4?"), a task where K=0 stays near
-   chance and the explicit pipeline is right almost always (training/README.md, "Report: think tokens that
+   chance at the demo's 300 steps (it needs about three times as many) and the explicit pipeline is right almost
+   always (training/README.md, "Report: think tokens that
    earn their place");
 2. TTE-train the pretrained ``tiny-thinker`` backbone (the CPU world's Qwen2-VL-2B-Instruct, shipped in
    the package, whose think tokens were in its pretraining) at K think tokens with the CoT loss and

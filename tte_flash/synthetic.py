@@ -1,7 +1,7 @@
 """Synthetic reasoning-retrieval data: small enough for the ``tiny`` preset on a CPU, with weak shortcuts.
 
     python -m tte_flash.synthetic --output_dir data --n_train 2000 --n_eval 200 --seed 0 --hops 1 \\
-        [--task grid|text|mixed] [--n_candidates 8] [--grid 3] [--palette basic|world] [--sampling legacy|region] \
+        [--task grid|text|mixed] [--n_candidates 8] [--grid 3] [--palette basic|world] [--sampling legacy|region] \\
         [--anchor colour|position]
 
 writes ``train.jsonl`` (MMEB-train columns + ``qry_cot``), ``eval.jsonl`` (MMEB-eval columns, positive
@@ -20,7 +20,8 @@ merge (9 visual tokens per 3x3 image).
 With ``--anchor position`` the walk starts at a named position instead of a named colour ("What colour
 is the cell right of row 2, column 3?", "Start at row 2, column 3, move up, then left. ..."; trace "start at
 row 2 column 3. right of it is row 2 column 4. that cell is blue."): no search for the anchor, only the
-moves and one read, the world's position-anchored wording (``tte_flash.world``). Moves stay on the grid and never undo the one before. The trace spells every step: "the red cell is at
+moves and one read, the world's position-anchored wording (``tte_flash.world``). Moves stay on the grid and
+never undo the one before. The trace spells every step: "the red cell is at
 row 1 column 2. right of it is row 1 column 3. that cell is blue." The train row's hard negative is the
 cell one step short (two hops) or another neighbour of the anchor (one hop).
 
