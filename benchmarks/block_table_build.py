@@ -183,14 +183,21 @@ def tile_mix(report: Path, layouts, tokens: int) -> list[dict]:
             table = build_block_table(*layout_intervals(LAYOUTS[layout](tokens)), block_m, block_n)
             counts = kind_counts(table, by_row).sum(0).tolist()
             partial = {KIND_NAMES[k]: n for k, n in enumerate(counts) if k != FULL and n}
-            cost = sum(n * launch["sass_kinds"][name] for name, n in partial.items())
-            weighted = cost / sum(partial.values()) / launch["sass_full"] if partial else None
+            # a kind whose loop the SASS parser could not place (compile_check shows "-") leaves the ratio unknown
+            uncounted = sorted(name for name in partial if name not in launch["sass_kinds"])
+            weighted = None
+            if partial and not uncounted:
+                cost = sum(n * launch["sass_kinds"][name] for name, n in partial.items())
+                weighted = cost / sum(partial.values()) / launch["sass_full"]
             rows.append(dict(triton=launch["triton"], kernel=launch["kernel"], head_dim=launch["head_dim"],
                              config=launch["config"], layout=layout, tokens=tokens, full=counts[FULL], **partial,
-                             partial_over_full_weighted=round(weighted, 3) if weighted else None))
+                             partial_over_full_weighted=round(weighted, 3) if weighted else None,
+                             uncounted_kinds=uncounted))
+            ratio = (f"{weighted:.2f}" if weighted else
+                     f"unknown (no SASS count for {', '.join(uncounted)})" if uncounted else "- (no partial tile)")
             print(f"{launch['triton']:6} {launch['kernel']:17} d{launch['head_dim']:<4} {launch['config']:19} "
                   f"{layout:13} full {counts[FULL]:6} " + " ".join(f"{k} {v}" for k, v in partial.items())
-                  + f"  partial/full (weighted) {weighted:.2f}" if weighted else "")
+                  + f"  partial/full (weighted) {ratio}")
     return rows
 
 

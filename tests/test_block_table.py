@@ -244,3 +244,26 @@ def test_each_kind_arises_and_is_exact(samples, think_bidirectional, cot_sees_qu
     counts = tile_counts(table)
     assert {kind for kind, name in KIND_NAMES.items() if counts.get(name, counts["full"] if kind == FULL else 0)} \
         == kinds, counts
+
+
+def test_tile_mix_weights_each_kind_by_its_tiles(tmp_path):
+    """``benchmarks/block_table_build.py --tile-mix``: the tile-weighted partial/full SASS ratio of a compile_check
+    report equals the one counted tile by tile (:func:`tile_kinds`); a kind the SASS parser could not place (no count)
+    makes the ratio unknown, named in the row, instead of a crash."""
+    import json
+
+    from conftest import load_script
+    bench = load_script("benchmarks/block_table_build.py", "block_table_build_under_test")
+    cost = {"cut_lo": 11.0, "cut_hi": 13.0, "cut_lo_hi": 17.0, "cut_any": 19.0}
+    launch = dict(triton="x", kernel="_fwd_kernel", head_dim=64, config="64x32 w4 s2", sass_full=10.0)
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps({"rows": [dict(launch, sass_kinds=cost),
+                                           dict(launch, sass_kinds={k: v for k, v in cost.items() if k != "cut_hi"})]}))
+    rows = bench.tile_mix(report, ["packed"], 4096)
+    _, _, kind = tile_kinds(build_block_table(*bench.layout_intervals(bench.LAYOUTS["packed"](4096)), 64, 32))
+    partial = [KIND_NAMES[int(k)] for k in kind if int(k) != FULL]
+    assert {"cut_hi", "cut_any"} <= set(partial)  # the packed training layout has the diagonal and COT gaps
+    expected = sum(cost[name] for name in partial) / len(partial) / 10.0
+    assert rows[0]["partial_over_full_weighted"] == pytest.approx(expected, abs=1e-3)
+    assert rows[0]["uncounted_kinds"] == []
+    assert rows[1]["partial_over_full_weighted"] is None and rows[1]["uncounted_kinds"] == ["cut_hi"]
