@@ -61,8 +61,10 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -446,7 +448,8 @@ def prepare_layout(seq_ids, token_types, *, think_bidirectional=False, cot_sees_
 
 
 def _check_qkv(q, k, v, layout: KernelLayout):
-    """Raise ``ValueError`` with a clear message for q, k, v the kernels cannot take (no host sync)."""
+    """Raise ``ValueError`` with a clear message for q, k, v the kernels cannot take (no host sync), and
+    ``RuntimeError`` where the Triton interpreter installed cannot run them (:func:`_interpreter_problem`)."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, torch.Tensor) or x.ndim != 3:
             raise ValueError(f"{name} must be a 3-D tensor (tokens, heads, head_dim), got "
@@ -472,6 +475,27 @@ def _check_qkv(q, k, v, layout: KernelLayout):
     if q.device.type != "cuda" and not _INTERPRET:
         raise ValueError(f"tte_attention needs CUDA tensors (got {q.device}); on CPU set TRITON_INTERPRET=1 "
                          "before triton is imported, or use tte_flash.attention.reference_attention")
+    if _INTERPRET and q.device.type != "cuda":
+        problem = _interpreter_problem(triton.__version__, np.__version__)
+        if problem:
+            raise RuntimeError(problem)
+
+
+def _release(version: str) -> tuple:
+    """(3, 6) of '3.6.0', (2, 4) of '2.4.0rc1'."""
+    return tuple(int(part) for part in re.findall(r"\d+", version)[:2])
+
+
+def _interpreter_problem(triton_version: str, numpy_version: str):
+    """Why the Triton interpreter cannot run these kernels, or None. Before Triton 3.7 the interpreter turns a loaded
+    scalar into a loop bound with ``int()`` of a one-element array, which numpy 2.4 and later refuse
+    (triton-lang/triton#9171): every tile loop here runs over bounds loaded from the block table."""
+    if _release(triton_version) < (3, 7) and _release(numpy_version) >= (2, 4):
+        return (f"the Triton {triton_version} interpreter cannot run tte_attention with numpy {numpy_version}: "
+                "before Triton 3.7 it reads loaded loop bounds with int() of a 1-element array, which numpy >= 2.4 "
+                "refuses (triton-lang/triton#9171). Use triton >= 3.7 or numpy < 2.4 on the CPU, or "
+                "tte_flash.attention.reference_attention (GPU runs are compiled and unaffected)")
+    return None
 
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,

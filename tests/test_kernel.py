@@ -539,6 +539,76 @@ def test_benchmark_defaults_to_tiny_sizes_on_cpu(monkeypatch, capsys):
     assert not args.tiny and args.tokens == [96]
 
 
+@pytest.mark.parametrize("triton_version, numpy_version, broken", [
+    ("3.6.0", "2.5.2", True), ("3.6.0", "2.4.0rc1", True), ("3.2.0", "2.4.1", True),  # the device image's pair
+    ("3.6.0", "2.3.5", False), ("3.7.0", "2.5.2", False), ("3.9.0", "2.4.6", False), ("4.0.0", "3.0.0", False)])
+def test_an_interpreter_that_cannot_run_the_kernels_is_named(monkeypatch, triton_version, numpy_version, broken):
+    """Triton < 3.7's interpreter cannot take loaded loop bounds under numpy >= 2.4 (triton-lang/triton#9171: seen
+    with Triton 3.6.0 and numpy 2.4.6 / 2.5.2, an InterpreterError deep in the launch; numpy 2.3.5 runs): the call
+    raises a RuntimeError that names both versions and the way out before any launch."""
+    kernel_module = importlib.import_module("tte_flash.kernels.tte_attention")
+    problem = kernel_module._interpreter_problem(triton_version, numpy_version)
+    assert bool(problem) == broken
+    if not broken or DEVICE == "cuda":
+        return
+    import numpy
+    import triton
+    monkeypatch.setattr(triton, "__version__", triton_version)
+    monkeypatch.setattr(numpy, "__version__", numpy_version)
+    monkeypatch.setattr(kernel_module, "_launch", lambda *a, **k: pytest.fail("launched"))
+    with pytest.raises(RuntimeError, match=f"Triton {triton_version} interpreter .* numpy {numpy_version}.*9171"):
+        tte_attention(**_inputs())
+
+
+def test_benchmark_tma_provider_is_checked_against_the_shipped_forward(monkeypatch):
+    """`--providers tte-triton-tma` (the loan's TMA what-if): its forward really launches with TMA descriptors, its
+    output is compared with the pointer-load forward's (here under the interpreter's TMA emulation, fp32: equal to
+    rounding), and the shipped config is restored after each call."""
+    kernel_module = importlib.import_module("tte_flash.kernels.tte_attention")  # the package's name is the function
+    benchmark = _benchmark_module(monkeypatch, "attention_benchmark_tma")
+    layout = benchmark.make_layout("train", 48, DEVICE, True, seed=3)
+    gen = torch.Generator(device=DEVICE).manual_seed(1)
+    q, k, v = (torch.randn(48, heads, 16, device=DEVICE, generator=gen) for heads in (2, 1, 1))
+    launched = []
+    launch = kernel_module._launch
+    monkeypatch.setattr(kernel_module, "_launch", lambda fn, grid, args, config, **c: launched.append(
+        (fn.__name__, c.get("TMA", False))) or launch(fn, grid, args, config, **c))
+    options = dict(think_bidirectional=False, cot_sees_query=True)
+    fn = benchmark._tte_with_forward_tma(layout, q, k, v, options, require_sm90=False)
+    assert fn.check["ok"] and fn.check["max_abs_diff"] < 1e-5
+    launched.clear()
+    out = fn()
+    assert launched == [("_fwd_kernel", True)] and kernel_module._kernel_config.__name__ == "_kernel_config"
+    expected = oracle_attention(q, k, v, layout.seq_ids, layout.token_types, **options)
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+    if DEVICE == "cpu":  # the benchmark itself asks for an sm_90 GPU
+        with pytest.raises(RuntimeError, match="sm_90"):
+            benchmark._tte_with_forward_tma(layout, q, k, v, options)
+
+
+def test_benchmark_wrong_variant_gets_a_row_and_no_timing(tmp_path, monkeypatch):
+    """A variant whose check fails is written as `wrong-results` with its check, and never timed; a provider that
+    cannot run here (TMA on a CPU) gets an `unavailable` row with the reason."""
+    benchmark = _benchmark_module(monkeypatch, "attention_benchmark_wrong")
+    rows_file = tmp_path / "rows.jsonl"
+    benchmark.main(["--device", DEVICE, "--tiny", "--layouts", "infer", "--providers", "tte-triton-tma", "--modes",
+                    "fwd", "--output", str(tmp_path / "a.json"), "--jsonl", str(rows_file)])
+    rows = [json.loads(line) for line in rows_file.read_text().splitlines()]
+    if DEVICE == "cpu":
+        assert [r["status"] for r in rows] == ["unavailable"] and "sm_90" in rows[0]["reason"]
+
+    def wrong(*args, **kwargs):
+        fn = lambda: None  # noqa: E731
+        fn.check = {"max_abs_diff": 3.0, "ok": False}
+        return fn
+    monkeypatch.setattr(benchmark, "_tte_with_forward_tma", wrong)
+    rows_file.unlink()
+    timed = benchmark.main(["--device", DEVICE, "--tiny", "--layouts", "infer", "--providers", "tte-triton-tma",
+                            "--modes", "fwd", "--output", str(tmp_path / "b.json"), "--jsonl", str(rows_file)])
+    rows = [json.loads(line) for line in rows_file.read_text().splitlines()]
+    assert timed == [] and [(r["status"], r["check"]["max_abs_diff"]) for r in rows] == [("wrong-results", 3.0)]
+
+
 # ----------------------------------------------------------------------------------------------------
 # bf16 rounding of P and dS at the model's shapes, emulated in float64 (the interpreter runs tiny sizes only)
 # ----------------------------------------------------------------------------------------------------
