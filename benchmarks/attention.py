@@ -5,6 +5,10 @@ Providers (same inputs, same layout):
 * ``tte-triton``  - :func:`tte_flash.kernels.tte_attention_with_layout`, mask computed in-kernel; the
   layout's checks and O(T) bounds (:func:`~tte_flash.kernels.prepare_layout`, done once per training step
   for all layers) are left out of the timing, like FlexAttention's block mask and FA2's ``cu_seqlens``;
+* ``tte-triton-tma`` - the same kernel with the forward's K/V loaded through TMA descriptors
+  (``KernelConfig.tma`` on the shipped forward tiles; a what-if, off in the shipped configs; the backward is
+  unchanged); sm_90 GPUs, head dims up to 128. Its forward is first checked against ``tte-triton``'s on the same
+  inputs: a difference over bf16 rounding gives a row with ``status`` ``wrong-results`` and no timing;
 * ``sdpa-dense``  - PyTorch SDPA with the dense (T x T) boolean mask of :func:`tte_flash.mask.dense_mask`
   (built once, outside the timing; K/V repeated to the query heads inside);
 * ``flex``        - compiled FlexAttention with a ``mask_mod`` derived from :func:`tte_flash.mask.visible`
@@ -69,7 +73,7 @@ from _common import default_results_path, device_name, git_commit, versions  # n
 from tte_flash.mask import COT, EMB, QUERY, THINK, dense_mask, visible  # noqa: E402
 
 # in the order they run: the kernel and the fastest reference first, FlexAttention (a compile) and the dense mask later
-PROVIDERS = ("tte-triton", "fa2-varlen", "flex", "sdpa-dense")
+PROVIDERS = ("tte-triton", "tte-triton-tma", "fa2-varlen", "flex", "sdpa-dense")
 MODES = ("fwd", "bwd", "fwd+bwd")
 FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}
 
@@ -131,6 +135,8 @@ def setup(provider: str, layout: Layout, q, k, v, options: dict):
         from tte_flash.kernels import prepare_layout, tte_attention_with_layout
         prepared = prepare_layout(layout.seq_ids, layout.token_types, **options)  # once per step, all layers
         return lambda: tte_attention_with_layout(q, k, v, prepared)
+    if provider == "tte-triton-tma":
+        return _tte_with_forward_tma(layout, q, k, v, options)
     if provider == "sdpa-dense":
         mask = dense_mask(layout.seq_ids, layout.token_types, **options)  # (T, T), outside the timing
 
@@ -157,6 +163,43 @@ def setup(provider: str, layout: Layout, q, k, v, options: dict):
         cu_seqlens = F.pad(torch.cumsum(lengths, 0), (1, 0)).to(torch.int32)
         return fa2_varlen(q, k, v, cu_seqlens, int(lengths.max()))
     raise ValueError(f"unknown provider {provider!r}; choose from {PROVIDERS}")
+
+
+def _tte_with_forward_tma(layout: Layout, q, k, v, options: dict, require_sm90: bool = True):
+    """A callable of the TTE kernel whose forward loads K/V through TMA descriptors (the shipped forward tiles with
+    ``tma=True``), tagged with ``.check``: its forward's largest difference from the pointer-load forward on these
+    inputs (``max_abs_diff``, and ``ok``: within bf16 rounding of the output's scale). RuntimeError where TMA cannot
+    run (not an sm_90 GPU, head dim over 128: 128x64 tiles at d256 need more shared memory than an SM has).
+    ``require_sm90=False`` (tests): anywhere, the interpreter's TMA emulation included."""
+    import importlib
+
+    from tte_flash.kernels import prepare_layout, tte_attention_with_layout
+    kernel = importlib.import_module("tte_flash.kernels.tte_attention")  # the module (the package's name is the function)
+    if require_sm90 and (q.device.type != "cuda" or torch.cuda.get_device_capability(q.device)[0] < 9):
+        raise RuntimeError("TMA descriptors need an sm_90 (Hopper) GPU")
+    if q.shape[-1] > 128:
+        raise RuntimeError(f"the TMA forward is compiled for head dims up to 128, not {q.shape[-1]}")
+    shipped = kernel._kernel_config
+
+    def with_tma(kernel_name, dtype, head_dim, blocks=None):
+        config = shipped(kernel_name, dtype, head_dim, blocks)
+        return config._replace(tma=True) if kernel_name == "fwd" else config
+
+    prepared = prepare_layout(layout.seq_ids, layout.token_types, **options)
+
+    def call():
+        kernel._kernel_config = with_tma  # the launchers read it at each call; restored at once
+        try:
+            return tte_attention_with_layout(q, k, v, prepared)
+        finally:
+            kernel._kernel_config = shipped
+
+    with torch.no_grad():
+        expected = tte_attention_with_layout(q, k, v, prepared).float()
+        difference = float((call().float() - expected).abs().max())
+    scale = float(expected.abs().max())
+    call.check = dict(max_abs_diff=difference, ok=difference <= 2 ** -7 * max(scale, 1e-6) + 1e-6)  # bf16: 8 bits
+    return call
 
 
 def fa2_varlen(q, k, v, cu_seqlens, longest: int):
@@ -395,6 +438,12 @@ def run(args) -> list[dict]:
                                                   reason=f"{type(error).__name__}: {error}", **environment))
                     continue
                 implementation = getattr(fn, "implementation", None)
+                check = getattr(fn, "check", None)  # a variant checked against the shipped kernel (tte-triton-tma)
+                if check is not None and not check["ok"]:
+                    print(f"WRONG RESULTS {provider} ({layout_name}, {tokens} tokens): {check}")
+                    append_jsonl(args.jsonl, dict(case, provider=provider, mode=None, status="wrong-results",
+                                                  check=check, **environment))
+                    continue
                 for mode in args.modes:
                     print(f"{layout_name} {tokens} tokens: {provider} {mode} ...", file=sys.stderr, flush=True)
                     started = time.perf_counter()
@@ -410,6 +459,7 @@ def run(args) -> list[dict]:
                     useful = pairs["causal" if provider == "fa2-varlen" else "tte"]
                     flops = 4 * args.head_dim * useful * args.q_heads * FLOP_FACTOR[mode]
                     row = dict(case, provider=provider, mode=mode, status="ok", implementation=implementation,
+                               **({"check": check} if check is not None else {}),
                                visible_pairs=useful, ms_p20=p20, ms_p50=p50, ms_p80=p80,
                                tflops=flops / (p50 * 1e-3) / 1e12, peak_mem_mb=peak_mb,
                                seconds_with_warmup=round(time.perf_counter() - started, 2), **environment)
@@ -421,13 +471,13 @@ def run(args) -> list[dict]:
 def print_table(rows: list[dict]) -> None:
     """One line per (layout, tokens, mode, provider); ``tte_x`` = TTE TFLOP/s over this provider's."""
     tte = {(r["layout"], r["tokens"], r["mode"]): r["tflops"] for r in rows if r["provider"] == "tte-triton"}
-    print(f"{'layout':7} {'tokens':>7} {'mode':8} {'provider':11} {'ms p50':>9} {'TFLOP/s':>8} {'peak MB':>9} "
+    print(f"{'layout':7} {'tokens':>7} {'mode':8} {'provider':14} {'ms p50':>9} {'TFLOP/s':>8} {'peak MB':>9} "
           f"{'tte_x':>6}")
     for r in rows:
         reference = tte.get((r["layout"], r["tokens"], r["mode"]))
         ratio = f"{reference / r['tflops']:6.2f}" if reference else "     -"
         peak = f"{r['peak_mem_mb']:9.1f}" if r["peak_mem_mb"] is not None else "        -"
-        print(f"{r['layout']:7} {r['tokens']:7d} {r['mode']:8} {r['provider']:11} {r['ms_p50']:9.3f} "
+        print(f"{r['layout']:7} {r['tokens']:7d} {r['mode']:8} {r['provider']:14} {r['ms_p50']:9.3f} "
               f"{r['tflops']:8.2f} {peak} {ratio}")
     for implementation in sorted({r["implementation"] for r in rows if r.get("implementation")}):
         print(f"fa2-varlen ran as {implementation}")

@@ -1,8 +1,8 @@
 """The device loan: two calls that bring back every headline number (DESIGN.md §11, issue 16).
 
-A loan is one bare H200 machine (torch 2.11, Triton 3.6, no network, no package of ours installed) for 15
-minutes of device time, the machine's start included; one command runs for at most 10 minutes and only what it
-leaves in ``$OUT`` comes back (at most 8 files, 2 folders deep). ``benchmarks/gpu_loan.sh PART`` is that command:
+A loan is one bare H100 or H200 machine (torch 2.11, Triton 3.6, transformers 5.17, no network, no package of ours
+installed) for 15 minutes of device time, the machine's start included; one command runs for at most 10 minutes and
+only what it leaves in ``$OUT`` comes back (at most 8 files, 2 folders deep). ``benchmarks/gpu_loan.sh PART`` is that command:
 it puts this tree on ``PYTHONPATH`` (no pip, no network) and runs this runner, which
 
 * runs the part's jobs in the order of the headline numbers, each in its own process (own process group) with a
@@ -107,10 +107,11 @@ JOBS = [
          "packed", "t16", "long", "group1", "--out", "{work}", "--jsonl", "{rows}"],
         "bf16 vs float64 at the shipped tiles: 4 flag sets, T%16==0, one long sample, GROUP=1; d128 and d64"),
     Job("a", "attention-more",
-        _attention(["infer"], ["16384", "4096"], ["fwd+bwd", "fwd"], ["tte-triton", "fa2-varlen", "flex"],
-                   "attention-more"), 70,
-        _attention_dry(["infer"], ["fwd+bwd", "fwd"], ["tte-triton", "fa2-varlen", "flex"], "attention-more"),
-        "inference layouts, fwd+bwd and forward only"),
+        _attention(["infer"], ["16384", "4096"], ["fwd+bwd", "fwd"], ["tte-triton", "tte-triton-tma", "fa2-varlen",
+                                                                       "flex"], "attention-more"), 80,
+        _attention_dry(["infer"], ["fwd+bwd", "fwd"], ["tte-triton", "tte-triton-tma", "fa2-varlen", "flex"],
+                       "attention-more"),
+        "inference layouts, fwd+bwd and forward only; the forward with TMA K/V loads (checked, then timed)"),
     Job("b", "env", ENV, 10, ENV, "device, versions, install"),
     Job("b", "latency",
         ["latency.py", "--preset", "qwen2-vl-2b", "--device", "cuda", "--dtype", "bfloat16", "--attn", "triton",
@@ -363,6 +364,8 @@ def headline_lines(rows: list[dict]) -> list[str]:
             if r.get("status") in ("unavailable", "failed"):
                 lines.append(f"\n{r['provider']} {r.get('mode') or ''} ({r['layout']}, {r['tokens']}): "
                              f"{r['status']}: {str(r.get('reason'))[:300]}")
+            if r.get("status") == "wrong-results":
+                lines.append(f"\n**WRONG RESULTS** {r['provider']} ({r['layout']}, {r['tokens']}): {r.get('check')}")
         lines.append("")
     checks = [r for r in rows if r.get("source") == "kernel_check"]
     if checks:
