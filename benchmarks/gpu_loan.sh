@@ -5,8 +5,8 @@
 #   bash benchmarks/gpu_loan.sh --rehearse   on a CPU: both parts, dry-run sizes, on a bare copy of the tree
 # Nothing is installed and nothing is fetched: the tree goes on PYTHONPATH. setup.py installs kernels/ as
 # tte_flash.kernels (package_dir); an uninstalled copy lacks that name, so a link tte_flash/kernels -> ../kernels
-# is made in the copy when it has none (the env job records where tte_flash.kernels came from and fails if not
-# from this tree).
+# is made in the copy when it has none, and removed at the end (the env job records where tte_flash.kernels came
+# from and fails if not from this tree).
 set -u
 export LOAN_T0="${LOAN_T0:-$(date +%s.%N)}"
 cd "$(dirname "$0")/.." || exit 2
@@ -26,6 +26,7 @@ if [ -e tte_flash/kernels ]; then
     export TTE_LOAN_INSTALL="PYTHONPATH=$PWD (tte_flash/kernels already there)"
 elif ln -s ../kernels tte_flash/kernels; then
     export TTE_LOAN_INSTALL="PYTHONPATH=$PWD + link tte_flash/kernels -> ../kernels"
+    trap 'rm -f tte_flash/kernels' EXIT  # removed when the part ends: a checkout is left as it was
 else
     echo "gpu_loan.sh: cannot link tte_flash/kernels -> ../kernels in $PWD" | tee -a "$OUT/$PART-console.log" >&2
     exit 2

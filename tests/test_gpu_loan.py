@@ -87,3 +87,28 @@ def test_rehearsal_runs_both_parts_on_a_bare_copy():
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "rehearsal passed" in done.stdout
     assert "files back from part a (6)" in done.stdout and "files back from part b (6)" in done.stdout
+
+
+def test_the_link_it_makes_goes_when_the_part_ends(tmp_path):
+    """In an uninstalled checkout gpu_loan.sh links tte_flash/kernels -> ../kernels for the part (the runner sees it)
+    and removes it when the part ends, keeping the runner's exit status; a tree that has the name keeps it."""
+    import shutil
+    tree = tmp_path / "tree"
+    (tree / "benchmarks").mkdir(parents=True)
+    (tree / "tte_flash").mkdir()
+    (tree / "kernels").mkdir()
+    (tree / "kernels" / "marker.txt").write_text("ours")
+    shutil.copy2(REPO / "benchmarks" / "gpu_loan.sh", tree / "benchmarks" / "gpu_loan.sh")
+    # a stand-in runner: reports what it sees through the link, exits 3
+    (tree / "benchmarks" / "gpu_loan.py").write_text(
+        "import pathlib, sys\nlink = pathlib.Path('tte_flash/kernels/marker.txt')\n"
+        "print('SEEN', link.read_text() if link.exists() else None)\nsys.exit(3)\n")
+    env = {"PATH": "/usr/bin:/bin", "OUT": str(tmp_path / "out"), "PYTHON": sys.executable}
+    done = subprocess.run(["bash", str(tree / "benchmarks" / "gpu_loan.sh"), "a"], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 3 and "SEEN ours" in done.stdout, done.stdout + done.stderr
+    assert not (tree / "tte_flash" / "kernels").is_symlink() and not (tree / "tte_flash" / "kernels").exists()
+    (tree / "tte_flash" / "kernels").mkdir()  # an installed-like tree: its own folder, left alone
+    done = subprocess.run(["bash", str(tree / "benchmarks" / "gpu_loan.sh"), "a"], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 3 and "SEEN None" in done.stdout and (tree / "tte_flash" / "kernels").is_dir()
