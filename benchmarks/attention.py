@@ -7,8 +7,11 @@ Providers (same inputs, same layout):
   for all layers) are left out of the timing, like FlexAttention's block mask and FA2's ``cu_seqlens``;
 * ``tte-triton-tma`` - the same kernel with the forward's K/V loaded through TMA descriptors
   (``KernelConfig.tma`` on the shipped forward tiles; a what-if, off in the shipped configs; the backward is
-  unchanged); sm_90 GPUs, head dims up to 128. Its forward is first checked against ``tte-triton``'s on the same
-  inputs: a difference over bf16 rounding gives a row with ``status`` ``wrong-results`` and no timing;
+  unchanged); sm_90 GPUs, head dims up to 128;
+* ``tte-triton-block-order`` - the shipped kernel with each program taking block ``p`` instead of the block table's
+  longest-first order: the A/B of that order (predicted gains: ``block_table_build.py --schedule``).
+  Both variants are first checked against ``tte-triton`` on the same inputs (output and q/k/v gradients): a
+  difference over bf16 rounding gives a row with ``status`` ``wrong-results`` and no timing;
 * ``sdpa-dense``  - PyTorch SDPA with the dense (T x T) boolean mask of :func:`tte_flash.mask.dense_mask`
   (built once, outside the timing; K/V repeated to the query heads inside);
 * ``flex``        - compiled FlexAttention with a ``mask_mod`` derived from :func:`tte_flash.mask.visible`
@@ -73,7 +76,7 @@ from _common import default_results_path, device_name, git_commit, versions  # n
 from tte_flash.mask import COT, EMB, QUERY, THINK, dense_mask, visible  # noqa: E402
 
 # in the order they run: the kernel and the fastest reference first, FlexAttention (a compile) and the dense mask later
-PROVIDERS = ("tte-triton", "tte-triton-tma", "fa2-varlen", "flex", "sdpa-dense")
+PROVIDERS = ("tte-triton", "tte-triton-block-order", "tte-triton-tma", "fa2-varlen", "flex", "sdpa-dense")
 MODES = ("fwd", "bwd", "fwd+bwd")
 FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}
 
@@ -137,6 +140,8 @@ def setup(provider: str, layout: Layout, q, k, v, options: dict):
         return lambda: tte_attention_with_layout(q, k, v, prepared)
     if provider == "tte-triton-tma":
         return _tte_with_forward_tma(layout, q, k, v, options)
+    if provider == "tte-triton-block-order":
+        return _tte_in_block_order(layout, q, k, v, options)
     if provider == "sdpa-dense":
         mask = dense_mask(layout.seq_ids, layout.token_types, **options)  # (T, T), outside the timing
 
@@ -165,16 +170,37 @@ def setup(provider: str, layout: Layout, q, k, v, options: dict):
     raise ValueError(f"unknown provider {provider!r}; choose from {PROVIDERS}")
 
 
+def _kernel_module():
+    import importlib
+    return importlib.import_module("tte_flash.kernels.tte_attention")  # the module (the package's name is the function)
+
+
+def _checked(call, shipped, q, k, v):
+    """Tag a kernel variant's callable with ``.check``: the largest differences of its output and of its q/k/v
+    gradients (one backward of a fixed random dO) from the shipped kernel's on the same inputs, and ``ok``: each
+    within bf16 rounding (8 bits) of the scale of what it compares."""
+    d_out = torch.randn(q.shape, generator=torch.Generator(device=q.device).manual_seed(7), device=q.device,
+                        dtype=q.dtype)
+    results = []
+    for fn in (shipped, call):
+        out = fn()
+        results.append([out.detach().float(), *(g.float() for g in torch.autograd.grad(out, (q, k, v), d_out))])
+    check, ok = {}, True
+    for name, mine, expected in zip(("out", "dq", "dk", "dv"), results[1], results[0]):
+        difference = float((mine - expected).abs().max())
+        check[f"max_abs_diff_{name}"] = difference
+        ok &= difference <= 2 ** -7 * max(float(expected.abs().max()), 1e-6) + 1e-6
+    call.check = dict(check, ok=bool(ok))
+    return call
+
+
 def _tte_with_forward_tma(layout: Layout, q, k, v, options: dict, require_sm90: bool = True):
     """A callable of the TTE kernel whose forward loads K/V through TMA descriptors (the shipped forward tiles with
-    ``tma=True``), tagged with ``.check``: its forward's largest difference from the pointer-load forward on these
-    inputs (``max_abs_diff``, and ``ok``: within bf16 rounding of the output's scale). RuntimeError where TMA cannot
-    run (not an sm_90 GPU, head dim over 128: 128x64 tiles at d256 need more shared memory than an SM has).
-    ``require_sm90=False`` (tests): anywhere, the interpreter's TMA emulation included."""
-    import importlib
-
+    ``tma=True``; the backward as shipped), checked against the shipped kernel (:func:`_checked`). RuntimeError
+    where TMA cannot run (not an sm_90 GPU, head dim over 128: 128x64 tiles at d256 need more shared memory than an
+    SM has). ``require_sm90=False`` (tests): anywhere, the interpreter's TMA emulation included."""
     from tte_flash.kernels import prepare_layout, tte_attention_with_layout
-    kernel = importlib.import_module("tte_flash.kernels.tte_attention")  # the module (the package's name is the function)
+    kernel = _kernel_module()
     if require_sm90 and (q.device.type != "cuda" or torch.cuda.get_device_capability(q.device)[0] < 9):
         raise RuntimeError("TMA descriptors need an sm_90 (Hopper) GPU")
     if q.shape[-1] > 128:
@@ -187,19 +213,45 @@ def _tte_with_forward_tma(layout: Layout, q, k, v, options: dict, require_sm90: 
 
     prepared = prepare_layout(layout.seq_ids, layout.token_types, **options)
 
-    def call():
-        kernel._kernel_config = with_tma  # the launchers read it at each call; restored at once
-        try:
-            return tte_attention_with_layout(q, k, v, prepared)
-        finally:
-            kernel._kernel_config = shipped
+    class _TMAForward(torch.autograd.Function):  # the forward's launch under the TMA config, the backward as shipped
+        @staticmethod
+        def forward(ctx, q_, k_, v_):
+            kernel._kernel_config = with_tma  # the launcher reads it at the call; restored at once
+            try:
+                out, lse = kernel._attention_forward(q_, k_, v_, prepared, scale=q_.shape[-1] ** -0.5)
+            finally:
+                kernel._kernel_config = shipped
+            ctx.save_for_backward(q_, k_, v_, out, lse)
+            return out
 
-    with torch.no_grad():
-        expected = tte_attention_with_layout(q, k, v, prepared).float()
-        difference = float((call().float() - expected).abs().max())
-    scale = float(expected.abs().max())
-    call.check = dict(max_abs_diff=difference, ok=difference <= 2 ** -7 * max(scale, 1e-6) + 1e-6)  # bf16: 8 bits
-    return call
+        @staticmethod
+        def backward(ctx, d_out):
+            q_, k_, v_, out, lse = ctx.saved_tensors
+            return kernel._attention_backward(d_out.contiguous(), q_, k_, v_, out, lse, prepared,
+                                              scale=q_.shape[-1] ** -0.5)
+
+    def call():
+        return _TMAForward.apply(q, k, v)
+    return _checked(call, lambda: tte_attention_with_layout(q, k, v, prepared), q, k, v)
+
+
+def _tte_in_block_order(layout: Layout, q, k, v, options: dict):
+    """A callable of the shipped kernel whose programs take their blocks in block order (program p, block p), not
+    the block table's longest-first order: what launching the longest programs first buys (the model:
+    ``block_table_build.py --schedule``). Checked against the shipped kernel (:func:`_checked`: same arithmetic per
+    program, so equal)."""
+    from tte_flash.kernels import prepare_layout, tte_attention_with_layout
+    kernel = _kernel_module()
+    shipped = prepare_layout(layout.seq_ids, layout.token_types, **options)
+    prepared = prepare_layout(layout.seq_ids, layout.token_types, **options)
+    for name in ("fwd", "dq", "dkdv"):  # the tables the launchers will ask for, built now with the orders replaced
+        config = kernel._kernel_config(name, q.dtype, q.shape[-1])
+        table = prepared.block_table(config.block_m, config.block_n)
+        in_order = {side: torch.arange(getattr(table, side).numel(), dtype=torch.int32, device=q.device)
+                    for side in ("row_order", "col_order")}
+        prepared.tables[config.block_m, config.block_n] = table._replace(**in_order)
+    return _checked(lambda: tte_attention_with_layout(q, k, v, prepared),
+                    lambda: tte_attention_with_layout(q, k, v, shipped), q, k, v)
 
 
 def fa2_varlen(q, k, v, cu_seqlens, longest: int):

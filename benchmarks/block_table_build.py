@@ -20,6 +20,15 @@ tiles fall in each tile kind on the packed layouts (``--tokens``, default 16k he
 instructions of a partial tile over a full one (the per-kind counts of the report, weighted by the kinds'
 tile counts): what a partial tile costs on average where the kinds occur as in training.
 
+``--schedule`` prints a model (not a measurement) of what launching the longest programs first buys: each
+kernel's programs (the shipped head-dim-128 tiles, Qwen2-VL-2B's 12 query / 2 KV heads; a dK/dV program loops over
+its share of a GQA group's heads, split as the launcher splits them) cost their visited tiles plus
+``--program-overhead`` tiles, and are dispatched in launch order (block fastest, then head) to ``--slots``
+resident programs (132 SMs x 1 program: these tiles' shared memory allows one per SM), each taking the earliest free
+slot. The makespan in block order against the table's longest-first order (``row_order`` / ``col_order``), and the
+bound max(total / slots, longest program), is the gain to look for on the GPU (the grid's tail), not a number to
+quote.
+
 Writes ``benchmarks/results/block_table_build.json`` (``--output`` to change): one row per measurement
 with the versions, commit and date.
 """
@@ -201,6 +210,54 @@ def tile_mix(report: Path, layouts, tokens: int) -> list[dict]:
     return rows
 
 
+# (kernel, BLOCK_M, BLOCK_N, programs own rows) of the shipped sm_90 bf16 tiles at head dim 128
+SCHEDULED = (("fwd", 128, 64, True), ("dq", 128, 32, True), ("dkdv", 32, 128, False))
+
+
+def makespan(costs, slots: int) -> float:
+    """Finish time of programs with these costs, dispatched in this order, each to the earliest free of ``slots``."""
+    import heapq
+    free = [0.0] * slots
+    end = 0.0
+    for cost in costs:
+        start = heapq.heappop(free)
+        heapq.heappush(free, start + cost)
+        end = max(end, start + cost)
+    return end
+
+
+def schedule(layouts, tokens: int, slots: int, overhead: float, q_heads: int = 12, kv_heads: int = 2) -> list[dict]:
+    """The model of the docstring: makespan in block order and longest-first, per layout and kernel."""
+    sys.path.insert(0, str(REPO))
+    from tte_flash.kernels.block_table import build_block_table, kind_counts
+    rows = []
+    print(f"{'layout':13} {'kernel':5} {'programs':>8} {'block order':>11} {'longest 1st':>11} {'bound':>8} "
+          f"{'gain':>6}  (tile units)")
+    for layout in layouts:
+        bounds = layout_intervals(LAYOUTS[layout](tokens))
+        for kernel, block_m, block_n, by_row in SCHEDULED:
+            table = build_block_table(*bounds, block_m, block_n)
+            tiles = kind_counts(table, by_row).sum(1).double()
+            order = table.row_order if by_row else table.col_order
+            heads = q_heads
+            if not by_row:  # dK/dV: a program per key block, KV head and split of the group (as _dkdv_splits)
+                group = q_heads // kv_heads
+                splits = next((n for n in range(1, group + 1) if group % n == 0 and
+                               tiles.numel() * kv_heads * n >= slots), group)
+                heads, tiles = kv_heads * splits, tiles * (group // splits)  # a program loops over its heads
+            tiles = tiles + overhead
+            plain = makespan(tiles.tolist() * heads, slots)
+            first = makespan(tiles[order.long()].tolist() * heads, slots)
+            bound = max(float(tiles.sum()) * heads / slots, float(tiles.max()))
+            rows.append(dict(layout=layout, tokens=tokens, kernel=kernel, block_m=block_m, block_n=block_n,
+                             programs=tiles.numel() * heads, slots=slots, overhead_tiles=overhead,
+                             makespan_block_order=plain, makespan_longest_first=first, bound=bound,
+                             predicted_gain=plain / first))
+            print(f"{layout:13} {kernel:5} {tiles.numel() * heads:8d} {plain:11.1f} {first:11.1f} {bound:8.1f} "
+                  f"{plain / first:6.3f}")
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, nargs="+", default=[16384, 32768, 131072])
@@ -214,18 +271,32 @@ def main(argv=None) -> int:
     p.add_argument("--tile-mix", type=Path, default=None, metavar="COMPILE_CHECK_JSON",
                    help="print tile kinds and the tile-weighted partial/full SASS of each launch in this report "
                         "(layouts --layouts, one size: the first --tokens, 16384 by default here)")
+    p.add_argument("--schedule", action="store_true",
+                   help="print the model of launching the longest programs first (docstring) for --layouts at the "
+                        "first --tokens (16384 by default here)")
+    p.add_argument("--slots", type=int, default=132, help="--schedule: programs resident at once (SMs x per SM)")
+    p.add_argument("--program-overhead", type=float, default=1.0,
+                   help="--schedule: a program's prologue and epilogue, in tiles")
     p.add_argument("--one", nargs=5, metavar=("LAYOUT", "TOKENS", "BLOCK_M", "BLOCK_N", "REVISION"),
                    help=argparse.SUPPRESS)  # one measurement in this process (used by the parent)
     args = p.parse_args(argv)
+    given = sys.argv[1:] if argv is None else argv
     if args.one:
         import torch
         torch.set_num_threads(args.threads)
         layout, tokens, block_m, block_n, revision = args.one
         print(json.dumps(measure_one(layout, int(tokens), int(block_m), int(block_n), revision or None)))
         return 0
+    if args.schedule:
+        tokens = args.tokens[0] if "--tokens" in given else 16384
+        layouts = args.layouts if "--layouts" in given else sorted(LAYOUTS)
+        rows = schedule(layouts, tokens, args.slots, args.program_overhead)
+        if "--output" in given:
+            args.output.write_text(json.dumps(rows, indent=1) + "\n")
+        return 0
     if args.tile_mix:
-        tokens = args.tokens[0] if argv and "--tokens" in argv else 16384
-        tile_mix(args.tile_mix, args.layouts if "--layouts" in (argv or sys.argv) else sorted(LAYOUTS), tokens)
+        tokens = args.tokens[0] if "--tokens" in given else 16384
+        tile_mix(args.tile_mix, args.layouts if "--layouts" in given else sorted(LAYOUTS), tokens)
         return 0
     print(f"{'layout':10} {'tokens':>7} {'block':8} {'build':6}  result")
     rows = run(args)

@@ -96,10 +96,12 @@ ENV = ["gpu_loan.py", "--environment", "{env}"]
 JOBS = [
     Job("a", "env", ENV, 10, ENV, "device, versions, install, FA2 implementation"),
     Job("a", "attention-headline",
-        _attention(["train"], ["16384", "4096"], ["fwd+bwd"], ["tte-triton", "fa2-varlen", "flex"],
-                   "attention-headline"), 170,
-        _attention_dry(["train"], ["fwd+bwd"], ["tte-triton", "fa2-varlen", "flex"], "attention-headline"),
-        "TTE vs FA2 varlen vs FlexAttention, fwd+bwd, training layouts 16k and 4k"),
+        _attention(["train"], ["16384", "4096"], ["fwd+bwd"], ["tte-triton", "tte-triton-block-order", "fa2-varlen",
+                                                               "flex"], "attention-headline"), 170,
+        _attention_dry(["train"], ["fwd+bwd"], ["tte-triton", "tte-triton-block-order", "fa2-varlen", "flex"],
+                       "attention-headline"),
+        "TTE vs FA2 varlen vs FlexAttention, fwd+bwd, training layouts 16k and 4k; the same kernel with its programs "
+        "in block order (the A/B of longest-first; no new compile)"),
     Job("a", "kernel-check",
         ["kernel_check.py", "--tokens", "4093", "--head-dims", "128", "64", "--dtypes", "bfloat16", "--seeds", "1",
          "--variants", "packed", "t16", "long", "group1", "--out", "{work}", "--jsonl", "{rows}"], 120,

@@ -40,7 +40,9 @@ of CUT_ANY's range: that range minus this *skipped* one, two ranges again.
 Format: ``row_bounds`` is ``(row blocks, 5 kinds x 2 ranges x 2)`` int32 and ``col_bounds`` ``(key blocks,
 4 kinds x 1 range x 2)``: for kind ``k`` and range ``r`` the other side's blocks ``[start, end)`` sit at
 ``4k + 2r`` (row side) or ``2k`` (key side); an empty range is ``(0, 0)``. A kernel walks the partial kinds
-in increasing order, then FULL, each range in increasing block order: two scalar loads per range, none per tile. The
+in increasing order, then FULL, each range in increasing block order: two scalar loads per range, none per tile.
+``row_order`` / ``col_order`` list each side's blocks with the most tiles first: a program's first load maps its
+program id to its block, so the longest programs start first (:func:`_longest_first`). The
 table is O(T / BLOCK) int32 whatever the sample lengths (one 128k-token sample: kilobytes), built with O(T)
 torch ops on the layout's device and no host sync, once per layout and block shape, and shared by every
 layer and head.
@@ -64,6 +66,8 @@ class BlockTable(NamedTuple):
     row_bounds: torch.Tensor  # (row blocks, 20) int32: key-block ranges of each kind per row block (docstring)
     col_bounds: torch.Tensor  # (key blocks, 8) int32: row-block ranges of each kind per key block
     visible_pairs: torch.Tensor  # () int64: visible (row, key) pairs of the layout (all inside visited tiles)
+    row_order: torch.Tensor  # (row blocks,) int32: the row blocks, most tiles first (ties: lower block first)
+    col_order: torch.Tensor  # (key blocks,) int32: the key blocks, most tiles first
 
 
 def _blocks(x: torch.Tensor, block: int, fill: int) -> torch.Tensor:
@@ -146,7 +150,16 @@ def build_block_table(row_lo, row_hi, gap_lo, gap_hi, col_lo, col_hi, block_m: i
     # key side: rows that see key j are one interval, so no gap and one range per kind
     col_bounds = _pack(_kind_ranges(*_side(col_lo, col_hi, block_n, block_m, big)))
     visible = (col_hi - col_lo).sum()
-    return BlockTable(block_m, block_n, row_bounds, col_bounds, visible)
+    return BlockTable(block_m, block_n, row_bounds, col_bounds, visible, _longest_first(row_bounds),
+                      _longest_first(col_bounds))
+
+
+def _longest_first(bounds: torch.Tensor) -> torch.Tensor:
+    """The blocks of one side ordered by their visited tiles, most first, ties in block order (int32): a kernel's
+    program ``p`` takes block ``order[p]``, so the GPU starts the longest programs first and ends on short ones
+    (longest-processing-time-first: a causal sample's last row blocks and first key blocks hold the most tiles)."""
+    tiles = (bounds[:, 1::2].long() - bounds[:, 0::2].long()).sum(1)
+    return torch.sort(tiles, descending=True, stable=True).indices.to(torch.int32)
 
 
 def _ranges(table: BlockTable, by_row: bool) -> torch.Tensor:

@@ -18,7 +18,9 @@ Tiles to visit (FlexAttention's BlockMask idea)
     (FULL none, CUT_LO, CUT_HI, CUT_LO_HI, CUT_ANY), and the same per key block, as int32 range bounds (20
     per row block, 8 per key block: O(T / BLOCK) whatever the sample lengths). Each kernel runs one loop
     per kind (``MASK: tl.constexpr``, a ``tl.static_range`` over the kinds), each over that kind's ranges:
-    two scalar loads per range, no metadata load per tile.
+    two scalar loads per range, no metadata load per tile. Program ``p`` of a launch takes the table's ``p``-th
+    block in its longest-first order (most tiles first: a causal sample's last row blocks, first key blocks), so
+    the grid's last wave holds the shortest programs (FA3's scheduler orders causal tiles the same way).
 
 Devices
     Every launch runs under ``torch.cuda.device(q.device)`` (:func:`_device_guard`), as FlashAttention-2
@@ -165,7 +167,7 @@ def _fwd_tiles(acc, m_i, l_i, q, k_src, v_src, BOUNDS, offs_n, row_lo, row_hi, g
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, O, LSE, ROW_LO, ROW_HI, GAP_LO, GAP_HI, ROW_BOUNDS,
+def _fwd_kernel(Q, K, V, O, LSE, ROW_LO, ROW_HI, GAP_LO, GAP_HI, ROW_BOUNDS, ROW_ORDER,
                 stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
                 T, GROUP, qk_scale,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -173,7 +175,7 @@ def _fwd_kernel(Q, K, V, O, LSE, ROW_LO, ROW_HI, GAP_LO, GAP_HI, ROW_BOUNDS,
                 TMA: tl.constexpr = False, WARP_SPECIALIZE: tl.constexpr = False):
     """One (query block, query head): O and LSE (base 2) of BLOCK_M rows (``TMA``, ``WARP_SPECIALIZE``: see
     :class:`KernelConfig`)."""
-    row_block = tl.program_id(0)
+    row_block = tl.load(ROW_ORDER + tl.program_id(0))  # the row blocks with the most tiles run first
     head = tl.program_id(1)
     kv_head = head // GROUP
     rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -244,14 +246,14 @@ def _dq_tiles(dq, q, do, lse, delta, k_ptrs, v_ptrs, BOUNDS, offs_n, row_lo, row
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, ROW_LO, ROW_HI, GAP_LO, GAP_HI, ROW_BOUNDS,
+def _bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, ROW_LO, ROW_HI, GAP_LO, GAP_HI, ROW_BOUNDS, ROW_ORDER,
                    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
                    stride_dot, stride_doh, stride_dqt, stride_dqh,
                    T, GROUP, qk_scale, sm_scale,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    ACC_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One (query block, query head): Delta = rowsum(dO * O) (stored for the dK/dV kernel) and dQ of BLOCK_M rows."""
-    row_block = tl.program_id(0)
+    row_block = tl.load(ROW_ORDER + tl.program_id(0))  # the row blocks with the most tiles run first
     head = tl.program_id(1)
     kv_head = head // GROUP
     rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -346,7 +348,7 @@ def _dkdv_head_tiles(dk, dv, k, v, Q_HEAD, DO_HEAD, LSE_HEAD, DELTA_HEAD, start,
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, COL_LO, COL_HI, COL_BOUNDS,
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, COL_LO, COL_HI, COL_BOUNDS, COL_ORDER,
                      stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
                      stride_dks, stride_dkt, stride_dkh, stride_dvs, stride_dvt, stride_dvh,
                      T, GROUP, SPLITS, qk_scale, sm_scale,
@@ -357,7 +359,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, COL_LO, COL_HI, COL_BOUNDS
     ``split + SPLITS``, ... of the KV head's GROUP (SPLITS == 1: all of them, written in the output dtype; else an
     fp32 partial per split, summed by the launcher in a fixed order). Only dK or only dV where the other flag is
     off: head dim 256 runs two launches, one accumulator each."""
-    key_block = tl.program_id(0)
+    key_block = tl.load(COL_ORDER + tl.program_id(0))  # the key blocks with the most tiles run first
     kv_head = tl.program_id(1) // SPLITS
     split = tl.program_id(1) % SPLITS
     keys = key_block * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -596,7 +598,7 @@ def _launch(kernel, grid, args, config: KernelConfig, **constexprs):
 
 def _table_args(layout: KernelLayout, config: KernelConfig, by_row: bool):
     table = layout.block_table(config.block_m, config.block_n)
-    return (table.row_bounds,) if by_row else (table.col_bounds,)
+    return (table.row_bounds, table.row_order) if by_row else (table.col_bounds, table.col_order)
 
 
 def _attention_forward(q, k, v, layout: KernelLayout, *, scale, out=None, blocks=None):

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from tte_flash.kernels.block_table import (COL_BOUNDS, CUT_ANY, CUT_HI, CUT_LO, CUT_LO_HI, FULL, KIND_NAMES,
-                                          ROW_BOUNDS, build_block_table, tile_counts, tile_kinds, tile_pairs,
-                                          tiles)
+                                          ROW_BOUNDS, build_block_table, kind_counts, tile_counts, tile_kinds,
+                                          tile_pairs, tiles)
 from tte_flash.mask import COT, EMB, QUERY, THINK, dense_mask, mask_intervals
 
 BLOCKS = [(16, 16), (32, 16), (16, 32), (64, 32), (128, 64), (16, 64), (128, 32)]
@@ -267,3 +267,36 @@ def test_tile_mix_weights_each_kind_by_its_tiles(tmp_path):
     assert rows[0]["partial_over_full_weighted"] == pytest.approx(expected, abs=1e-3)
     assert rows[0]["uncounted_kinds"] == []
     assert rows[1]["partial_over_full_weighted"] is None and rows[1]["uncounted_kinds"] == ["cut_hi"]
+
+
+@pytest.mark.parametrize("block_m, block_n", [(16, 16), (64, 32), (32, 128)])
+def test_programs_take_blocks_longest_first(block_m, block_n):
+    """row_order / col_order: each a permutation of its side's blocks, by visited tiles (counted tile by tile with
+    :func:`tile_kinds`) most first, ties in block order; one causal sample runs its last row block and its first key
+    block first; random packings too."""
+    rng = random.Random(7)
+    packed = [(rng.randint(1, 90), rng.choice([0, 4]), 1, rng.randint(0, 60)) for _ in range(9)]
+    for samples, flags in (([(1000, 0, 0, 0)], (False, True)), (packed, (True, False)), (packed, (False, True))):
+        table = build_block_table(*intervals(samples, *flags), block_m, block_n)
+        for by_row, order in ((True, table.row_order), (False, table.col_order)):
+            group, _, _ = tile_kinds(table, by_row)
+            blocks = (table.row_bounds if by_row else table.col_bounds).shape[0]
+            per_block = torch.bincount(group, minlength=blocks)
+            assert order.dtype == torch.int32 and sorted(order.tolist()) == list(range(blocks))
+            expected = sorted(range(blocks), key=lambda b: (-int(per_block[b]), b))
+            assert order.tolist() == expected
+            assert per_block.tolist() == kind_counts(table, by_row).sum(1).tolist()
+        if len(samples) == 1:  # the causal triangle: the last row block and the first key block hold the most
+            rows, keys = (kind_counts(table, by_row).sum(1) for by_row in (True, False))
+            assert rows[table.row_order[0]] == rows[-1] == rows.max() and table.col_order[0] == 0
+
+
+def test_schedule_model_dispatches_in_order_to_the_earliest_free_slot():
+    """``block_table_build.py --schedule``'s list scheduler on a hand-computed case: four short programs and a long one
+    on two slots finish at 6 in that order (the long one starts last) and at 4 longest first; the model's rows
+    give the longest-first makespan of the shipped tables, never above block order's, and at or above the bound."""
+    from conftest import load_script
+    bench = load_script("benchmarks/block_table_build.py", "block_table_build_schedule")
+    assert bench.makespan([1, 1, 1, 1, 4], 2) == 6 and bench.makespan([4, 1, 1, 1, 1], 2) == 4
+    for row in bench.schedule(["packed", "one-sample"], 4096, slots=132, overhead=1.0):
+        assert row["bound"] <= row["makespan_longest_first"] <= row["makespan_block_order"] + 1e-9, row
