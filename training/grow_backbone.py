@@ -17,10 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 from pathlib import Path
 
 import torch
-from transformers import AutoImageProcessor, AutoTokenizer, Qwen2VLConfig, Qwen2VLForConditionalGeneration
+from transformers import AutoTokenizer, Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
 ZEROED = ("self_attn.o_proj.weight", "mlp.down_proj.weight")
 
@@ -86,7 +87,8 @@ def grow(source: str, output_dir: str, num_layers: int) -> Path:
     out = Path(output_dir)
     grown.save_pretrained(out)
     AutoTokenizer.from_pretrained(src).save_pretrained(out)
-    AutoImageProcessor.from_pretrained(src).save_pretrained(out)
+    # the image processor's config as it is (AutoImageProcessor needs torchvision on transformers 5.17)
+    shutil.copy2(Path(src) / "preprocessor_config.json", out / "preprocessor_config.json")
     (out / "grow_summary.json").write_text(json.dumps({"source": str(source), "source_layers": old,
                                                        "num_layers": num_layers, "max_logit_difference": difference},
                                                       indent=2) + "\n")
