@@ -2,6 +2,7 @@
 comes back, a killed job keeps its rows, a crash is not reported as wrong results, and the CPU rehearsal runs
 both parts through the shell script on a bare copy of the tree."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -83,6 +84,7 @@ def test_rehearsal_runs_both_parts_on_a_bare_copy():
     """The CPU rehearsal (~2-3 minutes on 2 loaded cores): gpu_loan.sh a and b in dry-run mode in a copy of the
     tree that has no install and no .git; every job ok, rows from every script, <= 8 files back per part."""
     done = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_loan.sh"), "--rehearse"], cwd=REPO,
+                          env={**os.environ, "PYTHON": sys.executable},  # this interpreter, not PATH's python3
                           capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "rehearsal passed" in done.stdout
