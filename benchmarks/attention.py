@@ -77,6 +77,9 @@ from tte_flash.mask import COT, EMB, QUERY, THINK, dense_mask, visible  # noqa: 
 
 # in the order they run: the kernel and the fastest reference first, FlexAttention (a compile) and the dense mask later
 PROVIDERS = ("tte-triton", "tte-triton-block-order", "tte-triton-tma", "fa2-varlen", "flex", "sdpa-dense")
+# what runs without --providers: the kernel and its competitors (the two tte-triton-* variants are A/Bs of the kernel,
+# asked for by name: the loan does)
+DEFAULT_PROVIDERS = ("tte-triton", "fa2-varlen", "flex", "sdpa-dense")
 MODES = ("fwd", "bwd", "fwd+bwd")
 FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}
 
@@ -178,7 +181,8 @@ def _kernel_module():
 def _checked(call, shipped, q, k, v):
     """Tag a kernel variant's callable with ``.check``: the largest differences of its output and of its q/k/v
     gradients (one backward of a fixed random dO) from the shipped kernel's on the same inputs, and ``ok``: each
-    within bf16 rounding (8 bits) of the scale of what it compares."""
+    within 4 rounding units of q's dtype at the scale of what it compares (both run the same arithmetic per tile, so
+    they should agree to rounding: bitwise where the order of operations is the same)."""
     d_out = torch.randn(q.shape, generator=torch.Generator(device=q.device).manual_seed(7), device=q.device,
                         dtype=q.dtype)
     results = []
@@ -189,7 +193,7 @@ def _checked(call, shipped, q, k, v):
     for name, mine, expected in zip(("out", "dq", "dk", "dv"), results[1], results[0]):
         difference = float((mine - expected).abs().max())
         check[f"max_abs_diff_{name}"] = difference
-        ok &= difference <= 2 ** -7 * max(float(expected.abs().max()), 1e-6) + 1e-6
+        ok &= difference <= 4 * torch.finfo(q.dtype).eps * max(float(expected.abs().max()), 1e-6)
     call.check = dict(check, ok=bool(ok))
     return call
 
@@ -197,14 +201,14 @@ def _checked(call, shipped, q, k, v):
 def _tte_with_forward_tma(layout: Layout, q, k, v, options: dict, require_sm90: bool = True):
     """A callable of the TTE kernel whose forward loads K/V through TMA descriptors (the shipped forward tiles with
     ``tma=True``; the backward as shipped), checked against the shipped kernel (:func:`_checked`). RuntimeError
-    where TMA cannot run (not an sm_90 GPU, head dim over 128: 128x64 tiles at d256 need more shared memory than an
-    SM has). ``require_sm90=False`` (tests): anywhere, the interpreter's TMA emulation included."""
+    where TMA cannot run (not an sm_90 GPU; head dims over 128: compile_check checked the TMA forward at d64 and
+    d128 only). ``require_sm90=False`` (tests): anywhere, the interpreter's TMA emulation included."""
     from tte_flash.kernels import prepare_layout, tte_attention_with_layout
     kernel = _kernel_module()
     if require_sm90 and (q.device.type != "cuda" or torch.cuda.get_device_capability(q.device)[0] < 9):
         raise RuntimeError("TMA descriptors need an sm_90 (Hopper) GPU")
     if q.shape[-1] > 128:
-        raise RuntimeError(f"the TMA forward is compiled for head dims up to 128, not {q.shape[-1]}")
+        raise RuntimeError(f"the TMA forward was checked for head dims up to 128, not {q.shape[-1]}")
     shipped = kernel._kernel_config
 
     def with_tma(kernel_name, dtype, head_dim, blocks=None):
@@ -484,13 +488,13 @@ def run(args) -> list[dict]:
             for provider in args.providers:
                 try:
                     fn = setup(provider, layout, q, k, v, options)
-                except (ImportError, RuntimeError) as error:
+                except Exception as error:  # missing, CUDA-only, or a variant's first launch (a Triton compile error)
                     print(f"skip {provider} ({layout_name}, {tokens} tokens): {error}")
                     append_jsonl(args.jsonl, dict(case, provider=provider, mode=None, status="unavailable",
                                                   reason=f"{type(error).__name__}: {error}", **environment))
                     continue
                 implementation = getattr(fn, "implementation", None)
-                check = getattr(fn, "check", None)  # a variant checked against the shipped kernel (tte-triton-tma)
+                check = getattr(fn, "check", None)  # a tte-triton-* variant, checked against the shipped kernel
                 if check is not None and not check["ok"]:
                     print(f"WRONG RESULTS {provider} ({layout_name}, {tokens} tokens): {check}")
                     append_jsonl(args.jsonl, dict(case, provider=provider, mode=None, status="wrong-results",
@@ -502,7 +506,7 @@ def run(args) -> list[dict]:
                     try:
                         p20, p50, p80, peak_mb = measure(mode_callable(fn, mode, (q, k, v)), device, args.warmup,
                                                          args.repeats)
-                    except (RuntimeError, torch.OutOfMemoryError) as error:  # compile failure, OOM
+                    except Exception as error:  # a compile failure (Triton's errors are no RuntimeError), OOM
                         print(f"skip {provider} {mode} ({layout_name}, {tokens} tokens): {error}")
                         append_jsonl(args.jsonl, dict(case, provider=provider, mode=mode, status="failed",
                                                       implementation=implementation,
@@ -544,7 +548,7 @@ def parse_args(argv=None):
                              "the code path on the CPU under the Triton interpreter; timings mean nothing")
     parser.add_argument("--tokens", type=int, nargs="+", default=[4096, 8192, 16384])
     parser.add_argument("--layouts", nargs="+", choices=("train", "infer"), default=["train", "infer"])
-    parser.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
+    parser.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(DEFAULT_PROVIDERS))
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--q-heads", type=int, default=12)
     parser.add_argument("--kv-heads", type=int, default=2)

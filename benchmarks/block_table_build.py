@@ -23,14 +23,14 @@ tile counts): what a partial tile costs on average where the kinds occur as in t
 ``--schedule`` prints a model (not a measurement) of what launching the longest programs first buys: each
 kernel's programs (the shipped head-dim-128 tiles, Qwen2-VL-2B's 12 query / 2 KV heads; a dK/dV program loops over
 its share of a GQA group's heads, split as the launcher splits them) cost their visited tiles plus
-``--program-overhead`` tiles, and are dispatched in launch order (block fastest, then head) to ``--slots``
-resident programs (132 SMs x 1 program: these tiles' shared memory allows one per SM), each taking the earliest free
-slot. The makespan in block order against the table's longest-first order (``row_order`` / ``col_order``), and the
-bound max(total / slots, longest program), is the gain to look for on the GPU (the grid's tail), not a number to
-quote.
+``--program-overhead`` tiles, and are dispatched in launch order (block fastest, then head: what GPUs do in
+practice, not a CUDA promise) to ``--slots`` resident programs (132 SMs x 1 program: at these tiles' registers,
+146-242 a thread x 256 threads, one fits an SM), each taking the earliest free slot. The makespan in block order
+against the table's longest-first order (``row_order`` / ``col_order``), and the bound max(total / slots, longest
+program), is the gain to look for on the GPU (the grid's tail), not a number to quote.
 
 Writes ``benchmarks/results/block_table_build.json`` (``--output`` to change): one row per measurement
-with the versions, commit and date.
+with the versions, commit and date (``--tile-mix`` and ``--schedule`` print; ``--schedule --output F`` also writes F).
 """
 from __future__ import annotations
 
@@ -61,7 +61,8 @@ LAYOUTS = {
     "packed-infer": lambda tokens: [(983, 16, 1, 0)] * (tokens // 1000) + (
         [(tokens % 1000, 0, 0, 0)] if tokens % 1000 else []),
 }
-# the shipped bf16 tiles at head dim 128 (fwd 128x64, dQ 128x32, dK/dV 16x64) and the interpreter's 16x16
+# block shapes to time the build at: the shipped bf16 fwd and dQ tiles at head dim 128 (128x64, 128x32), the d256
+# dK/dV tile (16x64) and the interpreter's 16x16
 SHAPES = [(128, 64), (128, 32), (16, 64), (16, 16)]
 # glibc: every allocation of 128 KiB or more gets its own mapping, returned on free, so the peak resident set
 # counts the build's large tensors instead of reusing memory freed earlier in the process

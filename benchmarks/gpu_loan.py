@@ -2,7 +2,8 @@
 
 A loan is one bare H100 or H200 machine (torch 2.11, Triton 3.6, transformers 5.17, no network, no package of ours
 installed) for 15 minutes of device time, the machine's start included; one command runs for at most 10 minutes and
-only what it leaves in ``$OUT`` comes back (at most 8 files, 2 folders deep). ``benchmarks/gpu_loan.sh PART`` is that command:
+only what it leaves in ``$OUT`` comes back (at most 8 files, 2 folders deep). ``benchmarks/gpu_loan.sh PART`` is that
+command:
 it puts this tree on ``PYTHONPATH`` (no pip, no network) and runs this runner, which
 
 * runs the part's jobs in the order of the headline numbers, each in its own process (own process group) with a

@@ -20,7 +20,8 @@ Tiles to visit (FlexAttention's BlockMask idea)
     per kind (``MASK: tl.constexpr``, a ``tl.static_range`` over the kinds), each over that kind's ranges:
     two scalar loads per range, no metadata load per tile. Program ``p`` of a launch takes the table's ``p``-th
     block in its longest-first order (most tiles first: a causal sample's last row blocks, first key blocks), so
-    the grid's last wave holds the shortest programs (FA3's scheduler orders causal tiles the same way).
+    where the GPU dispatches programs in launch order (in practice; CUDA does not promise it) each head's longest
+    programs start first and the grid's last wave holds short ones (FA3's scheduler orders causal tiles likewise).
 
 Devices
     Every launch runs under ``torch.cuda.device(q.device)`` (:func:`_device_guard`), as FlashAttention-2

@@ -609,6 +609,8 @@ def test_benchmark_block_order_provider_runs_programs_in_block_order(monkeypatch
     assert [name for name, _ in mine] == ["_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel"]
     assert all(order == list(range(len(order))) for _, order in mine)
     assert [order for _, order in shipped] != [order for _, order in mine]  # the shipped order is not the identity
+    wrong = benchmark._checked(lambda: fn() * (1 + 2 ** -10), fn, q, k, v)  # a variant 0.1% off fails the check
+    assert not wrong.check["ok"] and wrong.check["max_abs_diff_out"] > 0
 
 
 def test_benchmark_wrong_variant_gets_a_row_and_no_timing(tmp_path, monkeypatch):
