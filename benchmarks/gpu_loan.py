@@ -524,6 +524,12 @@ def _part_problems(part: str, out: Path, tree: Path) -> list[str]:
         problems.append(f"rows from {sorted(wanted - sources)} missing in {part}-rows.jsonl")
     if part == "a" and not any(r.get("provider") == "fa2-varlen" for r in rows):
         problems.append("no fa2-varlen row (measured or unavailable with its reason)")
+    # the shipped kernel and its block-order A/B run on the CPU too (the interpreter): each of their rows measured
+    # (a provider that fails writes a row and the job still ends ok, so the job status alone would not show it)
+    for r in rows:
+        if r.get("provider") in ("tte-triton", "tte-triton-block-order") and r.get("status") != "ok":
+            problems.append(f"{r['provider']} {r.get('mode')} ({r.get('layout')}): {r.get('status')}: "
+                            f"{str(r.get('reason') or r.get('check'))[:300]}")
     try:
         env = json.loads((out / f"{part}-env.json").read_text())
         if not env["tte_flash.kernels"].startswith(str(tree.resolve()) + os.sep):
