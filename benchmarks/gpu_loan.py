@@ -363,6 +363,11 @@ def headline_lines(rows: list[dict]) -> list[str]:
                          f"{_f(r.get('peak_mem_mb'), '.0f')} |")
         for impl in sorted({r["implementation"] for r in attention if r.get("implementation")}):
             lines.append(f"\nfa2-varlen ran as: {impl}")
+        if any(r["provider"].startswith("tte-triton-") for r in attention):
+            lines.append("\nA/Bs of the kernel (TTE x = shipped over the variant): tte-triton-block-order > 1 means "
+                         "launching the longest programs first pays (modelled fwd+bwd gain on packed 16k layouts: "
+                         "fwd/dQ ~1.06, dK/dV ~1.5; block_table_build.py --schedule); tte-triton-tma < 1 means TMA "
+                         "loads would pay (forward)")
         for r in attention:
             if r.get("status") in ("unavailable", "failed"):
                 lines.append(f"\n{r['provider']} {r.get('mode') or ''} ({r['layout']}, {r['tokens']}): "
