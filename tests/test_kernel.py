@@ -560,29 +560,38 @@ def test_an_interpreter_that_cannot_run_the_kernels_is_named(monkeypatch, triton
         tte_attention(**_inputs())
 
 
+def _variant_setup(monkeypatch, name, seed):
+    """The kernel module, attention.py loaded as ``name``, a tiny training layout, q/k/v that need gradients, and the
+    list every launch appends (kernel name, args, constexprs) to while it runs."""
+    kernel_module = importlib.import_module("tte_flash.kernels.tte_attention")  # the package's name is the function
+    benchmark = _benchmark_module(monkeypatch, name)
+    layout = benchmark.make_layout("train", 48, DEVICE, True, seed=3)
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+    qkv = [torch.randn(48, heads, 16, device=DEVICE, generator=gen).requires_grad_() for heads in (2, 1, 1)]
+    launches = []
+    launch = kernel_module._launch
+    monkeypatch.setattr(kernel_module, "_launch", lambda fn, grid, args, config, **c: launches.append(
+        (fn.__name__, args, c)) or launch(fn, grid, args, config, **c))
+    return kernel_module, benchmark, layout, qkv, launches
+
+
 def test_benchmark_tma_provider_is_checked_against_the_shipped_forward(monkeypatch):
     """`--providers tte-triton-tma` (the loan's TMA what-if): its forward really launches with TMA descriptors, its
     output and gradients are compared with the shipped kernel's (here under the interpreter's TMA emulation, fp32:
     equal to rounding) and with the float64 oracle, and the shipped config is restored after each call."""
-    kernel_module = importlib.import_module("tte_flash.kernels.tte_attention")  # the package's name is the function
-    benchmark = _benchmark_module(monkeypatch, "attention_benchmark_tma")
-    layout = benchmark.make_layout("train", 48, DEVICE, True, seed=3)
-    gen = torch.Generator(device=DEVICE).manual_seed(1)
-    q, k, v = (torch.randn(48, heads, 16, device=DEVICE, generator=gen).requires_grad_() for heads in (2, 1, 1))
-    launched = []
-    launch = kernel_module._launch
-    monkeypatch.setattr(kernel_module, "_launch", lambda fn, grid, args, config, **c: launched.append(
-        (fn.__name__, c.get("TMA", False))) or launch(fn, grid, args, config, **c))
+    kernel_module, benchmark, layout, (q, k, v), launches = _variant_setup(monkeypatch, "attention_benchmark_tma", 1)
     options = dict(think_bidirectional=False, cot_sees_query=True)
     fn = benchmark._tte_with_forward_tma(layout, q, k, v, options, require_sm90=False)
     assert fn.check["ok"] and max(fn.check[f"max_abs_diff_{x}"] for x in ("out", "dq", "dk", "dv")) < 1e-5
-    launched.clear()
+    launches.clear()
     out = fn()
+    launched = [(name, constexprs.get("TMA", False)) for name, _, constexprs in launches]
     assert launched == [("_fwd_kernel", True)] and kernel_module._kernel_config.__name__ == "_kernel_config"
     expected = oracle_attention(q.detach(), k.detach(), v.detach(), layout.seq_ids, layout.token_types, **options)
     torch.testing.assert_close(out.detach().double(), expected, atol=1e-5, rtol=1e-5)
     out.sum().backward()  # the backward runs as shipped (no TMA flag)
-    assert [name for name, tma in launched[1:] if not tma] == ["_bwd_dq_kernel", "_bwd_dkdv_kernel"]
+    assert [(name, constexprs.get("TMA", False)) for name, _, constexprs in launches[1:]] == [
+        ("_bwd_dq_kernel", False), ("_bwd_dkdv_kernel", False)]
     if DEVICE == "cpu":  # the benchmark itself asks for an sm_90 GPU
         with pytest.raises(RuntimeError, match="sm_90"):
             benchmark._tte_with_forward_tma(layout, q, k, v, options)
@@ -592,18 +601,11 @@ def test_benchmark_block_order_provider_runs_programs_in_block_order(monkeypatch
     """`--providers tte-triton-block-order` (the A/B of the longest-first order): every launch gets the identity
     order where the shipped kernel gets the block table's (which differs on this layout), and the results are the
     shipped kernel's (the check: equal to rounding)."""
-    kernel_module = importlib.import_module("tte_flash.kernels.tte_attention")
-    benchmark = _benchmark_module(monkeypatch, "attention_benchmark_order")
-    layout = benchmark.make_layout("train", 48, DEVICE, True, seed=3)
-    gen = torch.Generator(device=DEVICE).manual_seed(2)
-    q, k, v = (torch.randn(48, heads, 16, device=DEVICE, generator=gen).requires_grad_() for heads in (2, 1, 1))
-    orders = []
-    launch = kernel_module._launch
-    monkeypatch.setattr(kernel_module, "_launch", lambda fn, grid, args, config, **c: orders.append(
-        (fn.__name__, args[11 if fn.__name__ == "_bwd_dkdv_kernel" else 10 if fn.__name__ == "_fwd_kernel" else 13]
-         .tolist())) or launch(fn, grid, args, config, **c))
+    _, benchmark, layout, (q, k, v), launches = _variant_setup(monkeypatch, "attention_benchmark_order", 2)
     options = dict(think_bidirectional=True, cot_sees_query=False)
     fn = benchmark._tte_in_block_order(layout, q, k, v, options)
+    order_at = {"_fwd_kernel": 10, "_bwd_dq_kernel": 13, "_bwd_dkdv_kernel": 11}  # ROW_ORDER / COL_ORDER's position
+    orders = [(name, args[order_at[name]].tolist()) for name, args, _ in launches]
     assert fn.check["ok"] and max(fn.check[f"max_abs_diff_{x}"] for x in ("out", "dq", "dk", "dv")) < 1e-5
     shipped, mine = orders[:3], orders[3:]
     assert [name for name, _ in mine] == ["_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel"]
