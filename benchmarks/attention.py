@@ -5,9 +5,9 @@ Providers (same inputs, same layout):
 * ``tte-triton``  - :func:`tte_flash.kernels.tte_attention_with_layout`, mask computed in-kernel; the
   layout's checks and O(T) bounds (:func:`~tte_flash.kernels.prepare_layout`, done once per training step
   for all layers) are left out of the timing, like FlexAttention's block mask and FA2's ``cu_seqlens``;
-* ``tte-triton-tma`` - the same kernel with the forward's K/V loaded through TMA descriptors
-  (``KernelConfig.tma`` on the shipped forward tiles; a what-if, off in the shipped configs; the backward is
-  unchanged); sm_90 GPUs, head dims up to 128;
+* ``tte-triton-tma`` - the same kernel with the forward's K/V and the dK/dV kernel's Q/dO loaded through TMA
+  descriptors (``KernelConfig.tma`` on the shipped tiles; a what-if, off in the shipped configs; dQ unchanged);
+  sm_90 GPUs, head dims 64 and 128;
 * ``tte-triton-block-order`` - the shipped kernel with each program taking block ``p`` instead of the block table's
   longest-first order: the A/B of that order (predicted gains: ``block_table_build.py --schedule``).
   Both variants are first checked against ``tte-triton`` on the same inputs (output and q/k/v gradients): a
@@ -199,8 +199,9 @@ def _checked(call, shipped, q, k, v):
 
 
 def _tte_with_forward_tma(layout: Layout, q, k, v, options: dict, require_sm90: bool = True):
-    """A callable of the TTE kernel whose forward loads K/V through TMA descriptors (the shipped forward tiles with
-    ``tma=True``; the backward as shipped), checked against the shipped kernel (:func:`_checked`). RuntimeError
+    """A callable of the TTE kernel that loads through TMA descriptors: the forward's K/V and the dK/dV kernel's Q/dO
+    (the shipped tiles with ``tma=True``; the dQ kernel as shipped), checked against the shipped kernel
+    (:func:`_checked`): a ``fwd`` row times the forward's TMA alone, ``fwd+bwd`` both. RuntimeError
     where TMA cannot run (not an sm_90 GPU; head dims over 128: compile_check checked the TMA forward at d64 and
     d128 only). ``require_sm90=False`` (tests): anywhere, the interpreter's TMA emulation included."""
     from tte_flash.kernels import prepare_layout, tte_attention_with_layout
@@ -213,29 +214,32 @@ def _tte_with_forward_tma(layout: Layout, q, k, v, options: dict, require_sm90: 
 
     def with_tma(kernel_name, dtype, head_dim, blocks=None):
         config = shipped(kernel_name, dtype, head_dim, blocks)
-        return config._replace(tma=True) if kernel_name == "fwd" else config
+        return config._replace(tma=True) if kernel_name in ("fwd", "dkdv") else config
 
     prepared = prepare_layout(layout.seq_ids, layout.token_types, **options)
 
-    class _TMAForward(torch.autograd.Function):  # the forward's launch under the TMA config, the backward as shipped
+    def under_tma(launcher, *args, **kwargs):
+        kernel._kernel_config = with_tma  # the launcher reads it at the call; restored at once
+        try:
+            return launcher(*args, **kwargs)
+        finally:
+            kernel._kernel_config = shipped
+
+    class _WithTMA(torch.autograd.Function):  # both launchers under the TMA config
         @staticmethod
         def forward(ctx, q_, k_, v_):
-            kernel._kernel_config = with_tma  # the launcher reads it at the call; restored at once
-            try:
-                out, lse = kernel._attention_forward(q_, k_, v_, prepared, scale=q_.shape[-1] ** -0.5)
-            finally:
-                kernel._kernel_config = shipped
+            out, lse = under_tma(kernel._attention_forward, q_, k_, v_, prepared, scale=q_.shape[-1] ** -0.5)
             ctx.save_for_backward(q_, k_, v_, out, lse)
             return out
 
         @staticmethod
         def backward(ctx, d_out):
             q_, k_, v_, out, lse = ctx.saved_tensors
-            return kernel._attention_backward(d_out.contiguous(), q_, k_, v_, out, lse, prepared,
-                                              scale=q_.shape[-1] ** -0.5)
+            return under_tma(kernel._attention_backward, d_out.contiguous(), q_, k_, v_, out, lse, prepared,
+                             scale=q_.shape[-1] ** -0.5)
 
     def call():
-        return _TMAForward.apply(q, k, v)
+        return _WithTMA.apply(q, k, v)
     return _checked(call, lambda: tte_attention_with_layout(q, k, v, prepared), q, k, v)
 
 

@@ -295,7 +295,7 @@ def _bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, ROW_LO, ROW_HI, GAP_LO, GAP_H
 def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, BOUNDS, offs_m, offs_d, col_lo, col_hi, d_ok, T, kv_head, split,
                 GROUP, SPLITS, stride_qt, stride_qh, stride_dot, stride_doh, qk_scale, BLOCK_M: tl.constexpr,
                 MASK: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, WITH_DK: tl.constexpr,
-                WITH_DV: tl.constexpr):
+                WITH_DV: tl.constexpr, HEAD_DIM: tl.constexpr, TMA: tl.constexpr):
     """dK/dV of one key block accumulated over its row blocks of kind ``MASK`` (one range) for the query heads
     ``split``, ``split + SPLITS``, ... of its KV head's group (only dK or only dV where the other flag is off: its
     accumulator is then carried unchanged). The head loop sits inside the kind's loop, not around the kinds'
@@ -305,20 +305,27 @@ def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, BOUNDS, offs_m, offs_d, col_lo,
     end = tl.load(BOUNDS + 2 * MASK + 1)
     for g in range(split, GROUP, SPLITS):
         head = kv_head * GROUP + g
-        dk, dv = _dkdv_head_tiles(dk, dv, k, v, Q + head * stride_qh, DO + head * stride_doh, LSE + head * T,
-                                  DELTA + head * T, start, end, offs_m, offs_d, col_lo, col_hi, d_ok, T, stride_qt,
-                                  stride_dot, qk_scale, BLOCK_M, MASK, DOT_DTYPE, DOT_PRECISION, WITH_DK, WITH_DV)
+        if TMA:  # Q / DO are descriptors over (T, heads x HEAD_DIM): this head's tiles start at column head x HEAD_DIM
+            q_src, do_src = Q, DO
+        else:
+            q_src, do_src = Q + head * stride_qh, DO + head * stride_doh
+        dk, dv = _dkdv_head_tiles(dk, dv, k, v, q_src, do_src, head * HEAD_DIM, LSE + head * T, DELTA + head * T,
+                                  start, end, offs_m, offs_d, col_lo, col_hi, d_ok, T, stride_qt, stride_dot, qk_scale,
+                                  BLOCK_M, MASK, DOT_DTYPE, DOT_PRECISION, WITH_DK, WITH_DV, TMA)
     return dk, dv
 
 
 @triton.jit
-def _dkdv_head_tiles(dk, dv, k, v, Q_HEAD, DO_HEAD, LSE_HEAD, DELTA_HEAD, start, end, offs_m, offs_d, col_lo, col_hi,
-                     d_ok, T, stride_qt, stride_dot, qk_scale, BLOCK_M: tl.constexpr, MASK: tl.constexpr,
+def _dkdv_head_tiles(dk, dv, k, v, q_src, do_src, col, LSE_HEAD, DELTA_HEAD, start, end, offs_m, offs_d, col_lo,
+                     col_hi, d_ok, T, stride_qt, stride_dot, qk_scale, BLOCK_M: tl.constexpr, MASK: tl.constexpr,
                      DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, WITH_DK: tl.constexpr,
-                     WITH_DV: tl.constexpr):
-    """dK/dV of one key block over one query head's row blocks ``[start, end)`` of kind ``MASK``."""
-    q_ptrs = Q_HEAD + offs_m[:, None] * stride_qt + offs_d[None, :]
-    do_ptrs = DO_HEAD + offs_m[:, None] * stride_dot + offs_d[None, :]
+                     WITH_DV: tl.constexpr, TMA: tl.constexpr):
+    """dK/dV of one key block over one query head's row blocks ``[start, end)`` of kind ``MASK``. Q and dO tiles come
+    from this head's pointers or, with ``TMA``, from descriptors at column ``col`` (rows past ``T`` read as zeros;
+    no pointer tensors held across the loop)."""
+    if not TMA:
+        q_ptrs = q_src + offs_m[:, None] * stride_qt + offs_d[None, :]
+        do_ptrs = do_src + offs_m[:, None] * stride_dot + offs_d[None, :]
     for block in range(start, end):
         m0 = block * BLOCK_M
         rows = m0 + offs_m
@@ -329,14 +336,20 @@ def _dkdv_head_tiles(dk, dv, k, v, Q_HEAD, DO_HEAD, LSE_HEAD, DELTA_HEAD, start,
             row_ok = rows < T
             row_mask = row_ok[:, None] & d_ok[None, :]
             lse = tl.load(LSE_HEAD + rows, mask=row_ok, other=0.0)
-        q = tl.load(q_ptrs + m0 * stride_qt, mask=row_mask, other=0.0).to(DOT_DTYPE)
-        do = tl.load(do_ptrs + m0 * stride_dot, mask=row_mask, other=0.0).to(DOT_DTYPE)
+        if TMA:
+            q_in = q_src.load([m0, col])
+            do_in = do_src.load([m0, col])
+        else:
+            q_in = tl.load(q_ptrs + m0 * stride_qt, mask=row_mask, other=0.0)
+            do_in = tl.load(do_ptrs + m0 * stride_dot, mask=row_mask, other=0.0)
+        q = q_in.to(DOT_DTYPE)
+        do = do_in.to(DOT_DTYPE)
         qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
         p_t = tl.exp2(qk_t - lse[None, :])
         if MASK != FULL:
             p_t = tl.where(_cols_see(offs_m, m0, col_lo, col_hi, MASK), p_t, 0.0)
         if WITH_DV:
-            dv += tl.dot(p_t.to(do_ptrs.dtype.element_ty).to(DOT_DTYPE), do, input_precision=DOT_PRECISION)
+            dv += tl.dot(p_t.to(do_in.dtype).to(DOT_DTYPE), do, input_precision=DOT_PRECISION)
         if WITH_DK:
             if MASK == FULL or MASK == CUT_LO:
                 delta = tl.load(DELTA_HEAD + rows)
@@ -344,7 +357,7 @@ def _dkdv_head_tiles(dk, dv, k, v, Q_HEAD, DO_HEAD, LSE_HEAD, DELTA_HEAD, start,
                 delta = tl.load(DELTA_HEAD + rows, mask=row_ok, other=0.0)
             dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
             ds_t = p_t * (dp_t - delta[None, :])
-            dk += tl.dot(ds_t.to(q_ptrs.dtype.element_ty).to(DOT_DTYPE), q, input_precision=DOT_PRECISION)
+            dk += tl.dot(ds_t.to(q_in.dtype).to(DOT_DTYPE), q, input_precision=DOT_PRECISION)
     return dk, dv
 
 
@@ -355,7 +368,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, COL_LO, COL_HI, COL_BOUNDS
                      T, GROUP, SPLITS, qk_scale, sm_scale,
                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr,
-                     DOT_PRECISION: tl.constexpr, WITH_DK: tl.constexpr, WITH_DV: tl.constexpr):
+                     DOT_PRECISION: tl.constexpr, WITH_DK: tl.constexpr, WITH_DV: tl.constexpr,
+                     TMA: tl.constexpr = False):
     """One (key block, KV head, split): dK and dV of BLOCK_N keys, summed over the query heads ``split``,
     ``split + SPLITS``, ... of the KV head's GROUP (SPLITS == 1: all of them, written in the output dtype; else an
     fp32 partial per split, summed by the launcher in a fixed order). Only dK or only dV where the other flag is
@@ -377,16 +391,23 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, COL_LO, COL_HI, COL_BOUNDS
     col_lo = tl.load(COL_LO + keys, mask=key_ok, other=0)  # padding keys: empty intervals
     col_hi = tl.load(COL_HI + keys, mask=key_ok, other=0)
     bounds = COL_BOUNDS + COL_BOUND_COUNT * key_block  # this key block's row-block ranges per kind
+    if TMA:  # one descriptor each over (T, heads x HEAD_DIM) (contiguous q / dO, HEAD_DIM == BLOCK_D): no pointer tiles
+        q_src = tl.make_tensor_descriptor(Q, shape=[T, stride_qt], strides=[stride_qt, 1],
+                                          block_shape=[BLOCK_M, BLOCK_D])
+        do_src = tl.make_tensor_descriptor(DO, shape=[T, stride_dot], strides=[stride_dot, 1],
+                                           block_shape=[BLOCK_M, BLOCK_D])
+    else:
+        q_src, do_src = Q, DO
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC_DTYPE)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC_DTYPE)
     for kind in tl.static_range(1, COL_KINDS):  # one loop per partial kind, with only that kind's mask tests
-        dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, bounds, offs_m, offs_d, col_lo, col_hi, d_ok, T,
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_src, do_src, LSE, DELTA, bounds, offs_m, offs_d, col_lo, col_hi, d_ok, T,
                              kv_head, split, GROUP, SPLITS, stride_qt, stride_qh, stride_dot, stride_doh, qk_scale,
-                             BLOCK_M, kind, DOT_DTYPE, DOT_PRECISION, WITH_DK, WITH_DV)
-    dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, bounds, offs_m, offs_d, col_lo, col_hi, d_ok, T, kv_head,
-                         split, GROUP, SPLITS, stride_qt, stride_qh, stride_dot, stride_doh, qk_scale, BLOCK_M, FULL,
-                         DOT_DTYPE, DOT_PRECISION, WITH_DK, WITH_DV)
+                             BLOCK_M, kind, DOT_DTYPE, DOT_PRECISION, WITH_DK, WITH_DV, HEAD_DIM, TMA)
+    dk, dv = _dkdv_tiles(dk, dv, k, v, q_src, do_src, LSE, DELTA, bounds, offs_m, offs_d, col_lo, col_hi, d_ok, T,
+                         kv_head, split, GROUP, SPLITS, stride_qt, stride_qh, stride_dot, stride_doh, qk_scale, BLOCK_M,
+                         FULL, DOT_DTYPE, DOT_PRECISION, WITH_DK, WITH_DV, HEAD_DIM, TMA)
 
     if WITH_DK:
         dk *= sm_scale
@@ -524,7 +545,7 @@ class KernelConfig(NamedTuple):
     num_warps: int
     num_stages: int  # software-pipelining depth of the inner loop's loads
     dkdv_launches: int = 1  # dK/dV kernel only: 1 (both in one program), 2 (dV then dK: one accumulator each)
-    tma: bool = False  # forward only: K/V through TMA descriptors (sm_90; needs triton.set_allocator on a GPU)
+    tma: bool = False  # fwd: K/V, dK/dV: Q/dO through TMA descriptors (sm_90; dK/dV: power-of-two head dims)
     warp_specialize: bool = False  # forward only: tl.range(..., warp_specialize=True) on the tile loops (sm_90)
 
 
@@ -654,9 +675,16 @@ def _attention_backward(do, q, k, v, out, lse, layout: KernelLayout, *, scale, g
             scale)
     # two launches where both accumulators do not fit in registers (head dim 256): dV (2 dots a tile), then dK (3)
     passes = [(True, True)] if config.dkdv_launches == 1 else [(False, True), (True, False)]
+    extra = {}
+    if config.tma:  # Q / dO by TMA descriptors over (T, Hq x D): a tile's columns must be one head's exactly
+        if common["BLOCK_D"] != head_dim:
+            raise ValueError(f"the dK/dV kernel's TMA loads need a power-of-two head dim >= 16, got {head_dim}")
+        extra["TMA"] = True
+        if q.device.type == "cuda":  # descriptors made on the device need Triton's scratch allocator
+            triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device=q.device))
     for with_dk, with_dv in passes:
         _launch(_bwd_dkdv_kernel, (key_blocks, kv_heads * splits), args, config, **common,
-                WITH_DK=with_dk, WITH_DV=with_dv)
+                WITH_DK=with_dk, WITH_DV=with_dv, **extra)
     if splits > 1:
         dk.copy_(dk_out.sum(0))
         dv.copy_(dv_out.sum(0))

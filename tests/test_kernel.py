@@ -174,18 +174,33 @@ def test_every_tile_kind_matches_the_oracle(samples, think_bidirectional, cot_se
 
 
 @pytest.mark.parametrize("case", [KIND_CASES[1], KIND_CASES[2]])
-def test_forward_with_tma_descriptors_matches_the_oracle(case):
-    """The forward's optional sm_90 path (KernelConfig.tma: K/V by TMA descriptors, rows past T read as zeros, no
-    load mask; warp_specialize on the tile loops): same result as the oracle, odd T and every row-side kind."""
+def test_tma_descriptor_loads_match_the_oracle(case, monkeypatch):
+    """The optional sm_90 path (KernelConfig.tma: the forward's K/V and the dK/dV kernel's Q/dO by TMA descriptors,
+    rows past T read as zeros, no load mask; warp_specialize on the forward's tile loops): output and gradients as
+    the oracle's, odd T and every tile kind; the descriptor path really ran in both kernels."""
     samples, think_bidirectional, cot_sees_query, blocks, heads, _, _ = case
     options = dict(think_bidirectional=think_bidirectional, cot_sees_query=cot_sees_query)
-    seq_ids, token_types = build_layout(samples)
-    q, k, v = (x.detach() for x in random_qkv(len(seq_ids), *heads, torch.float32))
-    layout = kernel_module.prepare_layout(seq_ids, token_types, **options)
     flags = {"BLOCK_M": blocks[0], "BLOCK_N": blocks[1], "TMA": True, "WARP_SPECIALIZE": True}
-    out, _ = kernel_module._attention_forward(q, k, v, layout, scale=heads[2] ** -0.5, blocks=flags)
-    expected = oracle_attention(q, k, v, seq_ids, token_types, **options)
-    torch.testing.assert_close(out.double(), expected, atol=2e-4, rtol=2e-4)
+    launched = []
+    launch = kernel_module._launch
+    monkeypatch.setattr(kernel_module, "_launch", lambda fn, grid, args, config, **c: launched.append(
+        (fn.__name__, c.get("TMA", False))) or launch(fn, grid, args, config, **c))
+
+    def attention(q, k, v, seq_ids, token_types, **options):
+        return _launch_with(q, k, v, kernel_module.prepare_layout(seq_ids, token_types, **options), flags)
+    assert_matches_oracle(samples, *heads, torch.float32, **options, attention=attention)
+    assert launched == [("_fwd_kernel", True), ("_bwd_dq_kernel", False), ("_bwd_dkdv_kernel", True)]
+
+
+def test_tma_in_the_dkdv_kernel_needs_whole_head_tiles():
+    """The dK/dV kernel's TMA tiles span (T, heads x D) columns, so a padded head dim (24 -> 32) would read the next
+    head's columns: refused with a clear error, never a wrong gradient."""
+    seq_ids, token_types = build_layout([(9, 2, 1, 4)])
+    q, k, v = random_qkv(len(seq_ids), 2, 1, 24, torch.float32)
+    layout = kernel_module.prepare_layout(seq_ids, token_types)
+    out = _launch_with(q, k, v, layout, {"BLOCK_M": 16, "BLOCK_N": 16, "TMA": True})
+    with pytest.raises(ValueError, match="power-of-two head dim"):
+        out.sum().backward()
 
 
 def test_launches_run_under_the_tensors_device(monkeypatch):
@@ -576,9 +591,10 @@ def _variant_setup(monkeypatch, name, seed):
 
 
 def test_benchmark_tma_provider_is_checked_against_the_shipped_forward(monkeypatch):
-    """`--providers tte-triton-tma` (the loan's TMA what-if): its forward really launches with TMA descriptors, its
-    output and gradients are compared with the shipped kernel's (here under the interpreter's TMA emulation, fp32:
-    equal to rounding) and with the float64 oracle, and the shipped config is restored after each call."""
+    """`--providers tte-triton-tma` (the loan's TMA what-if): its forward and dK/dV kernels really launch with TMA
+    descriptors, its output and gradients are compared with the shipped kernel's (here under the interpreter's TMA
+    emulation, fp32: equal to rounding) and with the float64 oracle, and the shipped config is restored after each
+    call."""
     kernel_module, benchmark, layout, (q, k, v), launches = _variant_setup(monkeypatch, "attention_benchmark_tma", 1)
     options = dict(think_bidirectional=False, cot_sees_query=True)
     fn = benchmark._tte_with_forward_tma(layout, q, k, v, options, require_sm90=False)
@@ -589,9 +605,10 @@ def test_benchmark_tma_provider_is_checked_against_the_shipped_forward(monkeypat
     assert launched == [("_fwd_kernel", True)] and kernel_module._kernel_config.__name__ == "_kernel_config"
     expected = oracle_attention(q.detach(), k.detach(), v.detach(), layout.seq_ids, layout.token_types, **options)
     torch.testing.assert_close(out.detach().double(), expected, atol=1e-5, rtol=1e-5)
-    out.sum().backward()  # the backward runs as shipped (no TMA flag)
+    out.sum().backward()  # the dK/dV kernel loads Q/dO by TMA too, dQ as shipped
     assert [(name, constexprs.get("TMA", False)) for name, _, constexprs in launches[1:]] == [
-        ("_bwd_dq_kernel", False), ("_bwd_dkdv_kernel", False)]
+        ("_bwd_dq_kernel", False), ("_bwd_dkdv_kernel", True)]
+    assert kernel_module._kernel_config.__name__ == "_kernel_config"
     if DEVICE == "cpu":  # the benchmark itself asks for an sm_90 GPU
         with pytest.raises(RuntimeError, match="sm_90"):
             benchmark._tte_with_forward_tma(layout, q, k, v, options)
