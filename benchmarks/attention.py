@@ -5,9 +5,9 @@ Providers (same inputs, same layout):
 * ``tte-triton``  - :func:`tte_flash.kernels.tte_attention_with_layout`, mask computed in-kernel; the
   layout's checks and O(T) bounds (:func:`~tte_flash.kernels.prepare_layout`, done once per training step
   for all layers) are left out of the timing, like FlexAttention's block mask and FA2's ``cu_seqlens``;
-* ``tte-triton-tma`` - the same kernel with the forward's K/V and the dK/dV kernel's Q/dO loaded through TMA
-  descriptors (``KernelConfig.tma`` on the shipped tiles; a what-if, off in the shipped configs; dQ unchanged);
-  sm_90 GPUs, head dims 64 and 128;
+* ``tte-triton-tma`` - the same kernels with their streamed tiles loaded through TMA descriptors (the forward's
+  and dQ's K/V, the dK/dV kernel's Q/dO; ``KernelConfig.tma`` on the shipped tiles; a what-if, off in the shipped
+  configs); sm_90 GPUs, head dims 64 and 128;
 * ``tte-triton-block-order`` - the shipped kernel with each program taking block ``p`` instead of the block table's
   longest-first order: the A/B of that order (predicted gains: ``block_table_build.py --schedule``).
   Both variants are first checked against ``tte-triton`` on the same inputs (output and q/k/v gradients): a
@@ -199,9 +199,9 @@ def _checked(call, shipped, q, k, v):
 
 
 def _tte_with_forward_tma(layout: Layout, q, k, v, options: dict, require_sm90: bool = True):
-    """A callable of the TTE kernel that loads through TMA descriptors: the forward's K/V and the dK/dV kernel's Q/dO
-    (the shipped tiles with ``tma=True``; the dQ kernel as shipped), checked against the shipped kernel
-    (:func:`_checked`): a ``fwd`` row times the forward's TMA alone, ``fwd+bwd`` both. RuntimeError
+    """A callable of the TTE kernel that loads through TMA descriptors: the forward's and dQ's K/V and the dK/dV
+    kernel's Q/dO (the shipped tiles with ``tma=True``), checked against the shipped kernel (:func:`_checked`): a
+    ``fwd`` row times the forward's TMA alone, ``fwd+bwd`` all three kernels'. RuntimeError
     where TMA cannot run (not an sm_90 GPU; head dims over 128: compile_check checked the TMA forward at d64 and
     d128 only). ``require_sm90=False`` (tests): anywhere, the interpreter's TMA emulation included."""
     from tte_flash.kernels import prepare_layout, tte_attention_with_layout
@@ -214,7 +214,7 @@ def _tte_with_forward_tma(layout: Layout, q, k, v, options: dict, require_sm90: 
 
     def with_tma(kernel_name, dtype, head_dim, blocks=None):
         config = shipped(kernel_name, dtype, head_dim, blocks)
-        return config._replace(tma=True) if kernel_name in ("fwd", "dkdv") else config
+        return config._replace(tma=True)  # fwd and dQ: K/V, dK/dV: Q/dO
 
     prepared = prepare_layout(layout.seq_ids, layout.token_types, **options)
 

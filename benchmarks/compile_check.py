@@ -163,13 +163,13 @@ def _config_label(fn, constexprs, options) -> str:
 
 def parse_config(text: str):
     """``dkdv=64x32/w4/s2`` -> ("dkdv", (64, 32, 4, 2, 1)): a what-if launch config (``--config``); a dK/dV config
-    may end in ``/l2`` (dV and dK in two launches), a forward or dK/dV one in ``/tma`` (the forward's K/V, the dK/dV
-    kernel's Q/dO by TMA descriptors), a forward one in ``/ws`` (warp-specialised tile loops): (..., tma,
-    warp_specialize) appended."""
+    may end in ``/l2`` (dV and dK in two launches), any in ``/tma`` (the forward's and dQ's K/V, the dK/dV kernel's
+    Q/dO by TMA descriptors), a forward one in ``/ws`` (warp-specialised tile loops): (..., tma, warp_specialize)
+    appended."""
     match = re.fullmatch(r"(fwd|dq|dkdv)=(\d+)x(\d+)/w(\d+)/s(\d+)(?:/l([12]))?(/tma)?(/ws)?", text)
-    if not match or (match.group(1) == "dq" and match.group(7)) or (match.group(1) != "fwd" and match.group(8)):
+    if not match or (match.group(1) != "fwd" and match.group(8)):
         raise argparse.ArgumentTypeError("expected KERNEL=BLOCK_MxBLOCK_N/wWARPS/sSTAGES[/lLAUNCHES][/tma][/ws] "
-                                         f"(KERNEL in fwd, dq, dkdv; /tma: fwd and dkdv, /ws: fwd only), got {text!r}")
+                                         f"(KERNEL in fwd, dq, dkdv; /ws: fwd only), got {text!r}")
     name, *numbers, tma, ws = match.groups()
     config = tuple(int(x) for x in numbers[:4]) + (int(numbers[4] or 1),)
     return name, config + ((bool(tma), bool(ws)) if tma or ws else ())

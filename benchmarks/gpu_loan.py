@@ -114,7 +114,7 @@ JOBS = [
                                                                        "flex"], "attention-more"), 80,
         _attention_dry(["infer"], ["fwd+bwd", "fwd"], ["tte-triton", "tte-triton-tma", "fa2-varlen", "flex"],
                        "attention-more"),
-        "inference layouts, fwd+bwd and forward only; TMA loads in the forward and dK/dV (checked, then timed)"),
+        "inference layouts, fwd+bwd and forward only; TMA loads in every kernel (checked, then timed)"),
     Job("b", "env", ENV, 10, ENV, "device, versions, install"),
     Job("b", "latency",
         ["latency.py", "--preset", "qwen2-vl-2b", "--device", "cuda", "--dtype", "bfloat16", "--attn", "triton",
@@ -367,7 +367,7 @@ def headline_lines(rows: list[dict]) -> list[str]:
             lines.append("\nA/Bs of the kernel (TTE x = shipped over the variant): tte-triton-block-order > 1 means "
                          "launching the longest programs first pays (modelled fwd+bwd gain on packed 16k layouts: "
                          "fwd/dQ ~1.06, dK/dV ~1.5; block_table_build.py --schedule); tte-triton-tma < 1 means TMA "
-                         "loads would pay (fwd rows: the forward's K/V; fwd+bwd rows: and the dK/dV kernel's Q/dO)")
+                         "loads would pay (fwd rows: the forward's K/V; fwd+bwd rows: all three kernels')")
         for r in attention:
             if r.get("status") in ("unavailable", "failed"):
                 lines.append(f"\n{r['provider']} {r.get('mode') or ''} ({r['layout']}, {r['tokens']}): "

@@ -220,29 +220,36 @@ def _fwd_kernel(Q, K, V, O, LSE, ROW_LO, ROW_HI, GAP_LO, GAP_HI, ROW_BOUNDS, ROW
 
 
 @triton.jit
-def _dq_tiles(dq, q, do, lse, delta, k_ptrs, v_ptrs, BOUNDS, offs_n, row_lo, row_hi, gap_lo, gap_hi, d_ok, T,
+def _dq_tiles(dq, q, do, lse, delta, k_src, v_src, BOUNDS, offs_n, row_lo, row_hi, gap_lo, gap_hi, d_ok, T,
               stride_kt, stride_vt, qk_scale, BLOCK_N: tl.constexpr, MASK: tl.constexpr, DOT_DTYPE: tl.constexpr,
-              DOT_PRECISION: tl.constexpr):
-    """dQ of one row block accumulated over its key blocks of kind ``MASK`` (two ranges)."""
+              DOT_PRECISION: tl.constexpr, TMA: tl.constexpr):
+    """dQ of one row block accumulated over its key blocks of kind ``MASK`` (two ranges); K/V from pointers (the first
+    tile's) or, with ``TMA``, from descriptors (rows past ``T`` read as zeros), as in :func:`_fwd_tiles`."""
     # the ranges unrolled here (a dynamic loop over them spills at head dim 256 on sm_90, 64x16 tiles)
     for seg in tl.static_range(0, 2):
         start = tl.load(BOUNDS + 4 * MASK + 2 * seg)  # two scalar loads per range, none per tile
         end = tl.load(BOUNDS + 4 * MASK + 2 * seg + 1)
         for block in range(start, end):
             n0 = block * BLOCK_N
-            if MASK == FULL or MASK == CUT_LO:  # no HI test: the tile lies inside [0, T)
-                key_mask = d_ok[None, :]
+            if TMA:
+                k_in = k_src.load([n0, 0])
+                v_in = v_src.load([n0, 0])
             else:
-                key_mask = (offs_n < T - n0)[:, None] & d_ok[None, :]  # the tile past T
-            k = tl.load(k_ptrs + n0 * stride_kt, mask=key_mask, other=0.0).to(DOT_DTYPE)
-            v = tl.load(v_ptrs + n0 * stride_vt, mask=key_mask, other=0.0).to(DOT_DTYPE)
+                if MASK == FULL or MASK == CUT_LO:  # no HI test: the tile lies inside [0, T)
+                    key_mask = d_ok[None, :]
+                else:
+                    key_mask = (offs_n < T - n0)[:, None] & d_ok[None, :]  # the tile past T
+                k_in = tl.load(k_src + n0 * stride_kt, mask=key_mask, other=0.0)
+                v_in = tl.load(v_src + n0 * stride_vt, mask=key_mask, other=0.0)
+            k = k_in.to(DOT_DTYPE)
+            v = v_in.to(DOT_DTYPE)
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
             p = tl.exp2(qk - lse[:, None])
             if MASK != FULL:
                 p = tl.where(_rows_see(offs_n, n0, row_lo, row_hi, gap_lo, gap_hi, MASK), p, 0.0)
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
             ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(k_ptrs.dtype.element_ty).to(DOT_DTYPE), k, input_precision=DOT_PRECISION)
+            dq += tl.dot(ds.to(k_in.dtype).to(DOT_DTYPE), k, input_precision=DOT_PRECISION)
     return dq
 
 
@@ -252,8 +259,10 @@ def _bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, ROW_LO, ROW_HI, GAP_LO, GAP_H
                    stride_dot, stride_doh, stride_dqt, stride_dqh,
                    T, GROUP, qk_scale, sm_scale,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   ACC_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """One (query block, query head): Delta = rowsum(dO * O) (stored for the dK/dV kernel) and dQ of BLOCK_M rows."""
+                   ACC_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                   TMA: tl.constexpr = False):
+    """One (query block, query head): Delta = rowsum(dO * O) (stored for the dK/dV kernel) and dQ of BLOCK_M rows
+    (``TMA``: K/V by descriptors, see :class:`KernelConfig`)."""
     row_block = tl.load(ROW_ORDER + tl.program_id(0))  # the row blocks with the most tiles run first
     head = tl.program_id(1)
     kv_head = head // GROUP
@@ -277,15 +286,21 @@ def _bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, ROW_LO, ROW_HI, GAP_LO, GAP_H
     gap_lo = tl.load(GAP_LO + rows, mask=row_ok, other=0)
     gap_hi = tl.load(GAP_HI + rows, mask=row_ok, other=0)
     bounds = ROW_BOUNDS + ROW_BOUND_COUNT * row_block  # this row block's key-block ranges per kind
-    k_ptrs = K + kv_head * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :]
-    v_ptrs = V + kv_head * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :]
+    if TMA:  # TMA descriptors of this KV head's (T, HEAD_DIM) keys and values, as in the forward
+        k_src = tl.make_tensor_descriptor(K + kv_head * stride_kh, shape=[T, HEAD_DIM], strides=[stride_kt, 1],
+                                          block_shape=[BLOCK_N, BLOCK_D])
+        v_src = tl.make_tensor_descriptor(V + kv_head * stride_vh, shape=[T, HEAD_DIM], strides=[stride_vt, 1],
+                                          block_shape=[BLOCK_N, BLOCK_D])
+    else:
+        k_src = K + kv_head * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :]
+        v_src = V + kv_head * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :]
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC_DTYPE)
     for kind in tl.static_range(1, ROW_KINDS):  # one loop per partial kind, with only that kind's mask tests
-        dq = _dq_tiles(dq, q, do, lse, delta, k_ptrs, v_ptrs, bounds, offs_n, row_lo, row_hi, gap_lo, gap_hi, d_ok,
-                       T, stride_kt, stride_vt, qk_scale, BLOCK_N, kind, DOT_DTYPE, DOT_PRECISION)
-    dq = _dq_tiles(dq, q, do, lse, delta, k_ptrs, v_ptrs, bounds, offs_n, row_lo, row_hi, gap_lo, gap_hi, d_ok,
-                   T, stride_kt, stride_vt, qk_scale, BLOCK_N, FULL, DOT_DTYPE, DOT_PRECISION)
+        dq = _dq_tiles(dq, q, do, lse, delta, k_src, v_src, bounds, offs_n, row_lo, row_hi, gap_lo, gap_hi, d_ok,
+                       T, stride_kt, stride_vt, qk_scale, BLOCK_N, kind, DOT_DTYPE, DOT_PRECISION, TMA)
+    dq = _dq_tiles(dq, q, do, lse, delta, k_src, v_src, bounds, offs_n, row_lo, row_hi, gap_lo, gap_hi, d_ok,
+                   T, stride_kt, stride_vt, qk_scale, BLOCK_N, FULL, DOT_DTYPE, DOT_PRECISION, TMA)
     dq *= sm_scale
     tl.store(DQ + head * stride_dqh + rows[:, None] * stride_dqt + offs_d[None, :], dq.to(DQ.dtype.element_ty),
              mask=row_mask)
@@ -545,7 +560,7 @@ class KernelConfig(NamedTuple):
     num_warps: int
     num_stages: int  # software-pipelining depth of the inner loop's loads
     dkdv_launches: int = 1  # dK/dV kernel only: 1 (both in one program), 2 (dV then dK: one accumulator each)
-    tma: bool = False  # fwd: K/V, dK/dV: Q/dO through TMA descriptors (sm_90; dK/dV: power-of-two head dims)
+    tma: bool = False  # fwd, dQ: K/V, dK/dV: Q/dO through TMA descriptors (sm_90; dK/dV: power-of-two head dims)
     warp_specialize: bool = False  # forward only: tl.range(..., warp_specialize=True) on the tile loops (sm_90)
 
 
@@ -656,11 +671,13 @@ def _attention_backward(do, q, k, v, out, lse, layout: KernelLayout, *, scale, g
     common = dict(HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), **_dtype_constexprs(q.dtype))
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1))
     config = _kernel_config("dq", q.dtype, head_dim, blocks)
+    if config.tma and q.device.type == "cuda":  # descriptors made on the device need Triton's scratch allocator
+        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device=q.device))
     _launch(_bwd_dq_kernel, (triton.cdiv(tokens, config.block_m), q_heads),
             (q, k, v, out, do, lse, delta, dq, layout.kv_lo, layout.kv_hi, layout.gap_lo, layout.gap_hi,
              *_table_args(layout, config, by_row=True), *strides, out.stride(0), out.stride(1),
              do.stride(0), do.stride(1), dq.stride(0), dq.stride(1), tokens, q_heads // kv_heads, scale * _LOG2E,
-             scale), config, **common)
+             scale), config, **common, **(dict(TMA=True) if config.tma else {}))
     config = _kernel_config("dkdv", q.dtype, head_dim, blocks)
     key_blocks, group = triton.cdiv(tokens, config.block_n), q_heads // kv_heads
     splits = _dkdv_splits(q.device, key_blocks * kv_heads, group, blocks)

@@ -178,8 +178,8 @@ def test_a_wait_loop_inside_a_tile_loop_is_not_the_tile_loop(tmp_path):
 
 
 def test_what_if_configs_take_tma_where_a_kernel_has_it():
-    """``--config``: /tma for the forward (K/V) and the dK/dV kernel (Q/dO), /ws for the forward only; the dQ kernel
-    has neither, so asking for them is an error, not a silently ignored flag."""
+    """``--config``: /tma for every kernel (the forward's and dQ's K/V, the dK/dV kernel's Q/dO), /ws for the forward
+    only: asking another kernel for it is an error, not a silently ignored flag."""
     import argparse
 
     import pytest
@@ -189,6 +189,7 @@ def test_what_if_configs_take_tma_where_a_kernel_has_it():
     assert parse_config("dkdv=16x64/w8/s2/l2/tma") == ("dkdv", (16, 64, 8, 2, 2, True, False))
     assert parse_config("fwd=128x64/w8/s3/tma/ws") == ("fwd", (128, 64, 8, 3, 1, True, True))
     assert parse_config("dq=128x32/w8/s2") == ("dq", (128, 32, 8, 2, 1))
-    for wrong in ("dq=128x32/w8/s2/tma", "dkdv=32x128/w8/s2/ws", "dq=128x32/w8/s2/ws"):
-        with pytest.raises(argparse.ArgumentTypeError, match="/tma: fwd and dkdv"):
+    assert parse_config("dq=128x32/w8/s2/tma") == ("dq", (128, 32, 8, 2, 1, True, False))
+    for wrong in ("dkdv=32x128/w8/s2/ws", "dq=128x32/w8/s2/ws", "dq=128x32/w8/s2/tma/ws"):
+        with pytest.raises(argparse.ArgumentTypeError, match="/ws: fwd only"):
             parse_config(wrong)

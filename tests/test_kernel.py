@@ -175,9 +175,9 @@ def test_every_tile_kind_matches_the_oracle(samples, think_bidirectional, cot_se
 
 @pytest.mark.parametrize("case", [KIND_CASES[1], KIND_CASES[2]])
 def test_tma_descriptor_loads_match_the_oracle(case, monkeypatch):
-    """The optional sm_90 path (KernelConfig.tma: the forward's K/V and the dK/dV kernel's Q/dO by TMA descriptors,
-    rows past T read as zeros, no load mask; warp_specialize on the forward's tile loops): output and gradients as
-    the oracle's, odd T and every tile kind; the descriptor path really ran in both kernels."""
+    """The optional sm_90 path (KernelConfig.tma: the forward's and dQ's K/V and the dK/dV kernel's Q/dO by TMA
+    descriptors, rows past T read as zeros, no load mask; warp_specialize on the forward's tile loops): output and
+    gradients as the oracle's, odd T and every tile kind; the descriptor path really ran in all three kernels."""
     samples, think_bidirectional, cot_sees_query, blocks, heads, _, _ = case
     options = dict(think_bidirectional=think_bidirectional, cot_sees_query=cot_sees_query)
     flags = {"BLOCK_M": blocks[0], "BLOCK_N": blocks[1], "TMA": True, "WARP_SPECIALIZE": True}
@@ -189,7 +189,7 @@ def test_tma_descriptor_loads_match_the_oracle(case, monkeypatch):
     def attention(q, k, v, seq_ids, token_types, **options):
         return _launch_with(q, k, v, kernel_module.prepare_layout(seq_ids, token_types, **options), flags)
     assert_matches_oracle(samples, *heads, torch.float32, **options, attention=attention)
-    assert launched == [("_fwd_kernel", True), ("_bwd_dq_kernel", False), ("_bwd_dkdv_kernel", True)]
+    assert launched == [("_fwd_kernel", True), ("_bwd_dq_kernel", True), ("_bwd_dkdv_kernel", True)]
 
 
 def test_tma_in_the_dkdv_kernel_needs_whole_head_tiles():
@@ -591,8 +591,7 @@ def _variant_setup(monkeypatch, name, seed):
 
 
 def test_benchmark_tma_provider_is_checked_against_the_shipped_forward(monkeypatch):
-    """`--providers tte-triton-tma` (the loan's TMA what-if): its forward and dK/dV kernels really launch with TMA
-    descriptors, its output and gradients are compared with the shipped kernel's (here under the interpreter's TMA
+    """`--providers tte-triton-tma` (the loan's TMA what-if): all three kernels really launch with TMA descriptors, its output and gradients are compared with the shipped kernel's (here under the interpreter's TMA
     emulation, fp32: equal to rounding) and with the float64 oracle, and the shipped config is restored after each
     call."""
     kernel_module, benchmark, layout, (q, k, v), launches = _variant_setup(monkeypatch, "attention_benchmark_tma", 1)
@@ -605,9 +604,9 @@ def test_benchmark_tma_provider_is_checked_against_the_shipped_forward(monkeypat
     assert launched == [("_fwd_kernel", True)] and kernel_module._kernel_config.__name__ == "_kernel_config"
     expected = oracle_attention(q.detach(), k.detach(), v.detach(), layout.seq_ids, layout.token_types, **options)
     torch.testing.assert_close(out.detach().double(), expected, atol=1e-5, rtol=1e-5)
-    out.sum().backward()  # the dK/dV kernel loads Q/dO by TMA too, dQ as shipped
+    out.sum().backward()  # the backward kernels load by TMA too
     assert [(name, constexprs.get("TMA", False)) for name, _, constexprs in launches[1:]] == [
-        ("_bwd_dq_kernel", False), ("_bwd_dkdv_kernel", True)]
+        ("_bwd_dq_kernel", True), ("_bwd_dkdv_kernel", True)]
     assert kernel_module._kernel_config.__name__ == "_kernel_config"
     if DEVICE == "cpu":  # the benchmark itself asks for an sm_90 GPU
         with pytest.raises(RuntimeError, match="sm_90"):
