@@ -131,6 +131,19 @@ def _cols_see(offs_m, m0, col_lo, col_hi, MASK: tl.constexpr):
 
 
 @triton.jit
+def _key_tiles(X_HEAD, stride_t, offs_n, offs_d, T, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_D: tl.constexpr, TMA: tl.constexpr):
+    """Where a row-block kernel (forward, dQ) loads one KV head's (T, HEAD_DIM) K or V tiles from: the first tile's
+    pointers, or with ``TMA`` a descriptor (rows past ``T`` and columns past ``HEAD_DIM`` read as zeros)."""
+    if TMA:
+        src = tl.make_tensor_descriptor(X_HEAD, shape=[T, HEAD_DIM], strides=[stride_t, 1],
+                                        block_shape=[BLOCK_N, BLOCK_D])
+    else:
+        src = X_HEAD + offs_n[:, None] * stride_t + offs_d[None, :]
+    return src
+
+
+@triton.jit
 def _fwd_tiles(acc, m_i, l_i, q, k_src, v_src, BOUNDS, offs_n, row_lo, row_hi, gap_lo, gap_hi, d_ok, T,
                stride_kt, stride_vt, qk_scale, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
                DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr = False,
@@ -193,14 +206,8 @@ def _fwd_kernel(Q, K, V, O, LSE, ROW_LO, ROW_HI, GAP_LO, GAP_HI, ROW_BOUNDS, ROW
     gap_lo = tl.load(GAP_LO + rows, mask=row_ok, other=0)
     gap_hi = tl.load(GAP_HI + rows, mask=row_ok, other=0)
     bounds = ROW_BOUNDS + ROW_BOUND_COUNT * row_block  # this row block's key-block ranges per kind
-    if TMA:  # TMA descriptors of this KV head's (T, HEAD_DIM) keys and values
-        k_src = tl.make_tensor_descriptor(K + kv_head * stride_kh, shape=[T, HEAD_DIM], strides=[stride_kt, 1],
-                                          block_shape=[BLOCK_N, BLOCK_D])
-        v_src = tl.make_tensor_descriptor(V + kv_head * stride_vh, shape=[T, HEAD_DIM], strides=[stride_vt, 1],
-                                          block_shape=[BLOCK_N, BLOCK_D])
-    else:
-        k_src = K + kv_head * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :]
-        v_src = V + kv_head * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :]
+    k_src = _key_tiles(K + kv_head * stride_kh, stride_kt, offs_n, offs_d, T, HEAD_DIM, BLOCK_N, BLOCK_D, TMA)
+    v_src = _key_tiles(V + kv_head * stride_vh, stride_vt, offs_n, offs_d, T, HEAD_DIM, BLOCK_N, BLOCK_D, TMA)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC_DTYPE)
     l_i = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
@@ -286,14 +293,8 @@ def _bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, ROW_LO, ROW_HI, GAP_LO, GAP_H
     gap_lo = tl.load(GAP_LO + rows, mask=row_ok, other=0)
     gap_hi = tl.load(GAP_HI + rows, mask=row_ok, other=0)
     bounds = ROW_BOUNDS + ROW_BOUND_COUNT * row_block  # this row block's key-block ranges per kind
-    if TMA:  # TMA descriptors of this KV head's (T, HEAD_DIM) keys and values, as in the forward
-        k_src = tl.make_tensor_descriptor(K + kv_head * stride_kh, shape=[T, HEAD_DIM], strides=[stride_kt, 1],
-                                          block_shape=[BLOCK_N, BLOCK_D])
-        v_src = tl.make_tensor_descriptor(V + kv_head * stride_vh, shape=[T, HEAD_DIM], strides=[stride_vt, 1],
-                                          block_shape=[BLOCK_N, BLOCK_D])
-    else:
-        k_src = K + kv_head * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :]
-        v_src = V + kv_head * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :]
+    k_src = _key_tiles(K + kv_head * stride_kh, stride_kt, offs_n, offs_d, T, HEAD_DIM, BLOCK_N, BLOCK_D, TMA)
+    v_src = _key_tiles(V + kv_head * stride_vh, stride_vt, offs_n, offs_d, T, HEAD_DIM, BLOCK_N, BLOCK_D, TMA)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC_DTYPE)
     for kind in tl.static_range(1, ROW_KINDS):  # one loop per partial kind, with only that kind's mask tests
