@@ -628,8 +628,14 @@ def _device_guard(device: torch.device):
 
 
 def _launch(kernel, grid, args, config: KernelConfig, **constexprs):
-    """Launch ``kernel`` under its first argument's device (q for every kernel here)."""
-    with _device_guard(args[0].device):
+    """Launch ``kernel`` under its first argument's device (q for every kernel here); with ``config.tma`` it loads
+    through TMA descriptors (``TMA=True``; descriptors made on a GPU need Triton's scratch allocator, set here)."""
+    device = args[0].device
+    if config.tma:
+        constexprs["TMA"] = True
+        if device.type == "cuda":
+            triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device=device))
+    with _device_guard(device):
         kernel[grid](*args, BLOCK_M=config.block_m, BLOCK_N=config.block_n, num_warps=config.num_warps,
                      num_stages=config.num_stages, **constexprs)
 
@@ -650,11 +656,7 @@ def _attention_forward(q, k, v, layout: KernelLayout, *, scale, out=None, blocks
             *_table_args(layout, config, by_row=True),
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             out.stride(0), out.stride(1), tokens, q_heads // k.shape[1], scale * _LOG2E)
-    extra = dict(TMA=True) if config.tma else {}
-    if config.warp_specialize:
-        extra["WARP_SPECIALIZE"] = True
-    if config.tma and q.device.type == "cuda":  # descriptors made on the device need Triton's scratch allocator
-        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device=q.device))
+    extra = dict(WARP_SPECIALIZE=True) if config.warp_specialize else {}
     _launch(_fwd_kernel, (triton.cdiv(tokens, config.block_m), q_heads), args, config, HEAD_DIM=head_dim,
             BLOCK_D=max(16, triton.next_power_of_2(head_dim)), **_dtype_constexprs(q.dtype), **extra)
     return out, lse
@@ -672,13 +674,11 @@ def _attention_backward(do, q, k, v, out, lse, layout: KernelLayout, *, scale, g
     common = dict(HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), **_dtype_constexprs(q.dtype))
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1))
     config = _kernel_config("dq", q.dtype, head_dim, blocks)
-    if config.tma and q.device.type == "cuda":  # descriptors made on the device need Triton's scratch allocator
-        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device=q.device))
     _launch(_bwd_dq_kernel, (triton.cdiv(tokens, config.block_m), q_heads),
             (q, k, v, out, do, lse, delta, dq, layout.kv_lo, layout.kv_hi, layout.gap_lo, layout.gap_hi,
              *_table_args(layout, config, by_row=True), *strides, out.stride(0), out.stride(1),
              do.stride(0), do.stride(1), dq.stride(0), dq.stride(1), tokens, q_heads // kv_heads, scale * _LOG2E,
-             scale), config, **common, **(dict(TMA=True) if config.tma else {}))
+             scale), config, **common)
     config = _kernel_config("dkdv", q.dtype, head_dim, blocks)
     key_blocks, group = triton.cdiv(tokens, config.block_n), q_heads // kv_heads
     splits = _dkdv_splits(q.device, key_blocks * kv_heads, group, blocks)
@@ -693,16 +693,12 @@ def _attention_backward(do, q, k, v, out, lse, layout: KernelLayout, *, scale, g
             scale)
     # two launches where both accumulators do not fit in registers (head dim 256): dV (2 dots a tile), then dK (3)
     passes = [(True, True)] if config.dkdv_launches == 1 else [(False, True), (True, False)]
-    extra = {}
-    if config.tma:  # Q / dO by TMA descriptors over (T, Hq x D): a tile's columns must be one head's exactly
-        if common["BLOCK_D"] != head_dim:
-            raise ValueError(f"the dK/dV kernel's TMA loads need a power-of-two head dim >= 16, got {head_dim}")
-        extra["TMA"] = True
-        if q.device.type == "cuda":  # descriptors made on the device need Triton's scratch allocator
-            triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device=q.device))
+    # TMA: Q / dO by descriptors over (T, Hq x D), so a tile's columns must be one head's exactly
+    if config.tma and common["BLOCK_D"] != head_dim:
+        raise ValueError(f"the dK/dV kernel's TMA loads need a power-of-two head dim >= 16, got {head_dim}")
     for with_dk, with_dv in passes:
         _launch(_bwd_dkdv_kernel, (key_blocks, kv_heads * splits), args, config, **common,
-                WITH_DK=with_dk, WITH_DV=with_dv, **extra)
+                WITH_DK=with_dk, WITH_DV=with_dv)
     if splits > 1:
         dk.copy_(dk_out.sum(0))
         dv.copy_(dv_out.sum(0))

@@ -182,9 +182,18 @@ def test_tma_descriptor_loads_match_the_oracle(case, monkeypatch):
     options = dict(think_bidirectional=think_bidirectional, cot_sees_query=cot_sees_query)
     flags = {"BLOCK_M": blocks[0], "BLOCK_N": blocks[1], "TMA": True, "WARP_SPECIALIZE": True}
     launched = []
-    launch = kernel_module._launch
-    monkeypatch.setattr(kernel_module, "_launch", lambda fn, grid, args, config, **c: launched.append(
-        (fn.__name__, c.get("TMA", False))) or launch(fn, grid, args, config, **c))
+
+    class Recorded:  # a kernel as the launchers see it: records the TMA constexpr each launch really gets
+        def __init__(self, kernel):
+            self.kernel, self.__name__ = kernel, kernel.__name__
+
+        def __getitem__(self, grid):
+            def run(*args, **constexprs):
+                launched.append((self.__name__, constexprs.get("TMA", False)))
+                return self.kernel[grid](*args, **constexprs)
+            return run
+    for name in ("_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel"):
+        monkeypatch.setattr(kernel_module, name, Recorded(getattr(kernel_module, name)))
 
     def attention(q, k, v, seq_ids, token_types, **options):
         return _launch_with(q, k, v, kernel_module.prepare_layout(seq_ids, token_types, **options), flags)
@@ -586,7 +595,7 @@ def _variant_setup(monkeypatch, name, seed):
     launches = []
     launch = kernel_module._launch
     monkeypatch.setattr(kernel_module, "_launch", lambda fn, grid, args, config, **c: launches.append(
-        (fn.__name__, args, c)) or launch(fn, grid, args, config, **c))
+        (fn.__name__, args, dict(c, TMA=config.tma))) or launch(fn, grid, args, config, **c))
     return kernel_module, benchmark, layout, qkv, launches
 
 
