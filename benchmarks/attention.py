@@ -142,7 +142,7 @@ def setup(provider: str, layout: Layout, q, k, v, options: dict):
         prepared = prepare_layout(layout.seq_ids, layout.token_types, **options)  # once per step, all layers
         return lambda: tte_attention_with_layout(q, k, v, prepared)
     if provider == "tte-triton-tma":
-        return _tte_with_forward_tma(layout, q, k, v, options)
+        return _tte_with_tma(layout, q, k, v, options)
     if provider == "tte-triton-block-order":
         return _tte_in_block_order(layout, q, k, v, options)
     if provider == "sdpa-dense":
@@ -198,7 +198,7 @@ def _checked(call, shipped, q, k, v):
     return call
 
 
-def _tte_with_forward_tma(layout: Layout, q, k, v, options: dict, require_sm90: bool = True):
+def _tte_with_tma(layout: Layout, q, k, v, options: dict, require_sm90: bool = True):
     """A callable of the TTE kernel that loads through TMA descriptors: the forward's and dQ's K/V and the dK/dV
     kernel's Q/dO (the shipped tiles with ``tma=True``), checked against the shipped kernel (:func:`_checked`): a
     ``fwd`` row times the forward's TMA alone, ``fwd+bwd`` all three kernels'. RuntimeError

@@ -605,7 +605,7 @@ def test_benchmark_tma_provider_is_checked_against_the_shipped_forward(monkeypat
     call."""
     kernel_module, benchmark, layout, (q, k, v), launches = _variant_setup(monkeypatch, "attention_benchmark_tma", 1)
     options = dict(think_bidirectional=False, cot_sees_query=True)
-    fn = benchmark._tte_with_forward_tma(layout, q, k, v, options, require_sm90=False)
+    fn = benchmark._tte_with_tma(layout, q, k, v, options, require_sm90=False)
     assert fn.check["ok"] and max(fn.check[f"max_abs_diff_{x}"] for x in ("out", "dq", "dk", "dv")) < 1e-5
     launches.clear()
     out = fn()
@@ -619,7 +619,7 @@ def test_benchmark_tma_provider_is_checked_against_the_shipped_forward(monkeypat
     assert kernel_module._kernel_config.__name__ == "_kernel_config"
     if DEVICE == "cpu":  # the benchmark itself asks for an sm_90 GPU
         with pytest.raises(RuntimeError, match="sm_90"):
-            benchmark._tte_with_forward_tma(layout, q, k, v, options)
+            benchmark._tte_with_tma(layout, q, k, v, options)
 
 
 def test_benchmark_block_order_provider_runs_programs_in_block_order(monkeypatch):
@@ -655,7 +655,7 @@ def test_benchmark_wrong_variant_gets_a_row_and_no_timing(tmp_path, monkeypatch)
         fn = lambda: None  # noqa: E731
         fn.check = {"max_abs_diff": 3.0, "ok": False}
         return fn
-    monkeypatch.setattr(benchmark, "_tte_with_forward_tma", wrong)
+    monkeypatch.setattr(benchmark, "_tte_with_tma", wrong)
     rows_file.unlink()
     timed = benchmark.main(["--device", DEVICE, "--tiny", "--layouts", "infer", "--providers", "tte-triton-tma",
                             "--modes", "fwd", "--output", str(tmp_path / "b.json"), "--jsonl", str(rows_file)])
