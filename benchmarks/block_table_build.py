@@ -231,6 +231,7 @@ def schedule(layouts, tokens: int, slots: int, overhead: float, q_heads: int = 1
     """The model of the docstring: makespan in block order and longest-first, per layout and kernel."""
     sys.path.insert(0, str(REPO))
     from tte_flash.kernels.block_table import build_block_table, kind_counts
+    from tte_flash.kernels.tte_attention import fewest_splits
     rows = []
     print(f"{'layout':13} {'kernel':5} {'programs':>8} {'block order':>11} {'longest 1st':>11} {'bound':>8} "
           f"{'gain':>6}  (tile units)")
@@ -241,10 +242,9 @@ def schedule(layouts, tokens: int, slots: int, overhead: float, q_heads: int = 1
             tiles = kind_counts(table, by_row).sum(1).double()
             order = table.row_order if by_row else table.col_order
             heads = q_heads
-            if not by_row:  # dK/dV: a program per key block, KV head and split of the group (as _dkdv_splits)
+            if not by_row:  # dK/dV: a program per key block, KV head and split of the group (the launcher's rule)
                 group = q_heads // kv_heads
-                splits = next((n for n in range(1, group + 1) if group % n == 0 and
-                               tiles.numel() * kv_heads * n >= slots), group)
+                splits = fewest_splits(tiles.numel() * kv_heads, group, slots)
                 heads, tiles = kv_heads * splits, tiles * (group // splits)  # a program loops over its heads
             tiles = tiles + overhead
             plain = makespan(tiles.tolist() * heads, slots)

@@ -718,7 +718,11 @@ def _dkdv_splits(device: torch.device, programs: int, group: int, blocks=None) -
         return int(blocks["DKDV_SPLITS"])
     if device.type != "cuda":
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return fewest_splits(programs, group, torch.cuda.get_device_properties(device).multi_processor_count)
+
+
+def fewest_splits(programs: int, group: int, sms: int) -> int:
+    """The fewest splits of a GQA group (a divisor of it) that give ``programs`` x splits >= ``sms``, else the group."""
     return next((s for s in range(1, group + 1) if group % s == 0 and programs * s >= sms), group)
 
 
