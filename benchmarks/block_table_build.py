@@ -211,8 +211,15 @@ def tile_mix(report: Path, layouts, tokens: int) -> list[dict]:
     return rows
 
 
-# (kernel, BLOCK_M, BLOCK_N, programs own rows) of the shipped sm_90 bf16 tiles at head dim 128
-SCHEDULED = (("fwd", 128, 64, True), ("dq", 128, 32, True), ("dkdv", 32, 128, False))
+# the kernels the model schedules, and whether their programs own row blocks (else key blocks)
+SCHEDULED = (("fwd", True), ("dq", True), ("dkdv", False))
+
+
+def shipped_tiles(kernel: str, head_dim: int = 128) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N) of the shipped sm_90 16-bit config of a kernel (the launchers' table, read without a GPU)."""
+    from tte_flash.kernels.tte_attention import _CONFIGS
+    config = next(config for largest, config in _CONFIGS[kernel, 2] if head_dim <= largest)
+    return config.block_m, config.block_n
 
 
 def makespan(costs, slots: int) -> float:
@@ -237,7 +244,8 @@ def schedule(layouts, tokens: int, slots: int, overhead: float, q_heads: int = 1
           f"{'gain':>6}  (tile units)")
     for layout in layouts:
         bounds = layout_intervals(LAYOUTS[layout](tokens))
-        for kernel, block_m, block_n, by_row in SCHEDULED:
+        for kernel, by_row in SCHEDULED:
+            block_m, block_n = shipped_tiles(kernel)
             table = build_block_table(*bounds, block_m, block_n)
             tiles = kind_counts(table, by_row).sum(1).double()
             order = table.row_order if by_row else table.col_order
