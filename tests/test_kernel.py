@@ -570,7 +570,6 @@ def test_an_interpreter_that_cannot_run_the_kernels_is_named(monkeypatch, triton
     """Triton < 3.7's interpreter cannot take loaded loop bounds under numpy >= 2.4 (triton-lang/triton#9171: seen
     with Triton 3.6.0 and numpy 2.4.6 / 2.5.2, an InterpreterError deep in the launch; numpy 2.3.5 runs): the call
     raises a RuntimeError that names both versions and the way out before any launch."""
-    kernel_module = importlib.import_module("tte_flash.kernels.tte_attention")
     problem = kernel_module._interpreter_problem(triton_version, numpy_version)
     assert bool(problem) == broken
     if not broken or DEVICE == "cuda":
@@ -585,9 +584,8 @@ def test_an_interpreter_that_cannot_run_the_kernels_is_named(monkeypatch, triton
 
 
 def _variant_setup(monkeypatch, name, seed):
-    """The kernel module, attention.py loaded as ``name``, a tiny training layout, q/k/v that need gradients, and the
-    list every launch appends (kernel name, args, constexprs) to while it runs."""
-    kernel_module = importlib.import_module("tte_flash.kernels.tte_attention")  # the package's name is the function
+    """attention.py loaded as ``name``, a tiny training layout, q/k/v that need gradients, and the list every launch
+    appends (kernel name, args, constexprs with the config's TMA flag) to while it runs."""
     benchmark = _benchmark_module(monkeypatch, name)
     layout = benchmark.make_layout("train", 48, DEVICE, True, seed=3)
     gen = torch.Generator(device=DEVICE).manual_seed(seed)
@@ -596,14 +594,14 @@ def _variant_setup(monkeypatch, name, seed):
     launch = kernel_module._launch
     monkeypatch.setattr(kernel_module, "_launch", lambda fn, grid, args, config, **c: launches.append(
         (fn.__name__, args, dict(c, TMA=config.tma))) or launch(fn, grid, args, config, **c))
-    return kernel_module, benchmark, layout, qkv, launches
+    return benchmark, layout, qkv, launches
 
 
 def test_benchmark_tma_provider_is_checked_against_the_shipped_forward(monkeypatch):
-    """`--providers tte-triton-tma` (the loan's TMA what-if): all three kernels really launch with TMA descriptors, its output and gradients are compared with the shipped kernel's (here under the interpreter's TMA
-    emulation, fp32: equal to rounding) and with the float64 oracle, and the shipped config is restored after each
-    call."""
-    kernel_module, benchmark, layout, (q, k, v), launches = _variant_setup(monkeypatch, "attention_benchmark_tma", 1)
+    """`--providers tte-triton-tma` (the loan's TMA what-if): all three kernels really launch with TMA descriptors,
+    its output and gradients are compared with the shipped kernel's (here under the interpreter's TMA emulation,
+    fp32: equal to rounding) and with the float64 oracle, and the shipped config is restored after each call."""
+    benchmark, layout, (q, k, v), launches = _variant_setup(monkeypatch, "attention_benchmark_tma", 1)
     options = dict(think_bidirectional=False, cot_sees_query=True)
     fn = benchmark._tte_with_tma(layout, q, k, v, options, require_sm90=False)
     assert fn.check["ok"] and max(fn.check[f"max_abs_diff_{x}"] for x in ("out", "dq", "dk", "dv")) < 1e-5
@@ -626,11 +624,13 @@ def test_benchmark_block_order_provider_runs_programs_in_block_order(monkeypatch
     """`--providers tte-triton-block-order` (the A/B of the longest-first order): every launch gets the identity
     order where the shipped kernel gets the block table's (which differs on this layout), and the results are the
     shipped kernel's (the check: equal to rounding)."""
-    _, benchmark, layout, (q, k, v), launches = _variant_setup(monkeypatch, "attention_benchmark_order", 2)
+    benchmark, layout, (q, k, v), launches = _variant_setup(monkeypatch, "attention_benchmark_order", 2)
     options = dict(think_bidirectional=True, cot_sees_query=False)
     fn = benchmark._tte_in_block_order(layout, q, k, v, options)
-    order_at = {"_fwd_kernel": 10, "_bwd_dq_kernel": 13, "_bwd_dkdv_kernel": 11}  # ROW_ORDER / COL_ORDER's position
-    orders = [(name, args[order_at[name]].tolist()) for name, args, _ in launches]
+    def order(name, args):  # the ROW_ORDER / COL_ORDER argument of a launch, found by the kernel's own argument names
+        names = getattr(kernel_module, name).arg_names
+        return args[names.index("COL_ORDER" if "COL_ORDER" in names else "ROW_ORDER")].tolist()
+    orders = [(name, order(name, args)) for name, args, _ in launches]
     assert fn.check["ok"] and max(fn.check[f"max_abs_diff_{x}"] for x in ("out", "dq", "dk", "dv")) < 1e-5
     shipped, mine = orders[:3], orders[3:]
     assert [name for name, _ in mine] == ["_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel"]
