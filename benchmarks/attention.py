@@ -8,9 +8,13 @@ Providers (same inputs, same layout):
 * ``tte-triton-tma`` - the same kernels with their streamed tiles loaded through TMA descriptors (the forward's
   and dQ's K/V, the dK/dV kernel's Q/dO; ``KernelConfig.tma`` on the shipped tiles; a what-if, off in the shipped
   configs); sm_90 GPUs, head dims 64 and 128;
+* ``tte-triton-pairs`` - the same kernels with the backward's partial tiles masking their 16-bit P / dS two elements
+  an instruction (``KernelConfig.pair_mask``: packed fp16 compares in inline PTX, half the mask instructions of
+  an int32 compare and a select per element; dQ up to head dim 128, dK/dV all; a what-if, off in the shipped
+  configs); CUDA, bf16 / fp16;
 * ``tte-triton-block-order`` - the shipped kernel with each program taking block ``p`` instead of the block table's
   longest-first order: the A/B of that order (predicted gains: ``block_table_build.py --schedule``).
-  Both variants are first checked against ``tte-triton`` on the same inputs (output and q/k/v gradients): a
+  The variants are first checked against ``tte-triton`` on the same inputs (output and q/k/v gradients): a
   difference over bf16 rounding gives a row with ``status`` ``wrong-results`` and no timing;
 * ``sdpa-dense``  - PyTorch SDPA with the dense (T x T) boolean mask of :func:`tte_flash.mask.dense_mask`
   (built once, outside the timing; K/V repeated to the query heads inside);
@@ -76,8 +80,9 @@ from _common import default_results_path, device_name, git_commit, versions  # n
 from tte_flash.mask import COT, EMB, QUERY, THINK, dense_mask, visible  # noqa: E402
 
 # in the order they run: the kernel and the fastest reference first, FlexAttention (a compile) and the dense mask later
-PROVIDERS = ("tte-triton", "tte-triton-block-order", "tte-triton-tma", "fa2-varlen", "flex", "sdpa-dense")
-# what runs without --providers: the kernel and its competitors (the two tte-triton-* variants are A/Bs of the kernel,
+PROVIDERS = ("tte-triton", "tte-triton-block-order", "tte-triton-tma", "tte-triton-pairs", "fa2-varlen", "flex",
+             "sdpa-dense")
+# what runs without --providers: the kernel and its competitors (the tte-triton-* variants are A/Bs of the kernel,
 # asked for by name: the loan does)
 DEFAULT_PROVIDERS = ("tte-triton", "fa2-varlen", "flex", "sdpa-dense")
 MODES = ("fwd", "bwd", "fwd+bwd")
@@ -143,6 +148,8 @@ def setup(provider: str, layout: Layout, q, k, v, options: dict):
         return lambda: tte_attention_with_layout(q, k, v, prepared)
     if provider == "tte-triton-tma":
         return _tte_with_tma(layout, q, k, v, options)
+    if provider == "tte-triton-pairs":
+        return _tte_with_pair_masks(layout, q, k, v, options)
     if provider == "tte-triton-block-order":
         return _tte_in_block_order(layout, q, k, v, options)
     if provider == "sdpa-dense":
@@ -204,42 +211,64 @@ def _tte_with_tma(layout: Layout, q, k, v, options: dict, require_sm90: bool = T
     ``fwd`` row times the forward's TMA alone, ``fwd+bwd`` all three kernels'. RuntimeError
     where TMA cannot run (not an sm_90 GPU; head dims over 128: compile_check checked the TMA forward at d64 and
     d128 only). ``require_sm90=False`` (tests): anywhere, the interpreter's TMA emulation included."""
-    from tte_flash.kernels import prepare_layout, tte_attention_with_layout
-    kernel = _kernel_module()
     if require_sm90 and (q.device.type != "cuda" or torch.cuda.get_device_capability(q.device)[0] < 9):
         raise RuntimeError("TMA descriptors need an sm_90 (Hopper) GPU")
     if q.shape[-1] > 128:
         raise RuntimeError(f"the TMA forward was checked for head dims up to 128, not {q.shape[-1]}")
+    # fwd and dQ: K/V, dK/dV: Q/dO
+    return _tte_with_configs(layout, q, k, v, options, lambda name, config: config._replace(tma=True))
+
+
+def _tte_with_pair_masks(layout: Layout, q, k, v, options: dict, require_cuda: bool = True):
+    """A callable of the TTE kernel whose backward masks its partial tiles' 16-bit P / dS two elements an instruction
+    (``KernelConfig.pair_mask``: packed fp16 compares in inline PTX) in the dQ kernel (head dims up to 128: at 256
+    it spills) and the dK/dV kernel, checked against the shipped kernel (:func:`_checked`; the same values, so equal):
+    only its ``bwd`` and ``fwd+bwd`` rows differ from ``tte-triton``'s. RuntimeError where it cannot run (no CUDA
+    GPU: inline PTX; not bf16 / fp16). ``require_cuda=False`` (tests): anywhere, the interpreter running the same
+    fp16 compares with ``tl.where``."""
+    if require_cuda and q.device.type != "cuda":
+        raise RuntimeError("the pair masks are inline PTX: they need a CUDA GPU")
+    if q.dtype not in (torch.bfloat16, torch.float16):
+        raise RuntimeError(f"the pair masks mask 16-bit tiles: bf16 or fp16 inputs, not {q.dtype}")
+    head_dim = q.shape[-1]
+    return _tte_with_configs(layout, q, k, v, options, lambda name, config: config._replace(
+        pair_mask=name == "dkdv" or (name == "dq" and head_dim <= 128)))
+
+
+def _tte_with_configs(layout: Layout, q, k, v, options: dict, change):
+    """A callable of the TTE kernel with each launcher's config replaced by ``change(kernel name, shipped config)``
+    (a :class:`KernelConfig` what-if on the shipped tiles), checked against the shipped kernel (:func:`_checked`)."""
+    from tte_flash.kernels import prepare_layout, tte_attention_with_layout
+    kernel = _kernel_module()
     shipped = kernel._kernel_config
 
-    def with_tma(kernel_name, dtype, head_dim, blocks=None):
-        config = shipped(kernel_name, dtype, head_dim, blocks)
-        return config._replace(tma=True)  # fwd and dQ: K/V, dK/dV: Q/dO
+    def changed(kernel_name, dtype, head_dim, blocks=None):
+        return change(kernel_name, shipped(kernel_name, dtype, head_dim, blocks))
 
     prepared = prepare_layout(layout.seq_ids, layout.token_types, **options)
 
-    def under_tma(launcher, *args, **kwargs):
-        kernel._kernel_config = with_tma  # the launcher reads it at the call; restored at once
+    def under_change(launcher, *args, **kwargs):
+        kernel._kernel_config = changed  # the launcher reads it at the call; restored at once
         try:
             return launcher(*args, **kwargs)
         finally:
             kernel._kernel_config = shipped
 
-    class _WithTMA(torch.autograd.Function):  # both launchers under the TMA config
+    class _Changed(torch.autograd.Function):  # both launchers under the changed configs
         @staticmethod
         def forward(ctx, q_, k_, v_):
-            out, lse = under_tma(kernel._attention_forward, q_, k_, v_, prepared, scale=q_.shape[-1] ** -0.5)
+            out, lse = under_change(kernel._attention_forward, q_, k_, v_, prepared, scale=q_.shape[-1] ** -0.5)
             ctx.save_for_backward(q_, k_, v_, out, lse)
             return out
 
         @staticmethod
         def backward(ctx, d_out):
             q_, k_, v_, out, lse = ctx.saved_tensors
-            return under_tma(kernel._attention_backward, d_out.contiguous(), q_, k_, v_, out, lse, prepared,
-                             scale=q_.shape[-1] ** -0.5)
+            return under_change(kernel._attention_backward, d_out.contiguous(), q_, k_, v_, out, lse, prepared,
+                                scale=q_.shape[-1] ** -0.5)
 
     def call():
-        return _WithTMA.apply(q, k, v)
+        return _Changed.apply(q, k, v)
     return _checked(call, lambda: tte_attention_with_layout(q, k, v, prepared), q, k, v)
 
 

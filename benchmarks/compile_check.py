@@ -157,22 +157,23 @@ def _config_label(fn, constexprs, options) -> str:
     blocks = "x".join(str(named[k]) for k in ("BLOCK_M", "BLOCK_N") if k in named) or "-"
     grads = "".join(name for name, flag in (("dK", "WITH_DK"), ("dV", "WITH_DV")) if named.get(flag))
     part = f" {grads}" if grads in ("dK", "dV") else ""  # one of the two launches of a split dK/dV
-    part += "".join(f" {label}" for label, flag in (("tma", "TMA"), ("ws", "WARP_SPECIALIZE")) if named.get(flag))
+    flags = (("tma", "TMA"), ("ws", "WARP_SPECIALIZE"), ("pairs", "PAIR_MASK"))
+    part += "".join(f" {label}" for label, flag in flags if named.get(flag))
     return f"{blocks} w{options.num_warps} s{options.num_stages}{part}"
 
 
 def parse_config(text: str):
     """``dkdv=64x32/w4/s2`` -> ("dkdv", (64, 32, 4, 2, 1)): a what-if launch config (``--config``); a dK/dV config
     may end in ``/l2`` (dV and dK in two launches), any in ``/tma`` (the forward's and dQ's K/V, the dK/dV kernel's
-    Q/dO by TMA descriptors), a forward one in ``/ws`` (warp-specialised tile loops): (..., tma, warp_specialize)
-    appended."""
-    match = re.fullmatch(r"(fwd|dq|dkdv)=(\d+)x(\d+)/w(\d+)/s(\d+)(?:/l([12]))?(/tma)?(/ws)?", text)
-    if not match or (match.group(1) != "fwd" and match.group(8)):
-        raise argparse.ArgumentTypeError("expected KERNEL=BLOCK_MxBLOCK_N/wWARPS/sSTAGES[/lLAUNCHES][/tma][/ws] "
-                                         f"(KERNEL in fwd, dq, dkdv; /ws: fwd only), got {text!r}")
-    name, *numbers, tma, ws = match.groups()
+    Q/dO by TMA descriptors), a forward one in ``/ws`` (warp-specialised tile loops), a backward one in ``/pairs``
+    (16-bit P / dS masked two elements an instruction): (..., tma, warp_specialize, pair_mask) appended."""
+    match = re.fullmatch(r"(fwd|dq|dkdv)=(\d+)x(\d+)/w(\d+)/s(\d+)(?:/l([12]))?(/tma)?(/ws)?(/pairs)?", text)
+    if not match or (match.group(1) != "fwd" and match.group(8)) or (match.group(1) == "fwd" and match.group(9)):
+        raise argparse.ArgumentTypeError("expected KERNEL=BLOCK_MxBLOCK_N/wWARPS/sSTAGES[/lLAUNCHES][/tma][/ws][/pairs] "
+                                         f"(KERNEL in fwd, dq, dkdv; /ws: fwd only; /pairs: dq, dkdv only), got {text!r}")
+    name, *numbers, tma, ws, pairs = match.groups()
     config = tuple(int(x) for x in numbers[:4]) + (int(numbers[4] or 1),)
-    return name, config + ((bool(tma), bool(ws)) if tma or ws else ())
+    return name, config + ((bool(tma), bool(ws), bool(pairs)) if tma or ws or pairs else ())
 
 
 @contextlib.contextmanager

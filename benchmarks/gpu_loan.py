@@ -110,11 +110,12 @@ JOBS = [
          "packed", "t16", "long", "group1", "--out", "{work}", "--jsonl", "{rows}"],
         "bf16 vs float64 at the shipped tiles: 4 flag sets, T%16==0, one long sample, GROUP=1; d128 and d64"),
     Job("a", "attention-more",
-        _attention(["infer"], ["16384", "4096"], ["fwd+bwd", "fwd"], ["tte-triton", "tte-triton-tma", "fa2-varlen",
-                                                                       "flex"], "attention-more"), 80,
-        _attention_dry(["infer"], ["fwd+bwd", "fwd"], ["tte-triton", "tte-triton-tma", "fa2-varlen", "flex"],
-                       "attention-more"),
-        "inference layouts, fwd+bwd and forward only; TMA loads in every kernel (checked, then timed)"),
+        _attention(["infer"], ["16384", "4096"], ["fwd+bwd", "fwd"], ["tte-triton", "tte-triton-tma", "tte-triton-pairs",
+                                                                       "fa2-varlen", "flex"], "attention-more"), 100,
+        _attention_dry(["infer"], ["fwd+bwd", "fwd"], ["tte-triton", "tte-triton-tma", "tte-triton-pairs", "fa2-varlen",
+                                                       "flex"], "attention-more"),
+        "inference layouts, fwd+bwd and forward only; TMA loads in every kernel, and the backward's 16-bit pair masks "
+        "(each checked, then timed)"),
     Job("b", "env", ENV, 10, ENV, "device, versions, install"),
     Job("b", "latency",
         ["latency.py", "--preset", "qwen2-vl-2b", "--device", "cuda", "--dtype", "bfloat16", "--attn", "triton",
@@ -367,7 +368,9 @@ def headline_lines(rows: list[dict]) -> list[str]:
             lines.append("\nA/Bs of the kernel (TTE x = shipped over the variant): tte-triton-block-order > 1 means "
                          "launching the longest programs first pays (modelled fwd+bwd gain on packed 16k layouts: "
                          "fwd/dQ ~1.06, dK/dV ~1.5; block_table_build.py --schedule); tte-triton-tma < 1 means TMA "
-                         "loads would pay (fwd rows: the forward's K/V; fwd+bwd rows: all three kernels')")
+                         "loads would pay (fwd rows: the forward's K/V; fwd+bwd rows: all three kernels'); "
+                         "tte-triton-pairs < 1 (fwd+bwd rows; its forward is the shipped one) means masking the "
+                         "backward's 16-bit P / dS two elements an instruction would pay")
         for r in attention:
             if r.get("status") in ("unavailable", "failed"):
                 lines.append(f"\n{r['provider']} {r.get('mode') or ''} ({r['layout']}, {r['tokens']}): "

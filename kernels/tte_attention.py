@@ -130,6 +130,71 @@ def _cols_see(offs_m, m0, col_lo, col_hi, MASK: tl.constexpr):
     return see
 
 
+# The 16-bit masks of PAIR_MASK (below): inline PTX on a GPU; the interpreter, which runs no PTX, applies the same
+# fp16 compares with tl.where
+PAIR_ASM = tl.constexpr(not _INTERPRET)
+# per kind: PTX that sets $0 to the 16-bit pair $1 with each half whose offset (pair $2) fails the kind's tests
+# zeroed; one compare of two fp16 pairs per bound gives 0xffff / 0 per half (PTX set.<cmp>.u32.f16x2), ANDed in
+_PAIR_TESTS = {
+    1: ("set.ge.u32.f16x2 m, $2, $3;", "and.b32 $0, $1, m;"),  # CUT_LO: offset >= lo ($3)
+    2: ("set.lt.u32.f16x2 m, $2, $3;", "and.b32 $0, $1, m;"),  # CUT_HI: offset < hi ($3)
+    3: ("set.ge.u32.f16x2 m, $2, $3; set.lt.u32.f16x2 h, $2, $4;", "and.b32 m, m, h; and.b32 $0, $1, m;"),
+    # CUT_ANY: lo ($3) <= offset < hi ($4), and not gap_lo ($5) <= offset < gap_hi ($6)
+    4: ("set.ge.u32.f16x2 m, $2, $3; set.lt.u32.f16x2 h, $2, $4; set.lt.u32.f16x2 g, $2, $5; "
+        "set.ge.u32.f16x2 e, $2, $6;", "and.b32 m, m, h; and.b32 m, m, $1; or.b32 g, g, e; and.b32 $0, m, g;"),
+}
+assert tuple(_PAIR_TESTS) == (block_table.CUT_LO, block_table.CUT_HI, block_table.CUT_LO_HI, block_table.CUT_ANY)
+_PAIR_ASM_TEXT = {kind: "{ .reg .b32 m, h, g, e; " + tests + " " + merge + " }"
+                  for kind, (tests, merge) in _PAIR_TESTS.items()}
+PAIR_LO, PAIR_HI, PAIR_LO_HI, PAIR_ANY = (tl.constexpr(_PAIR_ASM_TEXT[kind]) for kind in range(1, 5))
+
+
+@triton.jit
+def _tile_bound(bound, start):
+    """``bound - start`` as fp16: compared with a tile's offsets (0..BLOCK-1 <= 255) it gives the int32 compare's
+    answer, since fp16 holds every integer up to 2048 exactly and rounds the others (inf past 65504) to values of
+    the same sign and magnitude >= 2048."""
+    return (bound - start).to(tl.float16)
+
+
+@triton.jit
+def _keep_seen(x, offs, start, lo, hi, gap_lo, gap_hi, MASK: tl.constexpr):
+    """The 16-bit tile ``x`` (R, C) with the elements its kind ``MASK`` does not see set to +0: (r, c) is seen iff
+    ``lo[r] <= start + offs[c] < hi[r]`` and, for CUT_ANY, not ``gap_lo[r] <= start + offs[c] < gap_hi[r]`` (the
+    tests of :func:`_rows_see`, bounds (R,) int32). On a GPU two elements per instruction: the bounds shifted by the
+    tile start as fp16 pairs, one packed compare per bound and one AND per pair of ``x`` (inline PTX), where an int32
+    compare and a select took one instruction each per element. ``x`` may hold inf / NaN where it is not seen (an
+    unmasked exp): the AND clears every bit."""
+    k = offs.to(tl.float16)[None, :]
+    lo16 = _tile_bound(lo, start)[:, None]
+    hi16 = _tile_bound(hi, start)[:, None]
+    if PAIR_ASM:
+        if MASK == CUT_LO:
+            x = tl.inline_asm_elementwise(PAIR_LO, "=r,r,r,r", [x, k, lo16], dtype=x.dtype, is_pure=True, pack=2)
+        elif MASK == CUT_HI:
+            x = tl.inline_asm_elementwise(PAIR_HI, "=r,r,r,r", [x, k, hi16], dtype=x.dtype, is_pure=True, pack=2)
+        elif MASK == CUT_LO_HI:
+            x = tl.inline_asm_elementwise(PAIR_LO_HI, "=r,r,r,r,r", [x, k, lo16, hi16], dtype=x.dtype, is_pure=True,
+                                          pack=2)
+        elif MASK == CUT_ANY:
+            x = tl.inline_asm_elementwise(PAIR_ANY, "=r,r,r,r,r,r,r",
+                                          [x, k, lo16, hi16, _tile_bound(gap_lo, start)[:, None],
+                                           _tile_bound(gap_hi, start)[:, None]],
+                                          dtype=x.dtype, is_pure=True, pack=2)
+    else:
+        if MASK == CUT_LO:
+            see = k >= lo16
+        elif MASK == CUT_HI:
+            see = k < hi16
+        elif MASK == CUT_LO_HI:
+            see = (k >= lo16) & (k < hi16)
+        elif MASK == CUT_ANY:
+            see = (k >= lo16) & (k < hi16) & ((k < _tile_bound(gap_lo, start)[:, None])
+                                              | (k >= _tile_bound(gap_hi, start)[:, None]))
+        x = tl.where(see, x, 0.0)
+    return x
+
+
 @triton.jit
 def _key_tiles(X_HEAD, stride_t, offs_n, offs_d, T, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
                BLOCK_D: tl.constexpr, TMA: tl.constexpr):
@@ -229,7 +294,7 @@ def _fwd_kernel(Q, K, V, O, LSE, ROW_LO, ROW_HI, GAP_LO, GAP_HI, ROW_BOUNDS, ROW
 @triton.jit
 def _dq_tiles(dq, q, do, lse, delta, k_src, v_src, BOUNDS, offs_n, row_lo, row_hi, gap_lo, gap_hi, d_ok, T,
               stride_kt, stride_vt, qk_scale, BLOCK_N: tl.constexpr, MASK: tl.constexpr, DOT_DTYPE: tl.constexpr,
-              DOT_PRECISION: tl.constexpr, TMA: tl.constexpr):
+              DOT_PRECISION: tl.constexpr, TMA: tl.constexpr, PAIR_MASK: tl.constexpr):
     """dQ of one row block accumulated over its key blocks of kind ``MASK`` (two ranges); K/V from pointers (the first
     tile's) or, with ``TMA``, from descriptors (rows past ``T`` read as zeros), as in :func:`_fwd_tiles`."""
     # the ranges unrolled here (a dynamic loop over them spills at head dim 256 on sm_90, 64x16 tiles)
@@ -252,11 +317,13 @@ def _dq_tiles(dq, q, do, lse, delta, k_src, v_src, BOUNDS, offs_n, row_lo, row_h
             v = v_in.to(DOT_DTYPE)
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
             p = tl.exp2(qk - lse[:, None])
-            if MASK != FULL:
+            if MASK != FULL and not PAIR_MASK:
                 p = tl.where(_rows_see(offs_n, n0, row_lo, row_hi, gap_lo, gap_hi, MASK), p, 0.0)
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-            ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(k_in.dtype).to(DOT_DTYPE), k, input_precision=DOT_PRECISION)
+            ds = (p * (dp - delta[:, None])).to(k_in.dtype)
+            if MASK != FULL and PAIR_MASK:  # masked after the rounding to 16 bits, two elements an instruction
+                ds = _keep_seen(ds, offs_n, n0, row_lo, row_hi, gap_lo, gap_hi, MASK)
+            dq += tl.dot(ds.to(DOT_DTYPE), k, input_precision=DOT_PRECISION)
     return dq
 
 
@@ -267,7 +334,7 @@ def _bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, ROW_LO, ROW_HI, GAP_LO, GAP_H
                    T, GROUP, qk_scale, sm_scale,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    ACC_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                   TMA: tl.constexpr = False):
+                   TMA: tl.constexpr = False, PAIR_MASK: tl.constexpr = False):
     """One (query block, query head): Delta = rowsum(dO * O) (stored for the dK/dV kernel) and dQ of BLOCK_M rows
     (``TMA``: K/V by descriptors, see :class:`KernelConfig`)."""
     row_block = tl.load(ROW_ORDER + tl.program_id(0))  # the row blocks with the most tiles run first
@@ -299,9 +366,9 @@ def _bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, ROW_LO, ROW_HI, GAP_LO, GAP_H
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC_DTYPE)
     for kind in tl.static_range(1, ROW_KINDS):  # one loop per partial kind, with only that kind's mask tests
         dq = _dq_tiles(dq, q, do, lse, delta, k_src, v_src, bounds, offs_n, row_lo, row_hi, gap_lo, gap_hi, d_ok,
-                       T, stride_kt, stride_vt, qk_scale, BLOCK_N, kind, DOT_DTYPE, DOT_PRECISION, TMA)
+                       T, stride_kt, stride_vt, qk_scale, BLOCK_N, kind, DOT_DTYPE, DOT_PRECISION, TMA, PAIR_MASK)
     dq = _dq_tiles(dq, q, do, lse, delta, k_src, v_src, bounds, offs_n, row_lo, row_hi, gap_lo, gap_hi, d_ok,
-                   T, stride_kt, stride_vt, qk_scale, BLOCK_N, FULL, DOT_DTYPE, DOT_PRECISION, TMA)
+                   T, stride_kt, stride_vt, qk_scale, BLOCK_N, FULL, DOT_DTYPE, DOT_PRECISION, TMA, PAIR_MASK)
     dq *= sm_scale
     tl.store(DQ + head * stride_dqh + rows[:, None] * stride_dqt + offs_d[None, :], dq.to(DQ.dtype.element_ty),
              mask=row_mask)
@@ -311,7 +378,7 @@ def _bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, ROW_LO, ROW_HI, GAP_LO, GAP_H
 def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, BOUNDS, offs_m, offs_d, col_lo, col_hi, d_ok, T, kv_head, split,
                 GROUP, SPLITS, stride_qt, stride_qh, stride_dot, stride_doh, qk_scale, BLOCK_M: tl.constexpr,
                 MASK: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, WITH_DK: tl.constexpr,
-                WITH_DV: tl.constexpr, HEAD_DIM: tl.constexpr, TMA: tl.constexpr):
+                WITH_DV: tl.constexpr, HEAD_DIM: tl.constexpr, TMA: tl.constexpr, PAIR_MASK: tl.constexpr):
     """dK/dV of one key block accumulated over its row blocks of kind ``MASK`` (one range) for the query heads
     ``split``, ``split + SPLITS``, ... of its KV head's group (only dK or only dV where the other flag is off: its
     accumulator is then carried unchanged). The head loop sits inside the kind's loop, not around the kinds'
@@ -327,7 +394,7 @@ def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, BOUNDS, offs_m, offs_d, col_lo,
             q_src, do_src = Q + head * stride_qh, DO + head * stride_doh
         dk, dv = _dkdv_head_tiles(dk, dv, k, v, q_src, do_src, head * HEAD_DIM, LSE + head * T, DELTA + head * T,
                                   start, end, offs_m, offs_d, col_lo, col_hi, d_ok, T, stride_qt, stride_dot, qk_scale,
-                                  BLOCK_M, MASK, DOT_DTYPE, DOT_PRECISION, WITH_DK, WITH_DV, TMA)
+                                  BLOCK_M, MASK, DOT_DTYPE, DOT_PRECISION, WITH_DK, WITH_DV, TMA, PAIR_MASK)
     return dk, dv
 
 
@@ -335,7 +402,7 @@ def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, BOUNDS, offs_m, offs_d, col_lo,
 def _dkdv_head_tiles(dk, dv, k, v, q_src, do_src, col, LSE_HEAD, DELTA_HEAD, start, end, offs_m, offs_d, col_lo,
                      col_hi, d_ok, T, stride_qt, stride_dot, qk_scale, BLOCK_M: tl.constexpr, MASK: tl.constexpr,
                      DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, WITH_DK: tl.constexpr,
-                     WITH_DV: tl.constexpr, TMA: tl.constexpr):
+                     WITH_DV: tl.constexpr, TMA: tl.constexpr, PAIR_MASK: tl.constexpr):
     """dK/dV of one key block over one query head's row blocks ``[start, end)`` of kind ``MASK``. Q and dO tiles come
     from this head's pointers or, with ``TMA``, from descriptors at column ``col`` (rows past ``T`` read as zeros;
     no pointer tensors held across the loop)."""
@@ -362,18 +429,23 @@ def _dkdv_head_tiles(dk, dv, k, v, q_src, do_src, col, LSE_HEAD, DELTA_HEAD, sta
         do = do_in.to(DOT_DTYPE)
         qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
         p_t = tl.exp2(qk_t - lse[None, :])
-        if MASK != FULL:
+        if MASK != FULL and not PAIR_MASK:
             p_t = tl.where(_cols_see(offs_m, m0, col_lo, col_hi, MASK), p_t, 0.0)
         if WITH_DV:
-            dv += tl.dot(p_t.to(do_in.dtype).to(DOT_DTYPE), do, input_precision=DOT_PRECISION)
+            p16 = p_t.to(do_in.dtype)
+            if MASK != FULL and PAIR_MASK:  # masked after the rounding to 16 bits, two elements an instruction
+                p16 = _keep_seen(p16, offs_m, m0, col_lo, col_hi, col_lo, col_hi, MASK)
+            dv += tl.dot(p16.to(DOT_DTYPE), do, input_precision=DOT_PRECISION)
         if WITH_DK:
             if MASK == FULL or MASK == CUT_LO:
                 delta = tl.load(DELTA_HEAD + rows)
             else:
                 delta = tl.load(DELTA_HEAD + rows, mask=row_ok, other=0.0)
             dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-            ds_t = p_t * (dp_t - delta[None, :])
-            dk += tl.dot(ds_t.to(q_in.dtype).to(DOT_DTYPE), q, input_precision=DOT_PRECISION)
+            ds_t = (p_t * (dp_t - delta[None, :])).to(q_in.dtype)
+            if MASK != FULL and PAIR_MASK:
+                ds_t = _keep_seen(ds_t, offs_m, m0, col_lo, col_hi, col_lo, col_hi, MASK)
+            dk += tl.dot(ds_t.to(DOT_DTYPE), q, input_precision=DOT_PRECISION)
     return dk, dv
 
 
@@ -385,7 +457,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, COL_LO, COL_HI, COL_BOUNDS
                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr,
                      DOT_PRECISION: tl.constexpr, WITH_DK: tl.constexpr, WITH_DV: tl.constexpr,
-                     TMA: tl.constexpr = False):
+                     TMA: tl.constexpr = False, PAIR_MASK: tl.constexpr = False):
     """One (key block, KV head, split): dK and dV of BLOCK_N keys, summed over the query heads ``split``,
     ``split + SPLITS``, ... of the KV head's GROUP (SPLITS == 1: all of them, written in the output dtype; else an
     fp32 partial per split, summed by the launcher in a fixed order). Only dK or only dV where the other flag is
@@ -420,10 +492,10 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, COL_LO, COL_HI, COL_BOUNDS
     for kind in tl.static_range(1, COL_KINDS):  # one loop per partial kind, with only that kind's mask tests
         dk, dv = _dkdv_tiles(dk, dv, k, v, q_src, do_src, LSE, DELTA, bounds, offs_m, offs_d, col_lo, col_hi, d_ok, T,
                              kv_head, split, GROUP, SPLITS, stride_qt, stride_qh, stride_dot, stride_doh, qk_scale,
-                             BLOCK_M, kind, DOT_DTYPE, DOT_PRECISION, WITH_DK, WITH_DV, HEAD_DIM, TMA)
+                             BLOCK_M, kind, DOT_DTYPE, DOT_PRECISION, WITH_DK, WITH_DV, HEAD_DIM, TMA, PAIR_MASK)
     dk, dv = _dkdv_tiles(dk, dv, k, v, q_src, do_src, LSE, DELTA, bounds, offs_m, offs_d, col_lo, col_hi, d_ok, T,
                          kv_head, split, GROUP, SPLITS, stride_qt, stride_qh, stride_dot, stride_doh, qk_scale, BLOCK_M,
-                         FULL, DOT_DTYPE, DOT_PRECISION, WITH_DK, WITH_DV, HEAD_DIM, TMA)
+                         FULL, DOT_DTYPE, DOT_PRECISION, WITH_DK, WITH_DV, HEAD_DIM, TMA, PAIR_MASK)
 
     if WITH_DK:
         dk *= sm_scale
@@ -563,6 +635,7 @@ class KernelConfig(NamedTuple):
     dkdv_launches: int = 1  # dK/dV kernel only: 1 (both in one program), 2 (dV then dK: one accumulator each)
     tma: bool = False  # fwd, dQ: K/V, dK/dV: Q/dO through TMA descriptors (sm_90; dK/dV: power-of-two head dims)
     warp_specialize: bool = False  # forward only: tl.range(..., warp_specialize=True) on the tile loops (sm_90)
+    pair_mask: bool = False  # dQ, dK/dV, 16-bit inputs: partial tiles mask P / dS two elements an instruction
 
 
 # One fixed config per kernel, operand size and head-dim class (largest head dim it serves): the block table
@@ -610,7 +683,8 @@ def _kernel_config(kernel_name: str, dtype: torch.dtype, head_dim: int, blocks=N
         blocks = _INTERPRET_BLOCKS
     if blocks is not None:
         return KernelConfig(blocks["BLOCK_M"], blocks["BLOCK_N"], 4, 2, blocks.get("DKDV_LAUNCHES", 1),
-                            blocks.get("TMA", False), blocks.get("WARP_SPECIALIZE", False))
+                            blocks.get("TMA", False), blocks.get("WARP_SPECIALIZE", False),
+                            blocks.get("PAIR_MASK", False))
     block_d = max(16, triton.next_power_of_2(head_dim))
     configs = _CONFIGS
     arch = triton.runtime.driver.active.get_current_target().arch  # e.g. 90; a string on ROCm
@@ -678,7 +752,7 @@ def _attention_backward(do, q, k, v, out, lse, layout: KernelLayout, *, scale, g
             (q, k, v, out, do, lse, delta, dq, layout.kv_lo, layout.kv_hi, layout.gap_lo, layout.gap_hi,
              *_table_args(layout, config, by_row=True), *strides, out.stride(0), out.stride(1),
              do.stride(0), do.stride(1), dq.stride(0), dq.stride(1), tokens, q_heads // kv_heads, scale * _LOG2E,
-             scale), config, **common)
+             scale), config, **common, **_pair_mask(config, q.dtype))
     config = _kernel_config("dkdv", q.dtype, head_dim, blocks)
     key_blocks, group = triton.cdiv(tokens, config.block_n), q_heads // kv_heads
     splits = _dkdv_splits(q.device, key_blocks * kv_heads, group, blocks)
@@ -698,11 +772,22 @@ def _attention_backward(do, q, k, v, out, lse, layout: KernelLayout, *, scale, g
         raise ValueError(f"the dK/dV kernel's TMA loads need a power-of-two head dim >= 16, got {head_dim}")
     for with_dk, with_dv in passes:
         _launch(_bwd_dkdv_kernel, (key_blocks, kv_heads * splits), args, config, **common,
-                WITH_DK=with_dk, WITH_DV=with_dv)
+                **_pair_mask(config, q.dtype), WITH_DK=with_dk, WITH_DV=with_dv)
     if splits > 1:
         dk.copy_(dk_out.sum(0))
         dv.copy_(dv_out.sum(0))
     return dq, dk, dv
+
+
+def _pair_mask(config: KernelConfig, dtype: torch.dtype) -> dict:
+    """The backward kernels' ``PAIR_MASK`` flag for ``config.pair_mask``: their partial tiles then mask the 16-bit
+    P / dS two elements an instruction (:func:`_keep_seen`); ValueError for 32- and 64-bit inputs, which have no
+    16-bit tiles to mask."""
+    if not config.pair_mask:
+        return {}
+    if dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"pair_mask masks 16-bit P / dS tiles: it needs float16 or bfloat16 inputs, got {dtype}")
+    return dict(PAIR_MASK=True)
 
 
 def _split_strides(x: torch.Tensor, splits: int):

@@ -179,17 +179,22 @@ def test_a_wait_loop_inside_a_tile_loop_is_not_the_tile_loop(tmp_path):
 
 def test_what_if_configs_take_tma_where_a_kernel_has_it():
     """``--config``: /tma for every kernel (the forward's and dQ's K/V, the dK/dV kernel's Q/dO), /ws for the forward
-    only: asking another kernel for it is an error, not a silently ignored flag."""
+    only, /pairs (16-bit P / dS masked two elements an instruction) for the backward kernels only: asking another
+    kernel for one is an error, not a silently ignored flag."""
     import argparse
 
     import pytest
 
     from benchmarks.compile_check import parse_config
-    assert parse_config("dkdv=32x128/w8/s2/tma") == ("dkdv", (32, 128, 8, 2, 1, True, False))
-    assert parse_config("dkdv=16x64/w8/s2/l2/tma") == ("dkdv", (16, 64, 8, 2, 2, True, False))
-    assert parse_config("fwd=128x64/w8/s3/tma/ws") == ("fwd", (128, 64, 8, 3, 1, True, True))
+    assert parse_config("dkdv=32x128/w8/s2/tma") == ("dkdv", (32, 128, 8, 2, 1, True, False, False))
+    assert parse_config("dkdv=16x64/w8/s2/l2/tma") == ("dkdv", (16, 64, 8, 2, 2, True, False, False))
+    assert parse_config("fwd=128x64/w8/s3/tma/ws") == ("fwd", (128, 64, 8, 3, 1, True, True, False))
     assert parse_config("dq=128x32/w8/s2") == ("dq", (128, 32, 8, 2, 1))
-    assert parse_config("dq=128x32/w8/s2/tma") == ("dq", (128, 32, 8, 2, 1, True, False))
-    for wrong in ("dkdv=32x128/w8/s2/ws", "dq=128x32/w8/s2/ws", "dq=128x32/w8/s2/tma/ws"):
-        with pytest.raises(argparse.ArgumentTypeError, match="/ws: fwd only"):
+    assert parse_config("dq=128x32/w8/s2/tma") == ("dq", (128, 32, 8, 2, 1, True, False, False))
+    assert parse_config("dq=128x64/w8/s2/pairs") == ("dq", (128, 64, 8, 2, 1, False, False, True))
+    assert parse_config("dkdv=16x64/w8/s2/l2/tma/pairs") == ("dkdv", (16, 64, 8, 2, 2, True, False, True))
+    for wrong in ("dkdv=32x128/w8/s2/ws", "dq=128x32/w8/s2/ws", "dq=128x32/w8/s2/tma/ws", "fwd=128x64/w8/s3/pairs",
+                  "dq=128x64/w8/s2/pairs/tma"):
+        with pytest.raises(argparse.ArgumentTypeError, match="/ws: fwd only; /pairs: dq, dkdv only"):
             parse_config(wrong)
+

@@ -49,6 +49,28 @@ def test_compile_gate_catches_a_spilling_config(tmp_path):
     assert rows and all(r["spill_stores"] > 0 and "spills on sm_90" in r["problems"] for r in rows)
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="triton (and its ptxas) is Linux-only")
+def test_pair_masks_compile_to_fewer_instructions_per_partial_tile(tmp_path):
+    """The pair-mask what-if (``--config dq=.../pairs``: the dQ kernel's 16-bit dS masked two elements an instruction
+    by inline PTX) compiles for sm_90 without spills, C7515 or losing wgmma, and every partial tile kind's loop runs
+    fewer SASS instructions than the shipped kernel's (an int32 compare and a select per element), the full tile's
+    the same: the PTX is accepted by ptxas and does what it is for."""
+    def compiled(config):
+        path = tmp_path / f"{len(config)}.json"
+        done = _script("compile_check.py", "--kernels", "_bwd_dq_kernel", "--targets", "90", "--dtypes", "bfloat16",
+                       "--head-dims", "64", "--workers", "1", "--json", str(path), *config)
+        (row,) = json.loads(path.read_text())["rows"]
+        assert done.returncode == 0 and row["ok"] and not row["problems"], (row, done.stdout[-2000:])
+        assert row["wgmma"] and row["spill_stores"] == 0 and row["c7515"] == 0
+        return row
+    shipped, paired = compiled([]), compiled(["--config", "dq=128x64/w8/s2/pairs"])
+    assert paired["config"].endswith("pairs") and not shipped["config"].endswith("pairs")
+    assert set(paired["sass_kinds"]) == set(shipped["sass_kinds"]) == {"cut_lo", "cut_hi", "cut_lo_hi", "cut_any"}
+    assert paired["sass_full"] == shipped["sass_full"]
+    assert all(paired["sass_kinds"][kind] < shipped["sass_kinds"][kind] for kind in shipped["sass_kinds"]), (
+        paired["sass_kinds"], shipped["sass_kinds"])
+
+
 def test_kernel_check_passes_the_kernel_and_fails_a_wrong_one(monkeypatch):
     """The suite's correctness check: the real kernel passes on a random multi-sample packing; the kernel with
     the other mask flags (think tokens causal instead of bidirectional, COT seeing the query) fails it."""

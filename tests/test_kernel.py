@@ -16,6 +16,7 @@ if not torch.cuda.is_available():
 import importlib  # noqa: E402
 import importlib.util  # noqa: E402
 import json  # noqa: E402
+import math  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -209,6 +210,74 @@ def test_tma_in_the_dkdv_kernel_needs_whole_head_tiles():
     layout = kernel_module.prepare_layout(seq_ids, token_types)
     out = _launch_with(q, k, v, layout, {"BLOCK_M": 16, "BLOCK_N": 16, "TMA": True})
     with pytest.raises(ValueError, match="power-of-two head dim"):
+        out.sum().backward()
+
+
+def _recorded_launches(monkeypatch, flag):
+    """Wrap the three kernels as the launchers see them: the list gets (kernel name, the ``flag`` constexpr each
+    launch really receives)."""
+    launched = []
+
+    class Recorded:
+        def __init__(self, kernel):
+            self.kernel, self.__name__ = kernel, kernel.__name__
+
+        def __getitem__(self, grid):
+            def run(*args, **constexprs):
+                launched.append((self.__name__, constexprs.get(flag, False)))
+                return self.kernel[grid](*args, **constexprs)
+            return run
+    for name in ("_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel"):
+        monkeypatch.setattr(kernel_module, name, Recorded(getattr(kernel_module, name)))
+    return launched
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # magnitude 8: exp2 past fp32, on purpose
+@pytest.mark.parametrize("case", [KIND_CASES[0], KIND_CASES[2], KIND_CASES[4]])
+@pytest.mark.parametrize("magnitude", [1.0, 8.0])
+def test_pair_masks_give_the_shipped_backward(case, magnitude, monkeypatch):
+    """KernelConfig.pair_mask (the backward masks its partial tiles' 16-bit P / dS after the rounding, two elements an
+    instruction on a GPU; here the interpreter's same fp16 compares): output and gradients equal the shipped kernel's
+    exactly on every tile kind of both sides, in bf16, with the flag really reaching both backward kernels. At
+    ``magnitude`` 8 some pair that is not seen has exp2(score - lse) past fp32's range (inf, and inf * 0 = NaN in dS
+    before the mask): the mask clears those too."""
+    samples, think_bidirectional, cot_sees_query, blocks, (q_heads, kv_heads, head_dim), _, _ = case
+    options = dict(think_bidirectional=think_bidirectional, cot_sees_query=cot_sees_query)
+    seq_ids, token_types = build_layout(samples)
+    q, k, v = random_qkv(len(seq_ids), q_heads, kv_heads, head_dim, torch.bfloat16, seed=5)
+    with torch.no_grad():
+        q.mul_(magnitude), k.mul_(magnitude)
+    if magnitude > 1:  # the precondition: an unseen pair whose unmasked P overflows fp32
+        group = q_heads // kv_heads
+        scores = torch.einsum("ihd,jhd->hij", q.double(), k.double().repeat_interleave(group, 1)) * head_dim ** -0.5
+        seen = dense_mask(seq_ids, token_types, **options)
+        lse = scores.masked_fill(~seen, float("-inf")).logsumexp(-1, keepdim=True)
+        assert float(((scores - lse) / math.log(2)).masked_fill(seen, float("-inf")).max()) > 128
+    layout = kernel_module.prepare_layout(seq_ids, token_types, **options)
+    d_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(6)).to(DEVICE, torch.bfloat16)
+    results = []
+    launched = _recorded_launches(monkeypatch, "PAIR_MASK")
+    for pairs in (False, True):
+        out = _launch_with(q, k, v, layout, {"BLOCK_M": blocks[0], "BLOCK_N": blocks[1], "PAIR_MASK": pairs})
+        results.append([out, *torch.autograd.grad(out, (q, k, v), d_out)])
+    for name, shipped, paired in zip(("out", "dq", "dk", "dv"), *results):
+        assert torch.isfinite(paired).all() and torch.equal(shipped, paired), name
+    assert launched == [("_fwd_kernel", False), ("_bwd_dq_kernel", False), ("_bwd_dkdv_kernel", False),
+                        ("_fwd_kernel", False), ("_bwd_dq_kernel", True), ("_bwd_dkdv_kernel", True)]
+    if magnitude == 1:  # and both are the attention: against the float64 oracle at bf16's tolerance
+        expected = oracle_attention(q, k, v, seq_ids, token_types, **options)
+        expected_grads = torch.autograd.grad(expected, (q, k, v), d_out.double())
+        for name, got, want in zip(("out", "dq", "dk", "dv"), results[1], (expected, *expected_grads)):
+            torch.testing.assert_close(got.double(), want.double(), atol=3e-2, rtol=3e-2, msg=lambda m: f"{name}: {m}")
+
+
+def test_pair_masks_need_16_bit_inputs():
+    """fp32 has no 16-bit P / dS tiles to mask: asking for pair masks is a clear error, not a silent fallback."""
+    seq_ids, token_types = build_layout([(9, 2, 1, 4)])
+    q, k, v = random_qkv(len(seq_ids), 2, 1, 16, torch.float32)
+    out = _launch_with(q, k, v, kernel_module.prepare_layout(seq_ids, token_types),
+                       {"BLOCK_M": 16, "BLOCK_N": 16, "PAIR_MASK": True})
+    with pytest.raises(ValueError, match="float16 or bfloat16 inputs, got torch.float32"):
         out.sum().backward()
 
 
@@ -618,6 +687,27 @@ def test_benchmark_tma_provider_is_checked_against_the_shipped_forward(monkeypat
     if DEVICE == "cpu":  # the benchmark itself asks for an sm_90 GPU
         with pytest.raises(RuntimeError, match="sm_90"):
             benchmark._tte_with_tma(layout, q, k, v, options)
+
+
+def test_benchmark_pair_mask_provider_is_checked_against_the_shipped_kernel(monkeypatch):
+    """`--providers tte-triton-pairs` (the loan's pair-mask what-if): both backward kernels really launch with
+    PAIR_MASK (the forward without: it has none), its output and gradients equal the shipped kernel's (the check, bf16),
+    the shipped config is restored after each call, and where it cannot run (a CPU, fp32) it says why."""
+    benchmark, layout, qkv, launches = _variant_setup(monkeypatch, "attention_benchmark_pairs", 4)
+    q, k, v = (x.detach().to(torch.bfloat16).requires_grad_() for x in qkv)
+    options = dict(think_bidirectional=True, cot_sees_query=False)
+    fn = benchmark._tte_with_pair_masks(layout, q, k, v, options, require_cuda=False)
+    assert fn.check["ok"] and max(fn.check[f"max_abs_diff_{x}"] for x in ("out", "dq", "dk", "dv")) == 0
+    launches.clear()
+    fn().sum().backward()
+    assert [(name, constexprs.get("PAIR_MASK", False)) for name, _, constexprs in launches] == [
+        ("_fwd_kernel", False), ("_bwd_dq_kernel", True), ("_bwd_dkdv_kernel", True)]
+    assert kernel_module._kernel_config.__name__ == "_kernel_config"
+    with pytest.raises(RuntimeError, match="bf16 or fp16 inputs"):
+        benchmark._tte_with_pair_masks(layout, *qkv, options, require_cuda=False)
+    if DEVICE == "cpu":
+        with pytest.raises(RuntimeError, match="need a CUDA GPU"):
+            benchmark._tte_with_pair_masks(layout, q, k, v, options)
 
 
 def test_benchmark_block_order_provider_runs_programs_in_block_order(monkeypatch):
