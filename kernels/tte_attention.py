@@ -37,7 +37,9 @@ Per-element mask of a partial tile (FlashMask's bounds idea, one test per bound 
     and one select, per element: the floor for a per-element mask. Kinds without the HI test never hold a
     token past ``T`` and load unmasked. Padding rows/keys past ``T`` are never stored (their scores may be
     unmasked in a FULL or CUT_LO tile; they stay finite). Per-tile SASS of each kind's loop, Triton 3.9 and
-    3.6: ``benchmarks/README.md`` ("Kernel design: compile-time evidence").
+    3.6: ``benchmarks/README.md`` ("Kernel design: compile-time evidence"). What-if, off in the shipped configs:
+    ``KernelConfig.pair_mask`` masks the backward's 16-bit P / dS two elements an instruction (:func:`_keep_seen`,
+    packed fp16 compares in inline PTX), the same values.
 
 Dtypes and head dims
     fp16 / bf16 (fp32 accumulation), fp32 (``ieee`` dot precision, i.e. no TF32) and fp64 (fp64
