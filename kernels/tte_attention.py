@@ -250,7 +250,7 @@ def _fwd_tiles(acc, m_i, l_i, q, k_src, v_src, BOUNDS, offs_n, row_lo, row_hi, g
 @triton.jit
 def _fwd_kernel(Q, K, V, O, LSE, ROW_LO, ROW_HI, GAP_LO, GAP_HI, ROW_BOUNDS, ROW_ORDER,
                 stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-                T, GROUP, qk_scale,
+                T, stride_stats, GROUP, qk_scale,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 ACC_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
                 TMA: tl.constexpr = False, WARP_SPECIALIZE: tl.constexpr = False):
@@ -290,7 +290,7 @@ def _fwd_kernel(Q, K, V, O, LSE, ROW_LO, ROW_HI, GAP_LO, GAP_HI, ROW_BOUNDS, ROW
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # only padding rows (every real row sees itself)
     out = (acc / l_safe[:, None]).to(O.dtype.element_ty)
     tl.store(O + head * stride_oh + rows[:, None] * stride_ot + offs_d[None, :], out, mask=row_mask)
-    tl.store(LSE + head * T + rows, m_i + tl.log2(l_safe), mask=row_ok)
+    tl.store(LSE + head * stride_stats + rows, m_i + tl.log2(l_safe), mask=row_ok)
 
 
 @triton.jit
@@ -333,7 +333,7 @@ def _dq_tiles(dq, q, do, lse, delta, k_src, v_src, BOUNDS, offs_n, row_lo, row_h
 def _bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, ROW_LO, ROW_HI, GAP_LO, GAP_HI, ROW_BOUNDS, ROW_ORDER,
                    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
                    stride_dot, stride_doh, stride_dqt, stride_dqh,
-                   T, GROUP, qk_scale, sm_scale,
+                   T, stride_stats, GROUP, qk_scale, sm_scale,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    ACC_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
                    TMA: tl.constexpr = False, PAIR_MASK: tl.constexpr = False):
@@ -352,11 +352,11 @@ def _bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, ROW_LO, ROW_HI, GAP_LO, GAP_H
     do = tl.load(DO + head * stride_doh + rows[:, None] * stride_dot + offs_d[None, :], mask=row_mask, other=0.0)
     o = tl.load(O + head * stride_oh + rows[:, None] * stride_ot + offs_d[None, :], mask=row_mask, other=0.0)
     delta = tl.sum(do.to(ACC_DTYPE) * o.to(ACC_DTYPE), axis=1)  # (BLOCK_M,)
-    tl.store(DELTA + head * T + rows, delta, mask=row_ok)
+    tl.store(DELTA + head * stride_stats + rows, delta, mask=row_ok)
     do = do.to(DOT_DTYPE)
     q = tl.load(Q + head * stride_qh + rows[:, None] * stride_qt + offs_d[None, :], mask=row_mask, other=0.0)
     q = q.to(DOT_DTYPE)
-    lse = tl.load(LSE + head * T + rows, mask=row_ok, other=0.0)
+    lse = tl.load(LSE + head * stride_stats + rows, mask=row_ok, other=0.0)
     row_lo = tl.load(ROW_LO + rows, mask=row_ok, other=0)
     row_hi = tl.load(ROW_HI + rows, mask=row_ok, other=0)
     gap_lo = tl.load(GAP_LO + rows, mask=row_ok, other=0)
@@ -377,8 +377,8 @@ def _bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, ROW_LO, ROW_HI, GAP_LO, GAP_H
 
 
 @triton.jit
-def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, BOUNDS, offs_m, offs_d, col_lo, col_hi, d_ok, T, kv_head, split,
-                GROUP, SPLITS, stride_qt, stride_qh, stride_dot, stride_doh, qk_scale, BLOCK_M: tl.constexpr,
+def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, BOUNDS, offs_m, offs_d, col_lo, col_hi, d_ok, T, stride_stats,
+                kv_head, split, GROUP, SPLITS, stride_qt, stride_qh, stride_dot, stride_doh, qk_scale, BLOCK_M: tl.constexpr,
                 MASK: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, WITH_DK: tl.constexpr,
                 WITH_DV: tl.constexpr, HEAD_DIM: tl.constexpr, TMA: tl.constexpr, PAIR_MASK: tl.constexpr):
     """dK/dV of one key block accumulated over its row blocks of kind ``MASK`` (one range) for the query heads
@@ -394,8 +394,8 @@ def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, BOUNDS, offs_m, offs_d, col_lo,
             q_src, do_src = Q, DO
         else:
             q_src, do_src = Q + head * stride_qh, DO + head * stride_doh
-        dk, dv = _dkdv_head_tiles(dk, dv, k, v, q_src, do_src, head * HEAD_DIM, LSE + head * T, DELTA + head * T,
-                                  start, end, offs_m, offs_d, col_lo, col_hi, d_ok, T, stride_qt, stride_dot, qk_scale,
+        dk, dv = _dkdv_head_tiles(dk, dv, k, v, q_src, do_src, head * HEAD_DIM, LSE + head * stride_stats,
+                                  DELTA + head * stride_stats, start, end, offs_m, offs_d, col_lo, col_hi, d_ok, T, stride_qt, stride_dot, qk_scale,
                                   BLOCK_M, MASK, DOT_DTYPE, DOT_PRECISION, WITH_DK, WITH_DV, TMA, PAIR_MASK)
     return dk, dv
 
@@ -416,11 +416,9 @@ def _dkdv_head_tiles(dk, dv, k, v, q_src, do_src, col, LSE_HEAD, DELTA_HEAD, sta
         rows = m0 + offs_m
         if MASK == FULL or MASK == CUT_LO:  # no HI test: the tile lies inside [0, T)
             row_mask = d_ok[None, :]
-            lse = tl.load(LSE_HEAD + rows)
         else:
-            row_ok = rows < T
-            row_mask = row_ok[:, None] & d_ok[None, :]
-            lse = tl.load(LSE_HEAD + rows, mask=row_ok, other=0.0)
+            row_mask = (rows < T)[:, None] & d_ok[None, :]
+        lse = tl.load(LSE_HEAD + rows)  # padded with zeros past T (_row_stats): no mask
         if TMA:
             q_in = q_src.load([m0, col])
             do_in = do_src.load([m0, col])
@@ -439,10 +437,7 @@ def _dkdv_head_tiles(dk, dv, k, v, q_src, do_src, col, LSE_HEAD, DELTA_HEAD, sta
                 p16 = _keep_seen(p16, offs_m, m0, col_lo, col_hi, col_lo, col_hi, MASK)
             dv += tl.dot(p16.to(DOT_DTYPE), do, input_precision=DOT_PRECISION)
         if WITH_DK:
-            if MASK == FULL or MASK == CUT_LO:
-                delta = tl.load(DELTA_HEAD + rows)
-            else:
-                delta = tl.load(DELTA_HEAD + rows, mask=row_ok, other=0.0)
+            delta = tl.load(DELTA_HEAD + rows)  # padded with zeros as LSE
             dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
             ds_t = (p_t * (dp_t - delta[None, :])).to(q_in.dtype)
             if MASK != FULL and PAIR_MASK:
@@ -455,7 +450,7 @@ def _dkdv_head_tiles(dk, dv, k, v, q_src, do_src, col, LSE_HEAD, DELTA_HEAD, sta
 def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, COL_LO, COL_HI, COL_BOUNDS, COL_ORDER,
                      stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
                      stride_dks, stride_dkt, stride_dkh, stride_dvs, stride_dvt, stride_dvh,
-                     T, GROUP, SPLITS, qk_scale, sm_scale,
+                     T, stride_stats, GROUP, SPLITS, qk_scale, sm_scale,
                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr,
                      DOT_PRECISION: tl.constexpr, WITH_DK: tl.constexpr, WITH_DV: tl.constexpr,
@@ -493,10 +488,10 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, COL_LO, COL_HI, COL_BOUNDS
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC_DTYPE)
     for kind in tl.static_range(1, COL_KINDS):  # one loop per partial kind, with only that kind's mask tests
         dk, dv = _dkdv_tiles(dk, dv, k, v, q_src, do_src, LSE, DELTA, bounds, offs_m, offs_d, col_lo, col_hi, d_ok, T,
-                             kv_head, split, GROUP, SPLITS, stride_qt, stride_qh, stride_dot, stride_doh, qk_scale,
+                             stride_stats, kv_head, split, GROUP, SPLITS, stride_qt, stride_qh, stride_dot, stride_doh, qk_scale,
                              BLOCK_M, kind, DOT_DTYPE, DOT_PRECISION, WITH_DK, WITH_DV, HEAD_DIM, TMA, PAIR_MASK)
     dk, dv = _dkdv_tiles(dk, dv, k, v, q_src, do_src, LSE, DELTA, bounds, offs_m, offs_d, col_lo, col_hi, d_ok, T,
-                         kv_head, split, GROUP, SPLITS, stride_qt, stride_qh, stride_dot, stride_doh, qk_scale, BLOCK_M,
+                         stride_stats, kv_head, split, GROUP, SPLITS, stride_qt, stride_qh, stride_dot, stride_doh, qk_scale, BLOCK_M,
                          FULL, DOT_DTYPE, DOT_PRECISION, WITH_DK, WITH_DV, HEAD_DIM, TMA, PAIR_MASK)
 
     if WITH_DK:
@@ -725,13 +720,12 @@ def _attention_forward(q, k, v, layout: KernelLayout, *, scale, out=None, blocks
     """Forward launcher on checked, contiguous inputs: returns (out (T, Hq, D), lse (Hq, T), base 2)."""
     tokens, q_heads, head_dim = q.shape
     out = torch.empty_like(q) if out is None else out
-    lse = torch.empty(q_heads, tokens, device=q.device,
-                      dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
+    lse = _row_stats(q_heads, tokens, q.device, torch.float64 if q.dtype == torch.float64 else torch.float32)
     config = _kernel_config("fwd", q.dtype, head_dim, blocks)
     args = (q, k, v, out, lse, layout.kv_lo, layout.kv_hi, layout.gap_lo, layout.gap_hi,
             *_table_args(layout, config, by_row=True),
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            out.stride(0), out.stride(1), tokens, q_heads // k.shape[1], scale * _LOG2E)
+            out.stride(0), out.stride(1), tokens, lse.stride(0), q_heads // k.shape[1], scale * _LOG2E)
     extra = dict(WARP_SPECIALIZE=True) if config.warp_specialize else {}
     _launch(_fwd_kernel, (triton.cdiv(tokens, config.block_m), q_heads), args, config, HEAD_DIM=head_dim,
             BLOCK_D=max(16, triton.next_power_of_2(head_dim)), **_dtype_constexprs(q.dtype), **extra)
@@ -746,14 +740,17 @@ def _attention_backward(do, q, k, v, out, lse, layout: KernelLayout, *, scale, g
     tokens, q_heads, head_dim = q.shape
     kv_heads = k.shape[1]
     dq, dk, dv = grads if grads is not None else (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v))
-    delta = torch.empty_like(lse)  # (Hq, T), written by the dQ kernel
+    if lse.stride() != (_padded(tokens), 1) or lse.storage_offset():  # not _attention_forward's: into a padded one
+        lse = _row_stats(q_heads, tokens, lse.device, lse.dtype).copy_(lse)
+    delta = _row_stats(q_heads, tokens, lse.device, lse.dtype)  # (Hq, T), written by the dQ kernel
     common = dict(HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), **_dtype_constexprs(q.dtype))
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1))
     config = _kernel_config("dq", q.dtype, head_dim, blocks)
     _launch(_bwd_dq_kernel, (triton.cdiv(tokens, config.block_m), q_heads),
             (q, k, v, out, do, lse, delta, dq, layout.kv_lo, layout.kv_hi, layout.gap_lo, layout.gap_hi,
              *_table_args(layout, config, by_row=True), *strides, out.stride(0), out.stride(1),
-             do.stride(0), do.stride(1), dq.stride(0), dq.stride(1), tokens, q_heads // kv_heads, scale * _LOG2E,
+             do.stride(0), do.stride(1), dq.stride(0), dq.stride(1), tokens, lse.stride(0), q_heads // kv_heads,
+             scale * _LOG2E,
              scale), config, **common, **_pair_mask(config, q.dtype))
     config = _kernel_config("dkdv", q.dtype, head_dim, blocks)
     key_blocks, group = triton.cdiv(tokens, config.block_n), q_heads // kv_heads
@@ -765,7 +762,8 @@ def _attention_backward(do, q, k, v, out, lse, layout: KernelLayout, *, scale, g
         dk_out, dv_out = (torch.empty((splits, *x.shape), device=x.device, dtype=acc_dtype) for x in (dk, dv))
     args = (q, k, v, do, lse, delta, dk_out, dv_out, layout.q_lo, layout.q_hi,
             *_table_args(layout, config, by_row=False), *strides, do.stride(0), do.stride(1),
-            *_split_strides(dk_out, splits), *_split_strides(dv_out, splits), tokens, group, splits, scale * _LOG2E,
+            *_split_strides(dk_out, splits), *_split_strides(dv_out, splits), tokens, lse.stride(0), group, splits,
+            scale * _LOG2E,
             scale)
     # two launches where both accumulators do not fit in registers (head dim 256): dV (2 dots a tile), then dK (3)
     passes = [(True, True)] if config.dkdv_launches == 1 else [(False, True), (True, False)]
@@ -790,6 +788,22 @@ def _pair_mask(config: KernelConfig, dtype: torch.dtype) -> dict:
     if dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"pair_mask masks 16-bit P / dS tiles: it needs float16 or bfloat16 inputs, got {dtype}")
     return dict(PAIR_MASK=True)
+
+
+_STATS_ALIGN = 256  # LSE / Delta rows are padded to a multiple of this (>= every BLOCK_M), with zeros
+
+
+def _padded(tokens: int) -> int:
+    return triton.cdiv(tokens, _STATS_ALIGN) * _STATS_ALIGN
+
+
+def _row_stats(heads: int, tokens: int, device, dtype) -> torch.Tensor:
+    """A (heads, tokens) per-row statistic (LSE, Delta): a view of a zero-filled (heads, tokens padded to a multiple of
+    256) buffer. The dK/dV kernel's tiles reach up to BLOCK_M - 1 rows past ``tokens`` (the last row block), so it
+    loads LSE and Delta without masks (a masked load is an ISETP and a SEL per element with Triton 3.6, and a tile
+    loads 2 x 16 of them a thread): those rows are never seen, so what LSE holds there only has to be in bounds,
+    while Delta must be finite there (dS = P (dP - Delta) with P = 0): zeros, as the dQ kernel stores rows < T."""
+    return torch.zeros(heads, _padded(tokens), device=device, dtype=dtype)[:, :tokens]
 
 
 def _split_strides(x: torch.Tensor, splits: int):

@@ -406,6 +406,38 @@ def test_every_output_element_written(blocks):
     assert all(x.data_ptr() == y.data_ptr() for x, y in zip((out, *grads), poisoned))
 
 
+@pytest.mark.parametrize("blocks", [{"BLOCK_M": 16, "BLOCK_N": 16}, {"BLOCK_M": 32, "BLOCK_N": 16}])
+def test_lse_from_elsewhere_gives_the_same_gradients(blocks, monkeypatch):
+    """The dK/dV kernel loads LSE and Delta without masks, up to BLOCK_M - 1 rows past T: every LSE / Delta a kernel
+    gets spans (heads x T padded to a multiple of 256) elements, the forward's LSE being a view of such a buffer and an
+    LSE from elsewhere (contiguous (Hq, T), or another stride, NaN past T) copied into one first. The gradients are the
+    same bits either way, with T (54) not a multiple of the tiles, so the last row block reaches past it."""
+    seq_ids, token_types = build_layout([(23, 0, 0, 0), (9, 0, 1, 0), (12, 2, 1, 7)])
+    tokens, padded = len(seq_ids), kernel_module._padded(len(seq_ids))
+    q, k, v = (x.detach() for x in random_qkv(tokens, 4, 2, 16, torch.float32))
+    layout = kernel_module.prepare_layout(seq_ids, token_types)
+    out, lse = kernel_module._attention_forward(q, k, v, layout, scale=0.25, blocks=blocks)
+    assert tokens % 16 and lse.shape == (4, tokens) and lse.stride() == (padded, 1)
+    d_out = torch.randn_like(out)
+    wide = torch.full((4, 300), float("nan"))  # another stride, NaN past T
+    wide[:, :tokens] = lse
+    launches = []
+    launch = kernel_module._launch
+    monkeypatch.setattr(kernel_module, "_launch", lambda fn, grid, args, config, **c: launches.append(
+        (fn, args)) or launch(fn, grid, args, config, **c))
+    expected = kernel_module._attention_backward(d_out, q, k, v, out, lse, layout, scale=0.25, blocks=blocks)
+    for other in (lse.contiguous(), wide[:, :tokens]):
+        grads = kernel_module._attention_backward(d_out, q, k, v, out, other, layout, scale=0.25, blocks=blocks)
+        assert all(torch.equal(g, e) for g, e in zip(grads, expected))
+    assert all(torch.isfinite(g).all() for g in expected)
+    assert len(launches) == 6
+    for fn, args in launches:  # what each backward kernel reads: LSE and Delta of the padded size, at that stride
+        named = dict(zip(fn.arg_names, args))
+        assert named["stride_stats"] == padded
+        for name in ("LSE", "DELTA"):
+            assert named[name].stride() == (padded, 1) and named[name].untyped_storage().nbytes() >= 4 * padded * 4
+
+
 def dense_tile_pairs(mask, block_m, block_n):
     """Visible pairs per (row block, key block) tile, from the dense mask padded with invisible pairs."""
     tokens = mask.shape[0]
