@@ -500,6 +500,11 @@ def main(argv=None) -> dict:
     for d in head_dims:
         if not 1 <= d <= 256:
             raise SystemExit(f"compile_check: head dim {d} is outside 1..256 (the kernels' limit)")
+    paired = [name for name, config in args.config if len(config) > 7 and config[7]]
+    wide = [d for d in dtypes if d not in ("bfloat16", "float16")]
+    if paired and wide:
+        raise SystemExit(f"compile_check: /pairs ({', '.join(paired)}) masks 16-bit tiles; drop {', '.join(wide)} from "
+                         "--dtypes (e.g. --dtypes bfloat16)")
     start = time.perf_counter()
     jobs = capture(targets, dtypes, head_dims, flag_sets, replaced=dict(args.config))
     if args.kernels:

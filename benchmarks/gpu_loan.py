@@ -97,9 +97,9 @@ ENV = ["gpu_loan.py", "--environment", "{env}"]
 JOBS = [
     Job("a", "env", ENV, 10, ENV, "device, versions, install, FA2 implementation"),
     Job("a", "attention-headline",
-        _attention(["train"], ["16384", "4096"], ["fwd+bwd"], ["tte-triton", "tte-triton-block-order", "fa2-varlen",
-                                                               "flex"], "attention-headline"), 170,
-        _attention_dry(["train"], ["fwd+bwd"], ["tte-triton", "tte-triton-block-order", "fa2-varlen", "flex"],
+        _attention(["train"], ["16384", "4096"], ["fwd+bwd"], ["tte-triton", "fa2-varlen", "flex",
+                                                               "tte-triton-block-order"], "attention-headline"), 170,
+        _attention_dry(["train"], ["fwd+bwd"], ["tte-triton", "fa2-varlen", "flex", "tte-triton-block-order"],
                        "attention-headline"),
         "TTE vs FA2 varlen vs FlexAttention, fwd+bwd, training layouts 16k and 4k; the same kernel with its programs "
         "in block order (the A/B of longest-first; no new compile)"),
@@ -110,10 +110,10 @@ JOBS = [
          "packed", "t16", "long", "group1", "--out", "{work}", "--jsonl", "{rows}"],
         "bf16 vs float64 at the shipped tiles: 4 flag sets, T%16==0, one long sample, GROUP=1; d128 and d64"),
     Job("a", "attention-more",
-        _attention(["infer"], ["16384", "4096"], ["fwd+bwd", "fwd"], ["tte-triton", "tte-triton-tma", "tte-triton-pairs",
-                                                                       "fa2-varlen", "flex"], "attention-more"), 100,
-        _attention_dry(["infer"], ["fwd+bwd", "fwd"], ["tte-triton", "tte-triton-tma", "tte-triton-pairs", "fa2-varlen",
-                                                       "flex"], "attention-more"),
+        _attention(["infer"], ["16384", "4096"], ["fwd+bwd", "fwd"], ["tte-triton", "fa2-varlen", "flex", "tte-triton-tma",
+                                                                       "tte-triton-pairs"], "attention-more"), 100,
+        _attention_dry(["infer"], ["fwd+bwd", "fwd"], ["tte-triton", "fa2-varlen", "flex", "tte-triton-tma",
+                                                       "tte-triton-pairs"], "attention-more"),
         "inference layouts, fwd+bwd and forward only; TMA loads in every kernel, and the backward's 16-bit pair masks "
         "(each checked, then timed)"),
     Job("b", "env", ENV, 10, ENV, "device, versions, install"),

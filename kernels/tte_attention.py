@@ -379,7 +379,8 @@ def _bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, ROW_LO, ROW_HI, GAP_LO, GAP_H
 
 @triton.jit
 def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, BOUNDS, offs_m, offs_d, col_lo, col_hi, d_ok, T, stride_stats,
-                kv_head, split, GROUP, SPLITS, stride_qt, stride_qh, stride_dot, stride_doh, qk_scale, BLOCK_M: tl.constexpr,
+                kv_head, split, GROUP, SPLITS, stride_qt, stride_qh, stride_dot, stride_doh, qk_scale,
+                BLOCK_M: tl.constexpr,
                 MASK: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, WITH_DK: tl.constexpr,
                 WITH_DV: tl.constexpr, HEAD_DIM: tl.constexpr, TMA: tl.constexpr, PAIR_MASK: tl.constexpr):
     """dK/dV of one key block accumulated over its row blocks of kind ``MASK`` (one range) for the query heads
@@ -396,7 +397,8 @@ def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, BOUNDS, offs_m, offs_d, col_lo,
         else:
             q_src, do_src = Q + head * stride_qh, DO + head * stride_doh
         dk, dv = _dkdv_head_tiles(dk, dv, k, v, q_src, do_src, head * HEAD_DIM, LSE + head * stride_stats,
-                                  DELTA + head * stride_stats, start, end, offs_m, offs_d, col_lo, col_hi, d_ok, T, stride_qt, stride_dot, qk_scale,
+                                  DELTA + head * stride_stats, start, end, offs_m, offs_d, col_lo, col_hi, d_ok, T,
+                                  stride_qt, stride_dot, qk_scale,
                                   BLOCK_M, MASK, DOT_DTYPE, DOT_PRECISION, WITH_DK, WITH_DV, TMA, PAIR_MASK)
     return dk, dv
 
@@ -489,10 +491,12 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, COL_LO, COL_HI, COL_BOUNDS
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC_DTYPE)
     for kind in tl.static_range(1, COL_KINDS):  # one loop per partial kind, with only that kind's mask tests
         dk, dv = _dkdv_tiles(dk, dv, k, v, q_src, do_src, LSE, DELTA, bounds, offs_m, offs_d, col_lo, col_hi, d_ok, T,
-                             stride_stats, kv_head, split, GROUP, SPLITS, stride_qt, stride_qh, stride_dot, stride_doh, qk_scale,
+                             stride_stats, kv_head, split, GROUP, SPLITS, stride_qt, stride_qh, stride_dot, stride_doh,
+                             qk_scale,
                              BLOCK_M, kind, DOT_DTYPE, DOT_PRECISION, WITH_DK, WITH_DV, HEAD_DIM, TMA, PAIR_MASK)
     dk, dv = _dkdv_tiles(dk, dv, k, v, q_src, do_src, LSE, DELTA, bounds, offs_m, offs_d, col_lo, col_hi, d_ok, T,
-                         stride_stats, kv_head, split, GROUP, SPLITS, stride_qt, stride_qh, stride_dot, stride_doh, qk_scale, BLOCK_M,
+                         stride_stats, kv_head, split, GROUP, SPLITS, stride_qt, stride_qh, stride_dot, stride_doh, qk_scale,
+                         BLOCK_M,
                          FULL, DOT_DTYPE, DOT_PRECISION, WITH_DK, WITH_DV, HEAD_DIM, TMA, PAIR_MASK)
 
     if WITH_DK:
@@ -674,7 +678,7 @@ _INTERPRET_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16}  # several tiles per sample i
 
 def _kernel_config(kernel_name: str, dtype: torch.dtype, head_dim: int, blocks=None) -> KernelConfig:
     """The launch config: fixed ``blocks`` (``{"BLOCK_M", "BLOCK_N"}``, optionally ``"DKDV_LAUNCHES"``, ``"TMA"``,
-    ``"WARP_SPECIALIZE"``; 16 x 16
+    ``"WARP_SPECIALIZE"``, ``"PAIR_MASK"``; 16 x 16
     when interpreting), else the shipped one for the dtype, head dim and target (pre-Hopper GPUs get their own
     forward tiles)."""
     if blocks is None and _INTERPRET:
@@ -718,7 +722,8 @@ def _table_args(layout: KernelLayout, config: KernelConfig, by_row: bool):
 
 
 def _attention_forward(q, k, v, layout: KernelLayout, *, scale, out=None, blocks=None):
-    """Forward launcher on checked, contiguous inputs: returns (out (T, Hq, D), lse (Hq, T), base 2)."""
+    """Forward launcher on checked, contiguous inputs: returns (out (T, Hq, D), lse (Hq, T), base 2); ``lse`` is a view
+    of a buffer with padded rows (:func:`_row_stats`), which the backward reads as it is."""
     tokens, q_heads, head_dim = q.shape
     out = torch.empty_like(q) if out is None else out
     lse = _row_stats(q_heads, tokens, q.device, torch.float64 if q.dtype == torch.float64 else torch.float32)
@@ -741,9 +746,9 @@ def _attention_backward(do, q, k, v, out, lse, layout: KernelLayout, *, scale, g
     tokens, q_heads, head_dim = q.shape
     kv_heads = k.shape[1]
     dq, dk, dv = grads if grads is not None else (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v))
-    if lse.stride() != (_padded(tokens), 1) or lse.storage_offset():  # not _attention_forward's: into a padded one
+    if not _padded_stats(lse, q_heads, tokens):  # not laid out as _attention_forward's: copied into such a buffer
         lse = _row_stats(q_heads, tokens, lse.device, lse.dtype).copy_(lse)
-    delta = _row_stats(q_heads, tokens, lse.device, lse.dtype)  # (Hq, T), written by the dQ kernel
+    delta = _row_stats(q_heads, tokens, lse.device, lse.dtype, zero=True)  # (Hq, T), written by the dQ kernel
     common = dict(HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), **_dtype_constexprs(q.dtype))
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1))
     config = _kernel_config("dq", q.dtype, head_dim, blocks)
@@ -754,6 +759,8 @@ def _attention_backward(do, q, k, v, out, lse, layout: KernelLayout, *, scale, g
              scale * _LOG2E,
              scale), config, **common, **_pair_mask(config, q.dtype))
     config = _kernel_config("dkdv", q.dtype, head_dim, blocks)
+    if _STATS_ALIGN % config.block_m:  # its last row block would read past the padded LSE / Delta
+        raise ValueError(f"the dK/dV kernel's BLOCK_M must divide {_STATS_ALIGN}, got {config.block_m}")
     key_blocks, group = triton.cdiv(tokens, config.block_n), q_heads // kv_heads
     splits = _dkdv_splits(q.device, key_blocks * kv_heads, group, blocks)
     if splits == 1:
@@ -788,23 +795,35 @@ def _pair_mask(config: KernelConfig, dtype: torch.dtype) -> dict:
         return {}
     if dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"pair_mask masks 16-bit P / dS tiles: it needs float16 or bfloat16 inputs, got {dtype}")
+    if torch.version.hip and not _INTERPRET:
+        raise ValueError("pair_mask is NVIDIA PTX: not for a ROCm GPU")
     return dict(PAIR_MASK=True)
 
 
-_STATS_ALIGN = 256  # LSE / Delta rows are padded to a multiple of this (>= every BLOCK_M), with zeros
+_STATS_ALIGN = 256  # LSE / Delta rows are padded to a multiple of this (a multiple of every dK/dV BLOCK_M)
 
 
 def _padded(tokens: int) -> int:
     return triton.cdiv(tokens, _STATS_ALIGN) * _STATS_ALIGN
 
 
-def _row_stats(heads: int, tokens: int, device, dtype) -> torch.Tensor:
-    """A (heads, tokens) per-row statistic (LSE, Delta): a view of a zero-filled (heads, tokens padded to a multiple of
-    256) buffer. The dK/dV kernel's tiles reach up to BLOCK_M - 1 rows past ``tokens`` (the last row block), so it
-    loads LSE and Delta without masks (a masked load is an ISETP and a SEL per element with Triton 3.6, and a tile
-    loads 2 x 16 of them a thread): those rows are never seen, so what LSE holds there only has to be in bounds,
-    while Delta must be finite there (dS = P (dP - Delta) with P = 0): zeros, as the dQ kernel stores rows < T."""
-    return torch.zeros(heads, _padded(tokens), device=device, dtype=dtype)[:, :tokens]
+def _row_stats(heads: int, tokens: int, device, dtype, zero: bool = False) -> torch.Tensor:
+    """A (heads, tokens) per-row statistic (LSE, Delta): a view of a (heads, tokens padded to a multiple of 256)
+    buffer. The dK/dV kernel's tiles reach up to BLOCK_M - 1 rows past ``tokens`` (the last row block), so it loads
+    LSE and Delta without masks (a masked load is an ISETP and a SEL per element with Triton 3.6, and a tile loads
+    2 x 16 of them a thread): those rows are never seen (P = 0 there: a select, or the pair mask's AND, clears
+    whatever LSE holds), so LSE's padding only has to be in bounds, while Delta's must be finite (dS = P (dP - Delta)
+    with P = 0): ``zero`` fills the buffer with zeros (the dQ kernel then stores rows < T only)."""
+    make = torch.zeros if zero else torch.empty
+    return make(heads, _padded(tokens), device=device, dtype=dtype)[:, :tokens]
+
+
+def _padded_stats(x: torch.Tensor, heads: int, tokens: int) -> bool:
+    """Whether ``x`` (heads, tokens) is laid out as :func:`_row_stats` makes it: rows ``_padded(tokens)`` apart, and
+    storage for all of them (the dK/dV kernel reads up to the padded length unmasked)."""
+    padded = _padded(tokens)
+    return (x.stride() == (padded, 1) and x.untyped_storage().nbytes()
+            >= (x.storage_offset() + heads * padded) * x.element_size())
 
 
 def _split_strides(x: torch.Tensor, splits: int):

@@ -193,8 +193,9 @@ def test_what_if_configs_take_tma_where_a_kernel_has_it():
     assert parse_config("dq=128x32/w8/s2/tma") == ("dq", (128, 32, 8, 2, 1, True, False, False))
     assert parse_config("dq=128x64/w8/s2/pairs") == ("dq", (128, 64, 8, 2, 1, False, False, True))
     assert parse_config("dkdv=16x64/w8/s2/l2/tma/pairs") == ("dkdv", (16, 64, 8, 2, 2, True, False, True))
-    for wrong in ("dkdv=32x128/w8/s2/ws", "dq=128x32/w8/s2/ws", "dq=128x32/w8/s2/tma/ws", "fwd=128x64/w8/s3/pairs",
-                  "dq=128x64/w8/s2/pairs/tma"):
+    for wrong in ("dkdv=32x128/w8/s2/ws", "dq=128x32/w8/s2/ws", "dq=128x32/w8/s2/tma/ws", "fwd=128x64/w8/s3/pairs"):
         with pytest.raises(argparse.ArgumentTypeError, match="/ws: fwd only; /pairs: dq, dkdv only"):
             parse_config(wrong)
+    with pytest.raises(argparse.ArgumentTypeError, match=r"expected KERNEL=.*\[/tma\]\[/ws\]\[/pairs\]"):
+        parse_config("dq=128x64/w8/s2/pairs/tma")  # the flags in that order
 

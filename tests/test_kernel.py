@@ -174,45 +174,6 @@ def test_every_tile_kind_matches_the_oracle(samples, think_bidirectional, cot_se
     assert_matches_oracle(samples, *heads, torch.float32, **options, attention=attention)
 
 
-@pytest.mark.parametrize("case", [KIND_CASES[1], KIND_CASES[2]])
-def test_tma_descriptor_loads_match_the_oracle(case, monkeypatch):
-    """The optional sm_90 path (KernelConfig.tma: the forward's and dQ's K/V and the dK/dV kernel's Q/dO by TMA
-    descriptors, rows past T read as zeros, no load mask; warp_specialize on the forward's tile loops): output and
-    gradients as the oracle's, odd T and every tile kind; the descriptor path really ran in all three kernels."""
-    samples, think_bidirectional, cot_sees_query, blocks, heads, _, _ = case
-    options = dict(think_bidirectional=think_bidirectional, cot_sees_query=cot_sees_query)
-    flags = {"BLOCK_M": blocks[0], "BLOCK_N": blocks[1], "TMA": True, "WARP_SPECIALIZE": True}
-    launched = []
-
-    class Recorded:  # a kernel as the launchers see it: records the TMA constexpr each launch really gets
-        def __init__(self, kernel):
-            self.kernel, self.__name__ = kernel, kernel.__name__
-
-        def __getitem__(self, grid):
-            def run(*args, **constexprs):
-                launched.append((self.__name__, constexprs.get("TMA", False)))
-                return self.kernel[grid](*args, **constexprs)
-            return run
-    for name in ("_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel"):
-        monkeypatch.setattr(kernel_module, name, Recorded(getattr(kernel_module, name)))
-
-    def attention(q, k, v, seq_ids, token_types, **options):
-        return _launch_with(q, k, v, kernel_module.prepare_layout(seq_ids, token_types, **options), flags)
-    assert_matches_oracle(samples, *heads, torch.float32, **options, attention=attention)
-    assert launched == [("_fwd_kernel", True), ("_bwd_dq_kernel", True), ("_bwd_dkdv_kernel", True)]
-
-
-def test_tma_in_the_dkdv_kernel_needs_whole_head_tiles():
-    """The dK/dV kernel's TMA tiles span (T, heads x D) columns, so a padded head dim (24 -> 32) would read the next
-    head's columns: refused with a clear error, never a wrong gradient."""
-    seq_ids, token_types = build_layout([(9, 2, 1, 4)])
-    q, k, v = random_qkv(len(seq_ids), 2, 1, 24, torch.float32)
-    layout = kernel_module.prepare_layout(seq_ids, token_types)
-    out = _launch_with(q, k, v, layout, {"BLOCK_M": 16, "BLOCK_N": 16, "TMA": True})
-    with pytest.raises(ValueError, match="power-of-two head dim"):
-        out.sum().backward()
-
-
 def _recorded_launches(monkeypatch, flag):
     """Wrap the three kernels as the launchers see them: the list gets (kernel name, the ``flag`` constexpr each
     launch really receives)."""
@@ -232,7 +193,35 @@ def _recorded_launches(monkeypatch, flag):
     return launched
 
 
+@pytest.mark.parametrize("case", [KIND_CASES[1], KIND_CASES[2]])
+def test_tma_descriptor_loads_match_the_oracle(case, monkeypatch):
+    """The optional sm_90 path (KernelConfig.tma: the forward's and dQ's K/V and the dK/dV kernel's Q/dO by TMA
+    descriptors, rows past T read as zeros, no load mask; warp_specialize on the forward's tile loops): output and
+    gradients as the oracle's, odd T and every tile kind; the descriptor path really ran in all three kernels."""
+    samples, think_bidirectional, cot_sees_query, blocks, heads, _, _ = case
+    options = dict(think_bidirectional=think_bidirectional, cot_sees_query=cot_sees_query)
+    flags = {"BLOCK_M": blocks[0], "BLOCK_N": blocks[1], "TMA": True, "WARP_SPECIALIZE": True}
+    launched = _recorded_launches(monkeypatch, "TMA")
+
+    def attention(q, k, v, seq_ids, token_types, **options):
+        return _launch_with(q, k, v, kernel_module.prepare_layout(seq_ids, token_types, **options), flags)
+    assert_matches_oracle(samples, *heads, torch.float32, **options, attention=attention)
+    assert launched == [("_fwd_kernel", True), ("_bwd_dq_kernel", True), ("_bwd_dkdv_kernel", True)]
+
+
+def test_tma_in_the_dkdv_kernel_needs_whole_head_tiles():
+    """The dK/dV kernel's TMA tiles span (T, heads x D) columns, so a padded head dim (24 -> 32) would read the next
+    head's columns: refused with a clear error, never a wrong gradient."""
+    seq_ids, token_types = build_layout([(9, 2, 1, 4)])
+    q, k, v = random_qkv(len(seq_ids), 2, 1, 24, torch.float32)
+    layout = kernel_module.prepare_layout(seq_ids, token_types)
+    out = _launch_with(q, k, v, layout, {"BLOCK_M": 16, "BLOCK_N": 16, "TMA": True})
+    with pytest.raises(ValueError, match="power-of-two head dim"):
+        out.sum().backward()
+
+
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # magnitude 8: exp2 past fp32, on purpose
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # and inf * 0 = NaN in dS, unseen
 @pytest.mark.parametrize("case", [KIND_CASES[0], KIND_CASES[2], KIND_CASES[4]])
 @pytest.mark.parametrize("magnitude", [1.0, 8.0])
 def test_pair_masks_give_the_shipped_backward(case, magnitude, monkeypatch):
@@ -247,13 +236,18 @@ def test_pair_masks_give_the_shipped_backward(case, magnitude, monkeypatch):
     q, k, v = random_qkv(len(seq_ids), q_heads, kv_heads, head_dim, torch.bfloat16, seed=5)
     with torch.no_grad():
         q.mul_(magnitude), k.mul_(magnitude)
-    if magnitude > 1:  # the precondition: an unseen pair whose unmasked P overflows fp32
+    layout = kernel_module.prepare_layout(seq_ids, token_types, **options)
+    if magnitude > 1:  # the precondition: in a tile the kernels visit, an unseen pair whose unmasked P overflows fp32
         group = q_heads // kv_heads
-        scores = torch.einsum("ihd,jhd->hij", q.double(), k.double().repeat_interleave(group, 1)) * head_dim ** -0.5
+        scores = torch.einsum("ihd,jhd->hij", q.detach().double(), k.detach().double().repeat_interleave(group, 1))
+        scores = scores * head_dim ** -0.5
         seen = dense_mask(seq_ids, token_types, **options)
         lse = scores.masked_fill(~seen, float("-inf")).logsumexp(-1, keepdim=True)
-        assert float(((scores - lse) / math.log(2)).masked_fill(seen, float("-inf")).max()) > 128
-    layout = kernel_module.prepare_layout(seq_ids, token_types, **options)
+        excess = ((scores - lse) / math.log(2)).masked_fill(seen, float("-inf")).amax(0)  # (T, T), over heads
+        row_block, key_block, kind = tile_kinds(layout.block_table(*blocks), by_row=True)
+        in_partial_tiles = [float(excess[r * blocks[0]:(r + 1) * blocks[0], c * blocks[1]:(c + 1) * blocks[1]].max())
+                            for r, c, t in zip(row_block.tolist(), key_block.tolist(), kind.tolist()) if t != 0]
+        assert max(in_partial_tiles) > 128
     d_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(6)).to(DEVICE, torch.bfloat16)
     results = []
     launched = _recorded_launches(monkeypatch, "PAIR_MASK")
@@ -269,6 +263,21 @@ def test_pair_masks_give_the_shipped_backward(case, magnitude, monkeypatch):
         expected_grads = torch.autograd.grad(expected, (q, k, v), d_out.double())
         for name, got, want in zip(("out", "dq", "dk", "dv"), results[1], (expected, *expected_grads)):
             torch.testing.assert_close(got.double(), want.double(), atol=3e-2, rtol=3e-2, msg=lambda m: f"{name}: {m}")
+
+
+def test_pair_masks_need_an_nvidia_gpu_and_tiles_that_fit_the_padding(monkeypatch):
+    """The pair masks are NVIDIA PTX: a ROCm build refuses them with a clear error; and a dK/dV BLOCK_M that does not
+    divide the LSE / Delta padding (its last row block would read past it) is refused before any launch."""
+    monkeypatch.setattr(kernel_module, "_INTERPRET", False)
+    monkeypatch.setattr(torch.version, "hip", "6.2.0")
+    with pytest.raises(ValueError, match="ROCm"):
+        kernel_module._pair_mask(kernel_module.KernelConfig(64, 64, 4, 2, pair_mask=True), torch.bfloat16)
+    monkeypatch.undo()
+    seq_ids, token_types = build_layout([(9, 2, 1, 4)])
+    q, k, v = random_qkv(len(seq_ids), 2, 1, 16, torch.float32)
+    out = _launch_with(q, k, v, kernel_module.prepare_layout(seq_ids, token_types), {"BLOCK_M": 512, "BLOCK_N": 16})
+    with pytest.raises(ValueError, match="BLOCK_M must divide 256, got 512"):
+        out.sum().backward()
 
 
 def test_pair_masks_need_16_bit_inputs():
@@ -391,14 +400,17 @@ def test_gradcheck_fp64():
 
 
 @pytest.mark.parametrize("blocks", [None, {"BLOCK_M": 32, "BLOCK_N": 16}])
-def test_every_output_element_written(blocks):
-    """Output and gradient buffers pre-filled with NaN come back finite: every element is written."""
+def test_every_output_element_written(blocks, monkeypatch):
+    """Output, LSE and gradient buffers pre-filled with NaN come back finite: every element is written."""
     samples = [(1, 0, 0, 0)] * 5 + [(2, 1, 1, 3), (17, 16, 1, 1), (0, 2, 1, 0), (1, 0, 0, 0), (9, 0, 1, 14)]
     seq_ids, token_types = build_layout(samples)
     q, k, v = (x.detach() for x in random_qkv(len(seq_ids), 6, 2, 24, torch.float32))
     layout = kernel_module.prepare_layout(seq_ids, token_types, think_bidirectional=True, cot_sees_query=False)
     poisoned = [torch.full_like(x, float("nan")) for x in (q, q, k, v)]
+    row_stats = kernel_module._row_stats
+    monkeypatch.setattr(kernel_module, "_row_stats", lambda *a, **kw: row_stats(*a, **kw).fill_(float("nan")))
     out, lse = kernel_module._attention_forward(q, k, v, layout, scale=24 ** -0.5, out=poisoned[0], blocks=blocks)
+    monkeypatch.setattr(kernel_module, "_row_stats", row_stats)  # Delta's padding must be zeros (_row_stats)
     grads = kernel_module._attention_backward(torch.randn_like(out), q, k, v, out, lse, layout, scale=24 ** -0.5,
                                               grads=poisoned[1:], blocks=blocks)
     for tensor in (out, lse, *grads):
@@ -410,8 +422,9 @@ def test_every_output_element_written(blocks):
 def test_lse_from_elsewhere_gives_the_same_gradients(blocks, monkeypatch):
     """The dK/dV kernel loads LSE and Delta without masks, up to BLOCK_M - 1 rows past T: every LSE / Delta a kernel
     gets spans (heads x T padded to a multiple of 256) elements, the forward's LSE being a view of such a buffer and an
-    LSE from elsewhere (contiguous (Hq, T), or another stride, NaN past T) copied into one first. The gradients are the
-    same bits either way, with T (54) not a multiple of the tiles, so the last row block reaches past it."""
+    LSE from elsewhere (contiguous (Hq, T), another stride, the right strides without the storage past T) copied into
+    one first; one laid out right is read as it is, NaN past T included (those rows are never seen). The gradients are
+    the same bits every way, with T (54) not a multiple of the tiles, so the last row block reaches past it."""
     seq_ids, token_types = build_layout([(23, 0, 0, 0), (9, 0, 1, 0), (12, 2, 1, 7)])
     tokens, padded = len(seq_ids), kernel_module._padded(len(seq_ids))
     q, k, v = (x.detach() for x in random_qkv(tokens, 4, 2, 16, torch.float32))
@@ -421,16 +434,20 @@ def test_lse_from_elsewhere_gives_the_same_gradients(blocks, monkeypatch):
     d_out = torch.randn_like(out)
     wide = torch.full((4, 300), float("nan"))  # another stride, NaN past T
     wide[:, :tokens] = lse
+    laid_out = torch.full((4, padded), float("nan"))[:, :tokens].copy_(lse)  # the right layout, NaN past T: read as is
+    short = torch.empty_strided((4, tokens), (padded, 1)).copy_(lse)  # the right strides, storage ending at T
     launches = []
     launch = kernel_module._launch
     monkeypatch.setattr(kernel_module, "_launch", lambda fn, grid, args, config, **c: launches.append(
         (fn, args)) or launch(fn, grid, args, config, **c))
     expected = kernel_module._attention_backward(d_out, q, k, v, out, lse, layout, scale=0.25, blocks=blocks)
-    for other in (lse.contiguous(), wide[:, :tokens]):
+    for other in (lse.contiguous(), wide[:, :tokens], laid_out, short):
         grads = kernel_module._attention_backward(d_out, q, k, v, out, other, layout, scale=0.25, blocks=blocks)
         assert all(torch.equal(g, e) for g, e in zip(grads, expected))
     assert all(torch.isfinite(g).all() for g in expected)
-    assert len(launches) == 6
+    assert len(launches) == 10
+    read = [dict(zip(fn.arg_names, args))["LSE"].data_ptr() for fn, args in launches]
+    assert read[6] == read[7] == laid_out.data_ptr() and short.data_ptr() not in read  # copied only where needed
     for fn, args in launches:  # what each backward kernel reads: LSE and Delta of the padded size, at that stride
         named = dict(zip(fn.arg_names, args))
         assert named["stride_stats"] == padded
@@ -723,7 +740,8 @@ def test_benchmark_tma_provider_is_checked_against_the_shipped_forward(monkeypat
 
 def test_benchmark_pair_mask_provider_is_checked_against_the_shipped_kernel(monkeypatch):
     """`--providers tte-triton-pairs` (the loan's pair-mask what-if): both backward kernels really launch with
-    PAIR_MASK (the forward without: it has none), its output and gradients equal the shipped kernel's (the check, bf16),
+    PAIR_MASK (the forward without: it has none), its output and gradients equal the shipped kernel's (the check, bf16,
+    exact: a variant within bf16 rounding of it fails),
     the shipped config is restored after each call, and where it cannot run (a CPU, fp32) it says why."""
     benchmark, layout, qkv, launches = _variant_setup(monkeypatch, "attention_benchmark_pairs", 4)
     q, k, v = (x.detach().to(torch.bfloat16).requires_grad_() for x in qkv)
@@ -735,6 +753,8 @@ def test_benchmark_pair_mask_provider_is_checked_against_the_shipped_kernel(monk
     assert [(name, constexprs.get("PAIR_MASK", False)) for name, _, constexprs in launches] == [
         ("_fwd_kernel", False), ("_bwd_dq_kernel", True), ("_bwd_dkdv_kernel", True)]
     assert kernel_module._kernel_config.__name__ == "_kernel_config"
+    slightly_off = benchmark._checked(lambda: fn() * (1 + 2 ** -8), fn, q, k, v, exact=True)  # within 4 bf16 eps
+    assert not slightly_off.check["ok"] and benchmark._checked(lambda: fn() * (1 + 2 ** -8), fn, q, k, v).check["ok"]
     with pytest.raises(RuntimeError, match="bf16 or fp16 inputs"):
         benchmark._tte_with_pair_masks(layout, *qkv, options, require_cuda=False)
     if DEVICE == "cpu":
