@@ -35,7 +35,7 @@ Per-element mask of a partial tile (FlashMask's bounds idea, one test per bound 
     :func:`_cols_see`: a tile on the causal diagonal compares ``j < row_hi`` alone), each as one integer
     compare of the loop-invariant offsets within the tile against the bound shifted by the tile's start,
     and one select, per element: the floor for a per-element mask. Kinds without the HI test never hold a
-    token past ``T`` and load unmasked; LSE and Delta sit in zero-padded buffers (:func:`_row_stats`), so the
+    token past ``T`` and load unmasked; LSE and Delta sit in buffers with padded rows (:func:`_row_stats`), so the
     dK/dV kernel loads them unmasked in every tile. Padding rows/keys past ``T`` are never stored (their scores may be
     unmasked in a FULL or CUT_LO tile; they stay finite). Per-tile SASS of each kind's loop, Triton 3.9 and
     3.6: ``benchmarks/README.md`` ("Kernel design: compile-time evidence"). What-if, off in the shipped configs:
