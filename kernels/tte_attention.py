@@ -234,12 +234,14 @@ def _fwd_tiles(acc, m_i, l_i, q, k_src, v_src, BOUNDS, offs_n, row_lo, row_hi, g
                     key_mask = (offs_n < T - n0)[:, None] & d_ok[None, :]  # the tile past T
                 k = tl.load(k_src + n0 * stride_kt, mask=key_mask, other=0.0).to(DOT_DTYPE)
                 v = tl.load(v_src + n0 * stride_vt, mask=key_mask, other=0.0)
-            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
+            # unscaled scores: max(qk) x scale is the max of qk x scale for a scale > 0, rounding included (monotone),
+            # so the scale joins the exp's argument in one FFMA an element instead of an FMUL more
+            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
             if MASK != FULL:
                 qk = tl.where(_rows_see(offs_n, n0, row_lo, row_hi, gap_lo, gap_hi, MASK), qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+            m_new = tl.maximum(m_i, tl.max(qk, axis=1) * qk_scale)
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
-            p = tl.exp2(qk - m_safe[:, None])
+            p = tl.exp2(qk * qk_scale - m_safe[:, None])
             alpha = tl.exp2(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, axis=1)
             p = p.to(v.dtype).to(DOT_DTYPE)
@@ -871,6 +873,8 @@ def tte_attention_with_layout(q, k, v, layout: KernelLayout, *, scale=None, retu
     """:func:`tte_attention` on a layout from :func:`prepare_layout` (skips the layout checks and bounds)."""
     _check_qkv(q, k, v, layout)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if not (math.isfinite(scale) and scale > 0):  # the forward takes each row's max of the unscaled scores
+        raise ValueError(f"tte_attention needs a finite scale > 0, got {scale}")
     if q.shape[0] == 0:
         out = q.new_empty(q.shape) + 0 * (k.sum() + v.sum())  # keeps the autograd graph
         lse = torch.empty(q.shape[1], 0, device=q.device, dtype=torch.float32)
@@ -885,7 +889,7 @@ def tte_attention(q, k, v, seq_ids, token_types, *, think_bidirectional=False, c
 
     q: (T, Hq, D); k, v: (T, Hkv, D) with Hq % Hkv == 0; seq_ids: (T,) integer, non-decreasing;
     token_types: (T,) integer in {0 query, 1 think, 2 emb, 3 cot}, non-decreasing within a sample.
-    ``scale`` defaults to D ** -0.5. Returns (T, Hq, D) in q's dtype, and with ``return_lse`` also the
+    ``scale`` (finite, > 0) defaults to D ** -0.5. Returns (T, Hq, D) in q's dtype, and with ``return_lse`` also the
     natural-log log-sum-exp of each row's scaled scores, (Hq, T) float32 (float64 for float64 inputs;
     not differentiable). Many layers on one layout: :func:`prepare_layout` once, then
     :func:`tte_attention_with_layout`.

@@ -280,6 +280,16 @@ def test_pair_masks_need_an_nvidia_gpu_and_tiles_that_fit_the_padding(monkeypatc
         out.sum().backward()
 
 
+@pytest.mark.parametrize("scale", [-0.25, 0.0, float("nan"), float("inf")])
+def test_a_scale_that_is_not_positive_and_finite_is_refused(scale):
+    """The forward takes each row's max of the unscaled scores (the max of score x scale only for a scale > 0; at 0,
+    -inf x 0 is NaN): any other scale is a clear error before a launch, not a wrong softmax."""
+    seq_ids, token_types = build_layout([(7, 2, 1, 3), (5, 0, 1, 0)])
+    q, k, v = random_qkv(len(seq_ids), 2, 1, 16, torch.float32)
+    with pytest.raises(ValueError, match="finite scale > 0"):
+        tte_attention(q, k, v, seq_ids, token_types, scale=scale)
+
+
 def test_pair_masks_need_16_bit_inputs():
     """fp32 has no 16-bit P / dS tiles to mask: asking for pair masks is a clear error, not a silent fallback."""
     seq_ids, token_types = build_layout([(9, 2, 1, 4)])
