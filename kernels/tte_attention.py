@@ -1,8 +1,9 @@
 """Fused TTE attention: varlen flash attention with the TTE mask computed in-kernel (DESIGN.md §3, §6).
 
 Algorithm
-    FlashAttention-2 with online softmax in base 2 (``exp2``, scores pre-scaled by ``scale * log2(e)``)
-    over packed varlen inputs ``q: (T, Hq, D)``, ``k, v: (T, Hkv, D)``. The mask is never materialised.
+    FlashAttention-2 with online softmax in base 2 (``exp2`` of ``score * scale * log2(e) - max``, one FFMA an
+    element: the forward's row max is taken on the unscaled scores, the same for a scale > 0) over packed varlen
+    inputs ``q: (T, Hq, D)``, ``k, v: (T, Hkv, D)``. The mask is never materialised.
     Backward recomputes P from the saved log-sum-exp in two kernels: the dQ kernel runs first and also
     computes ``Delta = rowsum(dO * O)`` in its prologue (the FA2 preprocess, fused: dO is loaded there
     anyway), then the dK/dV kernel accumulates dK/dV per key block over every query head of its GQA group
