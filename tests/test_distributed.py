@@ -119,11 +119,15 @@ def local_cluster():
     ray.shutdown()
 
 
-def test_ray_cluster_writes_the_shards_of_tte_flash_encode(local_cluster, model, tmp_path, rng, capsys):
+def test_ray_cluster_writes_the_shards_of_tte_flash_encode(local_cluster, model, tmp_path, rng, capsys, monkeypatch):
     """Two CPU actors on a local cluster: vectors within 1e-6 of one process, the same manifest and shard
     records, a directory `tte-flash encode` accepts as its own; then JSONL inputs (strings and dicts, query
     role, think tokens) with a bad line: named by file and line, after the shards before it are written."""
     from tte_flash.distributed import encode_with_ray
+    # Ray starts the pool's actors one by one and sends blocks to those already up: on 2 loaded cores the first
+    # actor once embedded all 9 blocks while the second was still loading its model (CI, 2026-12-05). Wait for
+    # both before any block goes out, so that "both actors embedded rows" tests the split, not the start-up race.
+    monkeypatch.setattr(local_cluster.data.DataContext.get_current(), "wait_for_min_actors_s", 300)
     times = {"start": time.perf_counter()}
     rows = corpus(rng, int(rng.integers(180, 230)))
     parquet = tmp_path / "corpus.parquet"
