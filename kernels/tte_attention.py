@@ -383,9 +383,9 @@ def _bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, ROW_LO, ROW_HI, GAP_LO, GAP_H
 @triton.jit
 def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, BOUNDS, offs_m, offs_d, col_lo, col_hi, d_ok, T, stride_stats,
                 kv_head, split, GROUP, SPLITS, stride_qt, stride_qh, stride_dot, stride_doh, qk_scale,
-                BLOCK_M: tl.constexpr,
-                MASK: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, WITH_DK: tl.constexpr,
-                WITH_DV: tl.constexpr, HEAD_DIM: tl.constexpr, TMA: tl.constexpr, PAIR_MASK: tl.constexpr):
+                BLOCK_M: tl.constexpr, MASK: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                WITH_DK: tl.constexpr, WITH_DV: tl.constexpr, HEAD_DIM: tl.constexpr, TMA: tl.constexpr,
+                PAIR_MASK: tl.constexpr):
     """dK/dV of one key block accumulated over its row blocks of kind ``MASK`` (one range) for the query heads
     ``split``, ``split + SPLITS``, ... of its KV head's group (only dK or only dV where the other flag is off: its
     accumulator is then carried unchanged). The head loop sits inside the kind's loop, not around the kinds'
@@ -401,8 +401,8 @@ def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, BOUNDS, offs_m, offs_d, col_lo,
             q_src, do_src = Q + head * stride_qh, DO + head * stride_doh
         dk, dv = _dkdv_head_tiles(dk, dv, k, v, q_src, do_src, head * HEAD_DIM, LSE + head * stride_stats,
                                   DELTA + head * stride_stats, start, end, offs_m, offs_d, col_lo, col_hi, d_ok, T,
-                                  stride_qt, stride_dot, qk_scale,
-                                  BLOCK_M, MASK, DOT_DTYPE, DOT_PRECISION, WITH_DK, WITH_DV, TMA, PAIR_MASK)
+                                  stride_qt, stride_dot, qk_scale, BLOCK_M, MASK, DOT_DTYPE, DOT_PRECISION, WITH_DK,
+                                  WITH_DV, TMA, PAIR_MASK)
     return dk, dv
 
 
@@ -424,7 +424,7 @@ def _dkdv_head_tiles(dk, dv, k, v, q_src, do_src, col, LSE_HEAD, DELTA_HEAD, sta
             row_mask = d_ok[None, :]
         else:
             row_mask = (rows < T)[:, None] & d_ok[None, :]
-        lse = tl.load(LSE_HEAD + rows)  # padded with zeros past T (_row_stats): no mask
+        lse = tl.load(LSE_HEAD + rows)  # rows padded past T (_row_stats): no mask (those rows are never seen)
         if TMA:
             q_in = q_src.load([m0, col])
             do_in = do_src.load([m0, col])
@@ -443,7 +443,7 @@ def _dkdv_head_tiles(dk, dv, k, v, q_src, do_src, col, LSE_HEAD, DELTA_HEAD, sta
                 p16 = _keep_seen(p16, offs_m, m0, col_lo, col_hi, col_lo, col_hi, MASK)
             dv += tl.dot(p16.to(DOT_DTYPE), do, input_precision=DOT_PRECISION)
         if WITH_DK:
-            delta = tl.load(DELTA_HEAD + rows)  # padded with zeros as LSE
+            delta = tl.load(DELTA_HEAD + rows)  # padded with zeros past T (_row_stats): no mask
             dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
             ds_t = (p_t * (dp_t - delta[None, :])).to(q_in.dtype)
             if MASK != FULL and PAIR_MASK:
@@ -495,12 +495,11 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, COL_LO, COL_HI, COL_BOUNDS
     for kind in tl.static_range(1, COL_KINDS):  # one loop per partial kind, with only that kind's mask tests
         dk, dv = _dkdv_tiles(dk, dv, k, v, q_src, do_src, LSE, DELTA, bounds, offs_m, offs_d, col_lo, col_hi, d_ok, T,
                              stride_stats, kv_head, split, GROUP, SPLITS, stride_qt, stride_qh, stride_dot, stride_doh,
-                             qk_scale,
-                             BLOCK_M, kind, DOT_DTYPE, DOT_PRECISION, WITH_DK, WITH_DV, HEAD_DIM, TMA, PAIR_MASK)
+                             qk_scale, BLOCK_M, kind, DOT_DTYPE, DOT_PRECISION, WITH_DK, WITH_DV, HEAD_DIM, TMA,
+                             PAIR_MASK)
     dk, dv = _dkdv_tiles(dk, dv, k, v, q_src, do_src, LSE, DELTA, bounds, offs_m, offs_d, col_lo, col_hi, d_ok, T,
-                         stride_stats, kv_head, split, GROUP, SPLITS, stride_qt, stride_qh, stride_dot, stride_doh, qk_scale,
-                         BLOCK_M,
-                         FULL, DOT_DTYPE, DOT_PRECISION, WITH_DK, WITH_DV, HEAD_DIM, TMA, PAIR_MASK)
+                         stride_stats, kv_head, split, GROUP, SPLITS, stride_qt, stride_qh, stride_dot, stride_doh,
+                         qk_scale, BLOCK_M, FULL, DOT_DTYPE, DOT_PRECISION, WITH_DK, WITH_DV, HEAD_DIM, TMA, PAIR_MASK)
 
     if WITH_DK:
         dk *= sm_scale
@@ -759,8 +758,7 @@ def _attention_backward(do, q, k, v, out, lse, layout: KernelLayout, *, scale, g
             (q, k, v, out, do, lse, delta, dq, layout.kv_lo, layout.kv_hi, layout.gap_lo, layout.gap_hi,
              *_table_args(layout, config, by_row=True), *strides, out.stride(0), out.stride(1),
              do.stride(0), do.stride(1), dq.stride(0), dq.stride(1), tokens, lse.stride(0), q_heads // kv_heads,
-             scale * _LOG2E,
-             scale), config, **common, **_pair_mask(config, q.dtype))
+             scale * _LOG2E, scale), config, **common, **_pair_mask(config, q.dtype))
     config = _kernel_config("dkdv", q.dtype, head_dim, blocks)
     if _STATS_ALIGN % config.block_m:  # its last row block would read past the padded LSE / Delta
         raise ValueError(f"the dK/dV kernel's BLOCK_M must divide {_STATS_ALIGN}, got {config.block_m}")
