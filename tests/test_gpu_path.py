@@ -13,11 +13,16 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def _script(name, *args, timeout=900):
+def _script_env():
+    """The environment a benchmark script runs in here: compiled, not interpreted; one thread."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("OMP_NUM_THREADS", "1")
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    return subprocess.run([sys.executable, str(REPO / "benchmarks" / name), *args], cwd=REPO, env=env,
+    return env
+
+
+def _script(name, *args, timeout=900):
+    return subprocess.run([sys.executable, str(REPO / "benchmarks" / name), *args], cwd=REPO, env=_script_env(),
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -55,15 +60,13 @@ def test_pair_masks_compile_to_fewer_instructions_per_partial_tile(tmp_path):
     by inline PTX) compiles for sm_90 without spills, C7515 or losing wgmma, and every partial tile kind's loop runs
     fewer SASS instructions than the shipped kernel's (an int32 compare and a select per element), the full tile's
     the same: the PTX is accepted by ptxas and does what it is for."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(OMP_NUM_THREADS="1", TRITON_DEFAULT_FP_FUSION="1")
     runs = {}
     for name, config in (("shipped", []), ("paired", ["--config", "dq=128x64/w8/s2/pairs"])):  # both at once
-        argv = [sys.executable, str(REPO / "benchmarks" / "compile_check.py"), "--kernels", "_bwd_dq_kernel", "--targets",
-                "90", "--dtypes", "bfloat16", "--head-dims", "64", "--workers", "1", "--json",
+        argv = [sys.executable, str(REPO / "benchmarks" / "compile_check.py"), "--kernels", "_bwd_dq_kernel",
+                "--targets", "90", "--dtypes", "bfloat16", "--head-dims", "64", "--workers", "1", "--json",
                 str(tmp_path / f"{name}.json"), *config]
-        runs[name] = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True)
+        runs[name] = subprocess.Popen(argv, cwd=REPO, env=_script_env(), stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True)
 
     def compiled(name):
         output = runs[name].communicate(timeout=900)[0]

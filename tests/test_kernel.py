@@ -451,20 +451,19 @@ def test_lse_from_elsewhere_gives_the_same_gradients(blocks, monkeypatch):
     wide[:, :tokens] = lse
     laid_out = torch.full((4, padded), float("nan"))[:, :tokens].copy_(lse)  # the right layout, NaN past T: read as is
     short = torch.empty_strided((4, tokens), (padded, 1)).copy_(lse)  # the right strides, storage ending at T
-    launches = []
-    launch = kernel_module._launch
-    monkeypatch.setattr(kernel_module, "_launch", lambda fn, grid, args, config, **c: launches.append(
-        (fn, args)) or launch(fn, grid, args, config, **c))
+    launches = _launch_calls(monkeypatch)
     expected = kernel_module._attention_backward(d_out, q, k, v, out, lse, layout, scale=0.25, blocks=blocks)
     for other in (lse.contiguous(), wide[:, :tokens], laid_out, short):
         grads = kernel_module._attention_backward(d_out, q, k, v, out, other, layout, scale=0.25, blocks=blocks)
         assert all(torch.equal(g, e) for g, e in zip(grads, expected))
     assert all(torch.isfinite(g).all() for g in expected)
     assert len(launches) == 10
-    read = [dict(zip(fn.arg_names, args))["LSE"].data_ptr() for fn, args in launches]
+    def arguments(name, args):  # a launch's arguments by the kernel's own argument names
+        return dict(zip(getattr(kernel_module, name).arg_names, args))
+    read = [arguments(name, args)["LSE"].data_ptr() for name, args, _ in launches]
     assert read[6] == read[7] == laid_out.data_ptr() and short.data_ptr() not in read  # copied only where needed
-    for fn, args in launches:  # what each backward kernel reads: LSE and Delta of the padded size, at that stride
-        named = dict(zip(fn.arg_names, args))
+    for kernel_name, args, _ in launches:  # what each kernel reads: LSE and Delta of the padded size and stride
+        named = arguments(kernel_name, args)
         assert named["stride_stats"] == padded
         for name in ("LSE", "DELTA"):
             assert named[name].stride() == (padded, 1) and named[name].untyped_storage().nbytes() >= 4 * padded * 4
@@ -723,11 +722,16 @@ def _variant_setup(monkeypatch, name, seed):
     layout = benchmark.make_layout("train", 48, DEVICE, True, seed=3)
     gen = torch.Generator(device=DEVICE).manual_seed(seed)
     qkv = [torch.randn(48, heads, 16, device=DEVICE, generator=gen).requires_grad_() for heads in (2, 1, 1)]
+    return benchmark, layout, qkv, _launch_calls(monkeypatch)
+
+
+def _launch_calls(monkeypatch):
+    """The list every launch appends (kernel name, args, constexprs with the config's TMA flag) to while it runs."""
     launches = []
     launch = kernel_module._launch
     monkeypatch.setattr(kernel_module, "_launch", lambda fn, grid, args, config, **c: launches.append(
         (fn.__name__, args, dict(c, TMA=config.tma))) or launch(fn, grid, args, config, **c))
-    return benchmark, layout, qkv, launches
+    return launches
 
 
 def test_benchmark_tma_provider_is_checked_against_the_shipped_forward(monkeypatch):
