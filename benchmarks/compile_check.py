@@ -1,4 +1,5 @@
-"""Compile gate for the Triton kernels: every kernel x shipped config, compiled for sm_90 and sm_80 without a GPU.
+"""Compile gate for the Triton kernels: every kernel x shipped config, compiled for sm_90 and sm_80 (and on request
+sm_86, sm_89, sm_100, sm_120) without a GPU.
 
 Triton compiles for a target with no driver (DESIGN.md §11): this script drives the kernels' own launchers
 (``_attention_forward`` / ``_attention_backward``) on CPU tensors of real shape with a stand-in driver that
@@ -9,9 +10,11 @@ Triton's own ptxas), shared memory (kernel metadata) and whether the TTGIR uses 
 SASS instructions per tile of each tile kind's loop (``nvdisasm``; :func:`sass_tile_loops`): the full tile's and each
 partial kind's (cut_lo, cut_hi, cut_lo_hi, cut_any: ``kernels/block_table.py``), their largest ratios in the summary.
 
-It fails (exit status 1) on a compile error, a spill on sm_90 in a shipped (16-bit) config, an sm_90 16-bit
-launch without wgmma, a ptxas warning C7515 (wgmma serialised), or shared memory over the target's per-block
-limit. sm_80 spills are reported, not gated. ``--also-triton DIR`` compiles every launch again with the Triton in
+It fails (exit status 1) on a compile error, a spill in a shipped (16-bit) config on any target, an sm_90 16-bit
+launch without wgmma or an sm_100 one without tcgen05 (Blackwell's tensor-core MMA), a ptxas warning C7515 (wgmma
+serialised), or shared memory over the target's per-block limit (fp32 and fp64 spills are reported, not gated).
+``--targets`` takes 80 and 90 (the default) and 86, 89, 100 and 120: the kernels pick their tiles by GPU family
+(``_gpu_family`` in the kernel module). ``--also-triton DIR`` compiles every launch again with the Triton in
 DIR (the H200 image has Triton 3.6, this machine 3.9): ``pip install --no-deps triton==3.6.0 --target DIR``.
 
     python benchmarks/compile_check.py                 # CI subset: bf16/fp16 x head dim 64/128, default flags, both targets
@@ -19,6 +22,7 @@ DIR (the H200 image has Triton 3.6, this machine 3.9): ``pip install --no-deps t
     python benchmarks/compile_check.py --full --json benchmarks/results/compile-<date>.json
     pip install --no-deps triton==3.6.0 --target /tmp/triton36     # the H200 image's Triton, beside this one
     python benchmarks/compile_check.py --head-dims 64 128 256 --targets 90 --also-triton /tmp/triton36
+    python benchmarks/compile_check.py --targets 80 86 89 90 100 120 --head-dims 64 128 256   # every GPU family
 
 Runs on any Linux machine with the triton wheel (ptxas ships in it); ``TRITON_INTERPRET`` must be unset.
 """
@@ -42,8 +46,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 KERNEL_MODULE = "tte_flash.kernels.tte_attention"
-# Per-block shared memory a kernel may use (opt-in maximum): H100 227 KiB, A100 163 KiB.
-SMEM_LIMIT = {90: 232448, 80: 166912}
+# Per-block shared memory a kernel may use (opt-in maximum), by compute capability: H100/H200 and B200 227 KiB,
+# A100 163 KiB, the 99 KiB of sm_86 (A10, A40, RTX 30xx), sm_89 (L4, L40S, RTX 40xx) and sm_120 (RTX 50xx, RTX PRO
+# Blackwell). sm_90 and sm_80 are the gate's default targets; the others are compiled on request (--targets).
+SMEM_LIMIT = {90: 232448, 80: 166912, 86: 101376, 89: 101376, 100: 232448, 120: 101376}
 SHIPPED_DTYPES = ("bfloat16", "float16")
 
 
@@ -76,6 +82,7 @@ class Result(Case):
     stack_frame: int | None = None
     shared: int | None = None
     wgmma: bool | None = None
+    tcgen05: bool | None = None  # Blackwell's tensor-core MMA (ttng.tc_gen5_mma in the TTGIR)
     c7515: int | None = None  # ptxas warnings C7515: wgmma serialised (an accumulator live across loops, ...)
     sass_full: float | None = None  # SASS instructions per tile of the mask-free (full-tile) loop body
     sass_kinds: dict = field(default_factory=dict)  # the same per partial-tile kind (cut_lo, cut_hi, cut_lo_hi, ...)
@@ -377,6 +384,7 @@ def compile_job(job: Job) -> Result:
     result.stack_frame = int(stack.group(1)) if stack else None
     result.shared = int(compiled.metadata.shared)
     result.wgmma = "warp_group_dot" in compiled.asm.get("ttgir", "")
+    result.tcgen05 = "tc_gen5_mma" in compiled.asm.get("ttgir", "")
     result.c7515 = len(_PTXAS_C7515.findall(text))
     result.ptxas_warnings = [line.strip() for line in text.splitlines() if "warning" in line.lower()]
     try:
@@ -390,10 +398,12 @@ def compile_job(job: Job) -> Result:
         result.problems.append("no ptxas -v log")
     if result.shared > SMEM_LIMIT[job.target]:
         result.problems.append(f"shared memory {result.shared} > {SMEM_LIMIT[job.target]}")
-    if job.target == 90 and job.dtype in SHIPPED_DTYPES and (result.spill_stores or result.spill_loads):
-        result.problems.append("spills on sm_90")
+    if job.dtype in SHIPPED_DTYPES and (result.spill_stores or result.spill_loads):
+        result.problems.append(f"spills on sm_{job.target}")
     if job.target == 90 and job.dtype in SHIPPED_DTYPES and not result.wgmma:
         result.problems.append("no wgmma on sm_90")
+    if job.target == 100 and job.dtype in SHIPPED_DTYPES and not result.tcgen05:
+        result.problems.append("no tcgen05 on sm_100")
     if result.c7515:
         result.problems.append("wgmma serialised (ptxas C7515)")
     return result
@@ -431,7 +441,8 @@ def print_table(results: list[Result]) -> None:
         print(f"{r.triton or '-':<7} {r.kernel:<18} {r.target:>3} {r.dtype:<9} {r.head_dim:>4} {r.flags:<13} {r.config:<16} "
               f"{r.registers if r.registers is not None else '-':>4} {spill:>11} "
               f"{r.stack_frame if r.stack_frame is not None else '-':>6} {smem:>8} "
-              f"{'yes' if r.wgmma else 'no':>5} {sass:>30} {one_cut:>6} {worst:>6}  {problems}")
+              f"{'yes' if r.wgmma else 'tc05' if r.tcgen05 else 'no':>5} {sass:>30} {one_cut:>6} {worst:>6}  "
+              f"{problems}")
 
 
 def summary(results: list[Result]) -> dict:
@@ -439,11 +450,15 @@ def summary(results: list[Result]) -> dict:
     return {"compiled": sum(r.ok for r in results), "total": len(results),
             "compile_errors": sum(r.error is not None for r in results),
             "sm90_spills_shipped": sum("spills on sm_90" in r.problems for r in results),
+            "spills_shipped": sum(any(p.startswith("spills on sm_") for p in r.problems) for r in results),
             "smem_over_limit": sum(any(p.startswith("shared memory") for p in r.problems) for r in results),
             "sm80_spilling_configs": sum(r.target == 80 and bool(r.spill_stores) for r in results),
+            "spilling_configs_by_target": {t: sum(r.target == t and bool(r.spill_stores) for r in results)
+                                           for t in sorted({r.target for r in results if r.target})},
             "wgmma_on_sm90_16bit": sum(r.target == 90 and r.dtype in SHIPPED_DTYPES and bool(r.wgmma)
                                        for r in results),
             "no_wgmma_on_sm90_16bit": sum("no wgmma on sm_90" in r.problems for r in results),
+            "no_tcgen05_on_sm100_16bit": sum("no tcgen05 on sm_100" in r.problems for r in results),
             "c7515_warnings": sum(r.c7515 or 0 for r in results),
             "max_sass_one_cut_over_full": max((sass_ratios(r)[0] for r in results if sass_ratios(r)[0]),
                                               default=None),
