@@ -52,11 +52,13 @@ Dtypes and head dims
 Devices and block shapes
     CUDA, or CPU under the Triton interpreter (``TRITON_INTERPRET=1`` set before this module is imported).
     When interpreting, blocks are fixed at 16 x 16 and bf16/fp16 are upcast to fp32 before ``tl.dot``
-    (the interpreter's low-precision dot is wrong). On CUDA each kernel has one fixed config per dtype
-    and head-dim class (:func:`_kernel_config`), no autotuning: the block table depends on the block
-    shape, and every shipped config is checked by ``benchmarks/compile_check.py`` (no spill on sm_90,
-    shared memory within the H100/A100 limit; fp32 and fp64 get smaller tiles that fit). No
-    ``make_block_ptr`` (removed in Triton 3.9): plain pointer arithmetic, so Triton 3.6 and 3.9 both work.
+    (the interpreter's low-precision dot is wrong). On CUDA each kernel has one fixed config per dtype,
+    head-dim class and GPU family (:func:`_kernel_config`, :func:`_gpu_family`: wgmma tiles on sm_90, the same
+    on sm_100 where they compile there without spills (tcgen05), mma.sync tiles within 99 KiB of shared memory on
+    sm_80-89 and sm_120), no autotuning: the block table depends on the block shape, and every shipped config is
+    checked by ``benchmarks/compile_check.py`` (no 16-bit spill on any target, shared memory within each target's
+    limit; fp32 and fp64 get smaller tiles that fit). No ``make_block_ptr`` (removed in Triton 3.9): plain pointer
+    arithmetic, so Triton 3.6 and 3.9 both work.
 
 Known limits
     The configs were chosen from compile statistics (registers, spills, shared memory), not timed on a
@@ -640,6 +642,7 @@ class KernelConfig(NamedTuple):
     tma: bool = False  # fwd, dQ: K/V, dK/dV: Q/dO through TMA descriptors (sm_90; dK/dV: power-of-two head dims)
     warp_specialize: bool = False  # forward only: tl.range(..., warp_specialize=True) on the tile loops (sm_90)
     pair_mask: bool = False  # dQ, dK/dV, 16-bit inputs: partial tiles mask P / dS two elements an instruction
+    dk_stages: int = 0  # dK/dV in two launches only: the dK launch's num_stages (0: num_stages, as the dV launch)
 
 
 # One fixed config per kernel, operand size and head-dim class (largest head dim it serves): the block table
@@ -665,36 +668,69 @@ _CONFIGS = {
     ("dq", 8): ((256, KernelConfig(16, 16, 4, 1)),),
     ("dkdv", 8): ((256, KernelConfig(16, 16, 8, 1)),),
 }
-# Before Hopper (sm_80: no wgmma, operands in registers): the 16-bit forward's Hopper tiles spill there; the
-# backward keeps the tiles it was checked with before the Hopper dK/dV shapes (never compiled for sm_80 yet)
-_PRE_HOPPER_CONFIGS = {
+# GPUs without wgmma (mma.sync, operands in registers): sm_80-89 (A100, A10, L4, L40S, RTX 30xx/40xx) and sm_120/121
+# (RTX 50xx, RTX PRO Blackwell, DGX Spark). Their 16-bit tiles, chosen for no spill with Triton 3.6 and 3.9 on sm_80
+# and sm_120 and for at most 99 KiB of shared memory (the limit of every one of them but sm_80/87): the Hopper tiles
+# spill there (sm_120, Triton 3.9: 108 B fwd d128, 92 / 212 B dK/dV d64 / d128), and so did this table's earlier
+# backward tiles (sm_80: 296 B dQ d256 at 64x16 w4, 16-36 B dQ d128 at 128x32 w8)
+_MMA_CONFIGS = {
     ("fwd", 2): ((64, KernelConfig(128, 64, 8, 3)), (128, KernelConfig(128, 32, 8, 3)),
                  (256, KernelConfig(64, 32, 8, 2))),
-    ("dq", 2): ((64, KernelConfig(128, 64, 8, 2)), (128, KernelConfig(128, 32, 8, 2)),
-                (256, KernelConfig(64, 16, 4, 2))),
-    ("dkdv", 2): ((64, KernelConfig(32, 64, 4, 2)), (128, KernelConfig(16, 64, 4, 2)),
+    ("dq", 2): ((64, KernelConfig(128, 64, 8, 2)), (128, KernelConfig(64, 64, 8, 2)),
+                (256, KernelConfig(32, 32, 8, 2))),
+    ("dkdv", 2): ((64, KernelConfig(32, 64, 8, 2)), (128, KernelConfig(32, 64, 8, 2)),
                   (256, KernelConfig(16, 32, 8, 2))),
+}
+# Datacenter Blackwell (sm_100/103: B200, B300; tcgen05, Hopper's shared memory): the Hopper tiles where they compile
+# without spills there with Triton 3.6 and 3.9, else the nearest that does and still runs on tcgen05 (Blackwell's
+# tensor-core MMA: 32 keys or fewer on the M side fall back to mma.sync). Hopper's spill there: dK/dV d128 in one
+# launch 572 B (3.9) / 48 B (3.6; as two launches none), dQ d64 36 B (3.6), fwd d256 292 / 224 B, dQ d256 4 B (3.6),
+# dK/dV d256's dK launch 516 / 84 B (with one pipeline stage, none; the dV launch spills 8 B with one, none with two)
+_BLACKWELL_CONFIGS = {
+    ("fwd", 2): ((128, KernelConfig(128, 64, 8, 3)), (256, KernelConfig(64, 32, 8, 2))),
+    ("dq", 2): ((64, KernelConfig(64, 64, 4, 2)), (128, KernelConfig(128, 32, 8, 2)),
+                (256, KernelConfig(64, 32, 8, 1))),
+    ("dkdv", 2): ((64, KernelConfig(64, 128, 8, 2)), (128, KernelConfig(32, 128, 8, 2, dkdv_launches=2)),
+                  (256, KernelConfig(16, 64, 8, 2, dkdv_launches=2, dk_stages=1))),
 }
 _INTERPRET_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16}  # several tiles per sample in the small tests
 
 
 def _kernel_config(kernel_name: str, dtype: torch.dtype, head_dim: int, blocks=None) -> KernelConfig:
     """The launch config: fixed ``blocks`` (``{"BLOCK_M", "BLOCK_N"}``, optionally ``"DKDV_LAUNCHES"``, ``"TMA"``,
-    ``"WARP_SPECIALIZE"``, ``"PAIR_MASK"``; 16 x 16
-    when interpreting), else the shipped one for the dtype, head dim and target (pre-Hopper GPUs get their own
-    forward tiles)."""
+    ``"WARP_SPECIALIZE"``, ``"PAIR_MASK"``, ``"DK_STAGES"``; 16 x 16
+    when interpreting), else the shipped one for the dtype, head dim and the current GPU's family
+    (:func:`_gpu_family`)."""
     if blocks is None and _INTERPRET:
         blocks = _INTERPRET_BLOCKS
     if blocks is not None:
         return KernelConfig(blocks["BLOCK_M"], blocks["BLOCK_N"], 4, 2, blocks.get("DKDV_LAUNCHES", 1),
                             blocks.get("TMA", False), blocks.get("WARP_SPECIALIZE", False),
-                            blocks.get("PAIR_MASK", False))
+                            blocks.get("PAIR_MASK", False), blocks.get("DK_STAGES", 0))
     block_d = max(16, triton.next_power_of_2(head_dim))
-    configs = _CONFIGS
-    arch = triton.runtime.driver.active.get_current_target().arch  # e.g. 90; a string on ROCm
-    if isinstance(arch, int) and arch < 90:
-        configs = {**_CONFIGS, **_PRE_HOPPER_CONFIGS}
+    configs = {**_CONFIGS, **_FAMILY_CONFIGS[_gpu_family(triton.runtime.driver.active.get_current_target().arch)]}
     return next(config for largest, config in configs[kernel_name, dtype.itemsize] if block_d <= largest)
+
+
+_FAMILY_CONFIGS = {"hopper": {}, "blackwell": _BLACKWELL_CONFIGS, "mma": _MMA_CONFIGS}
+
+
+def _gpu_family(arch) -> str:
+    """Which tiles a target gets, from Triton's target arch (the compute capability as an int, e.g. 90; a string
+    on ROCm): "hopper" (sm_90, wgmma), "blackwell" (sm_100-119, tcgen05), "mma" (every other: sm_80-89, sm_120 and
+    later consumer parts, and anything unknown, whose tiles fit 99 KiB of shared memory and need no wgmma)."""
+    if not isinstance(arch, int):
+        return "hopper"  # ROCm: the shipped tiles (compile_check does not cover it)
+    if arch == 90:
+        return "hopper"
+    return "blackwell" if 100 <= arch < 120 else "mma"
+
+
+def _launch_config(kernel_name: str, q: torch.Tensor, blocks=None) -> KernelConfig:
+    """:func:`_kernel_config` for a launch on ``q``'s device: the tiles of that GPU's family, whichever GPU is
+    current (Triton reads the current device's target)."""
+    with _device_guard(q.device):
+        return _kernel_config(kernel_name, q.dtype, q.shape[-1], blocks)
 
 
 def _device_guard(device: torch.device):
@@ -729,7 +765,7 @@ def _attention_forward(q, k, v, layout: KernelLayout, *, scale, out=None, blocks
     tokens, q_heads, head_dim = q.shape
     out = torch.empty_like(q) if out is None else out
     lse = _row_stats(q_heads, tokens, q.device, torch.float64 if q.dtype == torch.float64 else torch.float32)
-    config = _kernel_config("fwd", q.dtype, head_dim, blocks)
+    config = _launch_config("fwd", q, blocks)
     args = (q, k, v, out, lse, layout.kv_lo, layout.kv_hi, layout.gap_lo, layout.gap_hi,
             *_table_args(layout, config, by_row=True),
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
@@ -753,13 +789,13 @@ def _attention_backward(do, q, k, v, out, lse, layout: KernelLayout, *, scale, g
     delta = _row_stats(q_heads, tokens, lse.device, lse.dtype, zero=True)  # (Hq, T), written by the dQ kernel
     common = dict(HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), **_dtype_constexprs(q.dtype))
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1))
-    config = _kernel_config("dq", q.dtype, head_dim, blocks)
+    config = _launch_config("dq", q, blocks)
     _launch(_bwd_dq_kernel, (triton.cdiv(tokens, config.block_m), q_heads),
             (q, k, v, out, do, lse, delta, dq, layout.kv_lo, layout.kv_hi, layout.gap_lo, layout.gap_hi,
              *_table_args(layout, config, by_row=True), *strides, out.stride(0), out.stride(1),
              do.stride(0), do.stride(1), dq.stride(0), dq.stride(1), tokens, lse.stride(0), q_heads // kv_heads,
              scale * _LOG2E, scale), config, **common, **_pair_mask(config, q.dtype))
-    config = _kernel_config("dkdv", q.dtype, head_dim, blocks)
+    config = _launch_config("dkdv", q, blocks)
     if _STATS_ALIGN % config.block_m:  # its last row block would read past the padded LSE / Delta
         raise ValueError(f"the dK/dV kernel's BLOCK_M must divide {_STATS_ALIGN}, got {config.block_m}")
     key_blocks, group = triton.cdiv(tokens, config.block_n), q_heads // kv_heads
@@ -780,7 +816,9 @@ def _attention_backward(do, q, k, v, out, lse, layout: KernelLayout, *, scale, g
     if config.tma and common["BLOCK_D"] != head_dim:
         raise ValueError(f"the dK/dV kernel's TMA loads need a power-of-two head dim >= 16, got {head_dim}")
     for with_dk, with_dv in passes:
-        _launch(_bwd_dkdv_kernel, (key_blocks, kv_heads * splits), args, config, **common,
+        dk_only = with_dk and not with_dv and config.dk_stages
+        _launch(_bwd_dkdv_kernel, (key_blocks, kv_heads * splits), args,
+                config._replace(num_stages=config.dk_stages) if dk_only else config, **common,
                 **_pair_mask(config, q.dtype), WITH_DK=with_dk, WITH_DV=with_dv)
     if splits > 1:
         dk.copy_(dk_out.sum(0))

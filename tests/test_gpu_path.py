@@ -1,5 +1,6 @@
 """The GPU path proven on a CPU (DESIGN.md §11): the compile gate, the kernel check, the COT-loss memory and
 training-step benchmarks, and the one-command GPU suite in its dry run."""
+import importlib
 import json
 import os
 import subprocess
@@ -29,7 +30,8 @@ def _script(name, *args, timeout=900):
 @pytest.mark.skipif(sys.platform != "linux", reason="triton (and its ptxas) is Linux-only")
 def test_compile_gate_every_shipped_config_compiles_for_sm90_and_sm80_without_spills(tmp_path):
     """CI subset of the gate (bf16/fp16 x head dim 64/128, default flags, every kernel's shipped config, sm_90
-    and sm_80): compiles with Triton's own compiler, no spill on sm_90, shared memory within each target's limit."""
+    and sm_80): compiles with Triton's own compiler, no spill on either target, shared memory within each target's
+    limit."""
     done = _script("compile_check.py", "--json", str(tmp_path / "gate.json"))
     report = json.loads((tmp_path / "gate.json").read_text())
     rows, summary = report["rows"], report["summary"]
@@ -38,6 +40,7 @@ def test_compile_gate_every_shipped_config_compiles_for_sm90_and_sm80_without_sp
     assert all(r["ok"] and r["registers"] and r["shared"] for r in rows), [r for r in rows if not r["ok"]]
     # Hopper tensor cores: every 16-bit sm_90 kernel is lowered to wgmma, none on sm_80
     assert all(r["wgmma"] == (r["target"] == 90) for r in rows)
+    assert all(r["spill_stores"] == 0 for r in rows), [(r["kernel"], r["target"], r["config"]) for r in rows]
     failures = [f"{r['kernel']} sm_{r['target']} {r['config']}: {r['problems']}" for r in rows if r["problems"]]
     assert summary["failed"] == 0 and done.returncode == 0, "\n".join(failures) + done.stdout[-3000:]
 
@@ -52,6 +55,42 @@ def test_compile_gate_catches_a_spilling_config(tmp_path):
     rows = json.loads((tmp_path / "gate.json").read_text())["rows"]
     assert done.returncode == 1
     assert rows and all(r["spill_stores"] > 0 and "spills on sm_90" in r["problems"] for r in rows)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="triton (and its ptxas) is Linux-only")
+def test_each_gpu_family_gets_tiles_that_compile_for_it_without_spills(tmp_path):
+    """The launchers pick tiles by GPU family (``_gpu_family``): on sm_120 (RTX 50xx, RTX PRO Blackwell: no wgmma,
+    99 KiB of shared memory) the Hopper tiles spilled 32-212 B a launch at head dim 128; on sm_100 (B200) the dK/dV
+    kernel's one launch at d128 spilled 572 B. Compiled for those targets as a launch there would be, every head-dim-128
+    launch now fits: no spill, shared memory within the target's limit, no wgmma on sm_120, dK/dV as two launches on
+    sm_100 (dV, then dK) on its tensor cores (tcgen05)."""
+    runs = {}
+    for target, kernels in (("120", []), ("100", ["--kernels", "_bwd_dkdv_kernel"])):  # both at once
+        argv = [sys.executable, str(REPO / "benchmarks" / "compile_check.py"), "--targets", target, "--dtypes",
+                "bfloat16", "--head-dims", "128", "--workers", "1", "--json", str(tmp_path / f"{target}.json"),
+                *kernels]
+        runs[target] = subprocess.Popen(argv, cwd=REPO, env=_script_env(), stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT, text=True)
+    rows = {}
+    for target, run in runs.items():
+        output = run.communicate(timeout=900)[0]
+        rows[target] = json.loads((tmp_path / f"{target}.json").read_text())["rows"]
+        assert run.returncode == 0, output[-3000:]
+        assert all(r["ok"] and not r["problems"] and r["spill_stores"] == 0 for r in rows[target]), rows[target]
+    assert sorted(r["kernel"] for r in rows["120"]) == ["_bwd_dkdv_kernel", "_bwd_dq_kernel", "_fwd_kernel"]
+    assert not any(r["wgmma"] for r in rows["120"])
+    assert sorted(r["config"] for r in rows["100"]) == ["32x128 w8 s2 dK", "32x128 w8 s2 dV"]
+    assert all(r["tcgen05"] for r in rows["100"])  # Blackwell's tensor cores, not the mma.sync fallback
+
+
+def test_gpu_family_of_every_target():
+    """Which tiles a compute capability gets: wgmma tiles on sm_90 only, tcgen05-era tiles on sm_100-119, and the
+    mma.sync tiles (<= 99 KiB shared memory) everywhere else, including sm_120 and any later or unknown part."""
+    kernels = importlib.import_module("tte_flash.kernels.tte_attention")
+    families = {arch: kernels._gpu_family(arch) for arch in (75, 80, 86, 87, 89, 90, 100, 103, 110, 120, 121, 130)}
+    assert families == {75: "mma", 80: "mma", 86: "mma", 87: "mma", 89: "mma", 90: "hopper", 100: "blackwell",
+                        103: "blackwell", 110: "blackwell", 120: "mma", 121: "mma", 130: "mma"}
+    assert kernels._gpu_family("gfx942") == "hopper"  # ROCm: the shipped tiles, as before
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="triton (and its ptxas) is Linux-only")

@@ -334,8 +334,20 @@ def test_launches_run_under_the_tensors_device(monkeypatch):
     events.clear()
     kernel_module._launch(Kernel(), (1,), (torch.zeros(1),), config)  # CPU: no guard
     assert events == [("launch", (1,))]
+    # the tiles are those of q's GPU's family: the config is looked up under the same guard (Triton reads the
+    # current device's target)
+    events.clear()
 
-    # the launchers (forward: one launch; backward: dQ then dK/dV) all go through the guard with q's device
+    class CudaQ(CudaTensor):
+        dtype, shape = torch.bfloat16, (7, 2, 64)
+    monkeypatch.setattr(kernel_module, "_kernel_config", lambda *a: events.append(("config", a)) or config)
+    assert kernel_module._launch_config("dq", CudaQ()) is config
+    assert events == [("enter", torch.device("cuda", 1)), ("config", ("dq", torch.bfloat16, 64, None)),
+                      ("exit", torch.device("cuda", 1))]
+    monkeypatch.undo()
+
+    # the launchers (forward: one launch; backward: dQ then dK/dV) look their config up and launch under the guard
+    # with q's device
     guarded = []
     real_guard = kernel_module._device_guard
     monkeypatch.setattr(kernel_module, "_device_guard", lambda device: guarded.append(device) or real_guard(device))
@@ -344,7 +356,7 @@ def test_launches_run_under_the_tensors_device(monkeypatch):
     layout = kernel_module.prepare_layout(seq_ids, token_types)
     out, lse = kernel_module._attention_forward(q, k, v, layout, scale=0.25)
     kernel_module._attention_backward(torch.ones_like(out), q, k, v, out, lse, layout, scale=0.25)
-    assert guarded == [q.device] * 3
+    assert guarded == [q.device] * 6
 
 
 def test_head_dim_not_power_of_two():
@@ -467,6 +479,31 @@ def test_lse_from_elsewhere_gives_the_same_gradients(blocks, monkeypatch):
         assert named["stride_stats"] == padded
         for name in ("LSE", "DELTA"):
             assert named[name].stride() == (padded, 1) and named[name].untyped_storage().nbytes() >= 4 * padded * 4
+
+
+def test_the_dk_launch_of_two_takes_its_own_pipeline_depth(monkeypatch):
+    """``dk_stages`` (B200's head-dim-256 dK/dV: its dK launch spills with two stages, its dV launch with one): with
+    dV and dK in two launches, the dK launch runs with ``dk_stages``, the dV launch with ``num_stages``, and the
+    gradients are the oracle's."""
+    seq_ids, token_types = build_layout([(21, 3, 1, 6), (10, 0, 0, 0)])
+    q, k, v = (x.detach().requires_grad_() for x in random_qkv(len(seq_ids), 4, 2, 16, torch.float64))
+    layout = kernel_module.prepare_layout(seq_ids, token_types)
+    blocks = {"BLOCK_M": 16, "BLOCK_N": 16, "DKDV_LAUNCHES": 2, "DK_STAGES": 1}
+    out, lse = kernel_module._attention_forward(q.detach(), k.detach(), v.detach(), layout, scale=0.25, blocks=blocks)
+    launched = []
+    launch = kernel_module._launch
+    monkeypatch.setattr(kernel_module, "_launch", lambda fn, grid, args, config, **c: launched.append(
+        (fn.__name__, c.get("WITH_DK"), c.get("WITH_DV"), config.num_stages)) or launch(fn, grid, args, config, **c))
+    d_out = torch.randn_like(out)
+    grads = kernel_module._attention_backward(d_out, q.detach(), k.detach(), v.detach(), out, lse, layout,
+                                              scale=0.25, blocks=blocks)
+    assert launched == [("_bwd_dq_kernel", None, None, 2), ("_bwd_dkdv_kernel", False, True, 2),
+                        ("_bwd_dkdv_kernel", True, False, 1)]
+    reference = oracle_attention(q, k, v, layout.seq_ids, layout.token_types, think_bidirectional=False,
+                                 cot_sees_query=True, scale=0.25)
+    expected = torch.autograd.grad(reference, (q, k, v), d_out)
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
 
 
 def dense_tile_pairs(mask, block_m, block_n):
