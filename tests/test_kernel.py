@@ -490,13 +490,11 @@ def test_the_dk_launch_of_two_takes_its_own_pipeline_depth(monkeypatch):
     layout = kernel_module.prepare_layout(seq_ids, token_types)
     blocks = {"BLOCK_M": 16, "BLOCK_N": 16, "DKDV_LAUNCHES": 2, "DK_STAGES": 1}
     out, lse = kernel_module._attention_forward(q.detach(), k.detach(), v.detach(), layout, scale=0.25, blocks=blocks)
-    launched = []
-    launch = kernel_module._launch
-    monkeypatch.setattr(kernel_module, "_launch", lambda fn, grid, args, config, **c: launched.append(
-        (fn.__name__, c.get("WITH_DK"), c.get("WITH_DV"), config.num_stages)) or launch(fn, grid, args, config, **c))
+    launches = _launch_calls(monkeypatch)
     d_out = torch.randn_like(out)
     grads = kernel_module._attention_backward(d_out, q.detach(), k.detach(), v.detach(), out, lse, layout,
                                               scale=0.25, blocks=blocks)
+    launched = [(name, c.get("WITH_DK"), c.get("WITH_DV"), c["num_stages"]) for name, _, c in launches]
     assert launched == [("_bwd_dq_kernel", None, None, 2), ("_bwd_dkdv_kernel", False, True, 2),
                         ("_bwd_dkdv_kernel", True, False, 1)]
     reference = oracle_attention(q, k, v, layout.seq_ids, layout.token_types, think_bidirectional=False,
@@ -763,11 +761,13 @@ def _variant_setup(monkeypatch, name, seed):
 
 
 def _launch_calls(monkeypatch):
-    """The list every launch appends (kernel name, args, constexprs with the config's TMA flag) to while it runs."""
+    """The list every launch appends (kernel name, args, constexprs with the config's TMA flag and its num_stages) to
+    while it runs."""
     launches = []
     launch = kernel_module._launch
     monkeypatch.setattr(kernel_module, "_launch", lambda fn, grid, args, config, **c: launches.append(
-        (fn.__name__, args, dict(c, TMA=config.tma))) or launch(fn, grid, args, config, **c))
+        (fn.__name__, args, dict(c, TMA=config.tma, num_stages=config.num_stages))) or launch(fn, grid, args, config,
+                                                                                              **c))
     return launches
 
 
