@@ -708,11 +708,13 @@ def _kernel_config(kernel_name: str, dtype: torch.dtype, head_dim: int, blocks=N
                             blocks.get("TMA", False), blocks.get("WARP_SPECIALIZE", False),
                             blocks.get("PAIR_MASK", False), blocks.get("DK_STAGES", 0))
     block_d = max(16, triton.next_power_of_2(head_dim))
-    configs = {**_CONFIGS, **_FAMILY_CONFIGS[_gpu_family(triton.runtime.driver.active.get_current_target().arch)]}
+    configs = _FAMILY_CONFIGS[_gpu_family(triton.runtime.driver.active.get_current_target().arch)]
     return next(config for largest, config in configs[kernel_name, dtype.itemsize] if block_d <= largest)
 
 
-_FAMILY_CONFIGS = {"hopper": {}, "blackwell": _BLACKWELL_CONFIGS, "mma": _MMA_CONFIGS}
+# each family's whole table (its 16-bit tiles over the shared fp32 / fp64 ones), merged once
+_FAMILY_CONFIGS = {"hopper": _CONFIGS, "blackwell": {**_CONFIGS, **_BLACKWELL_CONFIGS},
+                   "mma": {**_CONFIGS, **_MMA_CONFIGS}}
 
 
 def _gpu_family(arch) -> str:
