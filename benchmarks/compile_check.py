@@ -14,7 +14,8 @@ It fails (exit status 1) on a compile error, a spill in a shipped (16-bit) confi
 launch without wgmma or an sm_100 one without tcgen05 (Blackwell's tensor-core MMA), a ptxas warning C7515 (wgmma
 serialised), or shared memory over the target's per-block limit (fp32 and fp64 spills are reported, not gated).
 ``--targets`` takes 80 and 90 (the default) and 86, 89, 100 and 120: the kernels pick their tiles by GPU family
-(``_gpu_family`` in the kernel module). ``--also-triton DIR`` compiles every launch again with the Triton in
+(``_gpu_family`` in the kernel module). It also takes 75 (T4, RTX 20xx) to show why the kernels refuse GPUs below
+compute capability 8.0 (``unsupported_gpu``): Triton compiles no tensor-core dot there, so every launch fails it. ``--also-triton DIR`` compiles every launch again with the Triton in
 DIR (the H200 image has Triton 3.6, this machine 3.9): ``pip install --no-deps triton==3.6.0 --target DIR``.
 
     python benchmarks/compile_check.py                 # CI subset: bf16/fp16 x head dim 64/128, default flags, both targets
@@ -48,8 +49,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 KERNEL_MODULE = "tte_flash.kernels.tte_attention"
 # Per-block shared memory a kernel may use (opt-in maximum), by compute capability: H100/H200 and B200 227 KiB,
 # A100 163 KiB, the 99 KiB of sm_86 (A10, A40, RTX 30xx), sm_89 (L4, L40S, RTX 40xx) and sm_120 (RTX 50xx, RTX PRO
-# Blackwell). sm_90 and sm_80 are the gate's default targets; the others are compiled on request (--targets).
-SMEM_LIMIT = {90: 232448, 80: 166912, 86: 101376, 89: 101376, 100: 232448, 120: 101376}
+# Blackwell), T4's 64 KiB. sm_90 and sm_80 are the gate's default targets; the others are compiled on request
+# (--targets; sm_75 only as the evidence that the kernels refuse it).
+SMEM_LIMIT = {90: 232448, 80: 166912, 86: 101376, 89: 101376, 100: 232448, 120: 101376, 75: 65536}
 SHIPPED_DTYPES = ("bfloat16", "float16")
 
 

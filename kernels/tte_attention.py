@@ -63,7 +63,8 @@ Devices and block shapes
 Known limits
     The configs were chosen from compile statistics (registers, spills, shared memory), not timed on a
     GPU: run ``benchmarks/attention.py`` on one before trusting the numbers. No dropout, no attention
-    bias, no KV cache; the LSE is returned but not differentiable.
+    bias, no KV cache; the LSE is returned but not differentiable. NVIDIA GPUs of compute capability 8.0 and
+    newer only (:func:`unsupported_gpu`: a T4 or V100 gets a clear error, and the model the reference path).
 """
 from __future__ import annotations
 
@@ -567,7 +568,8 @@ def prepare_layout(seq_ids, token_types, *, think_bidirectional=False, cot_sees_
 
 def _check_qkv(q, k, v, layout: KernelLayout):
     """Raise ``ValueError`` with a clear message for q, k, v the kernels cannot take (no host sync), and
-    ``RuntimeError`` where the Triton interpreter installed cannot run them (:func:`_interpreter_problem`)."""
+    ``RuntimeError`` where the GPU (:func:`unsupported_gpu`) or the Triton interpreter installed
+    (:func:`_interpreter_problem`) cannot run them."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, torch.Tensor) or x.ndim != 3:
             raise ValueError(f"{name} must be a 3-D tensor (tokens, heads, head_dim), got "
@@ -590,6 +592,9 @@ def _check_qkv(q, k, v, layout: KernelLayout):
     devices = {x.device for x in (q, k, v, layout.seq_ids)}
     if len(devices) != 1:
         raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
+    problem = unsupported_gpu(q.device)
+    if problem:
+        raise RuntimeError(problem)
     if q.device.type != "cuda" and not _INTERPRET:
         raise ValueError(f"tte_attention needs CUDA tensors (got {q.device}); on CPU set TRITON_INTERPRET=1 "
                          "before triton is imported, or use tte_flash.attention.reference_attention")
@@ -597,6 +602,30 @@ def _check_qkv(q, k, v, layout: KernelLayout):
         problem = _interpreter_problem(triton.__version__, np.__version__)
         if problem:
             raise RuntimeError(problem)
+
+
+# Triton compiles tensor-core dots for NVIDIA GPUs of compute capability 8.0 and newer only (its README; since
+# Triton 3.3 every tl.dot below 8.0 is FMA code): on a T4 (7.5) or V100 (7.0) these kernels spill tens of KiB a
+# thread and most launches need more than their 64 / 96 KiB of shared memory (``compile_check.py --targets 75``)
+MIN_CAPABILITY = (8, 0)
+
+
+def unsupported_gpu(device) -> str | None:
+    """Why the kernels cannot run on CUDA ``device`` (a message naming the GPU and what to use instead), or None
+    where they can: NVIDIA GPUs of compute capability :data:`MIN_CAPABILITY` and newer; ROCm builds of torch are
+    not checked here."""
+    device = torch.device(device)
+    if device.type != "cuda" or torch.version.hip:
+        return None
+    capability = torch.cuda.get_device_capability(device)
+    if tuple(capability) >= MIN_CAPABILITY:
+        return None
+    index = torch.cuda.current_device() if device.index is None else device.index
+    return (f"the Triton kernels need an NVIDIA GPU of compute capability {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} or "
+            f"newer (Ampere, Ada, Hopper, Blackwell); cuda:{index} ({torch.cuda.get_device_name(index)}) is "
+            f"{capability[0]}.{capability[1]}, where Triton has no tensor-core dots and the kernels' tiles do not fit "
+            "its shared memory: use attn_backend='reference' (chosen by default on this GPU) or "
+            "tte_flash.attention.reference_attention")
 
 
 def _release(version: str) -> tuple:

@@ -291,3 +291,43 @@ def test_backend_without_triton(monkeypatch):
     with pytest.raises(ImportError, match="needs the triton package"):
         attention.resolve_backend("triton", torch.device("cuda"))
     assert attention.resolve_backend(None, torch.device("cpu")) == "reference"
+
+
+@pytest.mark.parametrize("capability, name", [((7, 5), "Tesla T4"), ((7, 0), "Tesla V100-SXM2-16GB")])
+def test_backend_on_a_gpu_older_than_the_kernels_support(monkeypatch, capability, name):
+    """On a GPU below compute capability 8.0 (Triton compiles no tensor-core dots there and the tiles exceed its
+    shared memory) CUDA falls back to the reference attention with a warning naming the GPU, and asking for
+    triton, on the model or through $TTE_FLASH_ATTN, is a clear error; 8.0 and newer keep the kernels."""
+    import importlib
+
+    from tte_flash import attention
+    kernel_module = importlib.import_module("tte_flash.kernels.tte_attention")
+    gpu = {"capability": capability}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: gpu["capability"])
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.delenv("TTE_FLASH_ATTN", raising=False)
+    attention._warn_once.cache_clear()
+    major, minor = capability
+    with pytest.warns(UserWarning, match=rf"reference attention .*cuda:0 \({name}\) is {major}\.{minor}"):
+        assert attention.resolve_backend(None, torch.device("cuda")) == "reference"
+    with pytest.raises(RuntimeError, match=r"compute capability 8\.0 or newer.*cuda:1 .* use attn_backend='reference'"):
+        attention.resolve_backend("triton", torch.device("cuda", 1))
+    monkeypatch.setenv("TTE_FLASH_ATTN", "triton")
+    with pytest.raises(RuntimeError, match=rf"{name}"):
+        attention.resolve_backend(None, torch.device("cuda"))
+    assert kernel_module.unsupported_gpu(torch.device("cpu")) is None
+    # the kernels' own entry refuses such a GPU too, before any launch (a CPU tensor stands in for its device)
+    monkeypatch.setattr(kernel_module, "unsupported_gpu", lambda device: f"{name} is too old")
+    q = torch.randn(3, 2, 16)
+    with pytest.raises(RuntimeError, match=f"{name} is too old"):
+        kernel_module.tte_attention(q, q, q, torch.zeros(3, dtype=torch.int32), torch.zeros(3, dtype=torch.uint8))
+    monkeypatch.undo()
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: gpu["capability"])
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.delenv("TTE_FLASH_ATTN", raising=False)
+    for newer in ((8, 0), (8, 6), (9, 0), (12, 0)):
+        gpu["capability"] = newer
+        assert kernel_module.unsupported_gpu(torch.device("cuda")) is None
+        assert attention.resolve_backend(None, torch.device("cuda")) == "triton"

@@ -11,7 +11,9 @@
   (fp16/bf16 on tensor cores; fp32 and fp64 with small tiles and exact FMA dots, much slower).
 
 The backend is chosen per call by :func:`resolve_backend`: an explicit choice on the model wins, then
-the ``TTE_FLASH_ATTN`` environment variable, then ``triton`` on CUDA and ``reference`` elsewhere.
+the ``TTE_FLASH_ATTN`` environment variable, then ``triton`` on CUDA GPUs the kernels support (compute
+capability 8.0 and newer: :func:`tte_flash.kernels.tte_attention.unsupported_gpu`) and ``reference`` elsewhere,
+with a warning on an older GPU (T4, V100) or where triton is not installed.
 
 The model reaches this module through transformers' ``AttentionInterface`` under the name ``"tte"``.
 The TTE layout travels in place of the attention mask (a :class:`TTELayout` instead of a 4-D
@@ -83,7 +85,8 @@ class TTELayout:
 
 
 def resolve_backend(requested: str | None, device: torch.device) -> str:
-    """The attention backend to use: ``requested`` > ``$TTE_FLASH_ATTN`` > device default."""
+    """The attention backend to use: ``requested`` > ``$TTE_FLASH_ATTN`` > device default. An explicit
+    ``triton`` where it cannot run (triton missing, a GPU older than compute capability 8.0) is an error."""
     chosen = requested or os.environ.get("TTE_FLASH_ATTN")
     backend = chosen or ("triton" if device.type == "cuda" else "reference")
     if backend not in BACKENDS:
@@ -95,6 +98,14 @@ def resolve_backend(requested: str | None, device: torch.device) -> str:
         _warn_once("triton is not installed: using the reference attention (SDPA over blocks of query rows, slow) "
                    "on CUDA")
         backend = "reference"
+    if backend == "triton" and device.type == "cuda":
+        from .kernels.tte_attention import unsupported_gpu
+        problem = unsupported_gpu(device)
+        if problem and chosen:
+            raise RuntimeError(f"attention backend 'triton': {problem}")
+        if problem:
+            _warn_once(f"using the reference attention (SDPA over blocks of query rows, slow): {problem}")
+            backend = "reference"
     return backend
 
 
