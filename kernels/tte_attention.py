@@ -774,7 +774,9 @@ def _device_guard(device: torch.device):
 
 def _launch(kernel, grid, args, config: KernelConfig, **constexprs):
     """Launch ``kernel`` under its first argument's device (q for every kernel here); with ``config.tma`` it loads
-    through TMA descriptors (``TMA=True``; descriptors made on a GPU need Triton's scratch allocator, set here)."""
+    through TMA descriptors (``TMA=True``; descriptors made on a GPU need Triton's scratch allocator, set here).
+    FP fusion is asked for, not left to Triton's default (off from Triton 3.10; 3.9 warns on every first compile):
+    the tiles were chosen and counted with the forward's ``qk * scale - m`` as one FFMA an element."""
     device = args[0].device
     if config.tma:
         constexprs["TMA"] = True
@@ -782,7 +784,7 @@ def _launch(kernel, grid, args, config: KernelConfig, **constexprs):
             triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device=device))
     with _device_guard(device):
         kernel[grid](*args, BLOCK_M=config.block_m, BLOCK_N=config.block_n, num_warps=config.num_warps,
-                     num_stages=config.num_stages, **constexprs)
+                     num_stages=config.num_stages, enable_fp_fusion=True, **constexprs)
 
 
 def _table_args(layout: KernelLayout, config: KernelConfig, by_row: bool):

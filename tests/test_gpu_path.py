@@ -83,6 +83,19 @@ def test_each_gpu_family_gets_tiles_that_compile_for_it_without_spills(tmp_path)
     assert all(r["tcgen05"] for r in rows["100"])  # Blackwell's tensor cores, not the mma.sync fallback
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="triton (and its ptxas) is Linux-only")
+def test_every_launch_asks_for_fused_multiply_adds():
+    """The kernels compile with FP fusion whatever Triton's default (Triton 3.10 turns it off by default, 3.9 warns
+    that it will): the forward's exp argument ``qk * scale - m`` is one FFMA an element, as compile_check counted."""
+    code = ("import benchmarks.compile_check as cc; "
+            "print(sorted({(j.kernel, j.options['enable_fp_fusion']) for j in cc.capture([90, 80], ['bfloat16'], [64],"
+            " [(False, True)])}))")
+    env = dict(_script_env(), TRITON_DEFAULT_FP_FUSION="0")
+    run = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.strip() == str([("_bwd_dkdv_kernel", True), ("_bwd_dq_kernel", True), ("_fwd_kernel", True)])
+
+
 def test_gpu_family_of_every_target():
     """Which tiles a compute capability gets: wgmma tiles on sm_90 only, tcgen05-era tiles on sm_100-119, and the
     mma.sync tiles (<= 99 KiB shared memory) everywhere else, including sm_120 and any later or unknown part."""
