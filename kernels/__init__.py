@@ -45,6 +45,6 @@ if __name__ == "kernels":
         for _name in ("__file__", "__cached__", "importlib", "os", "sys", "_load_hugging_face_kernels", "_name"):
             globals().pop(_name, None)
 else:
-    from .tte_attention import KernelLayout, prepare_layout, tte_attention, tte_attention_with_layout
+    from .tte_attention import KernelLayout, prepare_layout, tte_attention, tte_attention_with_layout, unsupported_gpu
 
-    __all__ = ["KernelLayout", "prepare_layout", "tte_attention", "tte_attention_with_layout"]
+    __all__ = ["KernelLayout", "prepare_layout", "tte_attention", "tte_attention_with_layout", "unsupported_gpu"]

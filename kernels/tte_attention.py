@@ -69,6 +69,7 @@ Known limits
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import re
@@ -613,14 +614,18 @@ MIN_CAPABILITY = (8, 0)
 def unsupported_gpu(device) -> str | None:
     """Why the kernels cannot run on CUDA ``device`` (a message naming the GPU and what to use instead), or None
     where they can: NVIDIA GPUs of compute capability :data:`MIN_CAPABILITY` and newer; ROCm builds of torch are
-    not checked here."""
+    not checked here. Read once per GPU (it runs on every call of the kernels)."""
     device = torch.device(device)
     if device.type != "cuda" or torch.version.hip:
         return None
-    capability = torch.cuda.get_device_capability(device)
+    return _gpu_problem(torch.cuda.current_device() if device.index is None else device.index)
+
+
+@functools.lru_cache(maxsize=None)
+def _gpu_problem(index: int) -> str | None:
+    capability = torch.cuda.get_device_capability(index)
     if tuple(capability) >= MIN_CAPABILITY:
         return None
-    index = torch.cuda.current_device() if device.index is None else device.index
     return (f"the Triton kernels need an NVIDIA GPU of compute capability {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} or "
             f"newer (Ampere, Ada, Hopper, Blackwell); cuda:{index} ({torch.cuda.get_device_name(index)}) is "
             f"{capability[0]}.{capability[1]}, where Triton has no tensor-core dots and the kernels' tiles do not fit "

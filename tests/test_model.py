@@ -309,6 +309,7 @@ def test_backend_on_a_gpu_older_than_the_kernels_support(monkeypatch, capability
     monkeypatch.setattr(torch.version, "hip", None)
     monkeypatch.delenv("TTE_FLASH_ATTN", raising=False)
     attention._warn_once.cache_clear()
+    kernel_module._gpu_problem.cache_clear()  # read once per GPU: this test changes the GPU under it
     major, minor = capability
     with pytest.warns(UserWarning, match=rf"reference attention .*cuda:0 \({name}\) is {major}\.{minor}"):
         assert attention.resolve_backend(None, torch.device("cuda")) == "reference"
@@ -319,15 +320,16 @@ def test_backend_on_a_gpu_older_than_the_kernels_support(monkeypatch, capability
         attention.resolve_backend(None, torch.device("cuda"))
     assert kernel_module.unsupported_gpu(torch.device("cpu")) is None
     # the kernels' own entry refuses such a GPU too, before any launch (a CPU tensor stands in for its device)
+    unsupported_gpu = kernel_module.unsupported_gpu
     monkeypatch.setattr(kernel_module, "unsupported_gpu", lambda device: f"{name} is too old")
     q = torch.randn(3, 2, 16)
     with pytest.raises(RuntimeError, match=f"{name} is too old"):
         kernel_module.tte_attention(q, q, q, torch.zeros(3, dtype=torch.int32), torch.zeros(3, dtype=torch.uint8))
-    monkeypatch.undo()
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: gpu["capability"])
-    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(kernel_module, "unsupported_gpu", unsupported_gpu)
     monkeypatch.delenv("TTE_FLASH_ATTN", raising=False)
     for newer in ((8, 0), (8, 6), (9, 0), (12, 0)):
         gpu["capability"] = newer
+        kernel_module._gpu_problem.cache_clear()
         assert kernel_module.unsupported_gpu(torch.device("cuda")) is None
         assert attention.resolve_backend(None, torch.device("cuda")) == "triton"
+    kernel_module._gpu_problem.cache_clear()  # no fake GPU left behind

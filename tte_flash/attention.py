@@ -12,7 +12,7 @@
 
 The backend is chosen per call by :func:`resolve_backend`: an explicit choice on the model wins, then
 the ``TTE_FLASH_ATTN`` environment variable, then ``triton`` on CUDA GPUs the kernels support (compute
-capability 8.0 and newer: :func:`tte_flash.kernels.tte_attention.unsupported_gpu`) and ``reference`` elsewhere,
+capability 8.0 and newer: :func:`tte_flash.kernels.unsupported_gpu`) and ``reference`` elsewhere,
 with a warning on an older GPU (T4, V100) or where triton is not installed.
 
 The model reaches this module through transformers' ``AttentionInterface`` under the name ``"tte"``.
@@ -99,7 +99,7 @@ def resolve_backend(requested: str | None, device: torch.device) -> str:
                    "on CUDA")
         backend = "reference"
     if backend == "triton" and device.type == "cuda":
-        from .kernels.tte_attention import unsupported_gpu
+        from .kernels import unsupported_gpu
         problem = unsupported_gpu(device)
         if problem and chosen:
             raise RuntimeError(f"attention backend 'triton': {problem}")

@@ -56,7 +56,7 @@ EXTRA_ENTRIES = ("tte_flash.integrations.sentence_transformers",)
 FLAT_NAMES = {"tte_flash.configuration": "configuration_tte_flash", "tte_flash.modeling": "modeling_tte_flash"}
 KERNELS = "tte_flash.kernels"
 KERNELS_SHIM = "tte_flash_kernels"
-KERNELS_SHIM_EXPORTS = {"tte_attention", "prepare_layout", "tte_attention_with_layout"}
+KERNELS_SHIM_EXPORTS = {"tte_attention", "prepare_layout", "tte_attention_with_layout", "unsupported_gpu"}
 KERNELS_SHIM_SOURCE = '''"""Attention kernel for TTE-Flash remote code.
 
 The fused Triton kernel of the installed ``tte_flash`` package when there is one; otherwise the
@@ -64,7 +64,7 @@ reference attention (PyTorch SDPA over blocks of query rows, each with its rows 
 same rule; same contract, any device, no L x L mask). Install ``tte-flash`` for the fused kernel.
 """
 try:
-    from tte_flash.kernels import prepare_layout, tte_attention, tte_attention_with_layout
+    from tte_flash.kernels import prepare_layout, tte_attention, tte_attention_with_layout, unsupported_gpu
 except ImportError:
     from collections import namedtuple
 
@@ -78,6 +78,9 @@ except ImportError:
     def tte_attention_with_layout(q, k, v, layout, *, scale=None):
         return tte_attention(q, k, v, layout.seq_ids, layout.token_types, scale=scale,
                              think_bidirectional=layout.think_bidirectional, cot_sees_query=layout.cot_sees_query)
+
+    def unsupported_gpu(device):
+        return None  # the reference attention above runs on every GPU
 '''
 # Save-time modules: not carried by a checkpoint; their imports in remote code go to this shim.
 SAVE_ONLY = ("tte_flash.card", "tte_flash.integrations", "tte_flash.integrations.remote_code")
