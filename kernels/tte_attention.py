@@ -64,7 +64,8 @@ Known limits
     The configs were chosen from compile statistics (registers, spills, shared memory), not timed on a
     GPU: run ``benchmarks/attention.py`` on one before trusting the numbers. No dropout, no attention
     bias, no KV cache; the LSE is returned but not differentiable. NVIDIA GPUs of compute capability 8.0 and
-    newer only (:func:`unsupported_gpu`: a T4 or V100 gets a clear error, and the model the reference path).
+    newer only (:func:`unsupported_gpu`: a T4, a V100 or an AMD GPU gets a clear error, and the model the
+    reference path).
 """
 from __future__ import annotations
 
@@ -609,28 +610,33 @@ def _check_qkv(q, k, v, layout: KernelLayout):
 # Triton 3.3 every tl.dot below 8.0 is FMA code): on a T4 (7.5) or V100 (7.0) these kernels spill tens of KiB a
 # thread and most launches need more than their 64 / 96 KiB of shared memory (``compile_check.py --targets 75``)
 MIN_CAPABILITY = (8, 0)
+_USE_REFERENCE = ("use attn_backend='reference' (chosen by default on this GPU) or "
+                  "tte_flash.attention.reference_attention")
 
 
 def unsupported_gpu(device) -> str | None:
     """Why the kernels cannot run on CUDA ``device`` (a message naming the GPU and what to use instead), or None
-    where they can: NVIDIA GPUs of compute capability :data:`MIN_CAPABILITY` and newer; ROCm builds of torch are
-    not checked here. Read once per GPU (it runs on every call of the kernels)."""
+    where they can: NVIDIA GPUs of compute capability :data:`MIN_CAPABILITY` and newer. Not on ROCm: its tiles and
+    dot settings are NVIDIA's (``benchmarks/rocm_compile.py``). Read once per GPU (it runs on every kernel call)."""
     device = torch.device(device)
-    if device.type != "cuda" or torch.version.hip:
+    if device.type != "cuda":
         return None
     return _gpu_problem(torch.cuda.current_device() if device.index is None else device.index)
 
 
 @functools.lru_cache(maxsize=None)
 def _gpu_problem(index: int) -> str | None:
+    name = torch.cuda.get_device_name(index)
+    if torch.version.hip:
+        return (f"the Triton kernels are built for NVIDIA GPUs; on ROCm (cuda:{index}, {name}) they do not compile for "
+                "MI250 / MI350 (gfx90a / gfx950: no tf32 dot precision) and their tiles exceed MI300X's 64 KiB of LDS "
+                f"and spill there (gfx942): {_USE_REFERENCE}")
     capability = torch.cuda.get_device_capability(index)
     if tuple(capability) >= MIN_CAPABILITY:
         return None
     return (f"the Triton kernels need an NVIDIA GPU of compute capability {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} or "
-            f"newer (Ampere, Ada, Hopper, Blackwell); cuda:{index} ({torch.cuda.get_device_name(index)}) is "
-            f"{capability[0]}.{capability[1]}, where Triton has no tensor-core dots and the kernels' tiles do not fit "
-            "its shared memory: use attn_backend='reference' (chosen by default on this GPU) or "
-            "tte_flash.attention.reference_attention")
+            f"newer (Ampere, Ada, Hopper, Blackwell); cuda:{index} ({name}) is {capability[0]}.{capability[1]}, where "
+            f"Triton has no tensor-core dots and the kernels' tiles do not fit its shared memory: {_USE_REFERENCE}")
 
 
 def _release(version: str) -> tuple:
@@ -756,7 +762,7 @@ def _gpu_family(arch) -> str:
     on ROCm): "hopper" (sm_90, wgmma), "blackwell" (sm_100-119, tcgen05), "mma" (every other: sm_80-89, sm_120 and
     later consumer parts, and anything unknown, whose tiles fit 99 KiB of shared memory and need no wgmma)."""
     if not isinstance(arch, int):
-        return "hopper"  # ROCm: the shipped tiles (compile_check does not cover it)
+        return "hopper"  # ROCm: refused before any launch (unsupported_gpu); these are what rocm_compile.py compiles
     if arch == 90:
         return "hopper"
     return "blackwell" if 100 <= arch < 120 else "mma"

@@ -96,6 +96,21 @@ def test_every_launch_asks_for_fused_multiply_adds():
     assert run.stdout.strip() == str([("_bwd_dkdv_kernel", True), ("_bwd_dq_kernel", True), ("_fwd_kernel", True)])
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="triton (and its AMD backend) is Linux-only")
+def test_rocm_report_shows_why_the_kernels_are_kept_off_rocm(tmp_path):
+    """benchmarks/rocm_compile.py compiles the launches a ROCm GPU would make: for MI250 (gfx90a) they do not compile
+    (tf32 dot precision), for MI300X (gfx942) the d128 forward needs more than its 64 KiB of LDS (what
+    ``unsupported_gpu`` says on ROCm)."""
+    out = tmp_path / "rocm.json"
+    run = _script("rocm_compile.py", "--archs", "gfx90a", "gfx942", "--head-dims", "128", "--json", str(out))
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 6 and {r["kernel"] for r in rows} == {"_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel"}
+    assert all("input_precision" in r["error"] for r in rows if r["arch"] == "gfx90a")
+    forward = next(r for r in rows if r["arch"] == "gfx942" and r["kernel"] == "_fwd_kernel")
+    assert forward["lds"] > forward["lds_limit"] == 65536 and forward["mfma"] > 0
+
+
 def test_gpu_family_of_every_target():
     """Which tiles a compute capability gets: wgmma tiles on sm_90 only, tcgen05-era tiles on sm_100-119, and the
     mma.sync tiles (<= 99 KiB shared memory) everywhere else, including sm_120 and any later or unknown part."""

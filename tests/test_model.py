@@ -333,3 +333,26 @@ def test_backend_on_a_gpu_older_than_the_kernels_support(monkeypatch, capability
         assert kernel_module.unsupported_gpu(torch.device("cuda")) is None
         assert attention.resolve_backend(None, torch.device("cuda")) == "triton"
     kernel_module._gpu_problem.cache_clear()  # no fake GPU left behind
+
+
+def test_backend_on_rocm(monkeypatch):
+    """On ROCm (its GPUs are cuda devices) the kernels' NVIDIA tiles and dot settings do not compile or do not fit
+    (benchmarks/rocm_compile.py): the reference attention by default, with a warning, and an error if asked for."""
+    import importlib
+
+    from tte_flash import attention
+    kernel_module = importlib.import_module("tte_flash.kernels.tte_attention")
+    monkeypatch.setattr(torch.version, "hip", "6.4.43482")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 4))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "AMD Instinct MI300X")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.delenv("TTE_FLASH_ATTN", raising=False)
+    attention._warn_once.cache_clear()
+    kernel_module._gpu_problem.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match=r"reference attention .*ROCm \(cuda:0, AMD Instinct MI300X\)"):
+            assert attention.resolve_backend(None, torch.device("cuda")) == "reference"
+        with pytest.raises(RuntimeError, match=r"built for NVIDIA GPUs.*use attn_backend='reference'"):
+            attention.resolve_backend("triton", torch.device("cuda", 0))
+    finally:
+        kernel_module._gpu_problem.cache_clear()

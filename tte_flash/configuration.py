@@ -41,7 +41,7 @@ class TTEFlashConfig(Qwen2VLConfig):
     # `temperature`: transformers would read that as a generation setting.
     contrastive_temperature: float = 0.02
     # Attention backend for the text model: "reference", "triton", or None for automatic
-    # (triton on CUDA GPUs of compute capability 8.0 and newer, reference elsewhere; $TTE_FLASH_ATTN overrides
+    # (triton on NVIDIA GPUs of compute capability 8.0 and newer, reference elsewhere; $TTE_FLASH_ATTN overrides
     # automatic).
     attn_backend: str | None = None
     # Pixel budget per image for the image processor (Qwen2-VL's min_pixels / max_pixels).
