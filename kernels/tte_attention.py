@@ -610,14 +610,18 @@ def _check_qkv(q, k, v, layout: KernelLayout):
 # Triton 3.3 every tl.dot below 8.0 is FMA code): on a T4 (7.5) or V100 (7.0) these kernels spill tens of KiB a
 # thread and most launches need more than their 64 / 96 KiB of shared memory (``compile_check.py --targets 75``)
 MIN_CAPABILITY = (8, 0)
+# The oldest Triton that compiles these kernels (tl.range's warp_specialize, tl.make_tensor_descriptor): 3.4, which
+# PyTorch 2.8 pins; 3.2 and 3.3 (PyTorch 2.6, 2.7) stop at the first compile with an AttributeError
+MIN_TRITON = (3, 4)
 _USE_REFERENCE = ("use attn_backend='reference' (chosen by default on this GPU) or "
                   "tte_flash.attention.reference_attention")
 
 
 def unsupported_gpu(device) -> str | None:
-    """Why the kernels cannot run on CUDA ``device`` (a message naming the GPU and what to use instead), or None
-    where they can: NVIDIA GPUs of compute capability :data:`MIN_CAPABILITY` and newer. Not on ROCm: its tiles and
-    dot settings are NVIDIA's (``benchmarks/rocm_compile.py``). Read once per GPU (it runs on every kernel call)."""
+    """Why the kernels cannot run on CUDA ``device`` (a message naming the GPU or the Triton, and what to use
+    instead), or None where they can: NVIDIA GPUs of compute capability :data:`MIN_CAPABILITY` and newer, with
+    Triton :data:`MIN_TRITON` or newer. Not on ROCm: its tiles and dot settings are NVIDIA's
+    (``benchmarks/rocm_compile.py``). Read once per GPU (it runs on every kernel call)."""
     device = torch.device(device)
     if device.type != "cuda":
         return None
@@ -626,6 +630,10 @@ def unsupported_gpu(device) -> str | None:
 
 @functools.lru_cache(maxsize=None)
 def _gpu_problem(index: int) -> str | None:
+    if _release(triton.__version__) < MIN_TRITON:
+        return (f"the Triton kernels need triton {MIN_TRITON[0]}.{MIN_TRITON[1]} or newer (PyTorch 2.8 and later pin "
+                f"it); triton {triton.__version__} is installed: upgrade torch (and with it triton), or "
+                f"{_USE_REFERENCE}")
     name = torch.cuda.get_device_name(index)
     if torch.version.hip:
         return (f"the Triton kernels are built for NVIDIA GPUs; on ROCm (cuda:{index}, {name}) they do not compile for "

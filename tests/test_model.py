@@ -335,6 +335,37 @@ def test_backend_on_a_gpu_older_than_the_kernels_support(monkeypatch, capability
     kernel_module._gpu_problem.cache_clear()  # no fake GPU left behind
 
 
+def test_backend_with_a_triton_older_than_the_kernels_compile_with(monkeypatch):
+    """Triton 3.2 and 3.3 (PyTorch 2.6 and 2.7) cannot compile the kernels (tl.make_tensor_descriptor and tl.range's
+    warp_specialize are missing): the reference attention on such a machine, with a warning naming the version, and
+    an error if triton is asked for; 3.4 and newer keep the kernels."""
+    import importlib
+
+    import triton
+
+    from tte_flash import attention
+    kernel_module = importlib.import_module("tte_flash.kernels.tte_attention")
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.delenv("TTE_FLASH_ATTN", raising=False)
+    try:
+        for version, kept in (("3.3.1", False), ("3.2.0", False), ("3.4.0", True), ("3.10.0", True)):
+            monkeypatch.setattr(triton, "__version__", version)
+            attention._warn_once.cache_clear()
+            kernel_module._gpu_problem.cache_clear()
+            if kept:
+                assert attention.resolve_backend(None, torch.device("cuda")) == "triton"
+                continue
+            with pytest.warns(UserWarning, match=rf"need triton 3\.4 or newer .*triton {version} is installed"):
+                assert attention.resolve_backend(None, torch.device("cuda")) == "reference"
+            with pytest.raises(RuntimeError, match=rf"triton {version} is installed"):
+                attention.resolve_backend("triton", torch.device("cuda"))
+    finally:
+        kernel_module._gpu_problem.cache_clear()
+
+
 def test_backend_on_rocm(monkeypatch):
     """On ROCm (its GPUs are cuda devices) the kernels' NVIDIA tiles and dot settings do not compile or do not fit
     (benchmarks/rocm_compile.py): the reference attention by default, with a warning, and an error if asked for."""

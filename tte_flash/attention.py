@@ -13,7 +13,7 @@
 The backend is chosen per call by :func:`resolve_backend`: an explicit choice on the model wins, then
 the ``TTE_FLASH_ATTN`` environment variable, then ``triton`` on CUDA GPUs the kernels support (NVIDIA,
 compute capability 8.0 and newer: :func:`tte_flash.kernels.unsupported_gpu`) and ``reference`` elsewhere,
-with a warning on an older GPU (T4, V100), on ROCm, or where triton is not installed.
+with a warning on an older GPU (T4, V100), on ROCm, or where triton is not installed or older than 3.4.
 
 The model reaches this module through transformers' ``AttentionInterface`` under the name ``"tte"``.
 The TTE layout travels in place of the attention mask (a :class:`TTELayout` instead of a 4-D
@@ -86,7 +86,8 @@ class TTELayout:
 
 def resolve_backend(requested: str | None, device: torch.device) -> str:
     """The attention backend to use: ``requested`` > ``$TTE_FLASH_ATTN`` > device default. An explicit
-    ``triton`` where it cannot run (triton missing, a GPU older than compute capability 8.0, ROCm) is an error."""
+    ``triton`` where it cannot run (triton missing or older than 3.4, a GPU older than compute capability 8.0, ROCm)
+    is an error."""
     chosen = requested or os.environ.get("TTE_FLASH_ATTN")
     backend = chosen or ("triton" if device.type == "cuda" else "reference")
     if backend not in BACKENDS:
