@@ -64,8 +64,8 @@ Known limits
     The configs were chosen from compile statistics (registers, spills, shared memory), not timed on a
     GPU: run ``benchmarks/attention.py`` on one before trusting the numbers. No dropout, no attention
     bias, no KV cache; the LSE is returned but not differentiable. NVIDIA GPUs of compute capability 8.0 and
-    newer only (:func:`unsupported_gpu`: a T4, a V100 or an AMD GPU gets a clear error, and the model the
-    reference path).
+    newer only, with Triton 3.4 or newer (:func:`unsupported_gpu`: a T4, a V100, an AMD GPU or an older Triton
+    gets a clear error, and the model the reference path).
 """
 from __future__ import annotations
 
@@ -613,7 +613,7 @@ MIN_CAPABILITY = (8, 0)
 # The oldest Triton that compiles these kernels (tl.range's warp_specialize, tl.make_tensor_descriptor): 3.4, which
 # PyTorch 2.8 pins; 3.2 and 3.3 (PyTorch 2.6, 2.7) stop at the first compile with an AttributeError
 MIN_TRITON = (3, 4)
-_USE_REFERENCE = ("use attn_backend='reference' (chosen by default on this GPU) or "
+_USE_REFERENCE = ("use attn_backend='reference' (the default picks it here) or "
                   "tte_flash.attention.reference_attention")
 
 
