@@ -102,6 +102,10 @@ d = model.encode_document(["a red car", "a bus"])
 print(model.similarity(q, d))
 print(model.generate_cot("Which vehicle is second-closest to the camera?"))  # what the think tokens say
 ```
+
+On an NVIDIA GPU of compute capability 8.0 or newer (Ampere and later) with triton 3.4 or newer, attention runs
+TTE-Flash's fused Triton kernel; elsewhere (CPU, older GPUs such as the T4, ROCm) it runs the same mask in PyTorch's
+SDPA, slower, with a warning on a GPU.
 {% if sentence_transformers %}
 With sentence-transformers (the remote code saved with the weights; `tte-flash` need not be installed):
 
