@@ -213,25 +213,30 @@ def capture(capabilities, dtypes, head_dims, flag_sets, replaced=None) -> list[J
         return _capture(kernels, capabilities, dtypes, head_dims, flag_sets)
 
 
+def run_launchers(kernels, dtype, head_dim: int, think_bidirectional=False, cot_sees_query=True) -> None:
+    """Every launch of the forward and the backward launchers on the sample layout (12 query heads, 2 KV heads),
+    for a caller that stops each launch before it runs: the launchers return empty buffers then (nothing ran);
+    shapes and dtypes are all that matter."""
+    import torch
+    seq, types = _sample_layout(importlib.import_module("tte_flash.mask"))
+    layout = kernels.prepare_layout(seq, types, think_bidirectional=think_bidirectional,
+                                    cot_sees_query=cot_sees_query)
+    tokens = seq.numel()
+    q = torch.randn(tokens, 12, head_dim, dtype=dtype)
+    k, v = torch.randn(tokens, 2, head_dim, dtype=dtype), torch.randn(tokens, 2, head_dim, dtype=dtype)
+    out, lse = kernels._attention_forward(q, k, v, layout, scale=head_dim ** -0.5)
+    kernels._attention_backward(torch.randn_like(q), q, k, v, out, lse, layout, scale=head_dim ** -0.5)
+
+
 def _capture(kernels, capabilities, dtypes, head_dims, flag_sets) -> list[Job]:
     import torch
-    mask = importlib.import_module("tte_flash.mask")
-    seq, types = _sample_layout(mask)
     jobs = []
     for cc, dtype_name, head_dim, (think_bidirectional, cot_sees_query) in itertools.product(
             capabilities, dtypes, head_dims, flag_sets):
-        dtype = getattr(torch, dtype_name)
-        layout = kernels.prepare_layout(seq, types, think_bidirectional=think_bidirectional,
-                                        cot_sees_query=cot_sees_query)
-        tokens = seq.numel()
-        q = torch.randn(tokens, 12, head_dim, dtype=dtype)
-        k, v = torch.randn(tokens, 2, head_dim, dtype=dtype), torch.randn(tokens, 2, head_dim, dtype=dtype)
         flags = f"{'bidir' if think_bidirectional else 'causal'}/{'cot+q' if cot_sees_query else 'cot-q'}"
         sink: list = []
         with _intercepted(cc, sink):
-            # the launchers return empty buffers here (nothing ran); shapes and dtypes are all that matter
-            out, lse = kernels._attention_forward(q, k, v, layout, scale=head_dim ** -0.5)
-            kernels._attention_backward(torch.randn_like(q), q, k, v, out, lse, layout, scale=head_dim ** -0.5)
+            run_launchers(kernels, getattr(torch, dtype_name), head_dim, think_bidirectional, cot_sees_query)
         for entry in sink:
             fn, signature, constexprs, options, attrs = entry
             jobs.append(Job(kernel=fn.__name__, target=cc, dtype=dtype_name, head_dim=head_dim, flags=flags,

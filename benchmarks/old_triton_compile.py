@@ -52,7 +52,6 @@ def main() -> int:
     from benchmarks import compile_check
 
     kernels = importlib.import_module(compile_check.KERNEL_MODULE)
-    seq, types = compile_check._sample_layout(importlib.import_module("tte_flash.mask"))
     real_compile = triton.compiler.compile
     rows = []
 
@@ -78,11 +77,7 @@ def main() -> int:
         driver.set_active(Driver(target))
         triton.compiler.compile = compile_and_drop  # what the JIT imports when it first binds a target
         for head_dim in (64, 128, 256):
-            layout = kernels.prepare_layout(seq, types)
-            q = torch.randn(seq.numel(), 12, head_dim, dtype=torch.bfloat16)
-            k, v = (torch.randn(seq.numel(), 2, head_dim, dtype=torch.bfloat16) for _ in range(2))
-            out, lse = kernels._attention_forward(q, k, v, layout, scale=head_dim ** -0.5)
-            kernels._attention_backward(torch.randn_like(q), q, k, v, out, lse, layout, scale=head_dim ** -0.5)
+            compile_check.run_launchers(kernels, torch.bfloat16, head_dim)
     triton.compiler.compile = real_compile
     print(f"triton {triton.__version__}")
     for row in rows:

@@ -293,23 +293,35 @@ def test_backend_without_triton(monkeypatch):
     assert attention.resolve_backend(None, torch.device("cpu")) == "reference"
 
 
-@pytest.mark.parametrize("capability, name", [((7, 5), "Tesla T4"), ((7, 0), "Tesla V100-SXM2-16GB")])
-def test_backend_on_a_gpu_older_than_the_kernels_support(monkeypatch, capability, name):
-    """On a GPU below compute capability 8.0 (Triton compiles no tensor-core dots there and the tiles exceed its
-    shared memory) CUDA falls back to the reference attention with a warning naming the GPU, and asking for
-    triton, on the model or through $TTE_FLASH_ATTN, is a clear error; 8.0 and newer keep the kernels."""
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """A CUDA GPU on this CPU machine for the backend choice: ``gpu`` (capability, name) is what torch reports,
+    changeable within a test; the kernels' once-per-GPU reading is cleared before, after, and by ``gpu["reread"]()``."""
     import importlib
 
     from tte_flash import attention
-    kernel_module = importlib.import_module("tte_flash.kernels.tte_attention")
-    gpu = {"capability": capability}
+    kernels = importlib.import_module("tte_flash.kernels.tte_attention")
+    gpu = {"capability": (9, 0), "name": "NVIDIA H100 80GB HBM3", "kernels": kernels,
+           "reread": kernels._gpu_problem.cache_clear}
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: gpu["capability"])
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: gpu["name"])
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.version, "hip", None)
     monkeypatch.delenv("TTE_FLASH_ATTN", raising=False)
     attention._warn_once.cache_clear()
-    kernel_module._gpu_problem.cache_clear()  # read once per GPU: this test changes the GPU under it
+    kernels._gpu_problem.cache_clear()
+    yield gpu
+    kernels._gpu_problem.cache_clear()  # no fake GPU left behind
+
+
+@pytest.mark.parametrize("capability, name", [((7, 5), "Tesla T4"), ((7, 0), "Tesla V100-SXM2-16GB")])
+def test_backend_on_a_gpu_older_than_the_kernels_support(monkeypatch, fake_gpu, capability, name):
+    """On a GPU below compute capability 8.0 (Triton compiles no tensor-core dots there and the tiles exceed its
+    shared memory) CUDA falls back to the reference attention with a warning naming the GPU, and asking for
+    triton, on the model or through $TTE_FLASH_ATTN, is a clear error; 8.0 and newer keep the kernels."""
+    from tte_flash import attention
+    kernel_module = fake_gpu["kernels"]
+    fake_gpu.update(capability=capability, name=name)
     major, minor = capability
     with pytest.warns(UserWarning, match=rf"reference attention .*cuda:0 \({name}\) is {major}\.{minor}"):
         assert attention.resolve_backend(None, torch.device("cuda")) == "reference"
@@ -328,62 +340,39 @@ def test_backend_on_a_gpu_older_than_the_kernels_support(monkeypatch, capability
     monkeypatch.setattr(kernel_module, "unsupported_gpu", unsupported_gpu)
     monkeypatch.delenv("TTE_FLASH_ATTN", raising=False)
     for newer in ((8, 0), (8, 6), (9, 0), (12, 0)):
-        gpu["capability"] = newer
-        kernel_module._gpu_problem.cache_clear()
+        fake_gpu["capability"] = newer
+        fake_gpu["reread"]()
         assert kernel_module.unsupported_gpu(torch.device("cuda")) is None
         assert attention.resolve_backend(None, torch.device("cuda")) == "triton"
-    kernel_module._gpu_problem.cache_clear()  # no fake GPU left behind
 
 
-def test_backend_with_a_triton_older_than_the_kernels_compile_with(monkeypatch):
+def test_backend_with_a_triton_older_than_the_kernels_compile_with(monkeypatch, fake_gpu):
     """Triton 3.2 and 3.3 (PyTorch 2.6 and 2.7) cannot compile the kernels (tl.make_tensor_descriptor and tl.range's
     warp_specialize are missing): the reference attention on such a machine, with a warning naming the version, and
     an error if triton is asked for; 3.4 and newer keep the kernels."""
-    import importlib
-
     import triton
 
     from tte_flash import attention
-    kernel_module = importlib.import_module("tte_flash.kernels.tte_attention")
-    monkeypatch.setattr(torch.version, "hip", None)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.delenv("TTE_FLASH_ATTN", raising=False)
-    try:
-        for version, kept in (("3.3.1", False), ("3.2.0", False), ("3.4.0", True), ("3.10.0", True)):
-            monkeypatch.setattr(triton, "__version__", version)
-            attention._warn_once.cache_clear()
-            kernel_module._gpu_problem.cache_clear()
-            if kept:
-                assert attention.resolve_backend(None, torch.device("cuda")) == "triton"
-                continue
-            with pytest.warns(UserWarning, match=rf"need triton 3\.4 or newer .*triton {version} is installed"):
-                assert attention.resolve_backend(None, torch.device("cuda")) == "reference"
-            with pytest.raises(RuntimeError, match=rf"triton {version} is installed"):
-                attention.resolve_backend("triton", torch.device("cuda"))
-    finally:
-        kernel_module._gpu_problem.cache_clear()
+    for version, kept in (("3.3.1", False), ("3.2.0", False), ("3.4.0", True), ("3.10.0", True)):
+        monkeypatch.setattr(triton, "__version__", version)
+        attention._warn_once.cache_clear()
+        fake_gpu["reread"]()
+        if kept:
+            assert attention.resolve_backend(None, torch.device("cuda")) == "triton"
+            continue
+        with pytest.warns(UserWarning, match=rf"need triton 3\.4 or newer .*triton {version} is installed"):
+            assert attention.resolve_backend(None, torch.device("cuda")) == "reference"
+        with pytest.raises(RuntimeError, match=rf"triton {version} is installed"):
+            attention.resolve_backend("triton", torch.device("cuda"))
 
 
-def test_backend_on_rocm(monkeypatch):
+def test_backend_on_rocm(monkeypatch, fake_gpu):
     """On ROCm (its GPUs are cuda devices) the kernels' NVIDIA tiles and dot settings do not compile or do not fit
     (benchmarks/rocm_compile.py): the reference attention by default, with a warning, and an error if asked for."""
-    import importlib
-
     from tte_flash import attention
-    kernel_module = importlib.import_module("tte_flash.kernels.tte_attention")
     monkeypatch.setattr(torch.version, "hip", "6.4.43482")
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 4))
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "AMD Instinct MI300X")
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.delenv("TTE_FLASH_ATTN", raising=False)
-    attention._warn_once.cache_clear()
-    kernel_module._gpu_problem.cache_clear()
-    try:
-        with pytest.warns(UserWarning, match=r"reference attention .*ROCm \(cuda:0, AMD Instinct MI300X\)"):
-            assert attention.resolve_backend(None, torch.device("cuda")) == "reference"
-        with pytest.raises(RuntimeError, match=r"built for NVIDIA GPUs.*use attn_backend='reference'"):
-            attention.resolve_backend("triton", torch.device("cuda", 0))
-    finally:
-        kernel_module._gpu_problem.cache_clear()
+    fake_gpu.update(capability=(9, 4), name="AMD Instinct MI300X")
+    with pytest.warns(UserWarning, match=r"reference attention .*ROCm \(cuda:0, AMD Instinct MI300X\)"):
+        assert attention.resolve_backend(None, torch.device("cuda")) == "reference"
+    with pytest.raises(RuntimeError, match=r"built for NVIDIA GPUs.*use attn_backend='reference'"):
+        attention.resolve_backend("triton", torch.device("cuda", 0))
